@@ -1,0 +1,50 @@
+"""The FUSE binding: mfusepy on libfuse3 by default, plain fusepy (libfuse2) as the fallback.
+
+``UNIONFS_BINDING=mfusepy|fusepy`` forces one.  Both expose the fusepy API: ``FUSE``, ``Operations``,
+``FuseOSError``, ``fuse_get_context``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Any
+
+
+def _load() -> tuple[ModuleType, str]:
+    wanted = os.environ.get("UNIONFS_BINDING", "")
+    order = {"mfusepy": ["mfusepy"], "fusepy": ["fuse"], "": ["mfusepy", "fuse"]}.get(wanted)
+    if order is None:
+        raise ImportError(f"UNIONFS_BINDING={wanted!r}: expected 'mfusepy' or 'fusepy'")
+    errors = []
+    for name in order:
+        if name == "mfusepy" and not (os.environ.get("FUSE_LIBRARY_PATH") or os.environ.get("FUSE_LIBRARY_NAME")):
+            os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would otherwise prefer libfuse2
+        try:
+            return importlib.import_module(name), ("fusepy" if name == "fuse" else name)
+        except (ImportError, OSError) as exc:  # a missing libfuse raises OSError
+            errors.append(f"{name}: {exc}")
+    raise ImportError("no FUSE binding could be loaded (" + "; ".join(errors) + ")")
+
+
+_module, BINDING_NAME = _load()
+FUSE: Any = _module.FUSE
+Operations: Any = _module.Operations
+FuseOSError: Any = _module.FuseOSError
+fuse_get_context: Any = _module.fuse_get_context
+LIBFUSE_MAJOR: int = int(getattr(_module, "fuse_version_major", 2))
+
+
+class UnionFUSE(FUSE):  # type: ignore[misc]
+    """The binding's FUSE class with the libfuse3 callbacks that drop arguments fixed: ``rename`` keeps its
+    RENAME_* flags and ``truncate`` keeps the file handle of an ``ftruncate``."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return int(self.operations.rename(old.decode(self.encoding, self.errors),
+                                          new.decode(self.encoding, self.errors), flags) or 0)
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        fh = fip.contents.fh if fip else None
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        return int(self.operations.truncate(decoded, length, fh) or 0)

@@ -1,0 +1,227 @@
+"""The fusepy ``Operations`` adapter: translate arguments, call :class:`unionfs.union.UnionFS`, translate
+the result.  It owns the table of open file handles.  ``OSError`` from the core reaches libfuse as its errno;
+any other exception is logged with its traceback and answered with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from mountd.binding import Operations, fuse_get_context
+from unionfs.union import Handle, UnionFS
+
+log = logging.getLogger("unionfs")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _op(fn: _F) -> _F:
+    """Wrap one FUSE operation: OSError passes through, anything else is logged and becomes EIO."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OSError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[1:])
+            raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
+
+    return cast(_F, wrapper)
+
+
+def _rel(path: str) -> str:
+    return path[1:] if path.startswith("/") else path
+
+
+class UnionOperations(Operations):  # type: ignore[misc]
+    """The union as libfuse sees it.  Only the operations defined here are registered."""
+
+    use_ns = True
+
+    def __init__(self, fs: UnionFS, *, on_ready: Callable[[], None] | None = None) -> None:
+        self.fs = fs
+        self.on_ready = on_ready
+        self.handles: dict[int, Handle] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def init(self, path: str) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def destroy(self, path: str) -> None:
+        for handle in list(self.handles.values()):
+            self.fs.release(handle)
+        self.handles.clear()
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _handle(self, fh: int) -> Handle:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return handle
+
+    def _track(self, handle: Handle) -> int:
+        self.handles[handle.fd] = handle
+        return handle.fd
+
+    # -- attributes -------------------------------------------------------------------------------------------
+    @_op
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
+        if path is None:
+            return self.fs.fgetattr(self._handle(fh or -1))
+        return self.fs.getattr(_rel(path))
+
+    @_op
+    def readlink(self, path: str) -> str:
+        return self.fs.readlink(_rel(path))
+
+    @_op
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        rel = _rel(path)
+        ino = self.fs.getattr(rel)["st_ino"]
+        entries = [(".", {"st_mode": 0o040000, "st_ino": ino}, 0), ("..", {"st_mode": 0o040000, "st_ino": 1}, 0)]
+        entries.extend((name, {"st_mode": kind, "st_ino": ino}, 0) for name, kind, ino in self.fs.readdir(rel))
+        return entries
+
+    @_op
+    def access(self, path: str, amode: int) -> int:
+        self.fs.access(_rel(path), amode)
+        return 0
+
+    @_op
+    def statfs(self, path: str) -> dict[str, int]:
+        return self.fs.statfs()
+
+    # -- xattrs ----------------------------------------------------------------------------------------------
+    @_op
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return self.fs.getxattr(_rel(path), name)
+
+    @_op
+    def listxattr(self, path: str) -> list[str]:
+        return self.fs.listxattr(_rel(path))
+
+    @_op
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        self.fs.setxattr(_rel(path), name, value, options)
+        return 0
+
+    @_op
+    def removexattr(self, path: str, name: str) -> int:
+        self.fs.removexattr(_rel(path), name)
+        return 0
+
+    # -- namespace -------------------------------------------------------------------------------------------
+    @_op
+    def mkdir(self, path: str, mode: int) -> int:
+        uid, gid, _ = fuse_get_context()
+        self.fs.mkdir(_rel(path), mode, uid, gid)
+        return 0
+
+    @_op
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        uid, gid, _ = fuse_get_context()
+        self.fs.mknod(_rel(path), mode, dev, uid, gid)
+        return 0
+
+    @_op
+    def symlink(self, target: str, source: str) -> int:
+        uid, gid, _ = fuse_get_context()
+        self.fs.symlink(source, _rel(target), uid, gid)
+        return 0
+
+    @_op
+    def link(self, target: str, source: str) -> int:
+        self.fs.link(_rel(source), _rel(target))
+        return 0
+
+    @_op
+    def unlink(self, path: str) -> int:
+        self.fs.unlink(_rel(path))
+        return 0
+
+    @_op
+    def rmdir(self, path: str) -> int:
+        self.fs.rmdir(_rel(path))
+        return 0
+
+    @_op
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        self.fs.rename(_rel(old), _rel(new), flags)
+        return 0
+
+    @_op
+    def chmod(self, path: str, mode: int) -> int:
+        self.fs.chmod(_rel(path), mode)
+        return 0
+
+    @_op
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        self.fs.chown(_rel(path), uid, gid)
+        return 0
+
+    @_op
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        atime, mtime = times if times is not None else (None, None)
+        self.fs.utimens(_rel(path), atime, mtime)
+        return 0
+
+    @_op
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        if fh is not None and fh in self.handles:
+            self.fs.ftruncate(self.handles[fh], length)
+        elif path is None:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        else:
+            self.fs.truncate(_rel(path), length)
+        return 0
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    @_op
+    def create(self, path: str, mode: int, flags: int = os.O_RDWR) -> int:
+        uid, gid, _ = fuse_get_context()
+        return self._track(self.fs.create(_rel(path), flags, mode, uid, gid))
+
+    @_op
+    def open(self, path: str, flags: int) -> int:
+        return self._track(self.fs.open(_rel(path), flags))
+
+    @_op
+    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        return self.fs.read(self._handle(fh), size, offset)
+
+    @_op
+    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        return self.fs.write(self._handle(fh), data, offset)
+
+    @_op
+    def flush(self, path: str | None, fh: int) -> int:
+        self._handle(fh)
+        return 0
+
+    @_op
+    def release(self, path: str | None, fh: int) -> int:
+        handle = self.handles.pop(fh, None)
+        if handle is not None:
+            self.fs.release(handle)
+        return 0
+
+    @_op
+    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
+        self.fs.fsync(self._handle(fh), bool(datasync))
+        return 0
+
+    @_op
+    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
+        return 0
+
+    @_op
+    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
+        self.fs.fallocate(self._handle(fh), mode, offset, size)
+        return 0

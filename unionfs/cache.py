@@ -1,0 +1,178 @@
+"""The hot-path lookup cache: per-directory merged tables and lower-layer attributes, bounded, counted.
+
+Lower layers never change while mounted, so what is learnt about them is kept for the life of the mount
+(subject only to the size bound).  The upper parts of a directory's table are updated by the operation that
+changes the upper layer (through :meth:`DirState.upper_set` and friends), and a directory rename or rmdir
+drops the whole subtree (:meth:`LookupCache.invalidate_subtree`): one place that invalidates.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class LowerName:
+    """A name as the lower layers show it: its type, the top lower layer that holds it and, for a directory,
+    every lower layer whose copy merges into it (top-down, before opacity of the child itself is known)."""
+
+    kind: int
+    layer: int
+    chain: tuple[int, ...]
+    ino: int = 0
+
+
+@dataclass(slots=True)
+class DirState:
+    """Everything needed to resolve names inside one visible directory of the union.
+
+    ``upper`` is None when the upper layer has no copy of the directory; otherwise it maps the upper's
+    entries to their type, with ``upper_wh`` the names whited out there and ``upper_opaque`` its opacity.
+    ``lower`` is the merged table of the lower layers (``lower_layers``) that show through.
+    """
+
+    path: str
+    upper: dict[str, int] | None
+    upper_wh: set[str]
+    upper_opaque: bool
+    lower_layers: tuple[int, ...]
+    lower: dict[str, LowerName]
+    upper_inos: dict[str, int] = field(default_factory=dict)
+    size: int = field(default=0)
+
+    # -- the updates the union makes after it changed the upper layer --------------------------------------
+    def upper_set(self, name: str, kind: int) -> None:
+        if self.upper is None:
+            self.upper = {}
+        self.upper[name] = kind
+        self.upper_inos.pop(name, None)
+        self.upper_wh.discard(name)
+
+    def upper_remove(self, name: str) -> None:
+        if self.upper is not None:
+            self.upper.pop(name, None)
+
+    def upper_whiteout(self, name: str) -> None:
+        if self.upper is None:
+            self.upper = {}
+        self.upper.pop(name, None)
+        self.upper_wh.add(name)
+
+    def visible_names(self) -> list[str]:
+        """The merged listing: upper entries, then lower names not hidden by the upper (no markers)."""
+        upper = self.upper or {}
+        names = list(upper)
+        if not self.upper_opaque:
+            wh = self.upper_wh
+            names.extend(n for n in self.lower if n not in upper and n not in wh)
+        return names
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    invalidations: int = 0
+    evictions: int = 0
+
+
+class LookupCache:
+    """Bounded LRU of directory states and lower attribute dicts.
+
+    ``max_entries`` bounds the sum of names held in directory tables plus cached attribute dicts.
+    Not thread-safe: the union serialises access under its lock.
+    """
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        self.max_entries = max_entries
+        self.dirs: OrderedDict[str, DirState] = OrderedDict()
+        self.attrs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.entries = 0
+        self.stats = CacheStats()
+
+    # -- directories ---------------------------------------------------------------------------------------
+    def get_dir(self, path: str) -> DirState | None:
+        state = self.dirs.get(path)
+        if state is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self.dirs.move_to_end(path)
+        return state
+
+    def peek_dir(self, path: str) -> DirState | None:
+        """The cached state without counting or reordering (for updates after a change)."""
+        return self.dirs.get(path)
+
+    def put_dir(self, state: DirState) -> None:
+        old = self.dirs.pop(state.path, None)
+        if old is not None:
+            self.entries -= old.size
+        state.size = 1 + len(state.lower) + len(state.upper or ())
+        self.dirs[state.path] = state
+        self.entries += state.size
+        self._shrink()
+
+    # -- lower attributes ---------------------------------------------------------------------------------
+    def get_attrs(self, path: str) -> dict[str, Any] | None:
+        attrs = self.attrs.get(path)
+        if attrs is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self.attrs.move_to_end(path)
+        return attrs
+
+    def put_attrs(self, path: str, attrs: dict[str, Any]) -> None:
+        if self.attrs.pop(path, None) is None:
+            self.entries += 1
+        self.attrs[path] = attrs
+        self._shrink()
+
+    def drop_attrs(self, path: str) -> None:
+        if self.attrs.pop(path, None) is not None:
+            self.entries -= 1
+
+    # -- invalidation ---------------------------------------------------------------------------------------
+    def invalidate_subtree(self, path: str) -> None:
+        """Forget ``path`` and everything below it (after a directory rename or rmdir)."""
+        prefix = path + "/" if path else ""
+        for table in (self.dirs, self.attrs):
+            doomed = [k for k in table if k == path or k.startswith(prefix)]
+            for key in doomed:
+                value = table.pop(key)
+                self.entries -= value.size if isinstance(value, DirState) else 1
+            self.stats.invalidations += len(doomed)
+
+    def clear(self) -> None:
+        self.dirs.clear()
+        self.attrs.clear()
+        self.entries = 0
+
+    def _shrink(self) -> None:
+        while self.entries > self.max_entries and (self.dirs or self.attrs):
+            # Evict attribute dicts first (cheap to rebuild), then the least recently used directory.
+            if self.attrs and (len(self.attrs) * 4 >= self.entries or not self.dirs):
+                self.attrs.popitem(last=False)
+                self.entries -= 1
+            else:
+                _, state = self.dirs.popitem(last=False)
+                self.entries -= state.size
+            self.stats.evictions += 1
+
+    def snapshot(self) -> dict[str, int]:
+        """Counters for ``unionfs stats`` and the benchmarks."""
+        return {
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "invalidations": self.stats.invalidations,
+            "evictions": self.stats.evictions,
+            "entries": self.entries,
+            "dirs": len(self.dirs),
+            "attrs": len(self.attrs),
+            "max_entries": self.max_entries,
+            "bytes": sys.getsizeof(self.dirs) + sys.getsizeof(self.attrs),
+        }

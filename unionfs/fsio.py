@@ -1,0 +1,328 @@
+"""The one safe door to host paths.
+
+Every access to a layer, upper or work directory goes through this module.  A :class:`HostDir` holds an
+``O_PATH`` descriptor of a directory tree's root; every operation takes a *relative* path inside that tree
+(``""`` is the root itself, components separated by ``/``, never ``..``) and resolves it with ``openat2``
+(``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS``): no symlink inside a layer is ever followed
+on the host side, and nothing outside the tree is reached.  Where ``openat2`` is missing the parent is walked
+one component at a time with ``O_NOFOLLOW``.
+
+Every function raises ``OSError`` with the real errno of the host filesystem; nothing else escapes.
+Callers: the modules of ``unionfs`` only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat as stat_mod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_OPENAT2 = 437
+_SYS_RENAMEAT2 = 316
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc.syscall.restype = ctypes.c_long
+_have_openat2 = True
+
+
+def _openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,
+                   _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(_SYS_OPENAT2, ctypes.c_int(dir_fd), os.fsencode(path), ctypes.byref(how),
+                       ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(fd)
+
+
+def _probe_openat2() -> bool:
+    try:
+        os.close(_openat2(os.open("/", _DIR_FLAGS), ".", _DIR_FLAGS))
+    except OSError as exc:
+        return exc.errno not in (errno.ENOSYS, errno.EPERM)
+    return True
+
+
+_have_openat2 = _probe_openat2()
+
+
+def split(rel: str) -> tuple[str, str]:
+    """Split a relative path into (parent, name); ``"a/b/c"`` → ``("a/b", "c")``, ``"a"`` → ``("", "a")``."""
+    parent, _, name = rel.rpartition("/")
+    return parent, name
+
+
+def join(parent: str, name: str) -> str:
+    """Join a relative parent path and a name."""
+    return f"{parent}/{name}" if parent else name
+
+
+def _check(rel: str) -> None:
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        raise OSError(errno.EINVAL, "invalid relative path", rel)
+
+
+class Stat(NamedTuple):
+    """The parts of an ``lstat`` result the union uses; a tuple so that it is cheap to keep."""
+
+    mode: int
+    ino: int
+    dev: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+def to_stat(st: os.stat_result) -> Stat:
+    return Stat(st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
+                st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class HostDir:
+    """A directory tree on the host, reached only beneath its root descriptor.
+
+    ``path`` is the absolute host path the root was opened from (already resolved by the caller; the root
+    itself may have been reached through a symlink, everything beneath it never is).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dev = os.fstat(self.fd).st_dev
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- descriptors -------------------------------------------------------------------------------------
+
+    def open(self, rel: str, flags: int, mode: int = 0o600) -> int:
+        """Open ``rel`` beneath the root without following any symlink; returns a new descriptor."""
+        if rel == "":
+            return os.open(".", flags | os.O_CLOEXEC, dir_fd=self.fd)
+        _check(rel)
+        if _have_openat2:
+            return _openat2(self.fd, rel, flags | os.O_NOFOLLOW, mode)
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=pfd)
+
+    def open_dir(self, rel: str) -> int:
+        """An ``O_PATH`` descriptor of directory ``rel`` (ENOTDIR/ELOOP if it is not a real directory)."""
+        if rel == "":
+            return os.dup(self.fd)
+        if _have_openat2:
+            _check(rel)
+            return _openat2(self.fd, rel, _DIR_FLAGS)
+        fd = os.dup(self.fd)
+        try:
+            for part in rel.split("/"):
+                if part in ("", ".", ".."):
+                    raise OSError(errno.EINVAL, "invalid relative path", rel)
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextmanager
+    def dirfd(self, rel: str) -> Iterator[int]:
+        """Context manager around :meth:`open_dir` that always closes the descriptor."""
+        if rel == "":
+            yield self.fd
+            return
+        fd = self.open_dir(rel)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    # -- queries -----------------------------------------------------------------------------------------
+
+    def lstat(self, rel: str) -> os.stat_result:
+        """``lstat`` of ``rel``; raises OSError (ENOENT, ENOTDIR, ELOOP for a symlinked parent …)."""
+        if rel == "":
+            return os.stat(self.fd)
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+
+    def try_lstat(self, rel: str) -> os.stat_result | None:
+        """``lstat`` that answers None where the path does not exist (ENOENT, ENOTDIR, ELOOP on a parent)."""
+        try:
+            return self.lstat(rel)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return None
+            raise
+
+    def scandir(self, rel: str) -> list[tuple[str, int, int]]:
+        """The entries of directory ``rel`` as ``(name, d_type bits as S_IFMT or 0, inode)``."""
+        fd = self.open_dir_readable(rel)
+        try:
+            out: list[tuple[str, int, int]] = []
+            with os.scandir(fd) as it:
+                for entry in it:
+                    try:
+                        if entry.is_symlink():
+                            kind = stat_mod.S_IFLNK
+                        elif entry.is_dir(follow_symlinks=False):
+                            kind = stat_mod.S_IFDIR
+                        elif entry.is_file(follow_symlinks=False):
+                            kind = stat_mod.S_IFREG
+                        else:
+                            kind = 0
+                    except OSError:
+                        kind = 0
+                    out.append((entry.name, kind, entry.inode()))
+            return out
+        finally:
+            os.close(fd)
+
+    def open_dir_readable(self, rel: str) -> int:
+        """A readable descriptor of directory ``rel`` (for listing)."""
+        return self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
+
+    def readlink(self, rel: str) -> str:
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            return os.readlink(name, dir_fd=pfd)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(f"/proc/self/fd/{self.fd}")
+
+    # -- xattrs (the final component is never followed; the parent is pinned by its descriptor) ----------
+
+    def _xpath(self, pfd: int, name: str) -> str:
+        return f"/proc/self/fd/{pfd}/{name}" if name else f"/proc/self/fd/{pfd}"
+
+    def getxattr(self, rel: str, attr: str) -> bytes:
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            return os.getxattr(self._xpath(pfd, name), attr, follow_symlinks=False)
+
+    def try_getxattr(self, rel: str, attr: str) -> bytes | None:
+        """The xattr's value, or None where it (or support for it) is missing."""
+        try:
+            return self.getxattr(rel, attr)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.ENOENT):
+                return None
+            raise
+
+    def listxattr(self, rel: str) -> list[str]:
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            return os.listxattr(self._xpath(pfd, name), follow_symlinks=False)
+
+    def setxattr(self, rel: str, attr: str, value: bytes, flags: int = 0) -> None:
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            os.setxattr(self._xpath(pfd, name), attr, value, flags, follow_symlinks=False)
+
+    def removexattr(self, rel: str, attr: str) -> None:
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            os.removexattr(self._xpath(pfd, name), attr, follow_symlinks=False)
+
+    # -- changes (used on the upper and work dirs only) -----------------------------------------------------
+
+    def mkdir(self, rel: str, mode: int) -> None:
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            os.mkdir(name, mode, dir_fd=pfd)
+
+    def mknod(self, rel: str, mode: int, device: int = 0) -> None:
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            os.mknod(name, mode, device, dir_fd=pfd)
+
+    def symlink(self, target: str, rel: str) -> None:
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            os.symlink(target, name, dir_fd=pfd)
+
+    def unlink(self, rel: str) -> None:
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            os.unlink(name, dir_fd=pfd)
+
+    def rmdir(self, rel: str) -> None:
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            os.rmdir(name, dir_fd=pfd)
+
+    def chmod(self, rel: str, mode: int) -> None:
+        """chmod of a non-symlink (Linux cannot chmod a symlink: EOPNOTSUPP, as the kernel answers)."""
+        fd = self.open(rel, os.O_PATH)
+        try:
+            if stat_mod.S_ISLNK(os.fstat(fd).st_mode):
+                raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), rel)
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
+
+    def chown(self, rel: str, uid: int, gid: int) -> None:
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            if name:
+                os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+            else:
+                os.chown(f"/proc/self/fd/{pfd}", uid, gid)
+
+    def utime(self, rel: str, ns: tuple[int, int]) -> None:
+        """Set atime/mtime in nanoseconds (``UTIME_OMIT``/``UTIME_NOW`` are resolved by the caller)."""
+        parent, name = split(rel)
+        with self.dirfd(parent) as pfd:
+            if name:
+                os.utime(name, ns=ns, dir_fd=pfd, follow_symlinks=False)
+            else:
+                os.utime(f"/proc/self/fd/{pfd}", ns=ns)
+
+    def link(self, src: str, dst: str) -> None:
+        sp, sn = split(src)
+        dp, dn = split(dst)
+        with self.dirfd(sp) as sfd, self.dirfd(dp) as dfd:
+            os.link(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+
+    def rename(self, src: str, dst: str, flags: int = 0, *, dst_dir: HostDir | None = None) -> None:
+        """``renameat2`` from ``src`` to ``dst`` (in ``dst_dir``, default this tree) with RENAME_* flags."""
+        target = dst_dir or self
+        sp, sn = split(src)
+        dp, dn = split(dst)
+        with self.dirfd(sp) as sfd, target.dirfd(dp) as dfd:
+            if flags == 0:
+                os.rename(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd)
+                return
+            rc = _libc.syscall(_SYS_RENAMEAT2, ctypes.c_int(sfd), os.fsencode(sn), ctypes.c_int(dfd),
+                               os.fsencode(dn), ctypes.c_uint(flags))
+            if rc < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), dst)

@@ -1,0 +1,161 @@
+"""Layers and the layer stack: which host directories make up a union, validated before anything is touched.
+
+Order is top-down everywhere: index 0 is the upper layer when there is one, then the lowers in the order of
+``lowerdir=A:B:C`` (A is the top lower, as for the kernel's overlayfs and fuse-overlayfs).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from unionfs.fsio import HostDir
+
+WORK_SUBDIR = "work"
+"""The staging directory inside the workdir; the kernel's overlayfs uses the same name and empties it too."""
+
+
+class LayerError(ValueError):
+    """A layer configuration that cannot be mounted; the message is one line meant for the user."""
+
+
+@dataclass(eq=False)
+class Layer:
+    """One directory of the stack.  ``index`` is its position top-down (0 = upper when writable)."""
+
+    index: int
+    host: HostDir
+    writable: bool
+
+    @property
+    def path(self) -> str:
+        return self.host.path
+
+
+@dataclass(eq=False)
+class LayerStack:
+    """The upper (optional), the lowers (at least one) and the work dir, all opened and validated."""
+
+    lowers: list[Layer]
+    upper: Layer | None = None
+    work: HostDir | None = None
+    _lock_fd: int = field(default=-1, repr=False)
+
+    @property
+    def layers(self) -> list[Layer]:
+        """All layers top-down: the upper first (when present), then the lowers."""
+        return ([self.upper] if self.upper else []) + self.lowers
+
+    @property
+    def lower_indices(self) -> tuple[int, ...]:
+        return tuple(layer.index for layer in self.lowers)
+
+    @property
+    def single_device(self) -> bool:
+        """True when every layer lives on one filesystem (inode numbers are then unique as they are)."""
+        return len({layer.host.dev for layer in self.layers}) == 1
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.host.close()
+        if self.work:
+            self.work.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    @classmethod
+    def open(cls, *, lowers: Sequence[str], upper: str | None, work: str | None,
+             mountpoint: str | None = None) -> LayerStack:
+        """Validate and open a stack.  Raises :class:`LayerError` with a one-line message on bad input.
+
+        ``lowers`` top-down, at least one.  ``upper`` and ``work`` come together or not at all (no upper is a
+        read-only union).  No two of the dirs and the mountpoint may overlap (one inside the other), the
+        workdir must be on the upper's filesystem, and no other mount may be using the workdir.
+        """
+        if not lowers:
+            raise LayerError("lowerdir: at least one lower directory is required")
+        if (upper is None) != (work is None):
+            raise LayerError("upperdir and workdir must be given together")
+        named: list[tuple[str, str]] = []
+        for i, lower in enumerate(lowers):
+            named.append((f"lowerdir '{lower}'", _real_dir(f"lowerdir '{lower}'", lower)))
+            del i
+        if upper is not None and work is not None:
+            named.append((f"upperdir '{upper}'", _real_dir(f"upperdir '{upper}'", upper)))
+            named.append((f"workdir '{work}'", _real_dir(f"workdir '{work}'", work)))
+        if mountpoint is not None:
+            named.append((f"mountpoint '{mountpoint}'", _real_dir(f"mountpoint '{mountpoint}'", mountpoint)))
+        _check_overlaps(named)
+        if upper is not None and work is not None:
+            real_upper, real_work = named[len(lowers)][1], named[len(lowers) + 1][1]
+            if os.stat(real_upper).st_dev != os.stat(real_work).st_dev:
+                raise LayerError(f"workdir '{work}' is not on the same filesystem as upperdir '{upper}'")
+
+        opened: list[HostDir] = []
+        try:
+            offset = 0 if upper is None else 1
+            lower_layers = []
+            for i in range(len(lowers)):
+                host = HostDir(named[i][1])
+                opened.append(host)
+                lower_layers.append(Layer(i + offset, host, False))
+            stack = cls(lower_layers)
+            if upper is not None:
+                up = HostDir(named[len(lowers)][1])
+                opened.append(up)
+                wk = HostDir(named[len(lowers) + 1][1])
+                opened.append(wk)
+                stack.upper = Layer(0, up, True)
+                stack.work = wk
+                stack._lock_fd = _lock_workdir(wk, work or "")
+            return stack
+        except OSError as exc:
+            for host in opened:
+                host.close()
+            raise LayerError(f"cannot open layer: {exc.strerror}: {exc.filename}") from exc
+
+
+def _real_dir(what: str, path: str) -> str:
+    if not path:
+        raise LayerError(f"{what}: empty path")
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise LayerError(f"{what}: no such directory") from None
+    except OSError as exc:
+        raise LayerError(f"{what}: {exc.strerror}") from None
+    if not os.path.isdir(real) or not (st.st_mode & 0o170000) == 0o040000:
+        raise LayerError(f"{what}: not a directory")
+    return real
+
+
+def _inside(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def _check_overlaps(named: list[tuple[str, str]]) -> None:
+    for i, (what_a, a) in enumerate(named):
+        for what_b, b in named[i + 1:]:
+            if a == b:
+                raise LayerError(f"{what_a} and {what_b} are the same directory")
+            if _inside(a, b):
+                raise LayerError(f"{what_a} is inside {what_b}")
+            if _inside(b, a):
+                raise LayerError(f"{what_b} is inside {what_a}")
+
+
+def _lock_workdir(work: HostDir, name: str) -> int:
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=work.fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise LayerError(f"workdir '{name}' is in use by another mount") from None
+        raise
+    return fd

@@ -1,0 +1,164 @@
+"""Top-down resolution of union paths and merged directory listings.
+
+Paths here are *relative* union paths: ``""`` is the root, ``"a/b"`` a child (no leading slash).  A name
+resolves in the highest layer that has it; a non-directory hides everything below it; directories merge
+their name lists down to the first opaque copy; whiteouts hide names in the layers below them.
+A missing path is ``None``, never an exception.  Host errors other than "not there" raise ``OSError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat as stat_mod
+from dataclasses import dataclass
+
+from unionfs.cache import DirState, LookupCache, LowerName
+from unionfs.fsio import split
+from unionfs.layers import LayerStack
+from unionfs.whiteout import LayerDir, read_layer_dir
+
+S_IFDIR = stat_mod.S_IFDIR
+
+
+@dataclass(slots=True, frozen=True)
+class Node:
+    """A visible object: its type, whether its top copy is in the upper layer, the index of the layer of
+    its top copy, and for directories the lower layers that may merge into it."""
+
+    kind: int
+    upper: bool
+    layer: int
+    chain: tuple[int, ...]
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == S_IFDIR
+
+
+class Resolver:
+    """Resolves paths against a :class:`LayerStack` through a :class:`LookupCache`."""
+
+    def __init__(self, stack: LayerStack, cache: LookupCache) -> None:
+        self.stack = stack
+        self.cache = cache
+        self.hosts = {layer.index: layer.host for layer in stack.layers}
+        self.root = Node(S_IFDIR, stack.upper is not None, 0, stack.lower_indices)
+
+    # -- nodes --------------------------------------------------------------------------------------------
+    def lookup(self, path: str) -> Node | None:
+        """The node at ``path``, or None where nothing is visible there."""
+        if path == "":
+            return self.root
+        parent_path, name = split(path)
+        parent = self.dir_state(parent_path)
+        if parent is None:
+            return None
+        return self.child(parent, name)
+
+    def child(self, parent: DirState, name: str) -> Node | None:
+        """The node ``name`` inside the visible directory ``parent``, or None."""
+        upper = parent.upper
+        if upper is not None:
+            kind = upper.get(name)
+            if kind is not None:
+                chain: tuple[int, ...] = ()
+                if kind == S_IFDIR and not parent.upper_opaque:
+                    low = parent.lower.get(name)
+                    if low is not None and low.kind == S_IFDIR:
+                        chain = low.chain
+                return Node(kind, True, 0, chain)
+            if name in parent.upper_wh:
+                return None
+        if parent.upper_opaque:
+            return None
+        low = parent.lower.get(name)
+        if low is None:
+            return None
+        return Node(low.kind, False, low.layer, low.chain)
+
+    def lookup_parent(self, path: str) -> DirState:
+        """The state of ``path``'s parent directory; raises ENOENT/ENOTDIR as the kernel would."""
+        parent_path, _ = split(path)
+        state = self.dir_state(parent_path)
+        if state is None:
+            node = self.lookup(parent_path)
+            raise OSError(errno.ENOTDIR if node is not None else errno.ENOENT, "parent", parent_path)
+        return state
+
+    # -- directories --------------------------------------------------------------------------------------
+    def dir_state(self, path: str) -> DirState | None:
+        """The merged state of directory ``path`` (cached), or None if it is missing or not a directory."""
+        state = self.cache.get_dir(path)
+        if state is not None:
+            return state
+        node = self.lookup(path)
+        if node is None or not node.is_dir:
+            return None
+        state = self.build_dir_state(path, node)
+        self.cache.put_dir(state)
+        return state
+
+    def build_dir_state(self, path: str, node: Node) -> DirState:
+        upper: dict[str, int] | None = None
+        upper_wh: set[str] = set()
+        upper_inos: dict[str, int] = {}
+        opaque = False
+        if node.upper and self.stack.upper is not None:
+            try:
+                ud = read_layer_dir(self.stack.upper.host, path)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise
+            else:
+                upper, upper_wh, opaque, upper_inos = ud.entries, ud.whiteouts, ud.opaque, ud.inos
+        lower_layers: list[int] = []
+        scans: list[LayerDir] = []
+        if not opaque:
+            for index in node.chain:
+                try:
+                    ld = read_layer_dir(self.hosts[index], path)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                        continue
+                    raise
+                lower_layers.append(index)
+                scans.append(ld)
+                if ld.opaque:
+                    break
+        return DirState(path, upper, upper_wh, opaque, tuple(lower_layers),
+                        merge_lower(lower_layers, scans), upper_inos)
+
+    def listdir(self, path: str) -> list[str] | None:
+        """The merged names of directory ``path`` (no markers, no duplicates), or None if not a dir."""
+        state = self.dir_state(path)
+        return None if state is None else state.visible_names()
+
+
+def merge_lower(layers: list[int], scans: list[LayerDir]) -> dict[str, LowerName]:
+    """Merge lower layers' copies of one directory (top-down) into one table.
+
+    A whiteout in layer i hides the name in the layers below i; a non-directory hides everything below
+    it; a directory's chain collects the lower copies that are directories, until something stops it.
+    """
+    merged: dict[str, LowerName] = {}
+    hidden: set[str] = set()
+    closed: set[str] = set()
+    for index, scan in zip(layers, scans, strict=True):
+        for name, kind in scan.entries.items():
+            if name in hidden or name in closed:
+                continue
+            have = merged.get(name)
+            if have is None:
+                merged[name] = LowerName(kind, index, (index,) if kind == S_IFDIR else (), scan.inos[name])
+                if kind != S_IFDIR:
+                    closed.add(name)
+            elif kind == S_IFDIR and have.kind == S_IFDIR:
+                have.chain = (*have.chain, index)
+            else:
+                closed.add(name)
+        for name in scan.whiteouts:
+            if name in merged:
+                closed.add(name)
+            else:
+                hidden.add(name)
+    return merged

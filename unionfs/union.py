@@ -1,0 +1,661 @@
+"""The UnionFS facade: POSIX-shaped operations over a layer stack, with the kernel overlayfs's semantics.
+
+Paths are union paths relative to the root (``""`` is the root, ``"a/b"`` a child; the FUSE adapter strips
+the leading ``/``).  Every method raises ``OSError(errno, message, path)`` on failure and nothing else; a
+missing object is ENOENT.  Metadata operations are serialised by one lock; reads and writes on open handles
+take no lock.  Callers: ``mountd.operations`` and the tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as stat_mod
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from unionfs import copyup
+from unionfs.cache import DirState, LookupCache
+from unionfs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, join, split
+from unionfs.layers import WORK_SUBDIR, LayerStack
+from unionfs.lookup import Node, Resolver
+from unionfs.whiteout import (
+    WhiteoutFormat,
+    WhiteoutWriter,
+    is_private_xattr,
+    probe_kernel_format,
+)
+
+S_IFDIR = stat_mod.S_IFDIR
+NAME_MAX = 255
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+_T = TypeVar("_T")
+
+
+@dataclass(slots=True)
+class Handle:
+    """An open file of the union: the host descriptor, the union path it was opened as, and its st_ino."""
+
+    fd: int
+    path: str
+    ino: int
+    upper: bool
+
+
+def _err(code: int, path: str) -> OSError:
+    return OSError(code, os.strerror(code), "/" + path)
+
+
+def _check_name(path: str) -> None:
+    if len(os.fsencode(split(path)[1])) > NAME_MAX:
+        raise _err(errno.ENAMETOOLONG, path)
+
+
+class UnionFS:
+    """A mounted union of ``stack``.  ``whiteout`` is ``auto``, ``kernel`` or ``oci``; ``volatile`` skips
+    every fsync (as the kernel's ``volatile`` option does)."""
+
+    def __init__(self, stack: LayerStack, *, whiteout: str = "auto", volatile: bool = False,
+                 cache_entries: int = 1_000_000) -> None:
+        self.stack = stack
+        self.volatile = volatile
+        self.cache = LookupCache(cache_entries)
+        self.resolver = Resolver(stack, self.cache)
+        self.lock = threading.RLock()
+        self.upper: HostDir | None = stack.upper.host if stack.upper else None
+        self.work: HostDir | None = stack.work
+        self.writer: WhiteoutWriter | None = None
+        self.origin_xattr = "trusted.unionfs.origin"
+        self.layer_fs = self._layer_fs_ids()
+        self.counters: dict[str, int] = {}
+        if self.upper is not None and self.work is not None:
+            copyup.clean_workdir(self.work, WORK_SUBDIR)
+            if whiteout not in ("auto", "kernel", "oci"):
+                raise ValueError(f"whiteout={whiteout}: expected auto, kernel or oci")
+            kernel_ok = probe_kernel_format(self.work, WORK_SUBDIR)
+            if whiteout == "kernel" and not kernel_ok:
+                raise OSError(errno.EPERM, "whiteout=kernel needs mknod and trusted.* xattrs in the workdir")
+            fmt = WhiteoutFormat.KERNEL if (whiteout == "kernel" or (whiteout == "auto" and kernel_ok)) \
+                else WhiteoutFormat.OCI
+            if not kernel_ok:
+                self.origin_xattr = "user.unionfs.origin"
+            self.writer = WhiteoutWriter(fmt, self.upper, self.work, WORK_SUBDIR)
+
+    def close(self) -> None:
+        self.stack.close()
+
+    # ================================================================== helpers
+    def _layer_fs_ids(self) -> dict[int, int]:
+        devs: dict[int, int] = {}
+        out = {}
+        for layer in self.stack.layers:
+            out[layer.index] = devs.setdefault(layer.host.dev, len(devs))
+        return out
+
+    def _ino(self, layer: int, real_ino: int) -> int:
+        fs = self.layer_fs[layer]
+        return real_ino if fs == 0 else (real_ino & ((1 << 48) - 1)) | (fs << 48)
+
+    def _attrs(self, st: os.stat_result, ino: int) -> dict[str, Any]:
+        return {
+            "st_mode": st.st_mode, "st_ino": ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
+            "st_gid": st.st_gid, "st_rdev": st.st_rdev, "st_size": st.st_size, "st_blocks": st.st_blocks,
+            "st_blksize": st.st_blksize, "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns,
+            "st_ctime": st.st_ctime_ns,
+        }
+
+    def _node(self, path: str) -> Node:
+        node = self.resolver.lookup(path)
+        if node is None:
+            parent = split(path)[0]
+            if path and self.resolver.dir_state(parent) is None and self.resolver.lookup(parent) is not None:
+                raise _err(errno.ENOTDIR, path)
+            raise _err(errno.ENOENT, path)
+        return node
+
+    def _writable(self) -> tuple[HostDir, HostDir, WhiteoutWriter]:
+        if self.upper is None or self.work is None or self.writer is None:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return self.upper, self.work, self.writer
+
+    def _upper_ino(self, path: str, st: os.stat_result) -> int:
+        """The st_ino of an upper object: its recorded origin where it was copied up, else its own."""
+        try:
+            value = self.upper.getxattr(path, self.origin_xattr) if self.upper else None
+        except OSError:
+            value = None
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        return self._ino(0, st.st_ino)
+
+    def _host(self, node: Node) -> HostDir:
+        return self.resolver.hosts[node.layer]
+
+    def _lower_has(self, parent: DirState, name: str) -> bool:
+        """Would removing the upper copy of ``name`` let a lower one show through?"""
+        return not parent.upper_opaque and name in parent.lower
+
+    def _locked(self, fn: Callable[[], _T]) -> _T:
+        with self.lock:
+            return fn()
+
+    # ================================================================== reading
+    def getattr(self, path: str) -> dict[str, Any]:
+        """Attributes of ``path`` (lstat-like; times in ns).  ENOENT where nothing is visible."""
+        with self.lock:
+            node = self._node(path)
+            if node.upper:
+                assert self.upper is not None
+                st = self.upper.lstat(path)
+                attrs = self._attrs(st, self._upper_ino(path, st))
+                if node.is_dir and node.chain:
+                    attrs["st_nlink"] = 1
+                return attrs
+            cached = self.cache.get_attrs(path)
+            if cached is not None:
+                return cached
+            st = self._host(node).lstat(path)
+            attrs = self._attrs(st, self._ino(node.layer, st.st_ino))
+            if node.is_dir and len(node.chain) > 1:
+                state = self.resolver.dir_state(path)
+                if state is not None and len(state.lower_layers) > 1:
+                    attrs["st_nlink"] = 1
+            self.cache.put_attrs(path, attrs)
+            return attrs
+
+    def fgetattr(self, handle: Handle) -> dict[str, Any]:
+        """Attributes through an open handle (works after the name was unlinked)."""
+        st = os.fstat(handle.fd)
+        attrs = self._attrs(st, handle.ino)
+        return attrs
+
+    def readlink(self, path: str) -> str:
+        with self.lock:
+            node = self._node(path)
+            if node.kind != stat_mod.S_IFLNK:
+                raise _err(errno.EINVAL, path)
+            return self._host(node).readlink(path)
+
+    def readdir(self, path: str) -> list[tuple[str, int, int]]:
+        """The merged entries of directory ``path`` as ``(name, st_mode type bits, st_ino)``; ENOTDIR/ENOENT.
+
+        The inode numbers agree with :meth:`getattr` except for an upper object renamed after copy-up."""
+        with self.lock:
+            state = self.resolver.dir_state(path)
+            if state is None:
+                self._node(path)
+                raise _err(errno.ENOTDIR, path)
+            out = []
+            upper = state.upper or {}
+            for name in state.visible_names():
+                kind = upper.get(name)
+                if kind is None:
+                    low = state.lower[name]
+                    out.append((name, low.kind, self._ino(low.layer, low.ino)))
+                    continue
+                child = join(path, name)
+                ino = state.upper_inos.get(name)
+                if ino is None or (name in state.lower and not state.upper_opaque):
+                    assert self.upper is not None
+                    st = self.upper.lstat(child)
+                    ino = self._upper_ino(child, st) if name in state.lower else self._ino(0, st.st_ino)
+                else:
+                    ino = self._ino(0, ino)
+                out.append((name, kind, ino))
+            return out
+
+    def access(self, path: str, mode: int) -> None:
+        with self.lock:
+            self._node(path)
+            if mode & os.W_OK and self.upper is None:
+                raise _err(errno.EROFS, path)
+
+    def statfs(self) -> dict[str, int]:
+        host = self.upper or self.stack.lowers[0].host
+        sv = host.statvfs()
+        return {
+            "f_bsize": sv.f_bsize, "f_frsize": sv.f_frsize, "f_blocks": sv.f_blocks, "f_bfree": sv.f_bfree,
+            "f_bavail": sv.f_bavail, "f_files": sv.f_files, "f_ffree": sv.f_ffree, "f_favail": sv.f_favail,
+            "f_namemax": sv.f_namemax,
+        }
+
+    # ================================================================== xattrs
+    def getxattr(self, path: str, name: str) -> bytes:
+        with self.lock:
+            node = self._node(path)
+            if is_private_xattr(name):
+                raise _err(errno.ENODATA, path)
+            return self._host(node).getxattr(path, name)
+
+    def listxattr(self, path: str) -> list[str]:
+        with self.lock:
+            node = self._node(path)
+            return [n for n in self._host(node).listxattr(path) if not is_private_xattr(n)]
+
+    def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
+        with self.lock:
+            upper, _, _ = self._writable()
+            self._node(path)
+            if is_private_xattr(name):
+                raise _err(errno.EPERM, path)
+            self.copy_up(path)
+            upper.setxattr(path, name, value, flags)
+
+    def removexattr(self, path: str, name: str) -> None:
+        with self.lock:
+            upper, _, _ = self._writable()
+            node = self._node(path)
+            if is_private_xattr(name):
+                raise _err(errno.ENODATA, path)
+            if not node.upper:
+                self._host(node).getxattr(path, name)  # ENODATA before any copy-up
+            self.copy_up(path)
+            upper.removexattr(path, name)
+
+    # ================================================================== copy-up
+    def copy_up(self, path: str, *, data_limit: int | None = None) -> Node:
+        """Make sure ``path`` has its top copy in the upper layer (parents first); returns its node.
+
+        Call with the lock held.  ``data_limit`` as for :func:`copyup.stage_copy`.
+        """
+        upper, work, _ = self._writable()
+        node = self._node(path)
+        if node.upper:
+            return node
+        parent_path, name = split(path)
+        parent = self._ensure_upper_dir(parent_path)
+        host = self._host(node)
+        st = host.lstat(path)
+        origin = str(self._ino(node.layer, st.st_ino)).encode()
+        tmp = join(WORK_SUBDIR, copyup.temp_name("copyup"))
+
+        def mark(rel: str) -> None:
+            try:
+                work.setxattr(rel, self.origin_xattr, origin)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+                    raise
+
+        copyup.stage_copy(host, path, st, work, tmp, data_limit=data_limit, sync=not self.volatile, mark=mark)
+        try:
+            copyup.publish(work, tmp, upper, path)
+        except BaseException:
+            copyup.remove_tree(work, tmp)
+            raise
+        parent.upper_set(name, node.kind)
+        own = self.cache.peek_dir(path)
+        if own is not None:
+            own.upper = {}
+        self.cache.drop_attrs(path)
+        return Node(node.kind, True, 0, node.chain)
+
+    def _ensure_upper_dir(self, path: str) -> DirState:
+        """Copy up directory ``path`` and its parents as needed; returns its (updated) state."""
+        node = self._node(path)
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR, path)
+        if not node.upper:
+            if path:
+                self._ensure_upper_dir(split(path)[0])
+            self.copy_up(path)
+        state = self.resolver.dir_state(path)
+        assert state is not None
+        if state.upper is None:
+            state.upper = {}
+        return state
+
+    # ================================================================== whiteouts
+    def _replace_with_whiteout(self, path: str, *, is_dir: bool) -> None:
+        """Atomically turn upper ``path`` (an object or nothing) into a whiteout."""
+        upper, work, writer = self._writable()
+        present = upper.try_lstat(path) is not None
+        if writer.format is WhiteoutFormat.KERNEL:
+            tmp = writer.make_whiteout_in_work(copyup.temp_name("wh"))
+            if not present:
+                work.rename(tmp, path, RENAME_NOREPLACE, dst_dir=upper)
+            elif is_dir:
+                work.rename(tmp, path, RENAME_EXCHANGE, dst_dir=upper)
+                copyup.remove_tree(work, tmp)
+            else:
+                work.rename(tmp, path, dst_dir=upper)
+            return
+        wh = writer.whiteout_rel(path)
+        if upper.try_lstat(wh) is None:
+            tmp = writer.make_whiteout_in_work(copyup.temp_name("wh"))
+            work.rename(tmp, wh, RENAME_NOREPLACE, dst_dir=upper)
+        if present:
+            self._remove_upper(path, is_dir=is_dir)
+
+    def _remove_upper(self, path: str, *, is_dir: bool) -> None:
+        upper, work, _ = self._writable()
+        if is_dir:
+            tmp = join(WORK_SUBDIR, copyup.temp_name("rm"))
+            upper.rename(path, tmp, dst_dir=work)
+            copyup.remove_tree(work, tmp)
+        else:
+            upper.unlink(path)
+
+    def _place_new(self, path: str, parent: DirState, build: Callable[[HostDir, str], None], kind: int) -> None:
+        """Create a new object at ``path`` with ``build(host, rel)``; over a whiteout it is built in the
+        work dir (made opaque if it is a directory) and swapped in atomically."""
+        upper, work, writer = self._writable()
+        name = split(path)[1]
+        if name not in parent.upper_wh:
+            build(upper, path)
+            parent.upper_set(name, kind)
+            return
+        tmp = join(WORK_SUBDIR, copyup.temp_name("new"))
+        build(work, tmp)
+        try:
+            if kind == S_IFDIR:
+                writer.mark_opaque(work, tmp)
+            if writer.format is WhiteoutFormat.KERNEL and upper.try_lstat(path) is not None:
+                work.rename(tmp, path, RENAME_EXCHANGE, dst_dir=upper)
+                work.unlink(tmp)
+            else:
+                work.rename(tmp, path, RENAME_NOREPLACE, dst_dir=upper)
+        except BaseException:
+            copyup.remove_tree(work, tmp)
+            raise
+        if writer.format is WhiteoutFormat.OCI:
+            writer.remove_whiteout(path)
+        parent.upper_set(name, kind)
+        if kind == S_IFDIR:
+            self.cache.invalidate_subtree(path)
+
+    def _new_parent(self, path: str) -> DirState:
+        """Checks for creating ``path``: EEXIST, ENAMETOOLONG, parent copied up; returns the parent state."""
+        self._writable()
+        if path == "":
+            raise _err(errno.EEXIST, path)
+        parent = self.resolver.lookup_parent(path)
+        if self.resolver.child(parent, split(path)[1]) is not None:
+            raise _err(errno.EEXIST, path)
+        _check_name(path)
+        return self._ensure_upper_dir(split(path)[0])
+
+    def _owner(self, host: HostDir, rel: str, uid: int, gid: int) -> None:
+        if uid == 0 and gid == 0:
+            return
+        parent_st = host.lstat(split(rel)[0])
+        if parent_st.st_mode & stat_mod.S_ISGID:
+            gid = -1
+        host.chown(rel, uid, gid)
+
+    # ================================================================== creating
+    def create(self, path: str, flags: int, mode: int, uid: int = 0, gid: int = 0) -> Handle:
+        """Create and open a regular file (O_CREAT); EEXIST if something is visible there."""
+        with self.lock:
+            parent = self._new_parent(path)
+            fds: list[int] = []
+
+            def build(host: HostDir, rel: str) -> None:
+                fd = host.open(rel, os.O_RDWR | os.O_CREAT | os.O_EXCL, stat_mod.S_IMODE(mode))
+                fds.append(fd)
+                self._owner(host, rel, uid, gid)
+                if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
+                    os.fchmod(fd, stat_mod.S_IMODE(mode))
+
+            self._place_new(path, parent, build, stat_mod.S_IFREG)
+            fd = fds[0]
+            assert self.upper is not None
+            return Handle(fd, path, self._ino(0, os.fstat(fd).st_ino), True)
+
+    def mkdir(self, path: str, mode: int, uid: int = 0, gid: int = 0) -> None:
+        with self.lock:
+            parent = self._new_parent(path)
+
+            def build(host: HostDir, rel: str) -> None:
+                host.mkdir(rel, stat_mod.S_IMODE(mode))
+                self._owner(host, rel, uid, gid)
+                if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID | stat_mod.S_ISVTX):
+                    host.chmod(rel, stat_mod.S_IMODE(mode) | (host.lstat(rel).st_mode & stat_mod.S_ISGID))
+
+            self._place_new(path, parent, build, S_IFDIR)
+            self.cache.invalidate_subtree(path)
+
+    def mknod(self, path: str, mode: int, rdev: int, uid: int = 0, gid: int = 0) -> None:
+        with self.lock:
+            parent = self._new_parent(path)
+            kind = stat_mod.S_IFMT(mode)
+
+            def build(host: HostDir, rel: str) -> None:
+                host.mknod(rel, mode, rdev)
+                self._owner(host, rel, uid, gid)
+
+            self._place_new(path, parent, build, kind)
+
+    def symlink(self, target: str, path: str, uid: int = 0, gid: int = 0) -> None:
+        with self.lock:
+            parent = self._new_parent(path)
+
+            def build(host: HostDir, rel: str) -> None:
+                host.symlink(target, rel)
+                self._owner(host, rel, uid, gid)
+
+            self._place_new(path, parent, build, stat_mod.S_IFLNK)
+
+    def link(self, src: str, dst: str) -> None:
+        """Hard link ``dst`` to the object at ``src`` (copied up first, as the kernel does)."""
+        with self.lock:
+            node = self._node(src)
+            if node.is_dir:
+                raise _err(errno.EPERM, src)
+            parent = self._new_parent(dst)
+            self.copy_up(src)
+            assert self.upper is not None
+            upper = self.upper
+
+            def build(host: HostDir, rel: str) -> None:
+                sp, sn = split(src)
+                dp, dn = split(rel)
+                with upper.dirfd(sp) as sfd, host.dirfd(dp) as dfd:
+                    os.link(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+
+            self._place_new(dst, parent, build, node.kind)
+            self.cache.drop_attrs(src)
+
+    # ================================================================== removing
+    def unlink(self, path: str) -> None:
+        with self.lock:
+            self._writable()
+            node = self._node(path)
+            if node.is_dir:
+                raise _err(errno.EISDIR, path)
+            parent_path, name = split(path)
+            parent = self._ensure_upper_dir(parent_path)
+            if self._lower_has(parent, name):
+                self._replace_with_whiteout(path, is_dir=False)
+                parent.upper_whiteout(name)
+            else:
+                self._remove_upper(path, is_dir=False)
+                parent.upper_remove(name)
+            self.cache.drop_attrs(path)
+
+    def rmdir(self, path: str) -> None:
+        with self.lock:
+            self._writable()
+            if path == "":
+                raise _err(errno.EBUSY, path)
+            node = self._node(path)
+            if not node.is_dir:
+                raise _err(errno.ENOTDIR, path)
+            if self.resolver.listdir(path):
+                raise _err(errno.ENOTEMPTY, path)
+            parent_path, name = split(path)
+            parent = self._ensure_upper_dir(parent_path)
+            if self._lower_has(parent, name):
+                self._replace_with_whiteout(path, is_dir=True)
+                parent.upper_whiteout(name)
+            else:
+                self._remove_upper(path, is_dir=True)
+                parent.upper_remove(name)
+            self.cache.invalidate_subtree(path)
+
+    # ================================================================== rename
+    def rename(self, src: str, dst: str, flags: int = 0) -> None:
+        """rename(2)/renameat2(2) with the kernel overlayfs's rules: a directory that is not purely upper
+        answers EXDEV (the kernel's default without ``redirect_dir``)."""
+        with self.lock:
+            upper, work, writer = self._writable()
+            if flags & ~RENAME_NOREPLACE:
+                raise _err(errno.EINVAL, dst)
+            snode = self._node(src)
+            if src == "" or dst == "":
+                raise _err(errno.EBUSY, src)
+            dparent = self.resolver.lookup_parent(dst)
+            dname = split(dst)[1]
+            _check_name(dst)
+            dnode = self.resolver.child(dparent, dname)
+            if dst == src:
+                return
+            if snode.is_dir and dst.startswith(src + "/"):
+                raise _err(errno.EINVAL, dst)
+            if dnode is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise _err(errno.EEXIST, dst)
+                if snode.is_dir and not dnode.is_dir:
+                    raise _err(errno.ENOTDIR, dst)
+                if dnode.is_dir and not snode.is_dir:
+                    raise _err(errno.EISDIR, dst)
+                if dnode.is_dir and self.resolver.listdir(dst):
+                    raise _err(errno.ENOTEMPTY, dst)
+            if snode.is_dir:
+                sstate = self.resolver.dir_state(src)
+                if not snode.upper or (sstate is not None and sstate.lower_layers):
+                    raise _err(errno.EXDEV, src)
+            sparent_path, sname = split(src)
+            sparent = self._ensure_upper_dir(sparent_path)
+            snode = self.copy_up(src)
+            dparent = self._ensure_upper_dir(split(dst)[0])
+            src_needs_wh = self._lower_has(sparent, sname)
+            dst_lower = self._lower_has(dparent, dname)
+            # Clear what the upper holds at dst: an (empty-looking) upper dir with only whiteouts inside,
+            # a whiteout of either format.
+            dst_upper = upper.try_lstat(dst)
+            if dnode is not None and dnode.is_dir and dnode.upper:
+                tmp = join(WORK_SUBDIR, copyup.temp_name("rm"))
+                upper.rename(dst, tmp, dst_dir=work)
+                copyup.remove_tree(work, tmp)
+                dst_upper = None
+            if snode.is_dir and dst_lower:
+                writer.mark_opaque(upper, src)
+            if dst_upper is not None and dnode is None:
+                # a kernel-format whiteout at dst: swap it with src so it lands where src was
+                upper.rename(src, dst, RENAME_EXCHANGE)
+                if src_needs_wh:
+                    pass  # the whiteout now at src is exactly what src needs
+                else:
+                    upper.unlink(src)
+            elif src_needs_wh and writer.format is WhiteoutFormat.KERNEL:
+                upper.rename(src, dst, RENAME_WHITEOUT)
+            else:
+                upper.rename(src, dst)
+                if src_needs_wh:
+                    self._replace_with_whiteout(src, is_dir=False)
+            if writer.format is WhiteoutFormat.OCI:
+                writer.remove_whiteout(dst)
+            if src_needs_wh:
+                sparent.upper_whiteout(sname)
+            else:
+                sparent.upper_remove(sname)
+            dparent.upper_set(dname, snode.kind)
+            self.cache.invalidate_subtree(src)
+            self.cache.invalidate_subtree(dst)
+
+    # ================================================================== metadata
+    def chmod(self, path: str, mode: int) -> None:
+        with self.lock:
+            self._node(path)
+            self.copy_up(path)
+            assert self.upper is not None
+            self.upper.chmod(path, stat_mod.S_IMODE(mode))
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        with self.lock:
+            self._node(path)
+            self.copy_up(path)
+            assert self.upper is not None
+            self.upper.chown(path, uid, gid)
+
+    def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
+        """Set times in ns; None means "now" for both (utime(NULL)); UTIME_OMIT / UTIME_NOW are honoured."""
+        with self.lock:
+            self._node(path)
+            self.copy_up(path)
+            assert self.upper is not None
+            st = self.upper.lstat(path)
+            now = time.time_ns()
+
+            def pick(value: int | None, current: int) -> int:
+                if value is None or value == UTIME_NOW:
+                    return now
+                if value == UTIME_OMIT:
+                    return current
+                return value
+
+            self.upper.utime(path, (pick(atime_ns, st.st_atime_ns), pick(mtime_ns, st.st_mtime_ns)))
+
+    def truncate(self, path: str, length: int) -> None:
+        with self.lock:
+            node = self._node(path)
+            if node.is_dir:
+                raise _err(errno.EISDIR, path)
+            self.copy_up(path, data_limit=length)
+            assert self.upper is not None
+            fd = self.upper.open(path, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, length)
+            finally:
+                os.close(fd)
+
+    # ================================================================== files
+    def open(self, path: str, flags: int) -> Handle:
+        """Open ``path``; writing (or O_TRUNC) copies it up first.  Returns a handle owning a descriptor."""
+        write = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        host_flags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY)
+        with self.lock:
+            node = self._node(path)
+            if write:
+                if node.is_dir:
+                    raise _err(errno.EISDIR, path)
+                truncating = bool(flags & os.O_TRUNC)
+                node = self.copy_up(path, data_limit=0 if truncating else None)
+            host = self._host(node)
+            fd = host.open(path, host_flags)
+            try:
+                st = os.fstat(fd)
+                ino = self._upper_ino(path, st) if node.upper else self._ino(node.layer, st.st_ino)
+            except BaseException:
+                os.close(fd)
+                raise
+            return Handle(fd, path, ino, node.upper)
+
+    def read(self, handle: Handle, size: int, offset: int) -> bytes:
+        return os.pread(handle.fd, size, offset)
+
+    def write(self, handle: Handle, data: bytes, offset: int) -> int:
+        return os.pwrite(handle.fd, data, offset)
+
+    def ftruncate(self, handle: Handle, length: int) -> None:
+        os.ftruncate(handle.fd, length)
+
+    def fsync(self, handle: Handle, datasync: bool) -> None:
+        if self.volatile:
+            return
+        (os.fdatasync if datasync else os.fsync)(handle.fd)
+
+    def fallocate(self, handle: Handle, mode: int, offset: int, length: int) -> None:
+        if mode != 0:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        os.posix_fallocate(handle.fd, offset, length)
+
+    def release(self, handle: Handle) -> None:
+        os.close(handle.fd)

@@ -1,0 +1,180 @@
+"""Whiteouts and opaque directories: read every format, write the one chosen at mount.
+
+Formats read (design.md §2):
+
+* whiteout: a character device 0/0 (kernel); a ``.wh.NAME`` file (OCI/AUFS); a zero-size regular file with
+  xattr ``trusted.overlay.whiteout`` / ``user.overlay.whiteout`` inside a directory whose ``overlay.opaque``
+  xattr is ``x`` (the kernel's "xwhiteout" format);
+* opaque directory: xattr ``trusted.overlay.opaque=y``, ``user.overlay.opaque=y``,
+  ``user.fuseoverlayfs.opaque=y``, or a ``.wh..wh..opq`` file inside it.
+
+Formats written: ``kernel`` (char 0/0 + ``trusted.overlay.opaque=y``) or ``oci`` (``.wh.NAME`` +
+``.wh..wh..opq``).  Markers never appear in a listing of the union.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat as stat_mod
+from dataclasses import dataclass, field
+from enum import Enum
+
+from unionfs.fsio import HostDir, join
+
+WH_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+XWHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.", "trusted.unionfs.",
+                          "user.unionfs.")
+"""Overlay-private xattrs: hidden from getxattr/listxattr through the union, never copied up."""
+
+
+class WhiteoutFormat(Enum):
+    KERNEL = "kernel"
+    OCI = "oci"
+
+
+def is_private_xattr(name: str) -> bool:
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def is_kernel_whiteout(st: os.stat_result) -> bool:
+    return stat_mod.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_marker_name(name: str) -> bool:
+    """True for names that are whiteout/opaque markers in the OCI format (never shown)."""
+    return name.startswith(WH_PREFIX)
+
+
+@dataclass(slots=True)
+class LayerDir:
+    """One layer's copy of one directory, as far as the union cares.
+
+    ``entries`` maps visible names to their file type (``S_IFMT`` bits), ``inos`` to their host inode
+    numbers; ``whiteouts`` are names this layer
+    hides in the layers below; ``opaque`` hides every layer below entirely.
+    """
+
+    entries: dict[str, int] = field(default_factory=dict)
+    inos: dict[str, int] = field(default_factory=dict)
+    whiteouts: set[str] = field(default_factory=set)
+    opaque: bool = False
+
+
+def dir_opaque_value(host: HostDir, rel: str) -> bytes | None:
+    """The first overlay opaque xattr of directory ``rel`` that is set (``b"y"``, ``b"x"`` …), else None."""
+    for attr in OPAQUE_XATTRS:
+        value = host.try_getxattr(rel, attr)
+        if value is not None:
+            return value
+    return None
+
+
+def read_layer_dir(host: HostDir, rel: str) -> LayerDir:
+    """Scan directory ``rel`` of a layer: its entries, the whiteouts it holds and whether it is opaque.
+
+    Raises OSError from the host (ENOENT/ENOTDIR where the directory is gone).
+    """
+    out = LayerDir()
+    opaque_value = dir_opaque_value(host, rel)
+    out.opaque = opaque_value == b"y"
+    xwhiteouts = opaque_value == b"x"
+    for name, kind, ino in host.scandir(rel):
+        if name.startswith(WH_PREFIX):
+            if name == OPAQUE_MARKER:
+                out.opaque = True
+            else:
+                out.whiteouts.add(name[len(WH_PREFIX):])
+            continue
+        if kind == 0 or (kind == stat_mod.S_IFREG and xwhiteouts):
+            try:
+                st = host.lstat(join(rel, name))
+            except FileNotFoundError:
+                continue
+            if is_kernel_whiteout(st):
+                out.whiteouts.add(name)
+                continue
+            if xwhiteouts and stat_mod.S_ISREG(st.st_mode) and st.st_size == 0 and any(
+                    host.try_getxattr(join(rel, name), a) is not None for a in XWHITEOUT_XATTRS):
+                out.whiteouts.add(name)
+                continue
+            kind = stat_mod.S_IFMT(st.st_mode)
+        out.entries[name] = kind
+        out.inos[name] = ino
+    return out
+
+
+class WhiteoutWriter:
+    """Writes whiteouts and opaque marks in one format into the upper layer, through the work dir.
+
+    ``work_rel`` is the staging directory (relative to ``work``) that is emptied at mount.
+    """
+
+    def __init__(self, fmt: WhiteoutFormat, upper: HostDir, work: HostDir, work_rel: str) -> None:
+        self.format = fmt
+        self.upper = upper
+        self.work = work
+        self.work_rel = work_rel
+
+    # A kernel whiteout is made in the work dir and renamed into place, so that it appears atomically.
+    def make_whiteout_in_work(self, tmp_name: str) -> str:
+        rel = join(self.work_rel, tmp_name)
+        if self.format is WhiteoutFormat.KERNEL:
+            self.work.mknod(rel, stat_mod.S_IFCHR | 0o000, 0)
+        else:
+            fd = self.work.open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o000)
+            os.close(fd)
+        return rel
+
+    def whiteout_rel(self, rel: str) -> str:
+        """Where the whiteout for upper path ``rel`` lives in this format."""
+        if self.format is WhiteoutFormat.KERNEL:
+            return rel
+        parent, _, name = rel.rpartition("/")
+        return join(parent, WH_PREFIX + name)
+
+    def mark_opaque(self, host: HostDir, rel: str) -> None:
+        """Make directory ``rel`` of ``host`` (upper or work) opaque."""
+        if self.format is WhiteoutFormat.KERNEL:
+            host.setxattr(rel, "trusted.overlay.opaque", b"y")
+        else:
+            fd = host.open(join(rel, OPAQUE_MARKER), os.O_WRONLY | os.O_CREAT, 0o000)
+            os.close(fd)
+
+    def remove_whiteout(self, rel: str) -> bool:
+        """Remove the whiteout of ``rel`` in the upper in every format; True if one was there."""
+        removed = False
+        parent, _, name = rel.rpartition("/")
+        for candidate in (rel, join(parent, WH_PREFIX + name)):
+            try:
+                st = self.upper.lstat(candidate)
+            except OSError:
+                continue
+            if candidate == rel and not (is_kernel_whiteout(st) or (
+                    stat_mod.S_ISREG(st.st_mode) and st.st_size == 0
+                    and any(self.upper.try_getxattr(rel, a) is not None for a in XWHITEOUT_XATTRS))):
+                continue
+            self.upper.unlink(candidate)
+            removed = True
+        return removed
+
+
+def probe_kernel_format(work: HostDir, work_rel: str) -> bool:
+    """Can this daemon write kernel whiteouts here (mknod 0/0 and ``trusted.*`` xattrs in the work dir)?"""
+    rel = join(work_rel, ".unionfs-probe")
+    try:
+        work.mknod(rel, stat_mod.S_IFCHR, 0)
+    except OSError:
+        return False
+    try:
+        work.setxattr(rel, "trusted.overlay.probe", b"y")
+    except OSError as exc:
+        return exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES)
+    finally:
+        with contextlib.suppress(OSError):
+            work.unlink(rel)
+    return True
