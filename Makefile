@@ -1,0 +1,50 @@
+# unionfs — the targets people expect.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := fuse3 libfuse3-3 libfuse2 fuse-overlayfs attr strace kmod
+HYPOTHESIS_PROFILE ?= ci
+export HYPOTHESIS_PROFILE
+
+.PHONY: install install-apt test test-one lint demo fuzz bench bench-quick clean
+
+install: install-apt $(VENV)/.installed
+
+install-apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(BIN)/pytest -q -p no:cacheprovider tests
+
+test-one: install
+	$(BIN)/pytest -q -p no:cacheprovider $(T)
+
+lint: install
+	$(BIN)/ruff check unionfs mountd tests benchmarks
+	$(BIN)/mypy
+
+demo: install
+	$(BIN)/python -m unionfs.demo
+
+fuzz: install
+	HYPOTHESIS_PROFILE=dev $(BIN)/pytest -q -p no:cacheprovider tests/differential -k state_machine
+
+bench: install
+	$(BIN)/python -m benchmarks.run --full
+
+bench-quick: install
+	$(BIN)/python -m benchmarks.run --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info
