@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -48,3 +50,21 @@ class UnionFUSE(FUSE):  # type: ignore[misc]
         fh = fip.contents.fh if fip else None
         decoded = None if path is None else path.decode(self.encoding, self.errors)
         return int(self.operations.truncate(decoded, length, fh) or 0)
+
+
+def kernel_invalidator() -> Callable[[str], None] | None:
+    """A function that tells the kernel to drop its cached attributes and data of a path (libfuse3's
+    ``fuse_invalidate_path``), bound to the running session; call it from inside a FUSE callback (``init``).
+    None where the library has no such call (libfuse2)."""
+    lib = getattr(_module, "_libfuse", None)
+    if lib is None or not hasattr(lib, "fuse_invalidate_path"):
+        return None
+    fuse_ptr = ctypes.c_void_p(lib.fuse_get_context().contents.fuse)
+    func = lib.fuse_invalidate_path
+    func.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    func.restype = ctypes.c_int
+
+    def invalidate(path: str) -> None:
+        func(fuse_ptr, os.fsencode(path))
+
+    return invalidate

@@ -9,10 +9,12 @@ import errno
 import functools
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from mountd.binding import Operations, fuse_get_context
+from mountd.binding import Operations, fuse_get_context, kernel_invalidator
 from unionfs.union import Handle, UnionFS
 
 log = logging.getLogger("unionfs")
@@ -48,16 +50,35 @@ class UnionOperations(Operations):  # type: ignore[misc]
         self.fs = fs
         self.on_ready = on_ready
         self.handles: dict[int, Handle] = {}
+        self._invalidations: queue.SimpleQueue[str | None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def init(self, path: str) -> None:
+        invalidate = kernel_invalidator()
+        if invalidate is not None:
+            self._start_invalidator(invalidate)
         if self.on_ready is not None:
             self.on_ready()
 
     def destroy(self, path: str) -> None:
+        if self._invalidations is not None:
+            self._invalidations.put(None)
         for handle in list(self.handles.values()):
             self.fs.release(handle)
         self.handles.clear()
+
+    def _start_invalidator(self, invalidate: Callable[[str], None]) -> None:
+        """Kernel cache invalidations (other names of a hard-linked file) are sent from their own thread,
+        after the request that caused them, so that no request ever waits on one."""
+        pending: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+        def run() -> None:
+            while (rel := pending.get()) is not None:
+                invalidate("/" + rel)
+
+        threading.Thread(target=run, name="unionfs-invalidate", daemon=True).start()
+        self._invalidations = pending
+        self.fs.invalidate = pending.put
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _handle(self, fh: int) -> Handle:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = shutil.which("unionfs-mount") or str(Path(sys.executable).parent / "unionfs-mount")
     try:
         _say(f"building a 3-layer image in {root}")
-        lowers = []
+        lowers: list[str] = []
         for name, files in LAYERS.items():
             layer = root / "layers" / name
             for rel, content in files.items():

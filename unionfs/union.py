@@ -72,6 +72,10 @@ class UnionFS:
         self.origin_xattr = "trusted.unionfs.origin"
         self.layer_fs = self._layer_fs_ids()
         self.counters: dict[str, int] = {}
+        self.invalidate: Callable[[str], None] = lambda path: None
+        """Told the union path of every *other* name whose cached attributes/data an operation made stale
+        (names of a hard-linked upper file).  The FUSE adapter forwards these to the kernel."""
+        self._links: dict[tuple[int, int], set[str]] = {}
         if self.upper is not None and self.work is not None:
             copyup.clean_workdir(self.work, WORK_SUBDIR)
             if whiteout not in ("auto", "kernel", "oci"):
@@ -135,6 +139,28 @@ class UnionFS:
                 pass
         return self._ino(0, st.st_ino)
 
+    def _note_links(self, path: str, st: os.stat_result) -> None:
+        """Remember the names seen of an upper non-directory with several links."""
+        if st.st_nlink > 1 and not stat_mod.S_ISDIR(st.st_mode):
+            self._links.setdefault((st.st_dev, st.st_ino), set()).add(path)
+
+    def _touch_links(self, path: str, st: os.stat_result | None = None) -> None:
+        """After ``path`` changed: tell :attr:`invalidate` about the other known names of the same inode."""
+        if st is None:
+            if self.upper is None:
+                return
+            st = self.upper.try_lstat(path)
+            if st is None:
+                return
+        names = self._links.get((st.st_dev, st.st_ino))
+        if not names:
+            return
+        for other in list(names):
+            if other != path:
+                self.invalidate(other)
+        if st.st_nlink <= 1:
+            names.clear()
+
     def _host(self, node: Node) -> HostDir:
         return self.resolver.hosts[node.layer]
 
@@ -154,6 +180,7 @@ class UnionFS:
             if node.upper:
                 assert self.upper is not None
                 st = self.upper.lstat(path)
+                self._note_links(path, st)
                 attrs = self._attrs(st, self._upper_ino(path, st))
                 if node.is_dir and node.chain:
                     attrs["st_nlink"] = 1
@@ -461,6 +488,10 @@ class UnionFS:
 
             self._place_new(dst, parent, build, node.kind)
             self.cache.drop_attrs(src)
+            st = upper.lstat(dst)
+            self._note_links(src, st)
+            self._note_links(dst, st)
+            self._touch_links(dst, st)
 
     # ================================================================== removing
     def unlink(self, path: str) -> None:
@@ -471,6 +502,7 @@ class UnionFS:
                 raise _err(errno.EISDIR, path)
             parent_path, name = split(path)
             parent = self._ensure_upper_dir(parent_path)
+            old = self.upper.try_lstat(path) if node.upper and self.upper else None
             if self._lower_has(parent, name):
                 self._replace_with_whiteout(path, is_dir=False)
                 parent.upper_whiteout(name)
@@ -478,6 +510,9 @@ class UnionFS:
                 self._remove_upper(path, is_dir=False)
                 parent.upper_remove(name)
             self.cache.drop_attrs(path)
+            if old is not None and old.st_nlink > 1:
+                self._links.get((old.st_dev, old.st_ino), set()).discard(path)
+                self._touch_links(path, old)
 
     def rmdir(self, path: str) -> None:
         with self.lock:
@@ -577,6 +612,7 @@ class UnionFS:
             self.copy_up(path)
             assert self.upper is not None
             self.upper.chmod(path, stat_mod.S_IMODE(mode))
+            self._touch_links(path)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         with self.lock:
@@ -584,6 +620,7 @@ class UnionFS:
             self.copy_up(path)
             assert self.upper is not None
             self.upper.chown(path, uid, gid)
+            self._touch_links(path)
 
     def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
         """Set times in ns; None means "now" for both (utime(NULL)); UTIME_OMIT / UTIME_NOW are honoured."""
@@ -602,6 +639,7 @@ class UnionFS:
                 return value
 
             self.upper.utime(path, (pick(atime_ns, st.st_atime_ns), pick(mtime_ns, st.st_mtime_ns)))
+            self._touch_links(path, st)
 
     def truncate(self, path: str, length: int) -> None:
         with self.lock:
@@ -615,6 +653,7 @@ class UnionFS:
                 os.ftruncate(fd, length)
             finally:
                 os.close(fd)
+            self._touch_links(path)
 
     # ================================================================== files
     def open(self, path: str, flags: int) -> Handle:
@@ -658,4 +697,12 @@ class UnionFS:
         os.posix_fallocate(handle.fd, offset, length)
 
     def release(self, handle: Handle) -> None:
-        os.close(handle.fd)
+        """Close the handle; a file written through one name has its other names' kernel caches dropped."""
+        try:
+            if handle.upper and self._links:
+                st = os.fstat(handle.fd)
+                if st.st_nlink > 1:
+                    with self.lock:
+                        self._touch_links(handle.path, st)
+        finally:
+            os.close(handle.fd)
