@@ -1,0 +1,1 @@
+"""Test support: layer trees, real mounts, snapshots and the differential harness."""

@@ -1,0 +1,309 @@
+"""Real overlay mounts for tests: the program under test (FUSE) and the kernel's overlayfs.
+
+Both context managers wait until ``/proc/self/mountinfo`` shows the mount with the expected filesystem
+type, yield the mountpoint, and ALWAYS unmount on the way out (also when the body raises): a plain
+``umount`` first (retried while busy), then ``umount -l``, then they wait until the mount is gone from
+mountinfo and, for FUSE, until the daemon process has exited.
+
+The program under test is ``$UNIONFS_MOUNT_PROG`` (default: ``unionfs-mount`` next to the running
+interpreter, i.e. the project's venv). It must accept fuse-overlayfs's command line
+``PROG -o lowerdir=L1:L2,upperdir=U,workdir=W[,opts] MOUNTPOINT`` and return 0 once the mount is ready.
+The special value ``kernel`` makes the kernel's overlayfs play the program under test, which checks
+that the differential harness itself is deterministic (every scenario must then pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MOUNT_PROG_ENV = "UNIONFS_MOUNT_PROG"
+KERNEL_AS_PROGRAM = "kernel"
+
+KERNEL_OPTIONS: tuple[str, ...] = ("redirect_dir=off", "index=off", "metacopy=off", "xino=off")
+"""Pinned so the oracle does not depend on the kernel's build-time defaults (these are Debian's)."""
+
+MOUNT_TIMEOUT = 20.0
+UNMOUNT_TIMEOUT = 10.0
+
+
+class MountError(RuntimeError):
+    """A mount could not be made or removed; the message carries the program's output."""
+
+
+def mount_program() -> str:
+    """The program under test: ``$UNIONFS_MOUNT_PROG`` or the venv's ``unionfs-mount``."""
+    prog = os.environ.get(MOUNT_PROG_ENV)
+    if prog:
+        return prog
+    return str(Path(sys.prefix) / "bin" / "unionfs-mount")
+
+
+def program_is_kernel() -> bool:
+    """True when the kernel's overlayfs stands in for the program under test (harness self-check)."""
+    return mount_program() == KERNEL_AS_PROGRAM
+
+
+# --- mountinfo -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of ``/proc/self/mountinfo``."""
+
+    mount_id: int
+    mountpoint: str
+    fstype: str
+    source: str
+    super_options: str
+
+
+def _unescape(field: str) -> str:
+    r"""mountinfo escapes space, tab, newline and backslash as ``\ooo``."""
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> list[MountInfo]:
+    """All mounts of this process's mount namespace, in mountinfo order (later = on top)."""
+    result = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            lf, rf = left.split(" "), right.split(" ")
+            result.append(MountInfo(mount_id=int(lf[0]), mountpoint=_unescape(lf[4]), fstype=rf[0],
+                                    source=_unescape(rf[1]), super_options=rf[2] if len(rf) > 2 else ""))
+    return result
+
+
+def find_mount(mnt: Path) -> MountInfo | None:
+    """The topmost mount at ``mnt`` (an absolute path), or None."""
+    found = [m for m in mounts() if m.mountpoint == str(mnt)]
+    return found[-1] if found else None
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+# --- processes -------------------------------------------------------------------------------------------
+
+def _pids_with_arg(arg: str) -> set[int]:
+    """Processes (other than us) with ``arg`` as one of their command-line arguments."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if os.fsencode(arg) in args:
+            pids.add(int(entry))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"
+
+
+# --- unmounting ------------------------------------------------------------------------------------------
+
+_ACTIVE: dict[str, set[int]] = {}
+"""Mountpoints this module has mounted and not yet unmounted, with their daemon pids."""
+
+
+def _read_log(log: Path | None) -> str:
+    if log is None:
+        return ""
+    try:
+        return log.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def unmount(mnt: Path, *, daemon_pids: Collection[int] = (), log: Path | None = None,
+            timeout: float = UNMOUNT_TIMEOUT) -> None:
+    """Unmount ``mnt`` and wait until it is gone from mountinfo and ``daemon_pids`` have exited.
+
+    Tries ``umount`` (retrying while EBUSY for up to a second), then ``umount -l``. A daemon that does
+    not exit within ``timeout`` after the unmount is killed, and MountError is raised: exiting on umount
+    is part of the mount program's contract.
+    """
+    errors: list[str] = []
+    deadline = time.monotonic() + 1.0
+    while find_mount(mnt) is not None:
+        proc = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            break
+        errors.append(proc.stderr.strip())
+        if time.monotonic() > deadline:
+            warnings.warn(f"umount {mnt} failed ({errors[-1]}); falling back to umount -l", stacklevel=2)
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+            break
+        time.sleep(0.05)
+    if not _wait(lambda: find_mount(mnt) is None, timeout):
+        raise MountError(f"{mnt} is still mounted after umount and umount -l: {errors}")
+    _ACTIVE.pop(str(mnt), None)
+    if not _wait(lambda: not any(_alive(p) for p in daemon_pids), timeout):
+        survivors = [p for p in daemon_pids if _alive(p)]
+        for pid in survivors:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        raise MountError(f"daemon {survivors} for {mnt} did not exit after umount; killed it.\n"
+                         f"{_read_log(log)}")
+
+
+def unmount_leftovers() -> list[str]:
+    """Unmount whatever this module mounted and did not unmount (a safety net); return those paths."""
+    left = list(_ACTIVE)
+    for mnt in reversed(left):
+        with contextlib.suppress(MountError):
+            unmount(Path(mnt), daemon_pids=_ACTIVE.get(mnt, set()))
+    return left
+
+
+# --- mounting --------------------------------------------------------------------------------------------
+
+def _check_paths(paths: Sequence[Path]) -> None:
+    for p in paths:
+        if not p.is_absolute():
+            raise ValueError(f"{p}: layer paths must be absolute")
+        if any(c in str(p) for c in ",:\\\n"):
+            raise ValueError(f"{p}: overlay option strings cannot carry ',' ':' or '\\' here")
+
+
+def _overlay_options(lowers: Sequence[Path], upper: Path | None, work: Path | None) -> list[str]:
+    if not lowers:
+        raise ValueError("at least one lower layer is needed")
+    if (upper is None) != (work is None):
+        raise ValueError("upper and work go together")
+    _check_paths([*lowers, *([upper, work] if upper and work else [])])
+    opts = ["lowerdir=" + ":".join(str(p) for p in lowers)]
+    if upper is not None and work is not None:
+        opts += [f"upperdir={upper}", f"workdir={work}"]
+    return opts
+
+
+def _prepare_mountpoint(mnt: Path) -> Path:
+    mnt = mnt.absolute()
+    if find_mount(mnt) is not None:
+        raise MountError(f"{mnt} is already a mountpoint")
+    if not mnt.is_dir():
+        raise MountError(f"{mnt} is not a directory")
+    return mnt
+
+
+@contextlib.contextmanager
+def unionfs_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None, mnt: Path,
+                  options: Sequence[str] = (), *, program: str | None = None) -> Iterator[Path]:
+    """Mount the program under test; yield the mountpoint; always unmount.
+
+    ``lowers[0]`` is the top lower layer. Without ``upper`` (and ``work``) the mount is read-only.
+    ``options`` are appended to ``-o`` (e.g. ``"whiteout=oci"``). Raises MountError with the program's
+    stderr when it exits non-zero, hangs, or returns without a FUSE mount appearing.
+    """
+    program = program or mount_program()
+    if program == KERNEL_AS_PROGRAM:
+        with kernel_overlay_mount(lowers, upper, work, mnt, options) as root:
+            yield root
+        return
+    mnt = _prepare_mountpoint(mnt)
+    opts = ",".join([*_overlay_options(lowers, upper, work), *options])
+    argv = [program, "-o", opts, str(mnt)]
+    # The output goes to a file, not a pipe: a daemon that keeps the inherited stderr open must not
+    # make us wait for EOF, and whatever it logs later is still there to show on failure.
+    log = Path(tempfile.mkstemp(prefix="unionfs-mount-", suffix=".log")[1])
+    pids: set[int] = set()
+    try:
+        with open(log, "wb") as out:
+            try:
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                      timeout=MOUNT_TIMEOUT, check=False)
+            except subprocess.TimeoutExpired:
+                proc = None
+        if proc is None or proc.returncode != 0:
+            with contextlib.suppress(MountError):
+                unmount(mnt, daemon_pids=_pids_with_arg(str(mnt)))
+            what = "did not return" if proc is None else f"exited {proc.returncode}"
+            raise MountError(f"{' '.join(argv)} {what}:\n{_read_log(log)}")
+        if not _wait(lambda: (m := find_mount(mnt)) is not None and m.fstype.startswith("fuse"),
+                     MOUNT_TIMEOUT):
+            found = find_mount(mnt)
+            raise MountError(f"{' '.join(argv)} returned 0 but no FUSE mount appeared at {mnt} "
+                             f"(found {found}):\n{_read_log(log)}")
+        pids = _pids_with_arg(str(mnt))
+        _ACTIVE[str(mnt)] = pids
+        try:
+            yield mnt
+        finally:
+            unmount(mnt, daemon_pids=pids, log=log)
+    finally:
+        log.unlink(missing_ok=True)
+
+
+def _dmesg_tail() -> str:
+    proc = subprocess.run(["dmesg"], capture_output=True, text=True, check=False)
+    return "\n".join(line for line in proc.stdout.splitlines()[-20:] if "overlay" in line)
+
+
+@contextlib.contextmanager
+def kernel_overlay_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None, mnt: Path,
+                         options: Sequence[str] = ()) -> Iterator[Path]:
+    """Mount the kernel's overlayfs (``KERNEL_OPTIONS`` pinned); yield the mountpoint; always unmount.
+
+    ``lowers[0]`` is the top lower layer; without ``upper`` the mount is read-only. The kernel wants at
+    least two lowers for a read-only mount, so a single lower gets an empty layer added below it (which
+    changes nothing visible).
+    """
+    mnt = _prepare_mountpoint(mnt)
+    extra: Path | None = None
+    lowers = list(lowers)
+    try:
+        if upper is None and len(lowers) == 1:
+            extra = Path(tempfile.mkdtemp(prefix="empty-lower-"))
+            lowers.append(extra)
+        opts = ",".join([*_overlay_options(lowers, upper, work), *KERNEL_OPTIONS, *options])
+        argv = ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise MountError(f"{' '.join(argv)} failed: {proc.stderr.strip()}\n{_dmesg_tail()}")
+        if not _wait(lambda: (m := find_mount(mnt)) is not None and m.fstype == "overlay", MOUNT_TIMEOUT):
+            raise MountError(f"overlay mount at {mnt} did not appear in mountinfo")
+        _ACTIVE[str(mnt)] = set()
+        try:
+            yield mnt
+        finally:
+            unmount(mnt)
+    finally:
+        if extra is not None:
+            extra.rmdir()
