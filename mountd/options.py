@@ -1,0 +1,691 @@
+"""The fuse-overlayfs command line, parsed once into a frozen :class:`MountConfig`.
+
+``PROG [SOURCE] MOUNTPOINT -o OPTS [-o MORE] [-f] [-d] [-s] [-V|--version] [-h|--help]``
+
+Options may come before or after the positional arguments; several ``-o`` merge, and a later value of the
+same option wins (as with libfuse).  Inside an ``-o`` list a backslash escapes the next character, so ``\\,``
+is a comma inside a value and, in ``lowerdir=``, ``\\:`` is a colon inside one directory name.
+
+Every option is in exactly one table below: union options, FUSE options passed through to libfuse, mount
+flags applied to the mount, options accepted and ignored, and options refused as unsupported.  Anything else
+is an :class:`OptionError`.  The FUSE defaults the daemon adds live in :data:`FUSE_DEFAULTS` and
+:data:`ROOT_FUSE_DEFAULTS` only; :func:`fuse_kwargs` turns a config into the keyword arguments of
+``FUSE(ops, mountpoint, **kwargs)``.
+
+This module never touches the filesystem and never imports FUSE: it is pure parsing, testable as such.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final, Literal, TypeAlias
+
+FuseValue: TypeAlias = bool | int | float | str
+"""A FUSE option value: ``True`` for a flag, else the value of ``name=value``."""
+
+Whiteout: TypeAlias = Literal["auto", "kernel", "oci"]
+WHITEOUT_FORMATS: Final[tuple[Whiteout, ...]] = ("auto", "kernel", "oci")
+
+MAX_ID: Final = 2**32 - 2
+"""The largest uid/gid (``(uid_t) -1`` is reserved)."""
+
+
+class OptionError(ValueError):
+    """A command line that cannot be accepted; ``str()`` is one line meant for the user."""
+
+
+class Request(enum.Enum):
+    """What the command line asks for when it is not a mount."""
+
+    HELP = "help"
+    VERSION = "version"
+
+
+# -- the option tables (the ONE place that knows every option) ----------------------------------------------
+
+FUSE_DEFAULTS: Final[Mapping[str, FuseValue]] = MappingProxyType({
+    "subtype": "unionfs",
+    "use_ino": True,
+    # Lower layers never change and upper changes go through the daemon, whose replies keep the kernel
+    # informed: long kernel-side caching makes repeat lookups and stats never reach Python (design.md §3).
+    "attr_timeout": 3600,
+    "entry_timeout": 3600,
+    "negative_timeout": 3600,
+    "kernel_cache": True,
+})
+"""FUSE options the daemon sets unless the user gives the same option (``-o NAME=0`` switches a flag off).
+``fsname`` defaults to the SOURCE argument, else ``unionfs``."""
+
+ROOT_FUSE_DEFAULTS: Final[Mapping[str, FuseValue]] = MappingProxyType({
+    "allow_other": True,
+    "default_permissions": True,
+    "dev": True,
+    "suid": True,
+})
+"""Added when the daemon runs as root: every user sees the mount and the kernel checks permissions for each
+caller (as with the kernel's overlayfs); device files and set-id bits work as they do on the layers."""
+
+DEFAULT_FSNAME: Final = "unionfs"
+
+_FUSE_FLAGS: Final[Mapping[str, frozenset[int]]] = MappingProxyType({
+    # flag -> libfuse major versions that accept it
+    **dict.fromkeys(("allow_other", "allow_root", "default_permissions", "kernel_cache", "auto_cache",
+                     "noauto_cache", "use_ino", "readdir_ino", "direct_io", "hard_remove", "noforget",
+                     "auto_unmount"), frozenset({2, 3})),
+    **dict.fromkeys(("big_writes", "async_read", "sync_read", "atomic_o_trunc"), frozenset({2})),
+    "clone_fd": frozenset({3}),
+})
+"""FUSE flags passed through to libfuse (dropped, with a log line, where the loaded libfuse lacks them)."""
+
+_FUSE_VALUES: Final[Mapping[str, tuple[Callable[[str], FuseValue], frozenset[int]]]] = MappingProxyType({
+    # name -> (value parser, libfuse major versions that accept it)
+    "fsname": (lambda v: _text("fsname", v), frozenset({2, 3})),
+    "subtype": (lambda v: _text("subtype", v), frozenset({2, 3})),
+    "attr_timeout": (lambda v: _seconds("attr_timeout", v), frozenset({2, 3})),
+    "entry_timeout": (lambda v: _seconds("entry_timeout", v), frozenset({2, 3})),
+    "negative_timeout": (lambda v: _seconds("negative_timeout", v), frozenset({2, 3})),
+    "ac_attr_timeout": (lambda v: _seconds("ac_attr_timeout", v), frozenset({2, 3})),
+    "remember": (lambda v: _count("remember", v, minimum=-1), frozenset({2, 3})),
+    # libfuse 3's high-level API refuses max_read unless init() agrees; libfuse 3 sizes requests itself.
+    "max_read": (lambda v: _count("max_read", v), frozenset({2})),
+    "max_write": (lambda v: _count("max_write", v), frozenset({2})),
+    "max_readahead": (lambda v: _count("max_readahead", v), frozenset({2})),
+    "max_threads": (lambda v: _count("max_threads", v), frozenset({3})),
+    "max_idle_threads": (lambda v: _count("max_idle_threads", v, minimum=-1), frozenset({3})),
+})
+"""FUSE ``name=value`` options passed through to libfuse."""
+
+_MOUNT_FLAGS: Final[Mapping[str, str]] = MappingProxyType({
+    "dev": "nodev", "nodev": "dev", "suid": "nosuid", "nosuid": "suid", "exec": "noexec", "noexec": "exec",
+    "sync": "async", "async": "sync", "dirsync": "", "noatime": "",
+})
+"""Mount flags libfuse applies to the mount -> the flag each one cancels."""
+
+_ROOT_ONLY_FLAGS: Final = ("dev", "suid")
+
+_OPPOSITES: Final[Mapping[str, str]] = MappingProxyType({
+    **{k: v for k, v in _MOUNT_FLAGS.items() if v},
+    "allow_other": "allow_root", "allow_root": "allow_other",
+    "auto_cache": "noauto_cache", "noauto_cache": "auto_cache",
+})
+
+IGNORED_FLAGS: Final = frozenset({
+    # kernel-overlayfs and fuse-overlayfs options with nothing to do here
+    "userxattr", "noacl", "static_nlink",
+    # atime variants libfuse does not take (the daemon does not update atime through the union)
+    "relatime", "norelatime", "strictatime", "nostrictatime", "nodiratime", "diratime", "lazytime",
+    "nolazytime",
+    # fstab/mount(8) bookkeeping
+    "defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser", "users",
+})
+"""Flags accepted and ignored."""
+
+IGNORED_KEYS: Final = frozenset({
+    "context", "fscontext", "defcontext", "rootcontext",     # SELinux labels
+    "redirect_dir", "index", "metacopy", "xino", "nfs_export", "uuid", "verity",  # kernel overlayfs
+    "fast_ino", "writeback",                                 # fuse-overlayfs tuning
+    "comment",
+})
+"""``name=value`` options accepted and ignored (any value)."""
+
+IGNORED_PREFIXES: Final = ("x-",)
+
+UNSUPPORTED_KEYS: Final[Mapping[str, str]] = MappingProxyType({
+    "plugins": "fuse-overlayfs plugins are not supported",
+    "xattr_permissions": "xattr_permissions is not supported",
+    "noxattrs": "noxattrs is not supported",
+    "umask": "umask= would change the modes of files: not supported",
+    "uid": "uid= would change the owners of files: use uidmapping= or squash_to_uid=",
+    "gid": "gid= would change the owners of files: use gidmapping= or squash_to_gid=",
+    "blksize": "blksize= is only for block-device FUSE mounts",
+})
+
+
+# -- the config ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IdMapping:
+    """One range of a ``uidmapping=``/``gidmapping=`` option (fuse-overlayfs syntax ``CONTAINERID:HOSTID:SIZE``).
+
+    The layers store ``container_id + i``; the mount shows ``host_id + i``, for ``0 <= i < size``.
+    """
+
+    container_id: int
+    host_id: int
+    size: int
+
+    def to_host(self, stored: int) -> int | None:
+        """The id the mount shows for ``stored`` (an id in the layers), or ``None`` outside this range."""
+        offset = stored - self.container_id
+        return self.host_id + offset if 0 <= offset < self.size else None
+
+    def to_container(self, shown: int) -> int | None:
+        """The id stored in the layers for ``shown`` (an id of a caller), or ``None`` outside this range."""
+        offset = shown - self.host_id
+        return self.container_id + offset if 0 <= offset < self.size else None
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """Everything a mount needs, validated.  Paths are absolute (made so against the caller's cwd) but not
+    resolved: symlinks are followed by :meth:`unionfs.layers.LayerStack.open`, which also checks them.
+
+    ``lowers`` is top-down (``lowerdir=A:B`` gives ``("A", "B")``).  ``upper`` and ``work`` are both set or both
+    ``None``.  ``read_only`` is true without an upper dir or with ``-o ro``.  ``fuse_options`` holds the FUSE
+    options and mount flags the user gave, in order, each name once (``False`` switches off a default flag);
+    :func:`fuse_kwargs` merges them with the defaults.  ``ignored`` lists the options accepted and ignored.
+    """
+
+    mountpoint: str
+    lowers: tuple[str, ...]
+    upper: str | None = None
+    work: str | None = None
+    source: str | None = None
+    foreground: bool = False
+    debug: bool = False
+    single_threaded: bool = False
+    read_only: bool = False
+    volatile: bool = False
+    whiteout: Whiteout = "auto"
+    uid_mappings: tuple[IdMapping, ...] = ()
+    gid_mappings: tuple[IdMapping, ...] = ()
+    squash_to_root: bool = False
+    squash_to_uid: int | None = None
+    squash_to_gid: int | None = None
+    fuse_options: tuple[tuple[str, FuseValue], ...] = ()
+    ignored: tuple[str, ...] = ()
+
+    @property
+    def maps_ids(self) -> bool:
+        """True when owners are mapped or squashed (the core has to translate uids and gids)."""
+        return bool(self.uid_mappings or self.gid_mappings or self.squash_to_root
+                    or self.squash_to_uid is not None or self.squash_to_gid is not None)
+
+
+def fuse_kwargs(config: MountConfig, *, libfuse_major: int, euid: int | None = None,
+                defaults: Mapping[str, FuseValue] = FUSE_DEFAULTS) -> dict[str, FuseValue]:
+    """The keyword arguments for ``FUSE(ops, config.mountpoint, **kwargs)``.
+
+    The daemon always runs libfuse in the foreground (it daemonizes itself first), so ``foreground`` is
+    always true.  Order: ``defaults`` (benchmarks may pass their own), the root defaults when ``euid`` (default:
+    the current one) is 0, then the user's options, which win; a user option cancels its opposite
+    (``nodev`` cancels the default ``dev``, ``allow_root`` the default ``allow_other``) and ``NAME=0`` removes
+    a flag.  ``dev`` and ``suid`` are dropped for an unprivileged daemon.  Options the loaded libfuse
+    (``libfuse_major``) does not know are left out (see :func:`unsupported_fuse_options`).
+    """
+    opts: dict[str, FuseValue] = {"foreground": True, "fsname": config.source or DEFAULT_FSNAME}
+    opts.update(defaults)
+    root = (os.geteuid() if euid is None else euid) == 0
+    if root:
+        opts.update(ROOT_FUSE_DEFAULTS)
+    for name, value in config.fuse_options:
+        _set_fuse_option(opts, name, value)
+    if not root:
+        for name in _ROOT_ONLY_FLAGS:  # fusermount refuses them for unprivileged users; mount.fuse passes them
+            opts.pop(name, None)
+    if config.read_only:
+        _set_fuse_option(opts, "ro", True)
+    if config.single_threaded:
+        opts["nothreads"] = True
+    if config.debug:
+        opts["debug"] = True
+    return {name: _escape(value) for name, value in opts.items()
+            if value is not False and libfuse_major in _versions(name)}
+
+
+def unsupported_fuse_options(config: MountConfig, *, libfuse_major: int) -> list[str]:
+    """The user's FUSE options the loaded libfuse does not know (they are left out of :func:`fuse_kwargs`)."""
+    return [name for name, value in config.fuse_options
+            if value is not False and libfuse_major not in _versions(name)]
+
+
+def _versions(name: str) -> frozenset[int]:
+    if name in _FUSE_FLAGS:
+        return _FUSE_FLAGS[name]
+    if name in _FUSE_VALUES:
+        return _FUSE_VALUES[name][1]
+    return frozenset({2, 3})  # mount flags, ro, foreground, nothreads, debug
+
+
+def _set_fuse_option(opts: dict[str, FuseValue], name: str, value: FuseValue) -> None:
+    opposite = _OPPOSITES.get(name)
+    if opposite and value is not False:
+        opts.pop(opposite, None)
+    opts[name] = value
+
+
+def _escape(value: FuseValue) -> FuseValue:
+    """libfuse splits ``-o`` at commas and drops backslashes: escape both in text values."""
+    if isinstance(value, str):
+        return value.replace("\\", "\\\\").replace(",", "\\,")
+    return value
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+@dataclass
+class _State:
+    """The mutable state of one parse; frozen into a :class:`MountConfig` at the end."""
+
+    positionals: list[str] = field(default_factory=list)
+    foreground: bool = False
+    debug: bool = False
+    single_threaded: bool = False
+    lowers: tuple[str, ...] = ()
+    upper: str | None = None
+    work: str | None = None
+    ro: bool = False
+    volatile: bool = False
+    whiteout: Whiteout = "auto"
+    uid_mappings: tuple[IdMapping, ...] = ()
+    gid_mappings: tuple[IdMapping, ...] = ()
+    squash_to_root: bool = False
+    squash_to_uid: int | None = None
+    squash_to_gid: int | None = None
+    fuse: dict[str, FuseValue] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+
+def parse_argv(argv: Sequence[str], *, cwd: str | None = None) -> MountConfig | Request:
+    """Parse the arguments after the program name.  Raises :class:`OptionError` on bad input.
+
+    Returns :attr:`Request.HELP` or :attr:`Request.VERSION` when ``-h``/``-V`` appear anywhere (help wins),
+    else the config.  Relative paths are made absolute against ``cwd`` (default: the current directory).
+    """
+    state = _State()
+    requests: set[Request] = set()
+    for kind, value in _tokens(argv):
+        if kind == "request":
+            requests.add(Request(value))
+        elif kind == "flag":
+            _apply_flag(state, value)
+        elif kind == "opts":
+            for option in split_options(value):
+                _apply_option(state, option)
+        else:
+            state.positionals.append(value)
+    if Request.HELP in requests:
+        return Request.HELP
+    if Request.VERSION in requests:
+        return Request.VERSION
+    return _freeze(state, cwd if cwd is not None else os.getcwd())
+
+
+def _tokens(argv: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """Classify argv: ("request", help|version), ("flag", -f|-d|-s), ("opts", OPTS), ("positional", ARG)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            yield from (("positional", rest) for rest in args)
+        elif arg in ("-h", "--help"):
+            yield "request", "help"
+        elif arg in ("-V", "--version"):
+            yield "request", "version"
+        elif arg in ("-f", "-d", "-s"):
+            yield "flag", arg
+        elif arg == "-o":
+            value = next(args, None)
+            if value is None:
+                raise OptionError("option -o needs a value")
+            yield "opts", value
+        elif arg.startswith("-o"):
+            yield "opts", arg[2:]
+        elif arg.startswith("--options="):
+            yield "opts", arg.split("=", 1)[1]
+        elif arg.startswith("-") and arg != "-":
+            raise OptionError(f"unknown option '{arg}'")
+        else:
+            yield "positional", arg
+
+
+def _apply_flag(state: _State, flag: str) -> None:
+    if flag == "-f":
+        state.foreground = True
+    elif flag == "-d":
+        state.debug = True  # libfuse's -d implies -f; so does ours
+        state.foreground = True
+    else:
+        state.single_threaded = True
+
+
+def split_options(text: str) -> list[str]:
+    """Split one ``-o`` argument at commas not escaped by a backslash; other escapes stay for later."""
+    return [part for part in _split_unescaped(text, ",") if part]
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(text)
+    for char in chars:
+        if char == "\\":
+            following = next(chars, "")
+            current.append(following if following == sep and sep == "," else char + following)
+        elif char == sep:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def unescape(text: str) -> str:
+    """Drop each escaping backslash: ``a\\:b`` -> ``a:b``, ``a\\\\b`` -> ``a\\b``."""
+    out: list[str] = []
+    chars = iter(text)
+    for char in chars:
+        out.append(next(chars, "") if char == "\\" else char)
+    return "".join(out)
+
+
+def escape_path(path: str) -> str:
+    """The inverse of the parser for one directory name: escape backslashes, colons and commas."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def _apply_option(state: _State, option: str) -> None:
+    name, has_value, raw = option.partition("=")
+    handler = _UNION_OPTIONS.get(name)
+    if handler is not None:
+        handler(state, raw if has_value else None)
+    elif name in UNSUPPORTED_KEYS:
+        raise OptionError(f"option '{name}': {UNSUPPORTED_KEYS[name]}")
+    elif name in IGNORED_FLAGS or name in IGNORED_KEYS or name.startswith(IGNORED_PREFIXES):
+        state.ignored.append(option)
+    elif name in _FUSE_FLAGS or name in _MOUNT_FLAGS:
+        _set_fuse_option(state.fuse, name, _flag_value(name, raw) if has_value else True)
+    elif name in _FUSE_VALUES:
+        if not has_value:
+            raise OptionError(f"option '{name}' needs a value ({name}=…)")
+        state.fuse[name] = _FUSE_VALUES[name][0](unescape(raw))
+    else:
+        raise OptionError(f"unknown option '{option}'")
+
+
+def _flag_value(name: str, raw: str) -> bool:
+    """``NAME=1`` sets a flag, ``NAME=0`` removes it (also a default one)."""
+    if raw in ("0", "1"):
+        return raw == "1"
+    raise OptionError(f"option '{name}' is a flag: give it alone, or {name}=0 to switch it off")
+
+
+# -- union options ------------------------------------------------------------------------------------------
+
+def _need(name: str, raw: str | None) -> str:
+    if raw is None:
+        raise OptionError(f"option '{name}' needs a value ({name}=…)")
+    return raw
+
+
+def _no_value(name: str, raw: str | None) -> None:
+    if raw is not None:
+        raise OptionError(f"option '{name}' takes no value")
+
+
+def _opt_lowerdir(state: _State, raw: str | None) -> None:
+    parts = _split_unescaped(_need("lowerdir", raw), ":")
+    if any(part == "" for part in parts):
+        raise OptionError("lowerdir: empty directory name (data-only '::' layers are not supported)")
+    state.lowers = tuple(unescape(part) for part in parts)
+
+
+def _opt_upperdir(state: _State, raw: str | None) -> None:
+    state.upper = _nonempty_path("upperdir", raw)
+
+
+def _opt_workdir(state: _State, raw: str | None) -> None:
+    state.work = _nonempty_path("workdir", raw)
+
+
+def _nonempty_path(name: str, raw: str | None) -> str:
+    path = unescape(_need(name, raw))
+    if not path:
+        raise OptionError(f"{name}: empty directory name")
+    return path
+
+
+def _opt_ro(state: _State, raw: str | None) -> None:
+    _no_value("ro", raw)
+    state.ro = True
+
+
+def _opt_rw(state: _State, raw: str | None) -> None:
+    _no_value("rw", raw)
+    state.ro = False
+
+
+def _opt_volatile(state: _State, raw: str | None) -> None:
+    _no_value("volatile", raw)
+    state.volatile = True
+
+
+def _opt_fsync(state: _State, raw: str | None) -> None:
+    state.volatile = _zero_one("fsync", raw) == 0
+
+
+def _opt_threaded(state: _State, raw: str | None) -> None:
+    state.single_threaded = _zero_one("threaded", raw) == 0
+
+
+def _opt_debug(state: _State, raw: str | None) -> None:
+    _no_value("debug", raw)
+    _apply_flag(state, "-d")
+
+
+def _opt_whiteout(state: _State, raw: str | None) -> None:
+    value = unescape(_need("whiteout", raw))
+    for fmt in WHITEOUT_FORMATS:
+        if value == fmt:
+            state.whiteout = fmt
+            return
+    raise OptionError(f"whiteout={value}: expected one of {', '.join(WHITEOUT_FORMATS)}")
+
+
+def _opt_timeout(state: _State, raw: str | None) -> None:
+    """fuse-overlayfs' ``timeout=`` sets how long the kernel caches entries and attributes."""
+    seconds = _seconds("timeout", unescape(_need("timeout", raw)))
+    for name in ("attr_timeout", "entry_timeout", "negative_timeout"):
+        state.fuse[name] = seconds
+
+
+def _opt_uidmapping(state: _State, raw: str | None) -> None:
+    state.uid_mappings = parse_mappings("uidmapping", _need("uidmapping", raw))
+
+
+def _opt_gidmapping(state: _State, raw: str | None) -> None:
+    state.gid_mappings = parse_mappings("gidmapping", _need("gidmapping", raw))
+
+
+def _opt_squash_to_root(state: _State, raw: str | None) -> None:
+    _no_value("squash_to_root", raw)
+    state.squash_to_root = True
+
+
+def _opt_squash_to_uid(state: _State, raw: str | None) -> None:
+    state.squash_to_uid = _id("squash_to_uid", _need("squash_to_uid", raw))
+
+
+def _opt_squash_to_gid(state: _State, raw: str | None) -> None:
+    state.squash_to_gid = _id("squash_to_gid", _need("squash_to_gid", raw))
+
+
+_UNION_OPTIONS: Final[Mapping[str, Callable[[_State, str | None], None]]] = MappingProxyType({
+    "lowerdir": _opt_lowerdir,
+    "upperdir": _opt_upperdir,
+    "workdir": _opt_workdir,
+    "ro": _opt_ro,
+    "rw": _opt_rw,
+    "volatile": _opt_volatile,
+    "fsync": _opt_fsync,
+    "threaded": _opt_threaded,
+    "debug": _opt_debug,
+    "whiteout": _opt_whiteout,
+    "timeout": _opt_timeout,
+    "uidmapping": _opt_uidmapping,
+    "gidmapping": _opt_gidmapping,
+    "squash_to_root": _opt_squash_to_root,
+    "squash_to_uid": _opt_squash_to_uid,
+    "squash_to_gid": _opt_squash_to_gid,
+})
+"""Options the union itself interprets."""
+
+
+def parse_mappings(name: str, text: str) -> tuple[IdMapping, ...]:
+    """Parse ``CONTAINERID:HOSTID:SIZE[:CONTAINERID:HOSTID:SIZE…]`` (fuse-overlayfs' syntax).
+
+    Raises :class:`OptionError` for a malformed list, a zero size, ids beyond 32 bits, or two ranges that
+    overlap on either side (the mapping would not be one-to-one).
+    """
+    fields = text.split(":")
+    if len(fields) % 3 or not all(field.isdigit() for field in fields):
+        raise OptionError(f"{name}={text}: expected CONTAINERID:HOSTID:SIZE[:CONTAINERID:HOSTID:SIZE…]")
+    numbers = [int(field) for field in fields]
+    mappings = tuple(IdMapping(*numbers[i:i + 3]) for i in range(0, len(numbers), 3))
+    for mapping in mappings:
+        if mapping.size == 0:
+            raise OptionError(f"{name}={text}: a range of size 0")
+        if max(mapping.container_id, mapping.host_id) + mapping.size - 1 > MAX_ID:
+            raise OptionError(f"{name}={text}: ids beyond {MAX_ID}")
+    for starts in ([m.container_id for m in mappings], [m.host_id for m in mappings]):
+        ranges = sorted((start, start + m.size) for start, m in zip(starts, mappings, strict=True))
+        if any(end > start for (_, end), (start, _) in itertools.pairwise(ranges)):
+            raise OptionError(f"{name}={text}: ranges overlap")
+    return mappings
+
+
+# -- values -------------------------------------------------------------------------------------------------
+
+def _text(name: str, value: str) -> str:
+    if not value:
+        raise OptionError(f"option '{name}' needs a value ({name}=…)")
+    return value
+
+
+def _seconds(name: str, value: str) -> int | float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise OptionError(f"{name}={value}: expected a number of seconds") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise OptionError(f"{name}={value}: expected a number of seconds")
+    return int(seconds) if seconds.is_integer() else seconds
+
+
+def _count(name: str, value: str, *, minimum: int = 1) -> int:
+    try:
+        number = int(value, 10)
+    except ValueError:
+        raise OptionError(f"{name}={value}: expected an integer") from None
+    if number < minimum:
+        raise OptionError(f"{name}={value}: expected an integer >= {minimum}")
+    return number
+
+
+def _id(name: str, value: str) -> int:
+    if not value.isdigit() or int(value) > MAX_ID:
+        raise OptionError(f"{name}={value}: expected an id from 0 to {MAX_ID}")
+    return int(value)
+
+
+def _zero_one(name: str, raw: str | None) -> int:
+    value = _need(name, raw)
+    if value not in ("0", "1"):
+        raise OptionError(f"{name}={value}: expected 0 or 1")
+    return int(value)
+
+
+# -- freezing -----------------------------------------------------------------------------------------------
+
+def _freeze(state: _State, cwd: str) -> MountConfig:
+    if not state.positionals:
+        raise OptionError("missing MOUNTPOINT")
+    if len(state.positionals) > 2:
+        raise OptionError(f"too many arguments: {' '.join(state.positionals)}")
+    source = state.positionals[0] if len(state.positionals) == 2 else None
+    mountpoint = state.positionals[-1]
+    if not mountpoint:
+        raise OptionError("MOUNTPOINT is empty")
+    if not state.lowers:
+        raise OptionError("missing -o lowerdir=DIR[:DIR…]")
+    if (state.upper is None) != (state.work is None):
+        raise OptionError("upperdir and workdir must be given together")
+
+    def absolute(path: str) -> str:
+        return os.path.normpath(os.path.join(cwd, path))
+
+    return MountConfig(
+        mountpoint=absolute(mountpoint),
+        lowers=tuple(absolute(p) for p in state.lowers),
+        upper=absolute(state.upper) if state.upper is not None else None,
+        work=absolute(state.work) if state.work is not None else None,
+        source=source,
+        foreground=state.foreground,
+        debug=state.debug,
+        single_threaded=state.single_threaded,
+        read_only=state.ro or state.upper is None,
+        volatile=state.volatile,
+        whiteout=state.whiteout,
+        uid_mappings=state.uid_mappings,
+        gid_mappings=state.gid_mappings,
+        squash_to_root=state.squash_to_root,
+        squash_to_uid=state.squash_to_uid,
+        squash_to_gid=state.squash_to_gid,
+        fuse_options=tuple(state.fuse.items()),
+        ignored=tuple(state.ignored),
+    )
+
+
+# -- help ---------------------------------------------------------------------------------------------------
+
+def help_text(prog: str) -> str:
+    """The ``-h`` text, generated from the tables above so it cannot drift from the parser."""
+    def names(items: Sequence[str] | frozenset[str] | Mapping[str, object], suffix: str = "") -> str:
+        return ", ".join(f"{name}{suffix}" for name in sorted(items))
+
+    defaults = ",".join(_show(k, v) for k, v in FUSE_DEFAULTS.items())
+    root_defaults = ",".join(_show(k, v) for k, v in ROOT_FUSE_DEFAULTS.items())
+    return f"""\
+usage: {prog} [SOURCE] MOUNTPOINT -o lowerdir=DIR[:DIR…][,upperdir=DIR,workdir=DIR][,OPTION…]
+       [-o OPTIONS]… [-f] [-d] [-s] [-V|--version] [-h|--help]
+
+Mount a union of directories on MOUNTPOINT (fuse-overlayfs command line).  Returns once the mount is
+ready; the daemon then runs detached until `umount MOUNTPOINT` or SIGTERM.
+
+  -f            stay in the foreground
+  -d            debug log on stderr (implies -f)
+  -s            single-threaded
+  -V, --version print the version and exit
+  -h, --help    print this help and exit
+
+Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon in a lowerdir name):
+  lowerdir=A:B:C     read-only layers, A on top (required)
+  upperdir=U         writable layer; needs workdir=W on the same filesystem (no upperdir: read-only)
+  workdir=W          scratch dir for atomic copy-up, emptied at mount
+  ro | rw            read-only (upperdir then acts as the top lower) | read-write
+  volatile, fsync=0  skip fsync (fsync=1 undoes it)
+  whiteout=auto|kernel|oci   whiteout format written (auto: kernel's when the daemon may mknod)
+  uidmapping=CONTAINERID:HOSTID:SIZE[:…], gidmapping=…   map owners between the layers and the mount
+  squash_to_root, squash_to_uid=N, squash_to_gid=N       show every file as owned by root / N
+  timeout=SECONDS    kernel cache time for entries and attributes (sets the three *_timeout options)
+  threaded=0|1, debug
+
+FUSE options passed to libfuse: {names(_FUSE_FLAGS)}, {names(_FUSE_VALUES, "=")}
+  A flag can be switched off with NAME=0 (e.g. kernel_cache=0).
+Mount flags: {names(_MOUNT_FLAGS)}
+Defaults: {defaults},fsname=SOURCE (else {DEFAULT_FSNAME}); as root also {root_defaults}
+Accepted and ignored: {names(IGNORED_FLAGS)}, {names(IGNORED_KEYS, "=…")}, x-…
+Not supported: {names(UNSUPPORTED_KEYS, "=")}
+
+Exit status: 0 mounted (or help/version), 1 the mount failed (bad directories, mountpoint, libfuse),
+2 bad command line (unknown option, bad value, missing argument).
+"""
+
+
+def _show(name: str, value: FuseValue) -> str:
+    return name if value is True else f"{name}={value}"
