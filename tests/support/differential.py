@@ -20,6 +20,7 @@ while the kernel gets the same layers converted to its own format with ``layers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import mmap
 import os
 import shutil
@@ -78,16 +79,20 @@ class Recorder:
 
     def stat(self, label: str, path: str, *, follow: bool = False) -> Entry:
         """Record the normalised (l)stat of ``path``: type, mode, owner, size, nlink, content, xattrs."""
-        entry = stat_entry(Path(path), follow=follow, changed_after=self.memo.get("_changed_after"))
+        entry = stat_entry(path, follow=follow, changed_after=self.memo.get("_changed_after"))
         self.record(label, entry)
         return entry
 
     def read(self, label: str, path: str) -> bytes | None:
-        """Record the whole content of ``path``."""
-        def read() -> bytes:
+        """Record the whole content of ``path`` (verbatim up to 128 bytes, else its length and sha256)."""
+        try:
             with open(path, "rb") as f:
-                return f.read()
-        return self.value(label, read)
+                data = f.read()
+        except OSError as e:
+            self.record(label, errno_name(e.errno))
+            return None
+        self.record(label, data if len(data) <= 128 else (len(data), hashlib.sha256(data).hexdigest()[:16]))
+        return data
 
     def write(self, label: str, path: str, data: bytes, *, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
               mode: int = 0o644, offset: int | None = None) -> None:

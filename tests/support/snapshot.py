@@ -84,7 +84,7 @@ def errno_name(code: int | None) -> str:
     return errno.errorcode.get(code or 0, str(code))
 
 
-def _content_hash(path: Path) -> str:
+def _content_hash(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -92,16 +92,17 @@ def _content_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _xattrs(path: Path, keep: tuple[str, ...], drop: tuple[str, ...]) -> tuple[tuple[str, bytes], ...]:
+def _xattrs(path: str | Path, keep: tuple[str, ...], drop: tuple[str, ...]) -> tuple[tuple[str, bytes], ...]:
     names = sorted(n for n in os.listxattr(path, follow_symlinks=False)
                    if n.startswith(keep) and not n.startswith(drop))
     return tuple((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
 
 
-def stat_entry(path: Path, *, follow: bool = False, changed_after: int | None = None,
+def stat_entry(path: str | Path, *, follow: bool = False, changed_after: int | None = None,
                xattrs: bool = True) -> Entry:
     """The normalised description of one object (``lstat`` unless ``follow``); errors become
     ``Entry(type="error:ERRNO")``. ``same_ino`` is left empty (it is a property of a whole snapshot).
+    Pass a ``str`` to keep a trailing slash (``"file/"`` is ENOTDIR); ``Path`` drops it.
     """
     try:
         st = os.stat(path) if follow else os.lstat(path)
