@@ -20,6 +20,7 @@ while the kernel gets the same layers converted to its own format with ``layers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import mmap
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from support import layers as L
-from support.mounts import kernel_overlay_mount, unionfs_mount
+from support.mounts import kernel_overlay_mount, mount_program, unionfs_mount
 from support.snapshot import Entry, Snapshot, diff_snapshots, errno_name, snapshot, stat_entry, upper_snapshot
 
 T = TypeVar("T")
@@ -267,10 +268,12 @@ def _build_sources(scenario: Scenario, base: Path) -> tuple[list[Path], Path | N
     return kl, ku, pl, pu
 
 
-def _run_side(scenario: Scenario, *, kernel: bool, lowers: Sequence[Path], upper: Path | None,
+def _run_side(scenario: Scenario, *, program: str | None, lowers: Sequence[Path], upper: Path | None,
               base: Path, changed_after: int) -> SideResult:
+    """One side: ``program`` None is the kernel, else the mount program (see ``unionfs_mount``)."""
     ls = L.new_layer_set(base, lowers, upper=upper, readonly=scenario.readonly)
-    mount = kernel_overlay_mount if kernel else unionfs_mount
+    mount: Callable[..., contextlib.AbstractContextManager[Path]] = (
+        kernel_overlay_mount if program is None else functools.partial(unionfs_mount, program=program))
     before = [upper_snapshot(p) for p in ls.lowers]
     r = Recorder()
     r.memo["_changed_after"] = changed_after
@@ -295,14 +298,22 @@ def _run_side(scenario: Scenario, *, kernel: bool, lowers: Sequence[Path], upper
                       visible_after_remount=visible_again, upper=up, lowers_changed=changed)
 
 
-def run_differential(scenario: Scenario, tmp: Path) -> Comparison:
-    """Run ``scenario`` on both sides under the empty directory ``tmp``; return the comparison."""
+def run_differential(scenario: Scenario, tmp: Path, *, program: str | None = None) -> Comparison:
+    """Run ``scenario`` on both sides under the empty directory ``tmp``; return the comparison.
+
+    ``program`` is the mount program under test (default: ``mounts.mount_program()``).
+    """
     kl, ku, pl, pu = _build_sources(scenario, tmp)
     changed_after = time.time_ns() - 1_000_000  # anything written from now on is "new"
-    k = _run_side(scenario, kernel=True, lowers=kl, upper=ku, base=tmp / "kernel",
+    k = _run_side(scenario, program=None, lowers=kl, upper=ku, base=tmp / "kernel",
                   changed_after=changed_after)
-    p = _run_side(scenario, kernel=False, lowers=pl, upper=pu, base=tmp / "program",
+    p = _run_side(scenario, program=program or mount_program(), lowers=pl, upper=pu, base=tmp / "program",
                   changed_after=changed_after)
+    return Comparison(scenario=scenario, kernel=k, program=p, mismatches=compare(k, p))
+
+
+def compare(k: SideResult, p: SideResult) -> list[str]:
+    """Every difference between the kernel's side ``k`` and the program's side ``p``, as text sections."""
     names = ("kernel", "program")
     mismatches: list[str] = []
 
@@ -321,7 +332,7 @@ def run_differential(scenario: Scenario, tmp: Path) -> Comparison:
     section("kernel modified a lower layer (harness bug)", k.lowers_changed)
     if not k.results and not k.results_after_remount:
         mismatches.append("scenario recorded no outcomes: it proves nothing")
-    return Comparison(scenario=scenario, kernel=k, program=p, mismatches=mismatches)
+    return mismatches
 
 
 def assert_same_as_kernel(scenario: Scenario, tmp: Path) -> Comparison:

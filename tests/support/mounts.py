@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -225,48 +227,77 @@ def _prepare_mountpoint(mnt: Path) -> Path:
 
 @contextlib.contextmanager
 def unionfs_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None, mnt: Path,
-                  options: Sequence[str] = (), *, program: str | None = None) -> Iterator[Path]:
+                  options: Sequence[str] = (), *, program: str | None = None,
+                  timeout: float = MOUNT_TIMEOUT, hang_timeout: float | None = None) -> Iterator[Path]:
     """Mount the program under test; yield the mountpoint; always unmount.
 
     ``lowers[0]`` is the top lower layer. Without ``upper`` (and ``work``) the mount is read-only.
-    ``options`` are appended to ``-o`` (e.g. ``"whiteout=oci"``). Raises MountError with the program's
-    stderr when it exits non-zero, hangs, or returns without a FUSE mount appearing.
+    ``options`` are appended to ``-o`` (e.g. ``"whiteout=oci"``). Raises MountError, with everything the
+    program wrote to stdout/stderr, when it exits non-zero, does not return within ``timeout``, returns
+    without a FUSE mount appearing, dies while mounted, or does not exit after the unmount.
+
+    A watchdog kills the daemon if the mount is still in use after ``hang_timeout`` seconds (default
+    ``$UNIONFS_TEST_HANG_TIMEOUT`` or 120): a hung daemon then fails the test (ENOTCONN, MountError)
+    instead of blocking the test run forever.
     """
     program = program or mount_program()
     if program == KERNEL_AS_PROGRAM:
         with kernel_overlay_mount(lowers, upper, work, mnt, options) as root:
             yield root
         return
+    if hang_timeout is None:
+        hang_timeout = float(os.environ.get("UNIONFS_TEST_HANG_TIMEOUT", "120"))
     mnt = _prepare_mountpoint(mnt)
     opts = ",".join([*_overlay_options(lowers, upper, work), *options])
     argv = [program, "-o", opts, str(mnt)]
+    command = " ".join(argv)
     # The output goes to a file, not a pipe: a daemon that keeps the inherited stderr open must not
     # make us wait for EOF, and whatever it logs later is still there to show on failure.
-    log = Path(tempfile.mkstemp(prefix="unionfs-mount-", suffix=".log")[1])
-    pids: set[int] = set()
+    fd, name = tempfile.mkstemp(prefix="unionfs-mount-", suffix=".log")
+    os.close(fd)
+    log = Path(name)
     try:
         with open(log, "wb") as out:
             try:
                 proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                      timeout=MOUNT_TIMEOUT, check=False)
+                                      timeout=timeout, check=False)
             except subprocess.TimeoutExpired:
                 proc = None
         if proc is None or proc.returncode != 0:
             with contextlib.suppress(MountError):
                 unmount(mnt, daemon_pids=_pids_with_arg(str(mnt)))
-            what = "did not return" if proc is None else f"exited {proc.returncode}"
-            raise MountError(f"{' '.join(argv)} {what}:\n{_read_log(log)}")
-        if not _wait(lambda: (m := find_mount(mnt)) is not None and m.fstype.startswith("fuse"),
-                     MOUNT_TIMEOUT):
+            what = f"did not return within {timeout}s" if proc is None else f"exited {proc.returncode}"
+            raise MountError(f"{command} {what}:\n{_read_log(log)}")
+        if not _wait(lambda: (m := find_mount(mnt)) is not None and m.fstype.startswith("fuse"), timeout):
             found = find_mount(mnt)
-            raise MountError(f"{' '.join(argv)} returned 0 but no FUSE mount appeared at {mnt} "
+            with contextlib.suppress(MountError):
+                unmount(mnt, daemon_pids=_pids_with_arg(str(mnt)))
+            raise MountError(f"{command} returned 0 but no FUSE mount appeared at {mnt} "
                              f"(found {found}):\n{_read_log(log)}")
         pids = _pids_with_arg(str(mnt))
         _ACTIVE[str(mnt)] = pids
+        hung = threading.Event()
+
+        def watchdog() -> None:
+            hung.set()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+        timer = threading.Timer(hang_timeout, watchdog)
+        timer.daemon = True
+        timer.start()
         try:
             yield mnt
         finally:
+            timer.cancel()
+            died = bool(pids) and not any(_alive(p) for p in pids) and not hung.is_set()
             unmount(mnt, daemon_pids=pids, log=log)
+            if hung.is_set():
+                raise MountError(f"{command}: mount still busy after {hang_timeout}s, daemon killed:\n"
+                                 f"{_read_log(log)}")
+            if died:
+                raise MountError(f"{command}: the daemon died while mounted:\n{_read_log(log)}")
     finally:
         log.unlink(missing_ok=True)
 
