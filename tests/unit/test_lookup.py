@@ -1,0 +1,209 @@
+"""Top-down resolution and merged listings over 1-4 lowers (and an upper), through Resolver and UnionFS."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+
+import pytest
+from support.layers import Dir, File, Symlink
+from unitkit import Env, assert_errno, names, read_all, visible_tree
+
+from unionfs.cache import LookupCache
+from unionfs.lookup import Resolver
+
+
+def layer_spec(i: int) -> dict[str, object]:
+    """Layer ``i`` of a stack: its own file, a shared file, its own entry in merged dirs ``d`` and ``d/e``."""
+    return {
+        f"only{i}": f"only in layer {i}\n",
+        "shared": File(f"layer {i} wins\n", mode=0o600 + i),
+        f"d/f{i}": f"d/f{i}\n",
+        f"d/e/g{i}": f"g{i}\n",
+        "d/common": f"common from {i}\n",
+    }
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("with_upper", [False, True])
+def test_resolution_over_n_lowers(mkenv: Callable[..., Env], depth: int, with_upper: bool) -> None:
+    """The highest layer's copy of a name wins; directories merge the names of every layer."""
+    env = mkenv([layer_spec(i) for i in range(depth)], readonly=not with_upper)
+    fs = env.open()
+    assert names(fs) == sorted(["d", "shared", *(f"only{i}" for i in range(depth))])
+    assert read_all(fs, "shared") == b"layer 0 wins\n"
+    assert stat.S_IMODE(fs.getattr("shared")["st_mode"]) == 0o600
+    for i in range(depth):
+        assert read_all(fs, f"only{i}") == f"only in layer {i}\n".encode()
+        assert read_all(fs, f"d/f{i}") == f"d/f{i}\n".encode()
+    assert names(fs, "d") == sorted(["common", "e", *(f"f{i}" for i in range(depth))])
+    assert names(fs, "d/e") == sorted(f"g{i}" for i in range(depth))
+    assert read_all(fs, "d/common") == b"common from 0\n"
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_name_resolves_in_the_highest_layer_that_has_it(mkenv: Callable[..., Env], depth: int) -> None:
+    """A name present only in layers k..depth-1 resolves in layer k (Resolver reports the layer index)."""
+    specs: list[dict[str, object]] = [{} for _ in range(depth)]
+    for k in range(depth):
+        for j in range(k, depth):
+            specs[j][f"from{k}"] = f"layer {j}\n"
+    env = mkenv(specs, readonly=True)
+    fs = env.open()
+    for k in range(depth):
+        node = fs.resolver.lookup(f"from{k}")
+        assert node is not None and node.layer == k and not node.upper
+        assert read_all(fs, f"from{k}") == f"layer {k}\n".encode()
+
+
+def test_a_file_hides_a_directory_below(mkenv: Callable[..., Env]) -> None:
+    """A non-directory in a higher layer hides a directory of the same name and its subtree."""
+    env = mkenv([{"x": "a file\n"}, {"x/inner": "hidden\n", "x/sub/deep": "hidden\n"}])
+    fs = env.open()
+    assert stat.S_ISREG(fs.getattr("x")["st_mode"])
+    assert read_all(fs, "x") == b"a file\n"
+    assert_errno(errno.ENOTDIR, fs.getattr, "x/inner")
+    assert_errno(errno.ENOTDIR, fs.readdir, "x")
+
+
+def test_a_symlink_hides_a_directory_below(mkenv: Callable[..., Env]) -> None:
+    env = mkenv([{"x": Symlink("elsewhere")}, {"x/inner": "hidden\n"}])
+    fs = env.open()
+    assert stat.S_ISLNK(fs.getattr("x")["st_mode"])
+    assert fs.readlink("x") == "elsewhere"
+    assert_errno(errno.ENOTDIR, fs.getattr, "x/inner")
+
+
+def test_a_directory_hides_a_file_below(mkenv: Callable[..., Env]) -> None:
+    """A directory in a higher layer hides a non-directory below, and the merge stops there: a directory
+    further down is not merged through the file."""
+    env = mkenv([{"x/top": "t\n"}, {"x": "a file\n"}, {"x/bottom": "b\n"}])
+    fs = env.open()
+    assert stat.S_ISDIR(fs.getattr("x")["st_mode"])
+    assert names(fs, "x") == ["top"]
+    assert_errno(errno.ENOENT, fs.getattr, "x/bottom")
+
+
+def test_upper_file_hides_lower_directory(mkenv: Callable[..., Env]) -> None:
+    env = mkenv([{"x/inner": "hidden\n"}], upper={"x": "upper file\n"})
+    fs = env.open()
+    assert read_all(fs, "x") == b"upper file\n"
+    assert_errno(errno.ENOTDIR, fs.readdir, "x")
+
+
+def test_upper_directory_hides_lower_file(mkenv: Callable[..., Env]) -> None:
+    env = mkenv([{"x": "lower file\n"}], upper={"x/mine": "m\n"})
+    fs = env.open()
+    assert names(fs, "x") == ["mine"]
+
+
+def test_merged_directory_metadata_comes_from_its_highest_copy(mkenv: Callable[..., Env]) -> None:
+    """Mode, owner and mtime of a merged directory are those of the top copy."""
+    env = mkenv([{"d": Dir({"a": "a"}, mode=0o711, uid=1000, gid=1001, mtime_ns=5 * 10**9)},
+                 {"d": Dir({"b": "b"}, mode=0o755, uid=0, gid=0)}], readonly=True)
+    fs = env.open()
+    attrs = fs.getattr("d")
+    assert stat.S_IMODE(attrs["st_mode"]) == 0o711
+    assert (attrs["st_uid"], attrs["st_gid"], attrs["st_mtime"]) == (1000, 1001, 5 * 10**9)
+    assert names(fs, "d") == ["a", "b"]
+
+
+def test_opaque_directory_in_a_middle_layer_stops_the_merge(mkenv: Callable[..., Env]) -> None:
+    """top d{a} + middle opaque d{b} + bottom d{c} shows a and b only."""
+    env = mkenv([{"d/a": "a"}, {"d": Dir({"b": "b"}, opaque=True)}, {"d/c": "c"}], readonly=True)
+    fs = env.open()
+    assert names(fs, "d") == ["a", "b"]
+    assert_errno(errno.ENOENT, fs.getattr, "d/c")
+
+
+def test_deep_paths_spread_over_layers(mkenv: Callable[..., Env]) -> None:
+    """Each component of a deep path may come from a different layer."""
+    env = mkenv([{"a/b/c/top": "1"}, {"a/b/mid": "2"}, {"a/b/c/d/bottom": "3"}, {"a/x": "4"}], readonly=True)
+    fs = env.open()
+    assert names(fs, "a") == ["b", "x"]
+    assert names(fs, "a/b") == ["c", "mid"]
+    assert names(fs, "a/b/c") == ["d", "top"]
+    assert read_all(fs, "a/b/c/d/bottom") == b"3"
+
+
+def test_missing_paths(mkenv: Callable[..., Env]) -> None:
+    """Missing names are ENOENT; so are children of missing names; children of files ENOTDIR."""
+    env = mkenv([{"f": "f", "d": {}}])
+    fs = env.open()
+    assert_errno(errno.ENOENT, fs.getattr, "nope")
+    assert_errno(errno.ENOENT, fs.getattr, "nope/child")
+    assert_errno(errno.ENOENT, fs.getattr, "d/nope")
+    assert_errno(errno.ENOENT, fs.readdir, "nope")
+    assert_errno(errno.ENOTDIR, fs.getattr, "f/child")
+    assert fs.resolver.lookup("nope") is None
+    assert fs.resolver.lookup("nope/child") is None
+    assert fs.resolver.listdir("f") is None
+
+
+def test_listing_has_no_duplicates_and_right_types(mkenv: Callable[..., Env]) -> None:
+    """A name in several layers is listed once, with the type and inode number of its visible copy."""
+    env = mkenv([{"x": "file", "s": Symlink("t"), "d/a": "a"}, {"x": "below", "s/in": "dir below", "d/b": "b"}])
+    fs = env.open()
+    entries = fs.readdir("")
+    assert sorted(n for n, _k, _i in entries) == ["d", "s", "x"]
+    kinds = {n: k for n, k, _i in entries}
+    assert kinds == {"d": stat.S_IFDIR, "s": stat.S_IFLNK, "x": stat.S_IFREG}
+    for name, _kind, ino in entries:
+        assert ino == fs.getattr(name)["st_ino"]
+    assert fs.getattr("x")["st_ino"] == os.lstat(env.lowers[0] / "x").st_ino
+
+
+def test_a_merged_directory_reports_nlink_one(mkenv: Callable[..., Env]) -> None:
+    """A directory merged from several layers has no meaningful link count: 1, as overlayfs reports; a
+    directory from one layer keeps its own count."""
+    env = mkenv([{"m/a/x": "1", "one/b/y": "2"}, {"m/c/z": "3"}], readonly=True)
+    fs = env.open()
+    assert fs.getattr("m")["st_nlink"] == 1
+    assert fs.getattr("one")["st_nlink"] == os.lstat(env.lowers[0] / "one").st_nlink
+
+
+def test_cache_answers_repeat_lookups(mkenv: Callable[..., Env]) -> None:
+    """A second lookup in a directory is a cache hit; the answers do not change."""
+    env = mkenv([{"d/a": "a", "d/b": "b"}, {"d/c": "c"}], readonly=True)
+    fs = env.open()
+    first = visible_tree(fs)
+    hits = fs.cache.stats.hits
+    assert visible_tree(fs) == first
+    assert fs.cache.stats.hits > hits
+    snap = fs.cache.snapshot()
+    assert snap["dirs"] >= 2 and snap["entries"] > 0
+
+
+@pytest.mark.parametrize("bound", [1, 3, 8])
+def test_a_tiny_cache_gives_the_same_answers(mkenv: Callable[..., Env], bound: int) -> None:
+    """With a cache bound far below the tree size, evictions happen and every answer stays the same."""
+    spec = {f"d{i}/f{j}": f"{i}{j}" for i in range(4) for j in range(4)}
+    env = mkenv([spec, {f"d{i}/g": "g" for i in range(4)}], readonly=True)
+    reference = visible_tree(env.open())
+    fs = env.open(cache_entries=bound)
+    assert visible_tree(fs) == reference
+    assert visible_tree(fs) == reference
+    assert fs.cache.stats.evictions > 0
+    assert fs.cache.entries <= max(bound, max(s.size for s in fs.cache.dirs.values()) if fs.cache.dirs else 0)
+
+
+def test_resolver_nodes(mkenv: Callable[..., Env]) -> None:
+    """Resolver.lookup: the root is an upper directory chaining every lower; an upper name reports
+    upper=True; a merged directory chains the lower layers holding it, top-down."""
+    env = mkenv([{"d/a": "a", "f": "f"}, {"d/b": "b"}, {"x": "x"}], upper={"u": "u", "d/c": "c"})
+    stack = env.open().stack
+    resolver = Resolver(stack, LookupCache())
+    root = resolver.lookup("")
+    assert root is not None and root.is_dir and root.upper and root.chain == (1, 2, 3)
+    u = resolver.lookup("u")
+    assert u is not None and u.upper and u.layer == 0
+    d = resolver.lookup("d")
+    assert d is not None and d.upper and d.chain == (1, 2)
+    f = resolver.lookup("f")
+    assert f is not None and not f.upper and f.layer == 1 and f.chain == ()
+    x = resolver.lookup("x")
+    assert x is not None and x.layer == 3
+    assert sorted(resolver.listdir("d") or []) == ["a", "b", "c"]
+    assert resolver.lookup("d/nope") is None
