@@ -1,0 +1,322 @@
+"""Content digests of layer trees: xxh3-128 over a canonical, sorted walk (design.md §4).
+
+A layer tree is read as an overlay reads it (every whiteout and opaque format, see :mod:`unionfs.hostwalk`)
+and turned into a :class:`Manifest`: one normalised :class:`Entry` per path, in canonical order (depth
+first, the names of a directory sorted by their bytes).  The digest is xxh3-128 over a version tag and the
+length-framed encoding of every entry.  Two trees have the same digest exactly when an overlay mount of
+either shows the same thing, so a layer is stored once whatever its on-disk format or creation order.
+
+What an entry records, by kind:
+
+* every entry: its path (bytes, relative to the layer root, the root is ``""``) and kind;
+* ``dir``: permission bits (incl. set-id and sticky), uid, gid, sorted xattrs, and the opaque mark;
+* ``file``: permission bits, uid, gid, size, mtime (ns), xxh3-128 of the data (holes read as zeros),
+  xattrs;
+* ``symlink``: uid, gid, mtime, target, xattrs;  ``fifo``: bits, uid, gid, mtime, xattrs;
+  ``chr``/``blk``: bits, uid, gid, mtime, ``major:minor`` (not the machine's ``dev_t`` encoding), xattrs;
+* ``whiteout``: nothing more — a char 0/0 device, a ``.wh.NAME`` file and an xattr whiteout are one mark;
+* ``link``: the first path (in canonical order) of its hard-link group; the group's other fields are those
+  of that first path.
+
+Times: a non-directory's **mtime is part of the digest**: a mount of the layer shows it, copy-up and tar
+preserve it, and a layer found by digest must reproduce the tree that was committed (dedup that silently
+swapped mtimes would make ``make`` and caches see changes that did not happen).  **Excluded**: atime and
+ctime (they change by being read or copied), directory mtimes (a by-product of how the tree was built:
+every create, delete or whiteout changes them; a deduplicated layer keeps those of its first commit), inode
+numbers, link counts (hard-link groups are recorded instead) and the device.  Overlay-private xattrs
+(``trusted.overlay.*``, ``user.overlay.*``, ours) are excluded; the opaque mark stands for them.
+
+Normalisation: a name that is both an entry and a whiteout in one directory is the entry (for a directory,
+an opaque one: the union shows it and hides every lower copy).  Sockets are not part of a layer (as with
+``docker commit``): they are reported in :attr:`Manifest.sockets` and skipped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as stat_mod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import xxhash
+
+from unionfs.fsio import HostDir, join
+from unionfs.hostwalk import Child, DirCache, OpenDir, Xattrs, read_dir, sort_key
+
+DIGEST_ALGORITHM = "xxh3-128/unionfs-layer-v1"
+"""Names the digest function and the encoding; stored with every layer."""
+
+_VERSION_TAG = b"unionfs-layer-v1\n"
+_CHUNK = 1 << 20
+_ZEROS = bytes(_CHUNK)
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(files, nbytes)`` after each entry: one more entry, and the bytes it held."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One path of a layer, normalised.  Fields that do not apply to the kind are zero/empty.
+
+    ``atime_ns`` and a directory's ``mtime_ns`` are carried (a commit preserves them) but not digested.
+    """
+
+    path: str
+    kind: str
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    atime_ns: int = 0
+    content: str = ""
+    target: str = ""
+    rdev: tuple[int, int] = (0, 0)
+    xattrs: Xattrs = ()
+    opaque: bool = False
+
+    def encode(self) -> bytes:
+        """The canonical bytes of this entry (what the digest hashes)."""
+        kind = self.kind
+        parts: list[bytes] = [os.fsencode(self.path), kind.encode()]
+        if kind == "whiteout":
+            return _frame(parts)
+        if kind == "link":
+            return _frame([*parts, os.fsencode(self.target)])
+        if kind != "symlink":
+            parts.append(_int(self.mode))
+        parts += [_int(self.uid), _int(self.gid)]
+        if kind == "dir":
+            parts.append(b"opaque" if self.opaque else b"")
+        else:
+            parts.append(_int(self.mtime_ns))
+        if kind == "file":
+            parts += [_int(self.size), self.content.encode()]
+        elif kind == "symlink":
+            parts.append(os.fsencode(self.target))
+        elif kind in ("chr", "blk"):
+            parts.append(f"{self.rdev[0]}:{self.rdev[1]}".encode())
+        parts.append(_frame(_frame([name.encode(), value]) for name, value in self.xattrs))
+        return _frame(parts)
+
+
+def _int(value: int) -> bytes:
+    return str(value).encode()
+
+
+def _frame(parts: Iterable[bytes]) -> bytes:
+    body = b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+    return len(body).to_bytes(4, "little") + body
+
+
+@dataclass(slots=True)
+class Manifest:
+    """A layer tree read and normalised: its entries in canonical order, its digest and its counts.
+
+    ``size`` counts the data bytes of regular files, each hard-link group once.  ``overlay_only`` lists
+    paths that carry an overlay redirect or metacopy xattr (they cannot stand alone in a layer).
+    """
+
+    entries: list[Entry] = field(default_factory=list)
+    digest: str = ""
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    specials: int = 0
+    whiteouts: int = 0
+    opaque_dirs: int = 0
+    links: int = 0
+    size: int = 0
+    sockets: list[str] = field(default_factory=list)
+    overlay_only: list[str] = field(default_factory=list)
+
+    def count(self, entry: Entry) -> None:
+        kind = entry.kind
+        if kind == "file":
+            self.files += 1
+            self.size += entry.size
+        elif kind == "dir":
+            self.dirs += 1
+            self.opaque_dirs += entry.opaque
+        elif kind == "symlink":
+            self.symlinks += 1
+        elif kind == "whiteout":
+            self.whiteouts += 1
+        elif kind == "link":
+            self.links += 1
+        else:
+            self.specials += 1
+
+
+def digest_entries(entries: Iterable[Entry]) -> str:
+    """The digest of entries given in canonical order (32 lowercase hex digits)."""
+    h = xxhash.xxh3_128(_VERSION_TAG)
+    for entry in entries:
+        h.update(entry.encode())
+    return h.hexdigest()
+
+
+def hash_file(fd: int, size: int, *, sink: int = -1, buf: bytearray | None = None) -> tuple[str, int]:
+    """xxh3-128 of the first ``size`` bytes of ``fd``, holes read as zeros; returns (hex digest, bytes seen).
+
+    With ``sink`` (a descriptor of a new, empty file) the data is also written there at the same offsets,
+    holes left as holes; the caller sets the final length.  Fewer bytes seen than ``size`` means the file
+    shrank while being read.  Reads with ``pread``: the descriptor's offset is not used.
+    """
+    h = xxhash.xxh3_128()
+    buffer = buf if buf is not None else bytearray(_CHUNK)
+    view = memoryview(buffer)
+    offset = 0
+    while offset < size:
+        data_at, hole_at = _next_segment(fd, offset, size)
+        while offset < data_at:
+            n = min(_CHUNK, data_at - offset)
+            h.update(_ZEROS[:n])
+            offset += n
+        while offset < hole_at:
+            n = os.preadv(fd, [view[:min(_CHUNK, hole_at - offset)]], offset)
+            if n == 0:
+                return h.hexdigest(), offset
+            h.update(view[:n])
+            if sink >= 0:
+                _pwrite_all(sink, view[:n], offset)
+            offset += n
+    return h.hexdigest(), offset
+
+
+def _next_segment(fd: int, offset: int, size: int) -> tuple[int, int]:
+    """(start of the next data, end of that data) at or after ``offset``, both clamped to ``size``."""
+    try:
+        data_at = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # only a hole up to the end
+            return size, size
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no hole support: all data
+            return offset, size
+        raise
+    data_at = min(data_at, size)
+    hole_at = min(os.lseek(fd, data_at, os.SEEK_HOLE), size) if data_at < size else size
+    return data_at, hole_at
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def kind_of(mode: int) -> str:
+    """The entry kind of an ``st_mode`` (sockets are ``sock``; they never become entries)."""
+    fmt = stat_mod.S_IFMT(mode)
+    return {stat_mod.S_IFREG: "file", stat_mod.S_IFDIR: "dir", stat_mod.S_IFLNK: "symlink",
+            stat_mod.S_IFIFO: "fifo", stat_mod.S_IFCHR: "chr", stat_mod.S_IFBLK: "blk",
+            stat_mod.S_IFSOCK: "sock"}.get(fmt, f"unknown:{fmt:o}")
+
+
+def entry_from_stat(path: str, st: os.stat_result, xattrs: Xattrs, *, content: str = "",
+                    target: str = "", opaque: bool = False) -> Entry:
+    """An :class:`Entry` for ``path`` from its lstat (content hash and link target supplied by the caller)."""
+    kind = kind_of(st.st_mode)
+    rdev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in ("chr", "blk") else (0, 0)
+    return Entry(path=path, kind=kind, mode=stat_mod.S_IMODE(st.st_mode) if kind != "symlink" else 0,
+                 uid=st.st_uid, gid=st.st_gid, size=st.st_size if kind == "file" else 0,
+                 mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns, content=content, target=target,
+                 rdev=rdev, xattrs=xattrs, opaque=opaque)
+
+
+class _Walker:
+    """The canonical walk of one tree (depth first, names by bytes), without recursion."""
+
+    def __init__(self, host: HostDir, *, content: bool, progress: Progress | None) -> None:
+        self.host = host
+        self.content = content
+        self.progress = progress
+        self.manifest = Manifest()
+        self.groups: dict[tuple[int, int], str] = {}
+        self.buf = bytearray(_CHUNK)
+
+    def run(self) -> Manifest:
+        with OpenDir(self.host, "") as root:
+            xattrs = root.public_xattrs("")
+            st = os.fstat(root.fd)
+        # A task is (parent rel, Child, forced opaque) for an entry, or (parent rel, None, name) for a whiteout.
+        tasks: list[tuple[str, Child | None, str | bool]] = [("", Child("", st, xattrs), False)]
+        with DirCache(self.host) as dirs:
+            while tasks:
+                parent, child, extra = tasks.pop()
+                if child is None:
+                    self._emit(Entry(path=join(parent, str(extra)), kind="whiteout"))
+                    continue
+                path = join(parent, child.name) if child.name else ""
+                if child.overlay_only:
+                    self.manifest.overlay_only.append(path)
+                if stat_mod.S_ISDIR(child.st.st_mode):
+                    tasks.extend(reversed(self._dir(dirs, path, child, bool(extra))))
+                else:
+                    self._emit(self._leaf(dirs.get(parent), path, child))
+        self.manifest.digest = digest_entries(self.manifest.entries)
+        return self.manifest
+
+    def _dir(self, dirs: DirCache, path: str, child: Child,
+             forced_opaque: bool) -> list[tuple[str, Child | None, str | bool]]:
+        listing = read_dir(dirs.get(path))
+        self._emit(entry_from_stat(path, child.st, child.xattrs, opaque=listing.opaque or forced_opaque))
+        self.manifest.sockets.extend(join(path, name) for name in listing.sockets)
+        by_name = {c.name: c for c in listing.children}
+        tasks: list[tuple[str, Child | None, str | bool]] = []
+        for name in sorted(by_name.keys() | listing.whiteouts, key=sort_key):
+            found = by_name.get(name)
+            if found is None:
+                tasks.append((path, None, name))
+            else:
+                tasks.append((path, found, name in listing.whiteouts))
+        return tasks
+
+    def _leaf(self, d: OpenDir, path: str, child: Child) -> Entry:
+        st = child.st
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            first = self.groups.get(key)
+            if first is not None:
+                return Entry(path=path, kind="link", target=first)
+            self.groups[key] = path
+        if stat_mod.S_ISREG(st.st_mode):
+            digest = ""
+            if self.content:
+                fd = d.open(child.name, os.O_RDONLY)
+                try:
+                    digest, seen = hash_file(fd, st.st_size, buf=self.buf)
+                finally:
+                    os.close(fd)
+                if seen != st.st_size:
+                    raise OSError(errno.ESTALE, "file changed size while being read", path)
+            return entry_from_stat(path, st, child.xattrs, content=digest)
+        if stat_mod.S_ISLNK(st.st_mode):
+            return entry_from_stat(path, st, child.xattrs, target=d.readlink(child.name))
+        return entry_from_stat(path, st, child.xattrs)
+
+    def _emit(self, entry: Entry) -> None:
+        self.manifest.entries.append(entry)
+        self.manifest.count(entry)
+        if self.progress is not None:
+            self.progress(1, entry.size)
+
+
+def scan(host: HostDir, *, content: bool = True, progress: Progress | None = None) -> Manifest:
+    """Read the layer tree under ``host`` into a :class:`Manifest` (entries, digest, counts).
+
+    ``content=False`` skips reading file data (``Entry.content`` stays empty and the digest is then
+    meaningless: for listings that only need the shape).  Raises ``OSError`` from the host.
+    """
+    return _Walker(host, content=content, progress=progress).run()
+
+
+def layer_digest(path: str) -> str:
+    """The digest of the layer tree at host path ``path`` (a convenience for tools and tests)."""
+    host = HostDir(path)
+    try:
+        return scan(host).digest
+    finally:
+        host.close()
