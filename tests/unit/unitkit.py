@@ -123,10 +123,13 @@ def names(fs: UnionFS, path: str = "") -> list[str]:
     return sorted(name for name, _kind, _ino in fs.readdir(path))
 
 
-def visible_tree(fs: UnionFS, *, inodes: bool = True, dir_nlink: bool = True) -> dict[str, tuple[Any, ...]]:
-    """Everything the union shows: path → (type, mode, uid, gid, size, content or link target[, nlink, ino]).
+def visible_tree(fs: UnionFS, *, inodes: bool = True, dir_nlink: bool = True,
+                 readdir_inodes: bool = True) -> dict[str, tuple[Any, ...]]:
+    """Everything the union shows: path → (type, mode, uid, gid, size, content or link target, user xattrs
+    [, nlink][, ino]).
 
-    Also checks, on the way, that readdir's types and inode numbers agree with getattr.
+    Also checks, on the way, that readdir's types (and, with ``readdir_inodes``, inode numbers) agree with
+    getattr.
     """
     out: dict[str, tuple[Any, ...]] = {}
 
@@ -140,8 +143,10 @@ def visible_tree(fs: UnionFS, *, inodes: bool = True, dir_nlink: bool = True) ->
             payload = fs.readlink(path)
         else:
             payload = None
+        xattrs = () if kind == stat.S_IFLNK else tuple(
+            (name, fs.getxattr(path, name)) for name in sorted(fs.listxattr(path)))
         row: tuple[Any, ...] = (kind, stat.S_IMODE(mode), attrs["st_uid"], attrs["st_gid"],
-                                None if kind == stat.S_IFDIR else attrs["st_size"], payload)
+                                None if kind == stat.S_IFDIR else attrs["st_size"], payload, xattrs)
         if dir_nlink or kind != stat.S_IFDIR:
             row += (attrs["st_nlink"],)
         if inodes:
@@ -152,7 +157,7 @@ def visible_tree(fs: UnionFS, *, inodes: bool = True, dir_nlink: bool = True) ->
                 child = f"{path}/{name}" if path else name
                 cattrs = fs.getattr(child)
                 assert dkind == stat.S_IFMT(cattrs["st_mode"]), f"readdir type of {child}"
-                if inodes:
+                if inodes and readdir_inodes:
                     assert dino == cattrs["st_ino"], f"readdir ino of {child}"
                 one(child)
 
@@ -198,6 +203,24 @@ def host_tree(root: Path) -> dict[str, str]:
     return out
 
 
+def upper_state(root: Path) -> dict[str, str]:
+    """The upper dir in format-independent terms: ``wh`` for a whiteout of either format (``.wh.X`` is
+    reported as ``X``), ``dir+opaque`` for a directory opaque in either format, markers folded away."""
+    raw = host_tree(root)
+    out: dict[str, str] = {}
+    for rel, kind in raw.items():
+        parent, _, name = rel.rpartition("/")
+        if name == ".wh..wh..opq":
+            continue
+        if name.startswith(".wh."):
+            out[f"{parent}/{name[4:]}" if parent else name[4:]] = "wh"
+            continue
+        if kind == "dir" and f"{rel}/.wh..wh..opq" in raw:
+            kind = "dir+opaque"
+        out[rel] = kind
+    return out
+
+
 def staging_entries(env: Env) -> list[str]:
     """What is left in ``workdir/work`` (must be nothing between operations)."""
     return sorted(os.listdir(env.staging))
@@ -214,6 +237,7 @@ __all__ = [
     "names",
     "read_all",
     "staging_entries",
+    "upper_state",
     "visible_tree",
     "write_file",
     "xattr",
