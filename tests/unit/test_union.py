@@ -794,3 +794,86 @@ def test_dir_with_entries_only_in_a_lower_opaque_chain(mkenv: Callable[..., Env]
     assert names(fs, "d") == ["a", "c"]
     fs2 = env.remount(fs)
     assert names(fs2, "d") == ["a", "c"]
+
+
+# ============================================================ an upper written in another format
+
+def _upper_with_foreign_whiteouts(mkenv: Callable[..., Env], foreign: str) -> Env:
+    """Lowers TOP/BOTTOM and an upper whose whiteouts of ``a`` and ``e`` (and the opaque ``m``) were written
+    in format ``foreign`` (``kernel``/``oci``), e.g. by an earlier mount that chose the other format."""
+    upper: dict[str, object] = {"a": WHITEOUT, "e": WHITEOUT, "m": Dir({"new": "n"}, opaque=True)}
+    return mkenv([TOP, BOTTOM], upper, fmt=foreign)
+
+
+_OCI_OVER_CHAR = pytest.mark.xfail(strict=True, reason="whiteout=oci over a char 0/0 whiteout in the upper: "
+                                   "_place_new renames with RENAME_NOREPLACE onto the device: EEXIST")
+_KERNEL_OVER_WH = pytest.mark.xfail(strict=True, reason="whiteout=kernel over a .wh.NAME whiteout in the upper: "
+                                    "the new object is placed but .wh.NAME is left next to it")
+FOREIGN_CASES = [
+    *(pytest.param("kernel", "oci", op, marks=_OCI_OVER_CHAR, id=f"kernel-upper-oci-writer-{op}")
+      for op in ("create", "mkdir", "symlink", "link")),
+    pytest.param("kernel", "oci", "rename", id="kernel-upper-oci-writer-rename"),
+    *(pytest.param("oci", "kernel", op, marks=_KERNEL_OVER_WH, id=f"oci-upper-kernel-writer-{op}")
+      for op in ("create", "mkdir", "symlink", "link", "rename")),
+]
+
+
+@pytest.mark.parametrize(("foreign", "writer", "op"), FOREIGN_CASES)
+def test_recreating_over_a_whiteout_of_the_other_format(mkenv: Callable[..., Env], foreign: str, writer: str,
+                                                        op: str) -> None:
+    """Whiteouts are read in every format, so a name whited out in the other format can be recreated, and
+    the old whiteout disappears from the upper ("recreating a whited-out name removes the whiteout")."""
+    env = _upper_with_foreign_whiteouts(mkenv, foreign)
+    fs = env.open(whiteout=writer)
+    assert "a" not in names(fs) and "e" not in names(fs) and names(fs, "m") == ["new"]
+    if op == "rename":
+        fs.rename("b", "a")
+    elif op == "link":
+        fs.link("b", "a")
+    else:
+        CREATORS[op](fs, "a")
+    assert "a" in names(fs)
+    raw = host_tree(env.upper)  # type: ignore[arg-type]
+    assert raw.get("a") not in (None, "wh"), raw
+    assert ".wh.a" not in raw, "the old .wh. whiteout was left behind"
+    clean(env)
+    fs2 = env.remount(fs, whiteout=writer)
+    assert "a" in names(fs2)
+
+
+@pytest.mark.parametrize(("foreign", "writer"), [("kernel", "oci"), ("oci", "kernel")])
+def test_deleting_inside_an_opaque_dir_of_the_other_format(mkenv: Callable[..., Env], foreign: str,
+                                                         writer: str) -> None:
+    """An opaque dir written in the other format stays opaque while it is changed and after a remount."""
+    env = _upper_with_foreign_whiteouts(mkenv, foreign)
+    fs = env.open(whiteout=writer)
+    create_file(fs, "m/more", b"m")
+    fs.unlink("m/new")
+    assert names(fs, "m") == ["more"]
+    fs2 = env.remount(fs, whiteout=writer)
+    assert names(fs2, "m") == ["more"]
+    assert_errno(errno.ENOENT, fs2.getattr, "m/y")
+
+
+# ============================================================ inode numbers after rename
+
+def test_renamed_lower_file_keeps_its_inode_number_in_getattr(union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """st_ino follows a copied-up file through a rename and a remount."""
+    env, fs = union()
+    ino = fs.getattr("d/f")["st_ino"]
+    fs.rename("d/f", "d/sub/renamed")
+    assert fs.getattr("d/sub/renamed")["st_ino"] == ino
+    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    assert fs2.getattr("d/sub/renamed")["st_ino"] == ino
+
+
+@pytest.mark.xfail(strict=True, reason="readdir reports the upper file's own inode number for a copied-up "
+                                       "object renamed to a name no lower has; getattr reports its origin")
+def test_readdir_inode_of_a_renamed_copied_up_file(union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """readdir's d_ino agrees with getattr's st_ino after a copied-up file is renamed (overlayfs keeps them
+    consistent; `find`, `ls -i` and readdirplus rely on it)."""
+    _env, fs = union()
+    ino = fs.getattr("d/f")["st_ino"]
+    fs.rename("d/f", "renamed")
+    listed = {n: i for n, _k, i in fs.readdir("")}
+    assert listed["renamed"] == ino == fs.getattr("renamed")["st_ino"]
