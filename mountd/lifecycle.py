@@ -1,0 +1,484 @@
+"""The life of a mount: validate, open the layers, daemonize, serve, report ready, end on umount or signal.
+
+:func:`mount` is the one entry point (``unionfs-mount`` and ``unionfs mount`` both end here):
+
+1. Everything that can be checked without writing is checked first, in the calling process: the options the
+   core cannot honour yet, the mountpoint (exists, is a directory, is not already a mount point), and the
+   layers (:meth:`unionfs.layers.LayerStack.open`: missing or non-directory dirs, overlaps, workdir on
+   another filesystem or in use).  A failure here raises :class:`MountError`; nothing is mounted or written.
+2. Without ``-f`` the process forks *before* anything starts a thread.  The child becomes the daemon:
+   ``setsid``, umask 0, cwd ``/``, stdin/stdout on ``/dev/null``, stderr captured until ready.  It inherits
+   the open layers (and the workdir lock), so the caller may remove its lowerdir mounts as soon as we return.
+3. The daemon builds :class:`unionfs.union.UnionFS` and runs libfuse in the foreground.  libfuse's ``init``
+   (the kernel has the mount) calls :meth:`_Readiness.ready`, which points stderr at ``/dev/null`` (no caller
+   waiting for EOF on a pipe is kept waiting) and tells the parent, which exits 0.  A failure before that is
+   sent to the parent as one line, which it raises as :class:`MountError`.
+4. ``umount MOUNTPOINT`` ends the FUSE loop; SIGTERM/SIGINT/SIGHUP make libfuse leave the loop and unmount
+   (its own handlers).  Either way the daemon closes the union and exits 0.
+
+Mode bits from the kernel already carry the caller's umask, so the daemon runs with umask 0 (also with -f).
+:func:`unmount` is ``unionfs umount``: unmount, then wait until the daemon has exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import logging
+import logging.handlers
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from mountd.options import MountConfig, fuse_kwargs, unsupported_fuse_options
+from unionfs.layers import LayerError, LayerStack
+
+log = logging.getLogger("unionfs")
+
+READY_TIMEOUT = 60.0
+"""How long the parent waits for the daemon to report the mount ready before giving up on it."""
+
+EXIT_TIMEOUT = 30.0
+"""How long :func:`unmount` waits for the daemon to exit after the unmount."""
+
+FSTYPE_PREFIX = "fuse.unionfs"
+"""mountinfo's type of our mounts (``fuse.`` + subtype: ``unionfs`` by default, ``unionfs-mount`` under
+``mount -t fuse.unionfs-mount``)."""
+
+
+class MountError(Exception):
+    """A mount or unmount that cannot be done; ``str()`` is one line meant for the user."""
+
+
+# -- mountinfo ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of ``/proc/self/mountinfo``; ``mountpoint`` is unescaped."""
+
+    mount_id: int
+    device: str
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape_octal(field: str) -> str:
+    r"""mountinfo writes space, tab, newline and backslash as ``\ooo``."""
+    parts = field.split("\\")
+    out = [parts[0]]
+    for part in parts[1:]:
+        code = part[:3]
+        out.append(chr(int(code, 8)) + part[3:] if len(code) == 3 and code.isdigit() else "\\" + part)
+    return "".join(out)
+
+
+def mounts() -> list[MountEntry]:
+    """The mounts of this mount namespace, in mountinfo order (a later entry is on top of an earlier one)."""
+    entries = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            fields, tail = left.split(" "), right.split(" ")
+            entries.append(MountEntry(int(fields[0]), fields[2], _unescape_octal(fields[4]), tail[0],
+                                      _unescape_octal(tail[1]) if len(tail) > 1 else ""))
+    return entries
+
+
+def find_mount(path: str) -> MountEntry | None:
+    """The topmost mount whose mount point is ``path`` (an absolute, resolved path), or None."""
+    found = [entry for entry in mounts() if entry.mountpoint == path]
+    return found[-1] if found else None
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    """Check that ``mountpoint`` is an existing directory that is not a mount point; return its real path.
+
+    Raises :class:`MountError` ("no such directory", "not a directory", "already a mount point").
+    """
+    real = os.path.realpath(mountpoint)
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise MountError(f"mountpoint '{mountpoint}': no such directory") from None
+        raise MountError(f"mountpoint '{mountpoint}': {exc.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        raise MountError(f"mountpoint '{mountpoint}': not a directory")
+    entry = find_mount(real)
+    if entry is not None:
+        raise MountError(f"mountpoint '{mountpoint}' is already a mount point ({entry.fstype})")
+    return real
+
+
+# -- checks before anything is started ----------------------------------------------------------------------
+
+def check_supported(config: MountConfig) -> None:
+    """Refuse what the parser accepts but the core cannot honour yet (MountError), so that it is never
+    silently ignored."""
+    if config.maps_ids:
+        raise MountError("uidmapping/gidmapping/squash_to_* are not supported yet by this version")
+
+
+def open_stack(config: MountConfig) -> LayerStack:
+    """Validate and open the layers (MountError with LayerStack's one-line message).
+
+    A read-only mount that names an upper dir (``-o ro``) reads it as the top lower layer: the view is the
+    same and nothing is written, not even to the workdir.
+    """
+    lowers = list(config.lowers)
+    upper, work = config.upper, config.work
+    if config.read_only and upper is not None:
+        lowers.insert(0, upper)
+        upper = work = None
+    try:
+        return LayerStack.open(lowers=lowers, upper=upper, work=work, mountpoint=config.mountpoint)
+    except LayerError as exc:
+        raise MountError(str(exc)) from None
+
+
+# -- mount --------------------------------------------------------------------------------------------------
+
+def mount(config: MountConfig) -> int:
+    """Mount ``config``; return the exit status (0) once the mount is ready (daemon) or over (``-f``).
+
+    Raises :class:`MountError` when the mount cannot be made; nothing is then mounted, and nothing has been
+    written to the layers unless the failure came from the core or libfuse after the checks.
+    """
+    check_supported(config)
+    check_mountpoint(config.mountpoint)
+    stack = open_stack(config)
+    if config.foreground:
+        return serve(config, stack, _Readiness(config.mountpoint, None))
+    return _daemonize(config, stack)
+
+
+def _daemonize(config: MountConfig, stack: LayerStack) -> int:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        _run_daemon(config, stack, write_fd)
+    os.close(write_fd)
+    stack.close()  # our copies only: the daemon's descriptors, and the workdir lock, stay
+    return _wait_ready(read_fd, pid)
+
+
+def _run_daemon(config: MountConfig, stack: LayerStack, status_fd: int) -> None:
+    """The daemon's whole life; never returns (it must not run its parent's code, e.g. under a test)."""
+    code = 1
+    readiness = _Readiness(config.mountpoint, status_fd)
+    try:
+        _detach(readiness)
+        code = serve(config, stack, readiness)
+    except MountError as exc:
+        readiness.fail(str(exc))
+    except BaseException as exc:  # a bug: still report one line to the parent, and log it
+        log.exception("the daemon failed")
+        readiness.fail(f"internal error: {type(exc).__name__}: {exc}")
+    finally:
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+        os._exit(code)
+
+
+def _detach(readiness: _Readiness) -> None:
+    """Become a daemon: own session, umask 0, cwd /, stdin/stdout on /dev/null, stderr captured."""
+    os.setsid()
+    os.umask(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    readiness.capture_stderr()
+
+
+def _wait_ready(read_fd: int, pid: int) -> int:
+    """Wait for the daemon's one status line: 0 when ready, else :class:`MountError` with its message."""
+    data = b""
+    deadline = time.monotonic() + READY_TIMEOUT
+    with os.fdopen(read_fd, "rb", buffering=0) as status:
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([status], [], [], left)[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                raise MountError(f"the mount was not ready after {READY_TIMEOUT:.0f} s; stopped the daemon")
+            chunk = status.read(4096)
+            if not chunk:
+                break
+            data += chunk
+    line = data.decode(errors="replace").strip()
+    if line == "ready":
+        return 0
+    _, status_code = os.waitpid(pid, 0)
+    if line.startswith("error "):
+        raise MountError(line.removeprefix("error "))
+    raise MountError(f"the daemon exited before the mount was ready ({_describe_status(status_code)})")
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+class _Readiness:
+    """Tells whoever waits that the mount is ready, or why it failed.  ``status_fd`` is the pipe to the
+    parent (None with ``-f``).  :meth:`ready` runs once, on libfuse's ``init`` (a FUSE thread)."""
+
+    def __init__(self, mountpoint: str, status_fd: int | None) -> None:
+        self.mountpoint = mountpoint
+        # Resolved now, before the mount exists: from ``ready`` (inside libfuse's init) any look at the
+        # mountpoint would wait for init itself to finish.
+        self._registry_address = _registry_name(mountpoint)
+        self.status_fd = status_fd
+        self.is_ready = False
+        self._stderr_log: int | None = None
+        self._lock = threading.Lock()
+        self._registry: _DaemonRegistry | None = None
+
+    def capture_stderr(self) -> None:
+        """Send fd 2 to a memory file until ready, so that a failure can quote what libfuse said there."""
+        self._stderr_log = os.memfd_create("unionfs-mount-stderr", os.MFD_CLOEXEC)
+        os.dup2(self._stderr_log, 2)
+
+    def ready(self) -> None:
+        with self._lock:
+            if self.is_ready:
+                return
+            self.is_ready = True
+        self._registry = _DaemonRegistry.start(self._registry_address, self.mountpoint)
+        log.info("mounted %s (pid %d)", self.mountpoint, os.getpid())
+        if self.status_fd is None:
+            return
+        _quiet_after_ready()
+        self._send("ready")
+
+    def fail(self, message: str) -> None:
+        """Report a failure before ready (after ready there is nobody to tell: it is logged)."""
+        if self.is_ready or self.status_fd is None:
+            log.error("%s", message)
+            return
+        said = self.stderr_tail()
+        if said and said not in message:
+            message = f"{message} ({said})"
+        self._send("error " + " ".join(message.split()))
+
+    def stderr_tail(self) -> str:
+        """The last line written to the captured stderr (libfuse's own complaint), or ''."""
+        if self._stderr_log is None:
+            return ""
+        text = os.pread(self._stderr_log, 65536, 0).decode(errors="replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
+
+    def _send(self, line: str) -> None:
+        if self.status_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self.status_fd, line.encode() + b"\n")
+            os.close(self.status_fd)
+        self.status_fd = None
+
+
+def _quiet_after_ready() -> None:
+    """After ready nobody reads the daemon's stderr: point it at /dev/null, log to syslog if there is one."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+    try:
+        syslog = logging.handlers.SysLogHandler(address="/dev/log")
+    except OSError:
+        return
+    syslog.ident = f"unionfs-mount[{os.getpid()}]: "
+    syslog.setLevel(logging.WARNING)
+    root.addHandler(syslog)
+
+
+def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
+    """Build the union on ``stack`` and run libfuse until the mount ends; return 0.
+
+    Raises :class:`MountError` when the union or the mount cannot be set up (before ready).  The union is
+    closed on the way out in every case.
+    """
+    from mountd.binding import LIBFUSE_MAJOR, UnionFUSE  # FUSE only in the process that serves
+    from mountd.operations import UnionOperations
+    from unionfs.union import UnionFS
+
+    os.umask(0)
+    for name in unsupported_fuse_options(config, libfuse_major=LIBFUSE_MAJOR):
+        log.warning("option %s is not available with libfuse %d: ignored", name, LIBFUSE_MAJOR)
+    try:
+        fs = UnionFS(stack, whiteout=config.whiteout, volatile=config.volatile)
+    except (OSError, ValueError) as exc:
+        stack.close()
+        raise MountError(_describe(exc)) from None
+    try:
+        ops = UnionOperations(fs, on_ready=readiness.ready)
+        kwargs = fuse_kwargs(config, libfuse_major=LIBFUSE_MAJOR)
+        log.debug("FUSE options: %s", kwargs)
+        try:
+            UnionFUSE(ops, config.mountpoint, **kwargs)
+        except RuntimeError as exc:
+            if not readiness.is_ready:
+                raise MountError(f"libfuse could not mount '{config.mountpoint}' (error {exc})") from None
+            # libfuse leaves its loop with an error code when a signal ended it: that is a normal end
+            log.debug("the FUSE loop ended: %s", exc)
+        if not readiness.is_ready:
+            raise MountError(f"libfuse returned without mounting '{config.mountpoint}'")
+    finally:
+        readiness.close()
+        fs.close()
+    log.info("unmounted %s", config.mountpoint)
+    return 0
+
+
+def _describe(exc: OSError | ValueError) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"cannot set up the union: {exc.strerror}{where}"
+    return f"cannot set up the union: {exc}"
+
+
+def configure_logging(*, debug: bool) -> None:
+    """Log to stderr: warnings and errors, everything with ``-d``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("unionfs-mount: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+# -- finding the daemon of a mount --------------------------------------------------------------------------
+
+class _DaemonRegistry:
+    """An abstract unix socket named after the mountpoint, listened on by its daemon.
+
+    It vanishes with the process (no stale files), a second daemon for the same mountpoint cannot bind it,
+    and a client learns the daemon's pid from ``SO_PEERCRED`` (see :func:`daemon_pid`).  Connections are
+    accepted and closed at once by a daemon thread.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    def start(cls, address: bytes, mountpoint: str) -> _DaemonRegistry | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(address)
+            sock.listen(16)
+        except OSError as exc:
+            log.warning("cannot register the daemon of %s: %s", mountpoint, exc)
+            sock.close()
+            return None
+        registry = cls(sock)
+        threading.Thread(target=registry._accept, name="unionfs-registry", daemon=True).start()
+        return registry
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def _registry_name(mountpoint: str) -> bytes:
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:40]
+    return b"\0unionfs-mount/" + digest.encode()
+
+
+def daemon_pid(mountpoint: str) -> int | None:
+    """The pid of the daemon serving ``mountpoint``, or None when no daemon of ours serves it (visible from
+    this network namespace)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(5.0)
+        try:
+            sock.connect(_registry_name(mountpoint))
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid, _, _ = struct.unpack("3i", creds)
+    return pid if pid > 0 else None
+
+
+# -- unmount ------------------------------------------------------------------------------------------------
+
+def unmount(mountpoint: str, *, timeout: float = EXIT_TIMEOUT) -> None:
+    """Unmount a unionfs mount and wait until its daemon has exited.
+
+    Raises :class:`MountError`: not mounted, not a unionfs mount, busy, or the daemon did not exit in time.
+    """
+    real = os.path.realpath(mountpoint)
+    entry = find_mount(real)
+    if entry is None:
+        raise MountError(f"'{mountpoint}' is not mounted")
+    pid = daemon_pid(real)
+    if pid is None and not entry.fstype.startswith(FSTYPE_PREFIX):
+        raise MountError(f"'{mountpoint}' is not a unionfs mount ({entry.fstype})")
+    with _pidfd(pid) as pidfd:
+        _umount(real, mountpoint)
+        if pidfd is not None and not select.select([pidfd], [], [], timeout)[0]:
+            raise MountError(f"the daemon of '{mountpoint}' (pid {pid}) did not exit within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def _pidfd(pid: int | None) -> Iterator[int | None]:
+    """A pidfd of ``pid`` (readable once the process has exited), or None if there is none to watch."""
+    fd = None
+    if pid is not None:
+        with contextlib.suppress(OSError):
+            fd = os.pidfd_open(pid)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _umount(real: str, shown: str) -> None:
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(os.fsencode(real), 0) != 0:
+            err = ctypes.get_errno()
+            raise MountError(f"cannot unmount '{shown}': {os.strerror(err)}")
+        return
+    for tool in ("fusermount3", "fusermount"):
+        try:
+            proc = subprocess.run([tool, "-u", real], capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            continue
+        if proc.returncode != 0:
+            said = proc.stderr.strip().splitlines()
+            raise MountError(f"cannot unmount '{shown}': {said[-1] if said else tool + ' failed'}")
+        return
+    raise MountError(f"cannot unmount '{shown}': neither fusermount3 nor fusermount is installed")
