@@ -1,0 +1,235 @@
+"""Which running union mounts use a directory: ``/proc/self/mountinfo``, the daemons' command lines, and the
+workdir lock.
+
+A union mount is either the kernel's overlayfs (its dirs are in mountinfo's super options) or a FUSE
+daemon with the fuse-overlayfs command line (unionfs-mount, fuse-overlayfs: ``-o lowerdir=…,upperdir=…,
+workdir=…`` and the mountpoint among its arguments).  A running unionfs daemon also holds an ``flock`` on its
+workdir (:func:`unionfs.layers.LayerStack.open`).
+
+Everything here only reads ``/proc``; a process that vanishes while being read is skipped.  Paths are
+compared by their real paths; relative paths on a daemon's command line are taken relative to its cwd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+
+FUSE_TYPES = ("fuse.unionfs", "fuse.unionfs-mount", "fuse.fuse-overlayfs", "fuse")
+
+
+@dataclass(frozen=True)
+class UnionMount:
+    """A running union mount (or a daemon starting one).  ``lowers`` top-down; ``pid`` of the daemon
+    (None for the kernel's overlayfs)."""
+
+    mountpoint: str
+    fstype: str
+    lowers: tuple[str, ...]
+    upper: str | None
+    work: str | None
+    pid: int | None = None
+
+    def describe(self) -> str:
+        who = "the kernel's overlayfs" if self.pid is None else f"process {self.pid}"
+        return f"{self.mountpoint or '(mounting)'} ({who})"
+
+
+@dataclass(frozen=True)
+class MountLine:
+    """The parts of one ``/proc/self/mountinfo`` line used here."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+    super_options: str
+
+
+def _unescape_octal(text: str) -> str:
+    r"""mountinfo writes space, tab, newline, backslash (and, in overlay options, comma) as ``\ooo``."""
+    out, i = [], 0
+    while i < len(text):
+        code = text[i + 1:i + 4]
+        if text[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def mountinfo(path: str = "/proc/self/mountinfo") -> list[MountLine]:
+    """Every mount of this mount namespace, in mountinfo order (a later line is on top)."""
+    lines = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for raw in f:
+            left, _, right = raw.rstrip("\n").partition(" - ")
+            lf, rf = left.split(" "), right.split(" ")
+            if len(lf) < 5 or len(rf) < 2:
+                continue
+            lines.append(MountLine(_unescape_octal(lf[4]), rf[0], _unescape_octal(rf[1]),
+                                   rf[2] if len(rf) > 2 else ""))
+    return lines
+
+
+def split_options(text: str) -> dict[str, str]:
+    r"""``a=1,b,c=x\,y`` → ``{"a": "1", "b": "", "c": "x,y"}``: commas split, a backslash escapes the next
+    character (the fuse-overlayfs convention).  ``lowerdir`` keeps its ``\:`` escapes for
+    :func:`split_lowerdir`."""
+    out: dict[str, str] = {}
+    current: list[str] = []
+    i = 0
+    items = []
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            current.append(text[i:i + 2] if text[i + 1] == ":" else text[i + 1])
+            i += 2
+            continue
+        if c == ",":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+        i += 1
+    items.append("".join(current))
+    for item in items:
+        if item:
+            key, _, value = item.partition("=")
+            out[key] = value
+    return out
+
+
+def split_lowerdir(value: str) -> list[str]:
+    r"""``A:B\:C`` → ``["A", "B:C"]`` (top-down)."""
+    parts, current, i = [], [], 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value):
+            current.append(value[i + 1])
+            i += 2
+            continue
+        if value[i] == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(value[i])
+        i += 1
+    parts.append("".join(current))
+    return [p for p in parts if p]
+
+
+def _real(path: str, cwd: str = "/") -> str:
+    return os.path.realpath(os.path.join(cwd, path))
+
+
+def kernel_mounts() -> list[UnionMount]:
+    """The kernel overlayfs mounts, with their dirs from the super options."""
+    out = []
+    for line in mountinfo():
+        if line.fstype != "overlay":
+            continue
+        opts = {k: _unescape_octal(v) for k, v in split_options(line.super_options).items()}
+        out.append(UnionMount(line.mountpoint, line.fstype, tuple(split_lowerdir(opts.get("lowerdir", ""))),
+                              opts.get("upperdir"), opts.get("workdir")))
+    return out
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [os.fsdecode(a) for a in raw.split(b"\0")[:-1]]
+
+
+def _daemon_mount(pid: int, argv: list[str]) -> UnionMount | None:
+    """The union a process with the fuse-overlayfs command line serves, or None if it has none."""
+    opts: dict[str, str] = {}
+    positional: list[str] = []
+    args = iter(argv[1:])
+    for arg in args:
+        if arg == "-o":
+            opts.update(split_options(next(args, "")))
+        elif arg.startswith("-o"):
+            opts.update(split_options(arg[2:]))
+        elif not arg.startswith("-"):
+            positional.append(arg)
+    if "lowerdir" not in opts or not positional:
+        return None
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        cwd = "/"
+    upper, work = opts.get("upperdir"), opts.get("workdir")
+    return UnionMount(_real(positional[-1], cwd), "fuse",
+                      tuple(_real(p, cwd) for p in split_lowerdir(opts["lowerdir"])),
+                      _real(upper, cwd) if upper else None, _real(work, cwd) if work else None, pid)
+
+
+def daemon_mounts() -> list[UnionMount]:
+    """Processes whose command line is a union mount (running daemons and ones still starting)."""
+    out = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        argv = _cmdline(int(entry))
+        if not argv or not any("lowerdir=" in a for a in argv):
+            continue
+        found = _daemon_mount(int(entry), argv)
+        if found is not None:
+            out.append(found)
+    return out
+
+
+def mount_at(path: str) -> UnionMount | None:
+    """The union mounted at ``path`` (a mountpoint; the topmost mount there), or None.
+
+    For a FUSE mount the dirs come from the daemon's command line; a FUSE union whose daemon cannot be
+    found is returned with no dirs.
+    """
+    real = os.path.realpath(path)
+    lines = [m for m in mountinfo() if m.mountpoint == real]
+    if not lines:
+        return None
+    top = lines[-1]
+    if top.fstype == "overlay":
+        return next((m for m in reversed(kernel_mounts()) if m.mountpoint == real), None)
+    if top.fstype != "fuse" and not top.fstype.startswith("fuse."):
+        return None
+    for daemon in daemon_mounts():
+        if daemon.mountpoint == real:
+            return UnionMount(real, top.fstype, daemon.lowers, daemon.upper, daemon.work, daemon.pid)
+    return UnionMount(real, top.fstype, (), None, None) if top.fstype in FUSE_TYPES else None
+
+
+def workdir_locked(work: str) -> bool:
+    """True when a running unionfs daemon holds the lock of workdir ``work`` (False if it is not there)."""
+    try:
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return False
+
+
+def users_of_upper(upper: str, *, work: str | None = None) -> list[UnionMount]:
+    """The mounts (and starting daemons) that use ``upper`` as their upper dir.  ``work``, when known (from
+    a container record), is also checked for a daemon's lock."""
+    real = os.path.realpath(upper)
+    users = [m for m in kernel_mounts() if m.upper and os.path.realpath(m.upper) == real]
+    users += [m for m in daemon_mounts() if m.upper == real]
+    if not users and work is not None and workdir_locked(work):
+        users.append(UnionMount("", "fuse", (), real, os.path.realpath(work)))
+    return users
