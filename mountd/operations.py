@@ -11,10 +11,12 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from mountd.binding import Operations, fuse_get_context, kernel_invalidator
+from unionfs.control import ControlServer
 from unionfs.union import Handle, UnionFS
 
 log = logging.getLogger("unionfs")
@@ -24,15 +26,28 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def _op(fn: _F) -> _F:
     """Wrap one FUSE operation: OSError passes through, anything else is logged and becomes EIO."""
 
+    name = fn.__name__
+
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: UnionOperations, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter_ns()
+        failed = 1
         try:
-            return fn(*args, **kwargs)
+            result = fn(self, *args, **kwargs)
+            failed = 0
+            return result
         except OSError:
             raise
         except Exception:
-            log.exception("unexpected error in %s%r", fn.__name__, args[1:])
+            log.exception("unexpected error in %s%r", name, args)
             raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
+        finally:
+            counts = self.op_stats.get(name)
+            if counts is None:
+                counts = self.op_stats[name] = [0, 0, 0]
+            counts[0] += 1
+            counts[1] += time.perf_counter_ns() - start
+            counts[2] += failed
 
     return cast(_F, wrapper)
 
@@ -46,10 +61,18 @@ class UnionOperations(Operations):  # type: ignore[misc]
 
     use_ns = True
 
-    def __init__(self, fs: UnionFS, *, on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(self, fs: UnionFS, *, on_ready: Callable[[], None] | None = None,
+                 mountpoint: str | None = None) -> None:
         self.fs = fs
         self.on_ready = on_ready
+        self.mountpoint = mountpoint
         self.handles: dict[int, Handle] = {}
+        self.op_stats: dict[str, list[int]] = {}
+        """Per operation: [calls, total ns, errors]; read by ``unionfs stats``."""
+        self.control: ControlServer | None = None
+        if mountpoint is not None:
+            self.control = ControlServer(mountpoint, {"stats": self._stats, "info": self._info},
+                                         pause=fs.pause, resume=fs.resume)
         self._invalidations: queue.SimpleQueue[str | None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -57,10 +80,18 @@ class UnionOperations(Operations):  # type: ignore[misc]
         invalidate = kernel_invalidator()
         if invalidate is not None:
             self._start_invalidator(invalidate)
+        if self.control is not None:
+            try:
+                self.control.start()
+            except OSError:
+                log.exception("control socket unavailable; the mount works without it")
+                self.control = None
         if self.on_ready is not None:
             self.on_ready()
 
     def destroy(self, path: str) -> None:
+        if self.control is not None:
+            self.control.stop()
         if self._invalidations is not None:
             self._invalidations.put(None)
         for handle in list(self.handles.values()):
@@ -79,6 +110,22 @@ class UnionOperations(Operations):  # type: ignore[misc]
         threading.Thread(target=run, name="unionfs-invalidate", daemon=True).start()
         self._invalidations = pending
         self.fs.invalidate = pending.put
+
+    def _stats(self, request: dict[str, Any]) -> dict[str, Any]:
+        ops = {name: {"calls": c, "errors": e, "total_ms": round(ns / 1e6, 3),
+                      "avg_us": round(ns / c / 1e3, 2) if c else 0.0}
+               for name, (c, ns, e) in sorted(self.op_stats.items())}
+        return {"cache": self.fs.cache.snapshot(), "operations": ops, "open_files": len(self.handles),
+                "paused": self.fs.gate.paused}
+
+    def _info(self, request: dict[str, Any]) -> dict[str, Any]:
+        stack = self.fs.stack
+        return {"pid": os.getpid(), "mountpoint": self.mountpoint,
+                "lowers": [layer.path for layer in stack.lowers],
+                "upper": stack.upper.path if stack.upper else None,
+                "work": stack.work.path if stack.work else None,
+                "whiteout": self.fs.writer.format.value if self.fs.writer else None,
+                "volatile": self.fs.volatile}
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _handle(self, fh: int) -> Handle:

@@ -9,17 +9,19 @@ take no lock.  Callers: ``mountd.operations`` and the tests.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from unionfs import copyup
 from unionfs.cache import DirState, LookupCache
 from unionfs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, join, split
+from unionfs.gate import WriteGate
 from unionfs.layers import WORK_SUBDIR, LayerStack
 from unionfs.lookup import Node, Resolver
 from unionfs.whiteout import (
@@ -33,7 +35,7 @@ S_IFDIR = stat_mod.S_IFDIR
 NAME_MAX = 255
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
-_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 @dataclass(slots=True)
@@ -44,6 +46,17 @@ class Handle:
     path: str
     ino: int
     upper: bool
+
+
+def _mutating(fn: _F) -> _F:
+    """Mark a method that changes the upper layer: it passes the write gate (held shut by a pause)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: UnionFS, *args: Any, **kwargs: Any) -> Any:
+        with self.gate.writing():
+            return fn(self, *args, **kwargs)
+
+    return cast(_F, wrapper)
 
 
 def _err(code: int, path: str) -> OSError:
@@ -66,6 +79,7 @@ class UnionFS:
         self.cache = LookupCache(cache_entries)
         self.resolver = Resolver(stack, self.cache)
         self.lock = threading.RLock()
+        self.gate = WriteGate()
         self.upper: HostDir | None = stack.upper.host if stack.upper else None
         self.work: HostDir | None = stack.work
         self.writer: WhiteoutWriter | None = None
@@ -168,9 +182,12 @@ class UnionFS:
         """Would removing the upper copy of ``name`` let a lower one show through?"""
         return not parent.upper_opaque and name in parent.lower
 
-    def _locked(self, fn: Callable[[], _T]) -> _T:
-        with self.lock:
-            return fn()
+    def pause(self, timeout: float | None = None) -> bool:
+        """Hold every change back (after those in flight) so the upper dir can be copied consistently."""
+        return self.gate.pause(timeout)
+
+    def resume(self) -> None:
+        self.gate.resume()
 
     # ================================================================== reading
     def getattr(self, path: str) -> dict[str, Any]:
@@ -266,6 +283,7 @@ class UnionFS:
             node = self._node(path)
             return [n for n in self._host(node).listxattr(path) if not is_private_xattr(n)]
 
+    @_mutating
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         with self.lock:
             upper, _, _ = self._writable()
@@ -275,6 +293,7 @@ class UnionFS:
             self.copy_up(path)
             upper.setxattr(path, name, value, flags)
 
+    @_mutating
     def removexattr(self, path: str, name: str) -> None:
         with self.lock:
             upper, _, _ = self._writable()
@@ -417,6 +436,7 @@ class UnionFS:
         host.chown(rel, uid, gid)
 
     # ================================================================== creating
+    @_mutating
     def create(self, path: str, flags: int, mode: int, uid: int = 0, gid: int = 0) -> Handle:
         """Create and open a regular file (O_CREAT); EEXIST if something is visible there."""
         with self.lock:
@@ -435,6 +455,7 @@ class UnionFS:
             assert self.upper is not None
             return Handle(fd, path, self._ino(0, os.fstat(fd).st_ino), True)
 
+    @_mutating
     def mkdir(self, path: str, mode: int, uid: int = 0, gid: int = 0) -> None:
         with self.lock:
             parent = self._new_parent(path)
@@ -448,6 +469,7 @@ class UnionFS:
             self._place_new(path, parent, build, S_IFDIR)
             self.cache.invalidate_subtree(path)
 
+    @_mutating
     def mknod(self, path: str, mode: int, rdev: int, uid: int = 0, gid: int = 0) -> None:
         with self.lock:
             parent = self._new_parent(path)
@@ -459,6 +481,7 @@ class UnionFS:
 
             self._place_new(path, parent, build, kind)
 
+    @_mutating
     def symlink(self, target: str, path: str, uid: int = 0, gid: int = 0) -> None:
         with self.lock:
             parent = self._new_parent(path)
@@ -469,6 +492,7 @@ class UnionFS:
 
             self._place_new(path, parent, build, stat_mod.S_IFLNK)
 
+    @_mutating
     def link(self, src: str, dst: str) -> None:
         """Hard link ``dst`` to the object at ``src`` (copied up first, as the kernel does)."""
         with self.lock:
@@ -494,6 +518,7 @@ class UnionFS:
             self._touch_links(dst, st)
 
     # ================================================================== removing
+    @_mutating
     def unlink(self, path: str) -> None:
         with self.lock:
             self._writable()
@@ -514,6 +539,7 @@ class UnionFS:
                 self._links.get((old.st_dev, old.st_ino), set()).discard(path)
                 self._touch_links(path, old)
 
+    @_mutating
     def rmdir(self, path: str) -> None:
         with self.lock:
             self._writable()
@@ -535,6 +561,7 @@ class UnionFS:
             self.cache.invalidate_subtree(path)
 
     # ================================================================== rename
+    @_mutating
     def rename(self, src: str, dst: str, flags: int = 0) -> None:
         """rename(2)/renameat2(2) with the kernel overlayfs's rules: a directory that is not purely upper
         answers EXDEV (the kernel's default without ``redirect_dir``)."""
@@ -606,6 +633,7 @@ class UnionFS:
             self.cache.invalidate_subtree(dst)
 
     # ================================================================== metadata
+    @_mutating
     def chmod(self, path: str, mode: int) -> None:
         with self.lock:
             self._node(path)
@@ -614,6 +642,7 @@ class UnionFS:
             self.upper.chmod(path, stat_mod.S_IMODE(mode))
             self._touch_links(path)
 
+    @_mutating
     def chown(self, path: str, uid: int, gid: int) -> None:
         with self.lock:
             self._node(path)
@@ -622,6 +651,7 @@ class UnionFS:
             self.upper.chown(path, uid, gid)
             self._touch_links(path)
 
+    @_mutating
     def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
         """Set times in ns; None means "now" for both (utime(NULL)); UTIME_OMIT / UTIME_NOW are honoured."""
         with self.lock:
@@ -641,6 +671,7 @@ class UnionFS:
             self.upper.utime(path, (pick(atime_ns, st.st_atime_ns), pick(mtime_ns, st.st_mtime_ns)))
             self._touch_links(path, st)
 
+    @_mutating
     def truncate(self, path: str, length: int) -> None:
         with self.lock:
             node = self._node(path)
@@ -660,6 +691,12 @@ class UnionFS:
         """Open ``path``; writing (or O_TRUNC) copies it up first.  Returns a handle owning a descriptor."""
         write = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         host_flags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY)
+        if write:
+            with self.gate.writing():
+                return self._open(path, flags, host_flags, write=True)
+        return self._open(path, flags, host_flags, write=False)
+
+    def _open(self, path: str, flags: int, host_flags: int, *, write: bool) -> Handle:
         with self.lock:
             node = self._node(path)
             if write:
@@ -680,9 +717,11 @@ class UnionFS:
     def read(self, handle: Handle, size: int, offset: int) -> bytes:
         return os.pread(handle.fd, size, offset)
 
+    @_mutating
     def write(self, handle: Handle, data: bytes, offset: int) -> int:
         return os.pwrite(handle.fd, data, offset)
 
+    @_mutating
     def ftruncate(self, handle: Handle, length: int) -> None:
         os.ftruncate(handle.fd, length)
 
@@ -691,6 +730,7 @@ class UnionFS:
             return
         (os.fdatasync if datasync else os.fsync)(handle.fd)
 
+    @_mutating
     def fallocate(self, handle: Handle, mode: int, offset: int, length: int) -> None:
         if mode != 0:
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
