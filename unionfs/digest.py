@@ -231,6 +231,7 @@ class _Walker:
 
     def __init__(self, host: HostDir, *, content: bool, progress: Progress | None) -> None:
         self.host = host
+        self.dev = host.dev
         self.content = content
         self.progress = progress
         self.manifest = Manifest()
@@ -250,6 +251,8 @@ class _Walker:
                     self._emit(Entry(path=join(parent, str(extra)), kind="whiteout"))
                     continue
                 path = join(parent, child.name) if child.name else ""
+                if child.st.st_dev != self.dev:
+                    raise OSError(errno.EXDEV, "another filesystem is mounted inside the tree", path)
                 if child.overlay_only:
                     self.manifest.overlay_only.append(path)
                 if stat_mod.S_ISDIR(child.st.st_mode):
@@ -308,7 +311,9 @@ def scan(host: HostDir, *, content: bool = True, progress: Progress | None = Non
     """Read the layer tree under ``host`` into a :class:`Manifest` (entries, digest, counts).
 
     ``content=False`` skips reading file data (``Entry.content`` stays empty and the digest is then
-    meaningless: for listings that only need the shape).  Raises ``OSError`` from the host.
+    meaningless: for listings that only need the shape).  Raises ``OSError`` from the host; EXDEV where
+    another filesystem is mounted inside the tree (a layer is one directory tree, never a set of mounts);
+    ESTALE where a file changed size while it was read.
     """
     return _Walker(host, content=content, progress=progress).run()
 
