@@ -4,7 +4,9 @@ always unmount, and comparisons that do fail when the two sides differ."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import time
 import warnings
 from pathlib import Path
 
@@ -168,6 +170,59 @@ def test_mount_program_that_mounts_nothing_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.mounted
+def test_mount_program_that_hangs_is_killed(tmp_path: Path) -> None:
+    """A mount program that never returns is killed after the timeout and reported."""
+    prog = _script(tmp_path / "stuck-mount", "exec sleep 60\n")
+    ls = L.new_layer_set(tmp_path / "set", [L.build_layer({"a": "a"}, tmp_path / "l")])
+    with pytest.raises(MountError, match=r"did not return within 0\.3s"), \
+            unionfs_mount(ls.lowers, ls.upper, ls.work, ls.mnt, program=prog, timeout=0.3):
+        pytest.fail("the body must not run")
+
+
+@pytest.mark.mounted
+def test_daemon_that_dies_while_mounted_is_an_error(tmp_path: Path) -> None:
+    """A daemon gone before the unmount (a crash) fails the test, and the dead mount is still removed."""
+    ls = L.new_layer_set(tmp_path / "set", [L.build_layer({"a": "a"}, tmp_path / "l")])
+    with pytest.raises(MountError, match="died while mounted"), \
+            unionfs_mount(ls.lowers, ls.upper, ls.work, ls.mnt, program=FUSE_OVERLAYFS):
+        for pid in _daemons(ls.mnt):
+            os.kill(pid, signal.SIGKILL)
+        assert _wait_dead(_daemons(ls.mnt))
+    assert find_mount(ls.mnt) is None
+
+
+@pytest.mark.mounted
+def test_watchdog_kills_a_daemon_that_stays_busy(tmp_path: Path) -> None:
+    """A mount still in use after hang_timeout gets its daemon killed and the test fails, never hangs."""
+    ls = L.new_layer_set(tmp_path / "set", [L.build_layer({"a": "a"}, tmp_path / "l")])
+    with pytest.raises(MountError, match=r"still busy after 0\.2s"), \
+            unionfs_mount(ls.lowers, ls.upper, ls.work, ls.mnt, program=FUSE_OVERLAYFS, hang_timeout=0.2):
+        assert _wait_dead(_daemons(ls.mnt))
+    assert find_mount(ls.mnt) is None
+
+
+def _daemons(mnt: Path) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _has_arg(int(p), str(mnt))]
+
+
+def _has_arg(pid: int, arg: str) -> bool:
+    try:
+        return arg.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def _wait_dead(pids: list[int]) -> bool:
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{p}").exists() and b"Z" not in Path(f"/proc/{p}/stat").read_bytes().split()[2:3]
+              for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.mounted
 def test_fuse_mount_and_daemon_are_gone_after_the_context(tmp_path: Path) -> None:
     """A FUSE mount (fuse-overlayfs as a stand-in) is unmounted and its daemon has exited afterwards."""
     ls = L.new_layer_set(tmp_path / "set", [L.build_layer({"a": "a"}, tmp_path / "l")])
@@ -176,8 +231,7 @@ def test_fuse_mount_and_daemon_are_gone_after_the_context(tmp_path: Path) -> Non
         info = find_mount(ls.mnt)
         assert info is not None and info.fstype.startswith("fuse")
     assert find_mount(ls.mnt) is None
-    assert not any(str(ls.mnt).encode() in Path(f"/proc/{p}/cmdline").read_bytes()
-                   for p in os.listdir("/proc") if p.isdigit() and Path(f"/proc/{p}/cmdline").exists())
+    assert _daemons(ls.mnt) == []
 
 
 HARNESS = Catalog()

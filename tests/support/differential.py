@@ -203,7 +203,8 @@ class Catalog:
 # --- running ---------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
+def in_dir(path: Path) -> Iterator[None]:
+    """Run the block with ``path`` as the current directory; always go back (before any unmount)."""
     old = os.getcwd()
     os.chdir(path)
     try:
@@ -278,7 +279,7 @@ def _run_side(scenario: Scenario, *, program: str | None, lowers: Sequence[Path]
     r = Recorder()
     r.memo["_changed_after"] = changed_after
     with mount(ls.lowers, ls.upper, ls.work, ls.mnt) as root:
-        with _cwd(root):
+        with in_dir(root):
             scenario.run(r)
         visible = snapshot(root, changed_after=changed_after)
     results = r.results
@@ -286,7 +287,7 @@ def _run_side(scenario: Scenario, *, program: str | None, lowers: Sequence[Path]
     with mount(ls.lowers, ls.upper, ls.work, ls.mnt) as root:
         visible_again = snapshot(root, changed_after=changed_after)
         if scenario.after_remount is not None:
-            with _cwd(root):
+            with in_dir(root):
                 scenario.after_remount(r)
     up = None if ls.upper is None else upper_snapshot(ls.upper, changed_after=changed_after)
     changed = []

@@ -164,25 +164,48 @@ def unmount(mnt: Path, *, daemon_pids: Collection[int] = (), log: Path | None = 
     errors: list[str] = []
     deadline = time.monotonic() + 1.0
     while find_mount(mnt) is not None:
-        proc = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, check=False)
-        if proc.returncode == 0:
+        rc, out = _run_bounded(["umount", str(mnt)], timeout)
+        if rc == 0:
             break
-        errors.append(proc.stderr.strip())
-        if time.monotonic() > deadline:
-            warnings.warn(f"umount {mnt} failed ({errors[-1]}); falling back to umount -l", stacklevel=2)
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        errors.append(out)
+        if rc is None or time.monotonic() > deadline:
+            warnings.warn(f"umount {mnt} failed ({out}); falling back to umount -l", stacklevel=2)
+            _run_bounded(["umount", "-l", str(mnt)], timeout)
             break
         time.sleep(0.05)
     if not _wait(lambda: find_mount(mnt) is None, timeout):
-        raise MountError(f"{mnt} is still mounted after umount and umount -l: {errors}")
+        _kill(daemon_pids)  # a dead daemon aborts the FUSE connection; then try once more
+        _run_bounded(["umount", "-l", str(mnt)], timeout)
+        if not _wait(lambda: find_mount(mnt) is None, timeout):
+            raise MountError(f"{mnt} is still mounted after umount and umount -l: {errors}")
     _ACTIVE.pop(str(mnt), None)
     if not _wait(lambda: not any(_alive(p) for p in daemon_pids), timeout):
-        survivors = [p for p in daemon_pids if _alive(p)]
-        for pid in survivors:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+        survivors = _kill(daemon_pids)
         raise MountError(f"daemon {survivors} for {mnt} did not exit after umount; killed it.\n"
                          f"{_read_log(log)}")
+
+
+def _run_bounded(argv: list[str], timeout: float) -> tuple[int | None, str]:
+    """Run a helper command for at most ``timeout`` seconds: (exit code or None if killed, output)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=2)
+        return None, f"{' '.join(argv)} did not finish within {timeout}s"
+    return proc.returncode, out.strip()
+
+
+def _kill(pids: Collection[int]) -> list[int]:
+    """SIGKILL those of ``pids`` (daemons we started) that are still alive; return them."""
+    alive = [p for p in pids if _alive(p)]
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return alive
 
 
 def unmount_leftovers() -> list[str]:
@@ -217,7 +240,7 @@ def _overlay_options(lowers: Sequence[Path], upper: Path | None, work: Path | No
 
 
 def _prepare_mountpoint(mnt: Path) -> Path:
-    mnt = mnt.absolute()
+    mnt = Path(os.path.realpath(mnt))  # mountinfo shows the resolved path
     if find_mount(mnt) is not None:
         raise MountError(f"{mnt} is already a mountpoint")
     if not mnt.is_dir():
@@ -258,15 +281,20 @@ def unionfs_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None,
     log = Path(name)
     try:
         with open(log, "wb") as out:
-            try:
-                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                      timeout=timeout, check=False)
-            except subprocess.TimeoutExpired:
-                proc = None
-        if proc is None or proc.returncode != 0:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        try:
+            rc: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+        if rc != 0:
+            daemons = _pids_with_arg(str(mnt))
+            _kill(daemons)
             with contextlib.suppress(MountError):
-                unmount(mnt, daemon_pids=_pids_with_arg(str(mnt)))
-            what = f"did not return within {timeout}s" if proc is None else f"exited {proc.returncode}"
+                unmount(mnt, daemon_pids=daemons)
+            what = f"did not return within {timeout}s" if rc is None else f"exited {rc}"
             raise MountError(f"{command} {what}:\n{_read_log(log)}")
         if not _wait(lambda: (m := find_mount(mnt)) is not None and m.fstype.startswith("fuse"), timeout):
             found = find_mount(mnt)
@@ -280,9 +308,7 @@ def unionfs_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None,
 
         def watchdog() -> None:
             hung.set()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            _kill(pids)
 
         timer = threading.Timer(hang_timeout, watchdog)
         timer.daemon = True
@@ -303,8 +329,8 @@ def unionfs_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None,
 
 
 def _dmesg_tail() -> str:
-    proc = subprocess.run(["dmesg"], capture_output=True, text=True, check=False)
-    return "\n".join(line for line in proc.stdout.splitlines()[-20:] if "overlay" in line)
+    _, out = _run_bounded(["dmesg"], 5)
+    return "\n".join(line for line in out.splitlines()[-20:] if "overlay" in line)
 
 
 @contextlib.contextmanager
@@ -325,9 +351,9 @@ def kernel_overlay_mount(lowers: Sequence[Path], upper: Path | None, work: Path 
             lowers.append(extra)
         opts = ",".join([*_overlay_options(lowers, upper, work), *KERNEL_OPTIONS, *options])
         argv = ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise MountError(f"{' '.join(argv)} failed: {proc.stderr.strip()}\n{_dmesg_tail()}")
+        rc, out = _run_bounded(argv, MOUNT_TIMEOUT)
+        if rc != 0:
+            raise MountError(f"{' '.join(argv)} failed: {out}\n{_dmesg_tail()}")
         if not _wait(lambda: (m := find_mount(mnt)) is not None and m.fstype == "overlay", MOUNT_TIMEOUT):
             raise MountError(f"overlay mount at {mnt} did not appear in mountinfo")
         _ACTIVE[str(mnt)] = set()
