@@ -21,6 +21,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SYSTEM_ORDER = ("native", "kernel", "fuse-overlayfs", "unionfs")
+COLORS = {"native": "#7f7f7f", "kernel": "#1f77b4", "fuse-overlayfs": "#ff7f0e", "unionfs": "#2ca02c"}
 BEGIN, END = "<!-- latest-run:begin -->", "<!-- latest-run:end -->"
 NOISY = 0.25  # (max - min) / median above which a median is flagged
 TARGET_VS_FUSE = 1.5  # issue 4: every workload at least 1.5x faster than fuse-overlayfs
@@ -132,6 +133,7 @@ def table(doc: dict[str, Any], subject: str = "unionfs",
           baselines: Sequence[str] = ("fuse-overlayfs", "kernel")) -> str:
     """The main table: one row per figure, one column per system, then subject/baseline ratios."""
     systems = _systems(doc)
+    baselines = [b for b in baselines if b != subject]
     cols = ["figure", "unit", "better", "temp", *systems, *(f"{subject} / {b}" for b in baselines)]
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(cols) - 4)) + "|"]
     for name, entry in doc["results"].items():
@@ -219,6 +221,10 @@ def plot(doc: dict[str, Any], out_dir: Path, subject: str = "unionfs",
         return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    baselines = [b for b in baselines if b != subject]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -231,10 +237,12 @@ def plot(doc: dict[str, Any], out_dir: Path, subject: str = "unionfs",
         for i, b in enumerate(baselines):
             vals = [speedup(doc["results"][n], subject, b) or 0.0 for n in names]
             ys = [k + i * height for k in range(len(names))]
-            ax.barh(ys, vals, height=height, label=f"vs {b}")
+            ax.barh(ys, vals, height=height, label=f"vs {b}", color=COLORS.get(b))
         ax.set_yticks([k + height * (len(baselines) - 1) / 2 for k in range(len(names))], names)
         ax.invert_yaxis()
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.axvline(TARGET_VS_FUSE, color="grey", linestyle="--", linewidth=0.8, label=f"{TARGET_VS_FUSE}× target")
         ax.set_xlabel(f"how many times better {subject} is (> 1: {subject} faster / higher throughput; log)")
@@ -257,9 +265,16 @@ def plot(doc: dict[str, Any], out_dir: Path, subject: str = "unionfs",
                 pts = [(e["x"], median_of(e, s)) for e in entries]
                 pts = [(x, y) for x, y in pts if y is not None]
                 if pts:
-                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=s)
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=s, color=COLORS.get(s))
             ax.set_xscale("log")
-            ax.set_yscale("log")
+            if series == "depth_stat_cold":
+                ax.set_yscale("log")
+            else:
+                ax.set_ylim(bottom=0)
+            ax.set_xticks(sorted({e["x"] for e in entries}))
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_formatter(plain)
+                axis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("layers")
             ax.set_ylabel("seconds (lower is better)")
             ax.set_title(titles[series])

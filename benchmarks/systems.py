@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MOUNT_TIMEOUT_S = 300.0
+PROBE_TIMEOUT_S = 30.0
 DAEMON_EXIT_TIMEOUT_S = 30.0
 UNIONFS_ENV = "BENCH_UNIONFS_MOUNT"
 
@@ -168,7 +169,7 @@ class _Overlay(System):
     def _has_daemon(self) -> bool:
         return True
 
-    def _do_mount(self, stack: Stack, run_dir: Path) -> tuple[float, list[int]]:
+    def _do_mount(self, stack: Stack, run_dir: Path, timeout: float = MOUNT_TIMEOUT_S) -> tuple[float, list[int]]:
         upper, work, mnt = self._dirs(run_dir)
         argv, cwd = self._command(stack, upper, work, mnt)
         log = run_dir / f"{self.name}-mount.log"
@@ -178,16 +179,16 @@ class _Overlay(System):
             try:
                 proc = subprocess.run(
                     argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    timeout=MOUNT_TIMEOUT_S, check=False,
+                    timeout=timeout, check=False,
                 )
             except subprocess.TimeoutExpired as e:
                 _unmount_quietly(mnt)
-                raise MountError(f"{self.name}: mount command timed out after {MOUNT_TIMEOUT_S:.0f} s") from e
+                raise MountError(f"{self.name}: mount command timed out after {timeout:.0f} s") from e
         if proc.returncode != 0:
             raise MountError(f"{self.name}: mount exited {proc.returncode}: {_tail(log)}")
         while not os.path.ismount(mnt):
-            if time.perf_counter() - start > MOUNT_TIMEOUT_S:
-                raise MountError(f"{self.name}: {mnt} not mounted {MOUNT_TIMEOUT_S:.0f} s after the command")
+            if time.perf_counter() - start > timeout:
+                raise MountError(f"{self.name}: {mnt} not mounted {timeout:.0f} s after the command")
             time.sleep(0.002)
         elapsed = time.perf_counter() - start
         pids = find_daemon_pids(mnt) if self._has_daemon() else []
@@ -207,25 +208,34 @@ class _Overlay(System):
         return mount.mount_seconds
 
     def _probe_mount(self, scratch: Path) -> str:
-        """Mount a two-layer stack, check the merge, unmount. Returns '' or the reason it failed."""
+        """Mount a two-layer stack, check the merge and a write, unmount. Returns '' or why it failed."""
         base = scratch / "probe" / self.name
         shutil.rmtree(base, ignore_errors=True)
-        lo1, lo2 = base / "l1", base / "l2"
-        lo1.mkdir(parents=True)
-        lo2.mkdir(parents=True)
+        lo1, lo2, run_dir = base / "l1", base / "l2", base / "run"
+        for d in (lo1, lo2, run_dir):
+            d.mkdir(parents=True)
         (lo1 / "top").write_text("1")
         (lo2 / "bottom").write_text("2")
+        mnt = run_dir / "mnt"
+        pids: list[int] = []
+        reason = ""
         try:
-            with self.mount(Stack((lo1, lo2)), base / "run", writable=True) as m:
-                names = sorted(os.listdir(m.root))
-                if names != ["bottom", "top"]:
-                    return f"probe mount lists {names}, expected ['bottom', 'top']"
-                (m.root / "new").write_text("3")
+            _, pids = self._do_mount(Stack((lo1, lo2)), run_dir, timeout=PROBE_TIMEOUT_S)
+            names = sorted(os.listdir(mnt))
+            if names != ["bottom", "top"]:
+                reason = f"probe mount lists {names}, expected ['bottom', 'top']"
+            else:
+                (mnt / "new").write_text("3")
         except (MountError, OSError, subprocess.SubprocessError) as e:
-            return str(e)
+            reason = str(e)
         finally:
-            shutil.rmtree(base, ignore_errors=True)
-        return ""
+            try:
+                unmount(mnt, pids)
+            except MountError as e:
+                reason = reason or str(e)
+            if not os.path.ismount(mnt):
+                shutil.rmtree(base, ignore_errors=True)
+        return reason
 
 
 class KernelOverlay(_Overlay):
