@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from support import layers as L
-from support.differential import Recorder, in_dir
+from support.differential import Recorder, in_dir, recent_cutoff
 from support.mounts import kernel_overlay_mount, unionfs_mount
 from support.snapshot import diff_snapshots, snapshot
 
@@ -139,7 +138,7 @@ def _written_then_read(seq: Sequence, tmp: Path, *, writer: Mount, reader: Mount
     lowers = [L.build_layer(spec, tmp / f"l{i}") for i, spec in enumerate(seq.lowers)]
     ls = L.new_layer_set(tmp / "set", lowers)
     assert ls.upper is not None and ls.work is not None
-    changed_after = time.time_ns() - 1_000_000
+    changed_after = recent_cutoff()
     r = Recorder()
     with writer(list(ls.lowers), ls.upper, ls.work, ls.mnt) as root:
         with in_dir(root):

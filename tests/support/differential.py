@@ -299,13 +299,22 @@ def _run_side(scenario: Scenario, *, program: str | None, lowers: Sequence[Path]
                       visible_after_remount=visible_again, upper=up, lowers_changed=changed)
 
 
+def recent_cutoff() -> int:
+    """An mtime from which on a timestamp counts as "new" in snapshots: a little before now.
+
+    The margin covers the kernel's coarse clock (file times may lag ``time.time_ns()`` by a tick); layer
+    times (2020) and explicit ``utime`` values in scenarios are far older.
+    """
+    return time.time_ns() - 10 * 10**9
+
+
 def run_differential(scenario: Scenario, tmp: Path, *, program: str | None = None) -> Comparison:
     """Run ``scenario`` on both sides under the empty directory ``tmp``; return the comparison.
 
     ``program`` is the mount program under test (default: ``mounts.mount_program()``).
     """
     kl, ku, pl, pu = _build_sources(scenario, tmp)
-    changed_after = time.time_ns() - 1_000_000  # anything written from now on is "new"
+    changed_after = recent_cutoff()
     k = _run_side(scenario, program=None, lowers=kl, upper=ku, base=tmp / "kernel",
                   changed_after=changed_after)
     p = _run_side(scenario, program=program or mount_program(), lowers=pl, upper=pu, base=tmp / "program",
