@@ -56,8 +56,8 @@ class TerminalProgress(Progress):
     def advance(self, files: int, nbytes: int) -> None:
         self.files += files
         self.nbytes += nbytes
-        now = time.monotonic()
-        if now - self._last >= self.interval:
+        finished = self.total_files is not None and self.files >= self.total_files
+        if finished or time.monotonic() - self._last >= self.interval:
             self._draw()
 
     def line(self) -> str:

@@ -1,0 +1,388 @@
+"""Commit and import: the layer holds exactly the upper (normalised to the kernel format), identical content
+is stored once, a killed commit leaves the store consistent, and every refusal is one clear message."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import os
+import random
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from support.image_specs import layer_specs
+from support.layers import WHITEOUT, Device, Dir, Fifo, File, Hardlink, Symlink, build_layer, copy_tree
+from support.mounts import kernel_overlay_mount
+from support.snapshot import upper_snapshot
+
+import unionfs.commit as commit_mod
+from unionfs.commit import MOUNTED_MESSAGE, CommitError, commit_upper, import_dir
+from unionfs.digest import layer_digest
+from unionfs.progress import TerminalProgress, for_stream
+from unionfs.store import ContainerRecord, Store, StoreError, container_id
+
+UPPER = {
+    "etc": Dir({"passwd": File(b"root\nme\n", mode=0o644), "shadow": WHITEOUT}),
+    "usr/bin/tool": File(b"#!/bin/sh\n", mode=0o4755, uid=1000, gid=1000, xattrs={"user.x": b"1"}),
+    "usr/bin/tool2": Hardlink("usr/bin/tool"),
+    "var": Dir({"cache": Dir({"new": "n"}, opaque=True, mode=0o700)}),
+    "link": Symlink("usr/bin/tool"),
+    "fifo": Fifo(mode=0o600),
+    "dev/tty9": Device(4, 9),
+    "big": File(b"z" * (3 << 20)),
+}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store(str(tmp_path / "store"), writable=True) as s:
+        yield s
+
+
+def layer_is_kernel_format(layer: Path) -> bool:
+    for dirpath, dirnames, filenames in os.walk(layer):
+        for name in dirnames + filenames:
+            if name.startswith(".wh."):
+                return False
+            if "user.overlay.opaque" in os.listxattr(os.path.join(dirpath, name), follow_symlinks=False):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("fmt", ["kernel", "oci"])
+def test_the_layer_holds_the_upper_in_kernel_format(store: Store, tmp_path: Path, fmt: str) -> None:
+    upper = build_layer(UPPER, tmp_path / "upper", whiteouts=fmt)  # type: ignore[arg-type]
+    result = commit_upper(store, str(upper), image="img")
+    layer = Path(store.layer_path(result.digest))
+    assert upper_snapshot(layer) == upper_snapshot(upper)
+    assert layer_digest(str(layer)) == result.digest
+    assert layer_is_kernel_format(layer)
+    assert stat.S_ISCHR(os.lstat(layer / "etc/shadow").st_mode)
+    assert os.getxattr(layer / "var/cache", "trusted.overlay.opaque") == b"y"
+    assert os.lstat(layer / "usr/bin/tool").st_ino == os.lstat(layer / "usr/bin/tool2").st_ino
+    assert result.new_layer and result.files == 4 and result.nbytes == (3 << 20) + 8 + 10 + 1
+    assert os.listdir(Path(store.root, "tmp")) == []
+
+
+@given(layer_specs(upper=True))
+def test_any_upper_is_kept_exactly(spec: dict[str, object]) -> None:
+    with tempfile.TemporaryDirectory() as tmp, Store(os.path.join(tmp, "store"), writable=True) as s:
+        for fmt in ("kernel", "oci"):
+            upper = build_layer(spec, Path(tmp, fmt), whiteouts=fmt)  # type: ignore[arg-type]
+            result = commit_upper(s, str(upper), image=f"img-{fmt}")
+            layer = Path(s.layer_path(result.digest))
+            assert upper_snapshot(layer) == upper_snapshot(upper)
+            assert layer_digest(str(layer)) == result.digest
+        assert s.image("img-kernel").layers == s.image("img-oci").layers
+        assert s.check(verify=True) == []
+
+
+def test_sparse_files_stay_sparse(store: Store, tmp_path: Path) -> None:
+    upper = build_layer({}, tmp_path / "upper")
+    with open(upper / "disk.img", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(32 << 20)
+        f.write(b"x")
+    result = import_dir(store, str(upper), image="sparse")
+    copy = Path(store.layer_path(result.digest), "disk.img")
+    assert copy.stat().st_size == 64 << 20
+    assert copy.stat().st_blocks * 512 < 1 << 20
+
+
+def test_sockets_are_skipped_and_reported(store: Store, tmp_path: Path) -> None:
+    upper = build_layer({"run": {}}, tmp_path / "upper")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(upper / "run/app.sock"))
+        result = commit_upper(store, str(upper), image="img")
+    finally:
+        sock.close()
+    assert result.sockets == ("run/app.sock",)
+    assert os.listdir(Path(store.layer_path(result.digest), "run")) == []
+
+
+# -- dedup -------------------------------------------------------------------------------------------------
+
+def test_a_second_commit_of_the_same_content_writes_no_data(store: Store, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    upper = build_layer(UPPER, tmp_path / "upper")
+    first = commit_upper(store, str(upper), image="one")
+    layer = Path(store.layer_path(first.digest))
+    before = (layer.stat().st_ino, (layer / "big").stat().st_ino, (layer / "big").stat().st_ctime_ns)
+
+    def no_staging(*args: object, **kwargs: object) -> str:
+        raise AssertionError("a deduplicated commit must not stage anything")
+
+    monkeypatch.setattr(Store, "new_staging", no_staging)
+    again = commit_upper(store, str(upper), image="two")
+    elsewhere = commit_upper(store, str(copy_tree(upper, tmp_path / "copy")), image="three")
+    assert again.digest == elsewhere.digest == first.digest
+    assert not again.new_layer and not elsewhere.new_layer
+    assert before == (layer.stat().st_ino, (layer / "big").stat().st_ino, (layer / "big").stat().st_ctime_ns)
+    assert store.layer_digests() == [first.digest]
+
+
+def test_a_tree_left_without_its_json_is_adopted(store: Store, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    upper = build_layer(UPPER, tmp_path / "upper")
+    first = commit_upper(store, str(upper), image="one")
+    store.remove_image("one")
+    Path(store.root, "layers", first.digest + ".json").unlink()  # as if killed between rename and json
+    monkeypatch.setattr(Store, "new_staging", lambda *a, **k: pytest.fail("the whole tree is there"))
+    again = commit_upper(store, str(upper), image="two")
+    assert again.digest == first.digest and not again.new_layer
+    assert store.check(verify=True) == []
+
+
+# -- bases and images --------------------------------------------------------------------------------------
+
+def test_commit_on_a_base_image(store: Store, tmp_path: Path) -> None:
+    base = import_dir(store, str(build_layer({"etc/passwd": "root\n"}, tmp_path / "base")), image="base",
+                      comment="the base", changes=commit_mod.ConfigChanges(cmd=("/bin/sh",), env=("A=1",)))
+    upper = build_layer(UPPER, tmp_path / "upper")
+    result = commit_upper(store, str(upper), image="app:1", base_image="base", comment="add tool",
+                          created_by="make install",
+                          changes=commit_mod.ConfigChanges(env=("B=2",), labels=(("v", "1"),)))
+    image = store.image("app:1")
+    assert image.layers == (base.digest, result.digest)
+    assert [(h.layer, h.created_by, h.comment) for h in image.history] == [
+        (base.digest, f"unionfs import-dir {tmp_path / 'base'}", "the base"),
+        (result.digest, "make install", "add tool")]
+    assert image.config.cmd == ("/bin/sh",) and image.config.env == ("A=1", "B=2")
+    assert image.config.labels == (("v", "1"),)
+    assert store.layer(result.digest).parent == base.digest
+
+
+def test_the_base_recorded_for_an_upper_is_used(store: Store, tmp_path: Path) -> None:
+    base = import_dir(store, str(build_layer({"a": "1"}, tmp_path / "base")), image="base")
+    upper = build_layer({"b": "2"}, tmp_path / "upper")
+    store.put_container(ContainerRecord(container_id(str(upper)), "base", (base.digest,), str(upper),
+                                        str(tmp_path / "work")))
+    result = commit_upper(store, str(upper), image="next")
+    assert store.image("next").layers == (base.digest, result.digest)
+    store.remove_image("base")  # the record's layers still count, history comes from layer metadata
+    commit_upper(store, str(upper), image="next2")
+    assert store.image("next2").layers == (base.digest, result.digest)
+    assert store.image("next2").history[0].created_by == f"unionfs import-dir {tmp_path / 'base'}"
+
+
+# -- refusals ----------------------------------------------------------------------------------------------
+
+def test_unknown_base_image_writes_nothing(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="unknown image 'nope'"):
+        commit_upper(store, str(build_layer({"a": "1"}, tmp_path / "u")), image="x", base_image="nope")
+    assert store.layer_digests() == [] and store.images() == []
+
+
+def test_bad_image_name(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="invalid image name 'a/b'"):
+        commit_upper(store, str(build_layer({}, tmp_path / "u")), image="a/b")
+
+
+def test_upper_missing_or_not_a_directory(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(CommitError, match=f"^upper {tmp_path}/nope: no such directory$"):
+        commit_upper(store, str(tmp_path / "nope"), image="x")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CommitError, match=r"not a directory$"):
+        commit_upper(store, str(tmp_path / "file"), image="x")
+    with pytest.raises(CommitError, match=r"^directory .*/nope: no such directory$"):
+        import_dir(store, str(tmp_path / "nope"), image="x")
+
+
+def test_upper_overlapping_the_store(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(CommitError, match="overlaps the store"):
+        commit_upper(store, str(tmp_path), image="x")
+    with pytest.raises(CommitError, match="overlaps the store"):
+        commit_upper(store, os.path.join(store.root, "layers"), image="x")
+
+
+def test_an_upper_a_kernel_mount_uses_is_refused(store: Store, tmp_path: Path) -> None:
+    lower = build_layer({"a": "1"}, tmp_path / "lower")
+    upper = build_layer({}, tmp_path / "upper")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "mnt").mkdir()
+    with kernel_overlay_mount([lower], upper, tmp_path / "work", tmp_path / "mnt") as mnt:
+        with pytest.raises(CommitError) as exc:
+            commit_upper(store, str(upper), image="x")
+        assert str(exc.value) == (f"upper {upper} is in use by {mnt} (the kernel's overlayfs): "
+                                  f"{MOUNTED_MESSAGE}")
+        with pytest.raises(CommitError) as exc:
+            commit_upper(store, str(mnt), image="x")
+        assert str(exc.value) == f"{mnt} is a union mount (upper {upper}): {MOUNTED_MESSAGE}"
+    assert store.layer_digests() == []
+
+
+def test_a_read_only_union_mount_has_nothing_to_commit(store: Store, tmp_path: Path) -> None:
+    lower = build_layer({"a": "1"}, tmp_path / "lower")
+    (tmp_path / "mnt").mkdir()
+    with kernel_overlay_mount([lower], None, None, tmp_path / "mnt") as mnt, \
+            pytest.raises(CommitError, match="is a read-only union mount: it has no upper dir to commit"):
+        commit_upper(store, str(mnt), image="x")
+
+
+def test_an_upper_a_daemon_uses_is_refused(store: Store, tmp_path: Path) -> None:
+    """A process with the fuse-overlayfs command line naming the upper (a daemon, or one starting)."""
+    upper = build_layer({}, tmp_path / "upper")
+    opts = f"lowerdir={tmp_path}/l,upperdir={upper},workdir={tmp_path}/w"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-o", opts,
+                             str(tmp_path / "mnt")])
+    try:
+        deadline = time.monotonic() + 5
+        while b"upperdir" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(CommitError, match=f"in use by {tmp_path}/mnt \\(process {proc.pid}\\)"):
+            commit_upper(store, str(upper), image="x")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_an_upper_whose_workdir_is_locked_is_refused(store: Store, tmp_path: Path) -> None:
+    """The record of ``unionfs mount`` names the workdir; a running daemon holds its lock."""
+    upper = build_layer({}, tmp_path / "upper")
+    work = tmp_path / "work"
+    work.mkdir()
+    store.put_container(ContainerRecord(container_id(str(upper)), "x", (), str(upper), str(work)))
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CommitError, match=MOUNTED_MESSAGE.replace("(", r"\(").replace(")", r"\)")):
+            commit_upper(store, str(upper), image="x")
+    finally:
+        os.close(fd)
+    commit_upper(store, str(upper), image="x")  # unlocked: fine
+
+
+def test_a_redirect_upper_is_not_self_contained(store: Store, tmp_path: Path) -> None:
+    upper = build_layer({"moved": {"x": "1"}}, tmp_path / "upper")
+    os.setxattr(upper / "moved", "trusted.overlay.redirect", b"/orig")
+    with pytest.raises(CommitError, match="is not a self-contained overlay upper: moved carries an overlay"):
+        commit_upper(store, str(upper), image="x")
+    assert store.layer_digests() == []
+
+
+def test_a_mount_inside_the_upper_is_refused(store: Store, tmp_path: Path) -> None:
+    upper = build_layer({"proc": {}}, tmp_path / "upper")
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(upper / "proc")], check=True)
+    try:
+        with pytest.raises(CommitError, match="proc: another filesystem is mounted inside the upper"):
+            commit_upper(store, str(upper), image="x")
+    finally:
+        subprocess.run(["umount", "-l", str(upper / "proc")], check=True)
+
+
+def test_a_file_changed_during_the_commit_fails_it_cleanly(store: Store, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    upper = build_layer({"a": "original", "b": "other"}, tmp_path / "upper")
+    real_hash = commit_mod.hash_file
+
+    def changing(fd: int, size: int, **kwargs: object) -> tuple[str, int]:
+        (upper / "a").write_bytes(b"CHANGED!")  # same size: only the content check can see it
+        return real_hash(fd, size, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(commit_mod, "hash_file", changing)
+    with pytest.raises(CommitError, match=r"^a changed while it was being committed; try again$"):
+        commit_upper(store, str(upper), image="x")
+    assert store.layer_digests() == [] and store.images() == []
+    assert os.listdir(Path(store.root, "tmp")) == []
+
+
+# -- progress ----------------------------------------------------------------------------------------------
+
+class FakeTty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_only(store: Store, tmp_path: Path) -> None:
+    assert type(for_stream(io.StringIO())).__name__ == "Progress"
+    tty = FakeTty()
+    progress = for_stream(tty)
+    assert isinstance(progress, TerminalProgress)
+    import_dir(store, str(build_layer(UPPER, tmp_path / "u")), image="x", progress=progress)
+    out = tty.getvalue()
+    assert "reading" in out and "copying" in out and "16/16 files" in out and "3.0 MiB/3.0 MiB" in out
+    assert out.endswith("\r")
+
+
+# -- crash safety ------------------------------------------------------------------------------------------
+
+COMMIT_SCRIPT = """
+import sys
+from unionfs.store import Store
+from unionfs.commit import commit_upper
+print("ready", flush=True)
+with Store(sys.argv[1], writable=True) as s:
+    commit_upper(s, sys.argv[2], image=sys.argv[3])
+"""
+
+
+def _crash_upper(path: Path, variant: int) -> Path:
+    spec: dict[str, object] = {f"d{i}/f{j}": File(bytes([i, j]) * 50) for i in range(30) for j in range(40)}
+    spec["big"] = File(b"b" * (8 << 20))
+    spec["variant"] = str(variant)
+    spec["w"] = WHITEOUT
+    spec["o"] = Dir({"x": "1"}, opaque=True)
+    return build_layer(spec, path)  # type: ignore[arg-type]
+
+
+def _start_commit(root: str, upper: Path, image: str) -> subprocess.Popen[bytes]:
+    """A commit in a child process, returned once its imports are done (it is about to open the store)."""
+    proc = subprocess.Popen([sys.executable, "-c", COMMIT_SCRIPT, root, str(upper), image],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    return proc
+
+
+def _whole_trees(root: str, checked: set[str]) -> None:
+    """Every layer tree, with or without its json, is whole: its digest is its name."""
+    for name in os.listdir(os.path.join(root, "layers")):
+        if not name.endswith(".json") and name not in checked:
+            assert layer_digest(os.path.join(root, "layers", name)) == name
+            checked.add(name)
+
+
+def test_killed_commits_leave_the_store_consistent(tmp_path: Path) -> None:
+    """SIGKILL a commit at random instants of its work, N times: never a partial layer or image, gc finds
+    nothing broken, and a later commit of the same content succeeds with the same digest."""
+    root = str(tmp_path / "store")
+    seed = int(os.environ.get("CRASH_SEED", "1234"))
+    rng = random.Random(seed)
+    proc = _start_commit(root, _crash_upper(tmp_path / "u-ref", 0), "ref")
+    started = time.monotonic()
+    assert proc.wait() == 0, proc.stderr.read() if proc.stderr else ""
+    duration = time.monotonic() - started
+    kills = 0
+    checked: set[str] = set()
+    for attempt in range(1, 13):
+        upper = _crash_upper(tmp_path / f"u{attempt}", attempt)
+        proc = _start_commit(root, upper, f"img{attempt}")
+        time.sleep(rng.uniform(0.0, duration))
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        code = proc.wait()
+        kills += code == -signal.SIGKILL
+        with Store(root) as s:
+            assert s.check() == [], f"seed {seed}, attempt {attempt}"
+            _whole_trees(root, checked)
+            if code == 0:  # a killed one may have finished just before the signal
+                assert f"img{attempt}" in {i.name for i in s.images()}
+    assert kills >= 6, f"only {kills} of 12 commits were killed (seed {seed})"
+    with Store(root, writable=True) as s:
+        report = s.gc()
+        assert report.broken == []
+        assert os.listdir(os.path.join(root, "tmp")) == []
+        expected = layer_digest(str(tmp_path / "u5"))
+        result = commit_upper(s, str(tmp_path / "u5"), image="final")
+        assert result.digest == expected
+        assert s.check(verify=True) == []
