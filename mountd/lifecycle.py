@@ -194,7 +194,8 @@ def _run_daemon(config: MountConfig, stack: LayerStack, status_fd: int) -> None:
 
 
 def _detach(readiness: _Readiness) -> None:
-    """Become a daemon: own session, umask 0, cwd /, stdin/stdout on /dev/null, stderr captured."""
+    """Become a daemon: own session, umask 0, cwd /, stdin/stdout on /dev/null, stderr captured, and no
+    descriptor the caller let us inherit (a pipe it waits on) kept open."""
     os.setsid()
     os.umask(0)
     os.chdir("/")
@@ -202,7 +203,18 @@ def _detach(readiness: _Readiness) -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
+    _close_inherited_fds()
     readiness.capture_stderr()
+
+
+def _close_inherited_fds() -> None:
+    """Close every descriptor above 2 without close-on-exec: those came from our caller (all of ours, the
+    layers, the workdir lock and the status pipe, are close-on-exec)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        with contextlib.suppress(OSError):
+            if fd > 2 and os.get_inheritable(fd):
+                os.close(fd)
 
 
 def _wait_ready(read_fd: int, pid: int) -> int:
@@ -265,6 +277,9 @@ class _Readiness:
         if self.status_fd is None:
             return
         _quiet_after_ready()
+        if self._stderr_log is not None:
+            os.close(self._stderr_log)
+            self._stderr_log = None
         self._send("ready")
 
     def fail(self, message: str) -> None:

@@ -1,0 +1,68 @@
+"""``unionfs-mount``: the fuse-overlayfs command line (``mount_program`` of containers/storage, mount.fuse).
+
+Exit status: 0 mounted (or ``-h``/``--version``); 1 the mount failed (directories, mountpoint, libfuse);
+2 the command line is wrong (unknown option, bad value, missing argument).  Every failure is one line on
+stderr, ``unionfs-mount: error: …``, and leaves nothing mounted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from mountd import lifecycle
+from mountd.options import MountConfig, OptionError, Request, help_text, parse_argv
+from unionfs import __version__
+
+PROG = "unionfs-mount"
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("unionfs")
+
+
+def version_line() -> str:
+    """``unionfs-mount VERSION (binding NAME, libfuse MAJOR)``; names the problem if no binding loads."""
+    try:
+        from mountd.binding import BINDING_NAME, LIBFUSE_MAJOR
+    except ImportError as exc:
+        return f"{PROG} {__version__} (no FUSE binding: {exc})"
+    return f"{PROG} {__version__} (binding {BINDING_NAME}, libfuse {LIBFUSE_MAJOR})"
+
+
+def error(message: object, *, prog: str = PROG) -> None:
+    """Write the one-line error for the user."""
+    text = " ".join(str(message).split())
+    print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+
+
+def run_mount(config: MountConfig, *, prog: str = PROG) -> int:
+    """Mount ``config`` as the command-line programs do: log setup, one-line errors, exit status."""
+    lifecycle.configure_logging(debug=config.debug)
+    try:
+        return lifecycle.mount(config)
+    except lifecycle.MountError as exc:
+        error(exc, prog=prog)
+        return EXIT_FAILURE
+    except Exception as exc:  # a bug: one line, the traceback with -d
+        log.debug("internal error", exc_info=True)
+        error(f"internal error: {type(exc).__name__}: {exc}", prog=prog)
+        return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``unionfs-mount`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parsed = parse_argv(args)
+    except OptionError as exc:
+        error(exc)
+        return EXIT_USAGE
+    if parsed is Request.HELP:
+        print(help_text(PROG), end="")
+        return 0
+    if parsed is Request.VERSION:
+        print(version_line())
+        return 0
+    return run_mount(parsed)
