@@ -17,11 +17,12 @@ if str(TESTS) not in sys.path:
 
 from support.mounts import unmount_leftovers  # noqa: E402  (needs the path above)
 
+# dev: random, more examples (make fuzz); ci: derandomized and bounded (make test, and the default).
 settings.register_profile("dev", deadline=None, max_examples=200,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", deadline=None, max_examples=30, derandomize=True, print_blob=True,
+settings.register_profile("ci", deadline=None, max_examples=100, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True, scope="session")
