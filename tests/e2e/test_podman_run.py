@@ -1,0 +1,79 @@
+"""podman run, diff and commit on a mount program give what they give on the kernel's overlayfs."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from e2e_support import BASE_IMAGE, Storage
+
+pytestmark = pytest.mark.e2e
+
+CHANGES = r"""
+set -e
+mkdir -p /new/dir && echo created > /new/dir/file          # create
+echo overwritten > /etc/issue.net                          # overwrite a lower file
+echo appended >> /etc/debian_version                       # append to a lower file
+chmod 600 /etc/shells                                      # metadata-only change of a lower file
+rm /etc/motd                                               # delete a lower file
+rm -rf /usr/share/common-licenses                          # delete a lower directory tree
+mv /etc/issue /etc/issue.renamed                           # rename a lower file
+mv /usr/share/debconf /usr/share/debconf.renamed           # rename a lower directory
+mv /new/dir/file /new/dir/file.renamed                     # rename an upper file
+rm -rf /var/log && mkdir /var/log && echo fresh > /var/log/only   # replace a lower dir by a new one
+ln -s /etc/issue.renamed /new/link                         # symlink
+ln /etc/host.conf /etc/host.conf.link                      # hard link to a lower file
+touch /etc/gone && rm /etc/gone                            # create and delete: no trace
+"""
+
+REPORT = r"""
+cd /
+cat /new/dir/file.renamed /etc/issue.net /etc/debian_version /etc/issue.renamed /var/log/only
+readlink /new/link
+stat -c '%n %a %h' /etc/shells /etc/host.conf /etc/host.conf.link
+ls -a /var/log /new /new/dir
+for p in /etc/motd /etc/issue /usr/share/common-licenses /usr/share/debconf /etc/gone; do
+  test -e "$p" && echo "still there: $p"
+done
+ls /usr/share/debconf.renamed | head -3
+echo report-done
+"""
+
+
+def run_changes(storage: Storage) -> tuple[str, str, list[str]]:
+    """Run CHANGES then REPORT in a new container; return (container name, report, sorted ``podman diff``)."""
+    name = f"changes-{uuid.uuid4().hex[:8]}"
+    out = storage.podman("run", "--name", name, BASE_IMAGE, "sh", "-c", CHANGES + REPORT).stdout
+    diff = sorted(storage.podman("diff", name).stdout.splitlines())
+    return name, out, diff
+
+
+def test_run_changes_and_diff_match_kernel(storage: Storage, kernel_storage: Storage) -> None:
+    """Create, overwrite, delete, rename: the container sees the same files and ``podman diff`` is the same."""
+    name, report, diff = run_changes(storage)
+    _, kernel_report, kernel_diff = run_changes(kernel_storage)
+    assert report.endswith("report-done\n")
+    assert "still there" not in report
+    assert report.splitlines() == kernel_report.splitlines()
+    assert diff == kernel_diff
+    assert "D /usr/share/common-licenses" in diff and "A /new/dir/file.renamed" in diff
+    storage.podman("rm", name)
+
+
+def test_commit_then_run(storage: Storage, kernel_storage: Storage) -> None:
+    """``podman commit`` of the changed container gives an image that has every change."""
+    reports = []
+    diffs = []
+    for s in (storage, kernel_storage):
+        name, _, _ = run_changes(s)
+        image = f"localhost/committed-{name}"
+        s.podman("commit", "--quiet", name, image)
+        reports.append(s.podman("run", "--rm", image, "sh", "-c", REPORT).stdout)
+        diffs.append(sorted(s.podman("diff", image).stdout.splitlines()))
+        s.podman("rm", name)
+        s.podman("rmi", image)
+    report, kernel_report = reports
+    assert report.endswith("report-done\n")
+    assert "still there" not in report
+    assert report.splitlines() == kernel_report.splitlines()
+    assert diffs[0] == diffs[1]
