@@ -294,38 +294,46 @@ class _State:
 def parse_argv(argv: Sequence[str], *, cwd: str | None = None) -> MountConfig | Request:
     """Parse the arguments after the program name.  Raises :class:`OptionError` on bad input.
 
-    Returns :attr:`Request.HELP` or :attr:`Request.VERSION` when ``-h``/``-V`` appear anywhere (help wins),
-    else the config.  Relative paths are made absolute against ``cwd`` (default: the current directory).
+    Returns :attr:`Request.HELP` or :attr:`Request.VERSION` when ``-h``/``-V`` appear anywhere (help wins,
+    and either wins over errors elsewhere on the line), else the config.  Relative paths are made absolute
+    against ``cwd`` (default: the current directory).
     """
+    request = _request(argv)
+    if request is not None:
+        return request
     state = _State()
-    requests: set[Request] = set()
     for kind, value in _tokens(argv):
-        if kind == "request":
-            requests.add(Request(value))
-        elif kind == "flag":
+        if kind == "flag":
             _apply_flag(state, value)
         elif kind == "opts":
             for option in split_options(value):
                 _apply_option(state, option)
         else:
             state.positionals.append(value)
-    if Request.HELP in requests:
-        return Request.HELP
-    if Request.VERSION in requests:
-        return Request.VERSION
     return _freeze(state, cwd if cwd is not None else os.getcwd())
 
 
+def _request(argv: Sequence[str]) -> Request | None:
+    found: set[Request] = set()
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            break
+        if arg == "-o":
+            next(args, None)
+        elif arg in ("-h", "--help"):
+            found.add(Request.HELP)
+        elif arg in ("-V", "--version"):
+            found.add(Request.VERSION)
+    return Request.HELP if Request.HELP in found else (Request.VERSION if found else None)
+
+
 def _tokens(argv: Sequence[str]) -> Iterator[tuple[str, str]]:
-    """Classify argv: ("request", help|version), ("flag", -f|-d|-s), ("opts", OPTS), ("positional", ARG)."""
+    """Classify argv: ("flag", -f|-d|-s), ("opts", OPTS), ("positional", ARG); -h/-V were handled before."""
     args = iter(argv)
     for arg in args:
         if arg == "--":
             yield from (("positional", rest) for rest in args)
-        elif arg in ("-h", "--help"):
-            yield "request", "help"
-        elif arg in ("-V", "--version"):
-            yield "request", "version"
         elif arg in ("-f", "-d", "-s"):
             yield "flag", arg
         elif arg == "-o":
