@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from unionfs import inuse
 from unionfs.cache import LowerName
+from unionfs.commit import union_at
 from unionfs.digest import scan
 from unionfs.fsio import HostDir, join, split
 from unionfs.hostwalk import Child, DirCache, read_dir, sort_key
@@ -267,7 +267,7 @@ def diff_source(store: Store, path: str, *, base_image: str | None = None,
     """What ``unionfs diff PATH`` compares: for a union mountpoint its upper and lowers; for an upper dir
     the lowers of ``lowerdirs`` (top-down), else of ``base_image``, else of the record ``unionfs mount``
     left for it.  ChangesError when none is known or PATH is not usable."""
-    mount = inuse.mount_at(path)
+    mount = union_at(store, path)
     if mount is not None:
         if mount.upper is None:
             what = "a read-only union mount" if mount.lowers else "a union mount whose daemon was not found"

@@ -55,6 +55,20 @@ def mount_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    if args.image is None:
+        return _mount(args)
+    try:
+        cli_images.prepare_image_mount(args)  # the image's layers become --lower, an upper is chosen
+    except cli_images.USER_ERRORS as exc:
+        error(exc)
+        return EXIT_FAILURE
+    status = _mount(args)
+    if status != 0:
+        cli_images.abandon_image_mount(args)
+    return status
+
+
+def _mount(args: argparse.Namespace) -> int:
     from mountd.cli import run_mount
     from mountd.options import MountConfig, OptionError, parse_argv
 
@@ -73,6 +87,7 @@ def _add_mount(sub: Any) -> None:
         description="Mount LOWER dirs (the first on top) with an optional writable UPPER dir on MOUNTPOINT. "
                     "Returns once the mount is ready; `unionfs umount MOUNTPOINT` ends it. "
                     "Every option of unionfs-mount works with -o (see unionfs-mount -h).")
+    cli_images.add_mount_arguments(p)  # [IMAGE] and --store
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--lower", action="append", default=[], metavar="DIR",
                    help="a read-only layer; repeat, top layer first")

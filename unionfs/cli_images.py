@@ -10,7 +10,9 @@ takes ``--json``.  Exit status: 0 done; 1 failed (one line on stderr, ``unionfs:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +22,7 @@ from unionfs import commit as commit_mod
 from unionfs import progress as progress_mod
 from unionfs.inuse import split_lowerdir
 from unionfs.progress import human_bytes
-from unionfs.store import Image, Store, StoreError, default_root, short
+from unionfs.store import ContainerRecord, Image, Store, StoreError, container_id, default_root, now, short
 
 PROG = "unionfs"
 EXIT_FAILURE = 1
@@ -227,6 +229,74 @@ def cmd_gc(args: argparse.Namespace) -> int:
         error(f"the store has {len(report.broken)} problems (listed above)")
         return EXIT_FAILURE
     return 0
+
+
+# -- mount IMAGE ---------------------------------------------------------------------------------------------
+
+def default_workdir(upper: str) -> str:
+    """The workdir used with ``--upper DIR`` when none is given: ``.NAME.work`` next to it (same filesystem)."""
+    real = os.path.realpath(upper)
+    return os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.work")
+
+
+def prepare_image_mount(args: argparse.Namespace) -> None:
+    """For ``unionfs mount IMAGE MOUNTPOINT``: fill ``args.lower`` with the image's layers (top first) and
+    ``args.upper``/``args.work`` with the given dirs (created if missing; the workdir defaults to
+    :func:`default_workdir`) or with fresh ones in the store, and record which layers the upper sits on (so
+    ``diff``/``commit`` of it know its base).  ``--ro`` without ``--upper`` mounts the image read-only.
+    Raises StoreError (unknown image, ``--lower`` given too, store not writable …)."""
+    if args.lower or any("lowerdir=" in opt for opt in args.options):
+        raise StoreError("give an image or lower dirs (--lower, -o lowerdir=), not both")
+    if args.work is not None and args.upper is None:
+        raise StoreError("--work needs --upper")
+    with _store(args, writable=True) as store, store.locked():
+        image = store.image(args.image)
+        missing = [d for d in image.layers if not store.has_layer(d)]
+        if missing:
+            raise StoreError(f"image {image.name!r}: layer {short(missing[0])} is missing")
+        args.lower = [store.layer_path(d) for d in reversed(image.layers)]
+        if args.upper is None and args.ro:
+            return
+        args.created_dirs = []
+        if args.upper is None:
+            args.upper, args.work = store.new_container_dirs()
+            args.created_dirs = [os.path.dirname(args.upper)]
+        else:
+            args.work = args.work or default_workdir(args.upper)
+            for path in (args.upper, args.work):
+                if not os.path.isdir(path):
+                    try:
+                        os.mkdir(path, 0o755 if path == args.upper else 0o700)
+                    except OSError as exc:
+                        raise StoreError(f"cannot create {path}: {exc.strerror}") from None
+                    args.created_dirs.append(path)
+        upper = os.path.realpath(args.upper)
+        store.put_container(ContainerRecord(container_id(upper), image.name, image.layers, upper,
+                                            os.path.realpath(args.work), os.path.abspath(args.mountpoint), now()))
+
+
+def abandon_image_mount(args: argparse.Namespace) -> None:
+    """After a failed ``mount IMAGE``: remove the record and the dirs :func:`prepare_image_mount` created
+    (only while they are still empty)."""
+    if getattr(args, "upper", None) is None or not getattr(args, "created_dirs", None):
+        return
+    with _store(args, writable=True) as store, store.locked():
+        store.remove_container(container_id(os.path.realpath(args.upper)))
+        for path in reversed(args.created_dirs):
+            if os.path.realpath(path).startswith(store.root + os.sep):
+                store.discard(os.path.relpath(os.path.realpath(path), store.root))
+            else:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+
+
+def add_mount_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments ``unionfs mount`` takes for images (add before MOUNTPOINT)."""
+    p.add_argument("image", nargs="?", metavar="IMAGE",
+                   help="mount this image of the store (instead of --lower); without --upper a fresh upper "
+                        "dir is made in the store; --upper DIR uses DIR (and .DIR.work next to it)")
+    p.add_argument("--store", metavar="DIR", help="the store for IMAGE (default: $UNIONFS_STORE, else "
+                   "/var/lib/unionfs as root, ~/.local/share/unionfs otherwise)")
 
 
 # -- registration --------------------------------------------------------------------------------------------

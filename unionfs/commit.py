@@ -31,7 +31,7 @@ from unionfs.digest import Entry, Manifest, hash_file, scan
 from unionfs.fsio import HostDir, split
 from unionfs.hostwalk import DirCache, OpenDir
 from unionfs.progress import Progress
-from unionfs.store import HistoryEntry, Image, ImageConfig, LayerMeta, Store, StoreError, check_name, now
+from unionfs.store import CONTAINERS, HistoryEntry, Image, ImageConfig, LayerMeta, Store, StoreError, check_name, now
 
 MOUNTED_MESSAGE = "upper is mounted; unmount it or use the control channel (not yet available)"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -88,15 +88,31 @@ def _inside(inner: str, outer: str) -> bool:
 
 def source_dir(path: str, store: Store, *, what: str) -> str:
     """The real path of directory ``path``; CommitError if it is missing, not a directory, or overlaps the
-    store."""
+    store (an upper dir that ``unionfs mount IMAGE`` made inside the store's ``containers/`` is fine)."""
     real = os.path.realpath(path)
     if not os.path.lexists(real):
         raise CommitError(f"{what} {path}: no such directory")
     if not os.path.isdir(real) or os.path.islink(real):
         raise CommitError(f"{what} {path}: not a directory")
-    if _inside(real, store.root) or _inside(store.root, real):
+    containers = os.path.join(store.root, CONTAINERS)
+    fresh_upper = _inside(real, containers) and real != containers  # made by ``unionfs mount IMAGE``
+    if _inside(store.root, real) or (_inside(real, store.root) and not fresh_upper):
         raise CommitError(f"{what} {path} overlaps the store {store.root}")
     return real
+
+
+def union_at(store: Store, path: str) -> inuse.UnionMount | None:
+    """The union mounted at ``path`` (see :func:`unionfs.inuse.mount_at`); where its daemon does not say
+    which dirs it serves, the record ``unionfs mount IMAGE`` left for that mountpoint does, provided the
+    recorded workdir is locked by a running daemon."""
+    mount = inuse.mount_at(path)
+    if mount is None or mount.upper is not None or mount.lowers:
+        return mount
+    record = store.container_at(mount.mountpoint)
+    if record is None or not inuse.workdir_locked(record.work):
+        return mount
+    return inuse.UnionMount(mount.mountpoint, mount.fstype, tuple(store.layer_path(d) for d in reversed(record.layers)),
+                            record.upper, record.work, mount.pid)
 
 
 def resolve_upper(path: str, store: Store) -> str:
@@ -105,7 +121,7 @@ def resolve_upper(path: str, store: Store) -> str:
     Refuses (CommitError) an upper that a running mount uses, a mountpoint (its upper is in use by
     definition), and a read-only union mount (it has no upper).
     """
-    mount = inuse.mount_at(path)
+    mount = union_at(store, path)
     if mount is not None:
         if mount.upper is None and mount.lowers:
             raise CommitError(f"{path} is a read-only union mount: it has no upper dir to commit")

@@ -2,8 +2,9 @@
 workdir lock.
 
 A union mount is either the kernel's overlayfs (its dirs are in mountinfo's super options) or a FUSE
-daemon with the fuse-overlayfs command line (unionfs-mount, fuse-overlayfs: ``-o lowerdir=…,upperdir=…,
-workdir=…`` and the mountpoint among its arguments).  A running unionfs daemon also holds an ``flock`` on its
+daemon: a unionfs daemon says which dirs it serves on its control channel (``info``); any other daemon with
+the fuse-overlayfs command line (fuse-overlayfs, ``-o lowerdir=…,upperdir=…,workdir=…`` and the mountpoint
+among its arguments) is found by its command line.  A running unionfs daemon also holds an ``flock`` on its
 workdir (:func:`unionfs.layers.LayerStack.open`).
 
 Everything here only reads ``/proc``; a process that vanishes while being read is skipped.  Paths are
@@ -16,8 +17,13 @@ import contextlib
 import errno
 import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from unionfs.control import ControlClient
+
+CONTROL_TIMEOUT = 5.0
+"""How long a daemon may take to answer ``info`` before its command line is read instead."""
 FUSE_TYPES = ("fuse.unionfs", "fuse.unionfs-mount", "fuse.fuse-overlayfs", "fuse")
 
 
@@ -147,41 +153,90 @@ def _cmdline(pid: int) -> list[str] | None:
     return [os.fsdecode(a) for a in raw.split(b"\0")[:-1]]
 
 
-def _daemon_mount(pid: int, argv: list[str]) -> UnionMount | None:
-    """The union a process with the fuse-overlayfs command line serves, or None if it has none."""
+def _launch_dir(pid: int) -> str:
+    """The directory relative paths on ``pid``'s command line were meant from: ``$PWD`` of its environment
+    (a daemon changes its cwd to ``/`` when it detaches, its environment stays), else its cwd."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(b"PWD=/"):
+                    return os.fsdecode(item[4:])
+    except OSError:
+        pass
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return "/"
+
+
+def holds_open(pid: int, path: str) -> bool:
+    """True when process ``pid`` has a descriptor of ``path`` (a real path) open: a union daemon keeps
+    every layer dir open for as long as it runs."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _parse_argv(argv: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """(``-o`` options, ``--lower`` dirs, positionals) of a mount command line: fuse-overlayfs's
+    (``PROG -o lowerdir=…,upperdir=…,workdir=… MNT``) or ``unionfs mount``'s (``--lower D --upper U
+    --work W MNT``; ``--upper``/``--work`` land in the options as upperdir/workdir)."""
     opts: dict[str, str] = {}
+    lowers: list[str] = []
     positional: list[str] = []
+    named = {"--upper": "upperdir", "--work": "workdir"}
     args = iter(argv[1:])
     for arg in args:
+        flag, eq, inline = arg.partition("=")
         if arg == "-o":
             opts.update(split_options(next(args, "")))
         elif arg.startswith("-o"):
             opts.update(split_options(arg[2:]))
+        elif flag == "--lower":
+            lowers.append(inline if eq else next(args, ""))
+        elif flag in named:
+            opts[named[flag]] = inline if eq else next(args, "")
         elif not arg.startswith("-"):
             positional.append(arg)
-    if "lowerdir" not in opts or not positional:
+    return opts, lowers, positional
+
+
+def _daemon_mount(pid: int, argv: list[str]) -> UnionMount | None:
+    """The union a process with a mount command line serves, or None if it names no lower dirs."""
+    opts, lowers, positional = _parse_argv(argv)
+    lowers = lowers or split_lowerdir(opts.get("lowerdir", ""))
+    if not lowers or not positional:
         return None
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        cwd = "/"
+    cwd = _launch_dir(pid)
     upper, work = opts.get("upperdir"), opts.get("workdir")
-    return UnionMount(_real(positional[-1], cwd), "fuse",
-                      tuple(_real(p, cwd) for p in split_lowerdir(opts["lowerdir"])),
+    return UnionMount(_real(positional[-1], cwd), "fuse", tuple(_real(p, cwd) for p in lowers),
                       _real(upper, cwd) if upper else None, _real(work, cwd) if work else None, pid)
 
 
-def daemon_mounts() -> list[UnionMount]:
-    """Processes whose command line is a union mount (running daemons and ones still starting)."""
-    out = []
+def _mount_processes() -> Iterator[tuple[int, list[str]]]:
+    """(pid, argv) of the processes (other than this one) whose command line names lower dirs."""
     me = os.getpid()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
         argv = _cmdline(int(entry))
-        if not argv or not any("lowerdir=" in a for a in argv):
-            continue
-        found = _daemon_mount(int(entry), argv)
+        if argv and any("lowerdir=" in a or a.startswith("--lower") for a in argv):
+            yield int(entry), argv
+
+
+def daemon_mounts() -> list[UnionMount]:
+    """Processes whose command line is a union mount (running daemons and ones still starting)."""
+    out = []
+    for pid, argv in _mount_processes():
+        found = _daemon_mount(pid, argv)
         if found is not None:
             out.append(found)
     return out
@@ -202,10 +257,26 @@ def mount_at(path: str) -> UnionMount | None:
         return next((m for m in reversed(kernel_mounts()) if m.mountpoint == real), None)
     if top.fstype != "fuse" and not top.fstype.startswith("fuse."):
         return None
+    served = _ask_daemon(real, top.fstype)
+    if served is not None:
+        return served
     for daemon in daemon_mounts():
         if daemon.mountpoint == real:
             return UnionMount(real, top.fstype, daemon.lowers, daemon.upper, daemon.work, daemon.pid)
     return UnionMount(real, top.fstype, (), None, None) if top.fstype in FUSE_TYPES else None
+
+
+def _ask_daemon(mountpoint: str, fstype: str) -> UnionMount | None:
+    """The dirs a unionfs daemon reports on its control channel (``info``), or None if none answers."""
+    try:
+        with ControlClient(mountpoint, timeout=CONTROL_TIMEOUT) as client:
+            info = client.request("info")
+    except (OSError, ValueError, ConnectionError):
+        return None
+    if not info.get("ok"):
+        return None
+    return UnionMount(mountpoint, fstype, tuple(info.get("lowers") or ()), info.get("upper"), info.get("work"),
+                      info.get("pid"))
 
 
 def workdir_locked(work: str) -> bool:
@@ -225,11 +296,16 @@ def workdir_locked(work: str) -> bool:
 
 
 def users_of_upper(upper: str, *, work: str | None = None) -> list[UnionMount]:
-    """The mounts (and starting daemons) that use ``upper`` as their upper dir.  ``work``, when known (from
-    a container record), is also checked for a daemon's lock."""
+    """The mounts (and starting daemons) that use ``upper`` as their upper dir: kernel overlay mounts naming
+    it, mount processes naming it on their command line or holding it open.  ``work``, when known (from a
+    container record), is also checked for a daemon's lock."""
     real = os.path.realpath(upper)
     users = [m for m in kernel_mounts() if m.upper and os.path.realpath(m.upper) == real]
-    users += [m for m in daemon_mounts() if m.upper == real]
+    for pid, argv in _mount_processes():
+        found = _daemon_mount(pid, argv)
+        if (found is not None and found.upper == real) or holds_open(pid, real):
+            users.append(found if found is not None and found.upper == real
+                         else UnionMount(found.mountpoint if found else "", "fuse", (), real, None, pid))
     if not users and work is not None and workdir_locked(work):
         users.append(UnionMount("", "fuse", (), real, os.path.realpath(work)))
     return users

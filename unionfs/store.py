@@ -477,6 +477,16 @@ class Store:
     def put_container(self, record: ContainerRecord) -> None:
         self._write_json(join(CONTAINERS, record.id + ".json"), asdict(record))
 
+    def container_at(self, mountpoint: str) -> ContainerRecord | None:
+        """The newest record of a mount made at ``mountpoint`` (a real path), or None."""
+        found = [r for r in self.containers() if r.mountpoint == mountpoint]
+        return max(found, key=lambda r: r.created) if found else None
+
+    def remove_container(self, cid: str) -> None:
+        """Forget the record ``cid`` (nothing happens if there is none)."""
+        with contextlib.suppress(FileNotFoundError):
+            self._host().unlink(join(CONTAINERS, cid + ".json"))
+
     def containers(self) -> list[ContainerRecord]:
         if self.host is None:
             return []
