@@ -330,13 +330,49 @@ def test_workdir_staging_dir_is_created_when_missing(mkenv: Callable[..., Env]) 
     assert staging_entries(env) == []
 
 
-def test_a_lower_hard_link_pair_copies_up_one_name(mkenv: Callable[..., Env]) -> None:
-    """Copying up one name of a lower hard-linked pair leaves the other name showing the lower data."""
+def test_copy_up_never_changes_a_lower_hard_link(mkenv: Callable[..., Env]) -> None:
+    """Writing one name of a lower hard-linked pair changes nothing in the lower layer."""
     env = mkenv([{"a": "shared", "b": Hardlink("a")}])
     fs = env.open()
     write_file(fs, "a", b"CHANGED")
     assert read_all(fs, "a") == b"CHANGED"
-    assert (env.lowers[0] / "b").read_bytes() == b"shared"
+    assert (env.lowers[0] / "a").read_bytes() == (env.lowers[0] / "b").read_bytes() == b"shared"
+    assert os.lstat(env.lowers[0] / "a").st_nlink == 2
+
+
+@pytest.mark.xfail(strict=True, reason="copy-up breaks a lower hard link but both names keep reporting the "
+                                       "lower's st_ino: two different files with one inode number")
+def test_names_sharing_an_inode_number_share_their_data(mkenv: Callable[..., Env]) -> None:
+    """After one name of a lower hard-linked pair is written, either the link survived (both names show the
+    new data, design.md's aim) or the names report different inode numbers (the kernel without index=on
+    stops using the lower's st_ino for a hard-linked lower). Never the same st_ino for different data,
+    which makes tar, rsync -H, cp -a and du treat two files as one."""
+    env = mkenv([{"a": "shared", "b": Hardlink("a")}])
+    fs = env.open()
+    assert fs.getattr("a")["st_ino"] == fs.getattr("b")["st_ino"]
+    assert fs.getattr("a")["st_nlink"] == 2
+    write_file(fs, "a", b"CHANGED")
+    same_data = read_all(fs, "a") == read_all(fs, "b")
+    same_ino = fs.getattr("a")["st_ino"] == fs.getattr("b")["st_ino"]
+    assert same_data or not same_ino
+    fs2 = env.remount(fs)
+    assert read_all(fs2, "a") == read_all(fs2, "b") or fs2.getattr("a")["st_ino"] != fs2.getattr("b")["st_ino"]
+
+
+def test_a_read_handle_opened_before_copy_up_sees_later_writes(mkenv: Callable[..., Env]) -> None:
+    """A file opened read-only on its lower copy follows the copy-up: data written through another handle
+    afterwards is what it reads (as the kernel's overlayfs does since 4.19)."""
+    env = mkenv([{"f": "lower data"}])
+    fs = env.open()
+    reader = fs.open("f", os.O_RDONLY)
+    try:
+        assert fs.read(reader, 100, 0) == b"lower data"
+        write_file(fs, "f", b"UPPER", flags=os.O_WRONLY)
+        assert fs.read(reader, 100, 0) == b"UPPER data"
+        assert fs.fgetattr(reader)["st_ino"] == fs.getattr("f")["st_ino"]
+    finally:
+        fs.release(reader)
+    assert read_all(fs, "f") == b"UPPER data"
 
 
 def test_volatile_copy_up(mkenv: Callable[..., Env]) -> None:

@@ -22,6 +22,7 @@ from unitkit import (
     upper_state,
     visible_tree,
     write_file,
+    xattr,
 )
 
 from unionfs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE
@@ -341,8 +342,6 @@ LOOKUPS: dict[str, Callable[[UnionFS, str], object]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="a 256-byte name that does not exist answers ENOENT: the name length is "
-                                       "checked only when creating, not when looking a name up")
 @pytest.mark.parametrize("op", LOOKUPS)
 def test_looking_up_a_256_byte_name_is_enametoolong(union: Callable[..., tuple[Env, UnionFS]], op: str) -> None:
     """Any operation on a 256-byte name answers ENAMETOOLONG, as the kernel's lookup does (pjdfstest checks
@@ -696,8 +695,9 @@ def test_open_errors(union: Callable[..., tuple[Env, UnionFS]]) -> None:
 # ============================================================ xattrs
 
 def test_xattrs_through_the_union(union: Callable[..., tuple[Env, UnionFS]]) -> None:
-    """user.* xattrs can be set, read, listed, removed; private names are refused (EPERM to set,
-    ENODATA to read/remove) and never listed; removing a missing xattr of a lower file copies nothing up."""
+    """user.* xattrs can be set, read, listed, removed; the overlay-private namespaces are refused (EPERM to
+    set, ENODATA to read/remove) and never listed; removing a missing xattr of a lower file copies nothing
+    up."""
     env, fs = union()
     assert_errno(errno.ENODATA, fs.removexattr, "a", "user.none")
     assert os.listdir(env.upper) == []  # type: ignore[arg-type]
@@ -706,11 +706,30 @@ def test_xattrs_through_the_union(union: Callable[..., tuple[Env, UnionFS]]) -> 
     assert fs.listxattr("a") == ["user.k"]
     fs.removexattr("a", "user.k")
     assert fs.listxattr("a") == []
-    for private in ("trusted.overlay.opaque", "user.overlay.x", "trusted.unionfs.origin", "user.unionfs.x"):
+    for private in ("user.overlay.x", "trusted.unionfs.origin", "user.unionfs.x", "user.fuseoverlayfs.opaque"):
         assert_errno(errno.EPERM, fs.setxattr, "a", private, b"y", 0)
         assert_errno(errno.ENODATA, fs.getxattr, "a", private)
         assert_errno(errno.ENODATA, fs.removexattr, "a", private)
     assert fs.listxattr("a") == []
+
+
+def test_trusted_overlay_xattrs_are_escaped(union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """``trusted.overlay.X`` set through the union is stored escaped (``trusted.overlay.overlay.X``, as Linux
+    6.7+ does for nested overlays): it reads back under its own name and never acts as a marker in the upper
+    (a directory given ``trusted.overlay.opaque=y`` this way stays merged)."""
+    env, fs = union()
+    fs.setxattr("d", "trusted.overlay.opaque", b"y", 0)
+    assert fs.getxattr("d", "trusted.overlay.opaque") == b"y"
+    assert fs.listxattr("d") == ["trusted.overlay.opaque"]
+    up = env.upper / "d"  # type: ignore[operator]
+    assert xattr(up, "trusted.overlay.opaque") is None
+    assert xattr(up, "trusted.overlay.overlay.opaque") == b"y"
+    assert names(fs, "d") == ["f", "g", "sub"]
+    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    assert names(fs2, "d") == ["f", "g", "sub"]
+    assert fs2.getxattr("d", "trusted.overlay.opaque") == b"y"
+    fs2.removexattr("d", "trusted.overlay.opaque")
+    assert fs2.listxattr("d") == []
 
 
 def test_directory_markers_are_not_xattrs(union: Callable[..., tuple[Env, UnionFS]]) -> None:
@@ -798,33 +817,27 @@ def test_dir_with_entries_only_in_a_lower_opaque_chain(mkenv: Callable[..., Env]
 
 # ============================================================ an upper written in another format
 
-def _upper_with_foreign_whiteouts(mkenv: Callable[..., Env], foreign: str) -> Env:
-    """Lowers TOP/BOTTOM and an upper whose whiteouts of ``a`` and ``e`` (and the opaque ``m``) were written
-    in format ``foreign`` (``kernel``/``oci``), e.g. by an earlier mount that chose the other format."""
+def _upper_with_kernel_whiteouts(mkenv: Callable[..., Env]) -> Env:
+    """Lowers TOP/BOTTOM and an upper written in the kernel's format (e.g. by an earlier mount that could use
+    it): char 0/0 whiteouts of ``a`` and ``e``, ``m`` opaque by ``trusted.overlay.opaque=y``."""
     upper: dict[str, object] = {"a": WHITEOUT, "e": WHITEOUT, "m": Dir({"new": "n"}, opaque=True)}
-    return mkenv([TOP, BOTTOM], upper, fmt=foreign)
+    return mkenv([TOP, BOTTOM], upper, fmt="kernel")
 
 
 _OCI_OVER_CHAR = pytest.mark.xfail(strict=True, reason="whiteout=oci over a char 0/0 whiteout in the upper: "
                                    "_place_new renames with RENAME_NOREPLACE onto the device: EEXIST")
-_KERNEL_OVER_WH = pytest.mark.xfail(strict=True, reason="whiteout=kernel over a .wh.NAME whiteout in the upper: "
-                                    "the new object is placed but .wh.NAME is left next to it")
-FOREIGN_CASES = [
-    *(pytest.param("kernel", "oci", op, marks=_OCI_OVER_CHAR, id=f"kernel-upper-oci-writer-{op}")
-      for op in ("create", "mkdir", "symlink", "link")),
-    pytest.param("kernel", "oci", "rename", id="kernel-upper-oci-writer-rename"),
-    *(pytest.param("oci", "kernel", op, marks=_KERNEL_OVER_WH, id=f"oci-upper-kernel-writer-{op}")
-      for op in ("create", "mkdir", "symlink", "link", "rename")),
-]
 
 
-@pytest.mark.parametrize(("foreign", "writer", "op"), FOREIGN_CASES)
-def test_recreating_over_a_whiteout_of_the_other_format(mkenv: Callable[..., Env], foreign: str, writer: str,
-                                                        op: str) -> None:
-    """Whiteouts are read in every format, so a name whited out in the other format can be recreated, and
-    the old whiteout disappears from the upper ("recreating a whited-out name removes the whiteout")."""
-    env = _upper_with_foreign_whiteouts(mkenv, foreign)
-    fs = env.open(whiteout=writer)
+@pytest.mark.parametrize("op", [
+    *(pytest.param(op, marks=_OCI_OVER_CHAR) for op in ("create", "mkdir", "symlink", "link")),
+    "rename",
+])
+def test_oci_writer_recreates_over_kernel_whiteouts(mkenv: Callable[..., Env], op: str) -> None:
+    """Whiteouts are read in every format, so a union writing ``.wh.`` files can recreate a name whited out
+    by a char 0/0 device; the device disappears from the upper ("recreating a whited-out name removes the
+    whiteout") and no ``.wh.`` file is left for it."""
+    env = _upper_with_kernel_whiteouts(mkenv)
+    fs = env.open(whiteout="oci")
     assert "a" not in names(fs) and "e" not in names(fs) and names(fs, "m") == ["new"]
     if op == "rename":
         fs.rename("b", "a")
@@ -835,24 +848,63 @@ def test_recreating_over_a_whiteout_of_the_other_format(mkenv: Callable[..., Env
     assert "a" in names(fs)
     raw = host_tree(env.upper)  # type: ignore[arg-type]
     assert raw.get("a") not in (None, "wh"), raw
-    assert ".wh.a" not in raw, "the old .wh. whiteout was left behind"
+    assert ".wh.a" not in raw
     clean(env)
-    fs2 = env.remount(fs, whiteout=writer)
-    assert "a" in names(fs2)
+    assert "a" in names(env.remount(fs, whiteout="oci"))
 
 
-@pytest.mark.parametrize(("foreign", "writer"), [("kernel", "oci"), ("oci", "kernel")])
-def test_deleting_inside_an_opaque_dir_of_the_other_format(mkenv: Callable[..., Env], foreign: str,
-                                                         writer: str) -> None:
-    """An opaque dir written in the other format stays opaque while it is changed and after a remount."""
-    env = _upper_with_foreign_whiteouts(mkenv, foreign)
-    fs = env.open(whiteout=writer)
+def test_oci_writer_keeps_a_kernel_opaque_dir_opaque(mkenv: Callable[..., Env]) -> None:
+    """A directory made opaque by ``trusted.overlay.opaque=y`` stays opaque under a union writing the OCI
+    format, while it is changed and after a remount."""
+    env = _upper_with_kernel_whiteouts(mkenv)
+    fs = env.open(whiteout="oci")
     create_file(fs, "m/more", b"m")
     fs.unlink("m/new")
     assert names(fs, "m") == ["more"]
-    fs2 = env.remount(fs, whiteout=writer)
+    fs2 = env.remount(fs, whiteout="oci")
     assert names(fs2, "m") == ["more"]
     assert_errno(errno.ENOENT, fs2.getattr, "m/y")
+
+
+def test_kernel_writer_treats_wh_names_in_the_upper_as_plain_files(mkenv: Callable[..., Env]) -> None:
+    """With the kernel's format the upper's ``.wh.*`` names are ordinary files, as the kernel sees them:
+    they are listed, hide nothing, and can be created, renamed and removed through the union."""
+    env = mkenv([TOP, BOTTOM], {".wh.a": "plain", "m/.wh..wh..opq": ""}, fmt="kernel")
+    fs = env.open(whiteout="kernel")
+    assert ".wh.a" in names(fs) and "a" in names(fs)
+    assert names(fs, "m") == [".wh..wh..opq", "y"]
+    create_file(fs, ".wh.b", b"also plain")
+    fs.rename(".wh.b", "d/.wh.f")
+    fs2 = env.remount(fs, whiteout="kernel")
+    assert read_all(fs2, "d/.wh.f") == b"also plain"
+    assert "f" in names(fs2, "d") and "b" in names(fs2)
+    fs2.unlink("d/.wh.f")
+    assert names(fs2, "d") == ["f", "g", "sub"]
+
+
+def test_oci_writer_refuses_names_that_are_its_markers(mkenv: Callable[..., Env]) -> None:
+    """A union writing the OCI format cannot store a file named ``.wh.*`` (it would read back as a whiteout
+    and hide another name): creating or renaming to one is EPERM, and nothing changes."""
+    env = mkenv([TOP, BOTTOM], fmt="oci")
+    fs = env.open(whiteout="oci")
+    for creator in CREATORS.values():
+        assert_errno(errno.EPERM, creator, fs, ".wh.a")
+        assert_errno(errno.EPERM, creator, fs, "d/.wh..wh..opq")
+    assert_errno(errno.EPERM, fs.rename, "b", ".wh.a")
+    assert "a" in names(fs) and names(fs, "d") == ["f", "g", "sub"]
+    assert os.listdir(env.upper) in ([], ["d"])  # type: ignore[arg-type]
+    clean(env)
+
+
+def test_mknod_of_the_whiteout_device_is_refused(union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """A char device 0/0 is the kernel's whiteout: mknod of one is EPERM, as overlayfs answers."""
+    env, fs = union()
+    assert_errno(errno.EPERM, fs.mknod, "wh", stat.S_IFCHR | 0o644, 0)
+    assert host_tree(env.upper) == {}  # type: ignore[arg-type]
+    assert_errno(errno.EPERM, fs.mknod, "d/wh", stat.S_IFCHR | 0o644, 0)
+    fs.mknod("null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    assert fs.getattr("null")["st_rdev"] == os.makedev(1, 3)
+    assert "wh" not in names(fs)
 
 
 # ============================================================ inode numbers after rename
@@ -877,3 +929,188 @@ def test_readdir_inode_of_a_renamed_copied_up_file(union: Callable[..., tuple[En
     fs.rename("d/f", "renamed")
     listed = {n: i for n, _k, i in fs.readdir("")}
     assert listed["renamed"] == ino == fs.getattr("renamed")["st_ino"]
+
+
+# ============================================================ the cache against a fresh union (property)
+
+PROP_LOWERS: list[dict[str, object]] = [
+    {"a": "L0 a", "d/f": File("L0 d/f", xattrs={"user.x": b"1"}), "d/s/x": "L0 x", "e": {}, "l": Symlink("a")},
+    {"a": "L1 a", "b": "L1 b", "d/g": "L1 g", "d/s/y": "L1 y", "m/z": "L1 z", "e/w": WHITEOUT},
+]
+PROP_PATHS = ["a", "b", "c", "d", "e", "m", "n", "l", "d/f", "d/g", "d/s", "d/n", "d/s/x", "d/s/y", "d/s/n",
+              "e/n", "e/w", "m/z", "m/n", "n/n", "n/n/n", ".wh.a", "d/.wh..wh..opq"]
+
+
+def _prop_ops() -> Any:
+    from hypothesis import strategies as st
+    path = st.sampled_from(PROP_PATHS)
+    data = st.binary(max_size=8)
+    return st.one_of(
+        st.tuples(st.just("create"), path, data),
+        st.tuples(st.just("write"), path, data),
+        st.tuples(st.just("truncate"), path, st.integers(0, 12)),
+        st.tuples(st.just("unlink"), path),
+        st.tuples(st.just("mkdir"), path),
+        st.tuples(st.just("rmdir"), path),
+        st.tuples(st.just("rename"), path, path),
+        st.tuples(st.just("link"), path, path),
+        st.tuples(st.just("symlink"), path),
+        st.tuples(st.just("chmod"), path, st.sampled_from([0o600, 0o755])),
+        st.tuples(st.just("setxattr"), path, data),
+    )
+
+
+def _apply(fs: UnionFS, op: tuple[Any, ...]) -> int:
+    """Run one generated operation; its errno (0 for success)."""
+    kind, path, *rest = op
+    try:
+        if kind == "create":
+            create_file(fs, path, rest[0])
+        elif kind == "write":
+            write_file(fs, path, rest[0], flags=os.O_WRONLY)
+        elif kind == "truncate":
+            fs.truncate(path, rest[0])
+        elif kind == "unlink":
+            fs.unlink(path)
+        elif kind == "mkdir":
+            fs.mkdir(path, 0o755)
+        elif kind == "rmdir":
+            fs.rmdir(path)
+        elif kind == "rename":
+            fs.rename(path, rest[0])
+        elif kind == "link":
+            fs.link(path, rest[0])
+        elif kind == "symlink":
+            fs.symlink("target", path)
+        elif kind == "chmod":
+            fs.chmod(path, rest[0])
+        elif kind == "setxattr":
+            fs.setxattr(path, "user.p", rest[0], 0)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def _whiteouts_are_needed(env: Env, lowers_only: UnionFS, fmt: str) -> None:
+    """Every whiteout in the upper hides a name some lower has, under no opaque upper ancestor."""
+    state = upper_state(env.upper, oci_names=fmt == "oci")  # type: ignore[arg-type]
+    for rel, kind in state.items():
+        if kind != "wh":
+            continue
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            assert state.get("/".join(parts[:i])) != "dir+opaque", f"whiteout {rel} under an opaque dir"
+        try:
+            lowers_only.getattr(rel)
+        except OSError:
+            pytest.fail(f"whiteout {rel} hides nothing in the lowers")
+
+
+def test_cached_union_agrees_with_a_fresh_one(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Random operation sequences on one long-lived UnionFS: after every step each operation answered the
+    same errno as on a fresh union over a copy of the same dirs, the visible trees agree, work/ is empty and
+    every whiteout is needed; at the end a fresh UnionFS (a remount) shows the same tree, inode numbers
+    and link counts included."""
+    import shutil
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+    from support.layers import copy_tree
+    from unitkit import make_env
+
+    from unionfs.layers import LayerStack
+
+    root = tmp_path_factory.mktemp("prop")
+    counter = iter(range(1_000_000))
+
+    @given(fmt=st.sampled_from(["kernel", "oci"]), ops=st.lists(_prop_ops(), max_size=20))
+    def run(fmt: str, ops: list[tuple[Any, ...]]) -> None:
+        base = root / f"ex{next(counter)}"
+        env = make_env(base, PROP_LOWERS, fmt=fmt)
+        lowers_only = UnionFS(LayerStack.open(lowers=[str(p) for p in env.lowers], upper=None, work=None))
+        try:
+            live = env.open(whiteout=fmt)
+            for step, op in enumerate(ops):
+                twin = Env(base / f"twin{step}", env.lowers)
+                twin.base.mkdir()
+                twin.upper = copy_tree(env.upper, twin.base / "upper")  # type: ignore[arg-type]
+                twin.work = twin.base / "work"
+                twin.work.mkdir()
+                fresh = twin.open(whiteout=fmt)
+                got, want = _apply(live, op), _apply(fresh, op)
+                assert got == want, f"{op}: {errno.errorcode.get(got)} on the cached union, " \
+                                    f"{errno.errorcode.get(want)} on a fresh one"
+                assert staging_entries(env) == [], op
+                assert visible_tree(live, inodes=False, dir_nlink=False) == \
+                    visible_tree(fresh, inodes=False, dir_nlink=False), op
+                twin.close_all()
+                shutil.rmtree(twin.base)
+                _whiteouts_are_needed(env, lowers_only, fmt)
+            before = visible_tree(live, readdir_inodes=False)
+            after = visible_tree(env.remount(live, whiteout=fmt), readdir_inodes=False)
+            assert after == before
+        finally:
+            lowers_only.close()
+            env.close_all()
+            shutil.rmtree(base)
+
+    run()
+
+
+# ============================================================ owners, set-gid directories
+
+def test_new_objects_in_a_setgid_dir_inherit_its_group(union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """In a set-gid directory (copied up first) a new file and a new directory take the directory's group,
+    whatever the caller's gid; the new directory is set-gid too."""
+    env, fs = union([{"sg": Dir({"old": "o"}, mode=0o2775, uid=0, gid=100)}])
+    create = fs.create("sg/f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, 1000, 1000)
+    fs.release(create)
+    fs.mkdir("sg/sub", 0o755, 1000, 1000)
+    assert stat.S_IMODE(fs.getattr("sg")["st_mode"]) == 0o2775
+    f, sub = fs.getattr("sg/f"), fs.getattr("sg/sub")
+    assert (f["st_uid"], f["st_gid"]) == (1000, 100)
+    assert (sub["st_uid"], sub["st_gid"]) == (1000, 100)
+    assert sub["st_mode"] & stat.S_ISGID
+    assert os.lstat(env.upper / "sg" / "f").st_gid == 100  # type: ignore[operator]
+
+
+# ============================================================ symlinks inside layers
+
+def test_symlinks_in_layers_are_never_followed_by_the_union(mkenv: Callable[..., Env]) -> None:
+    """Paths through a layer symlink pointing outside (absolute, ``../..``, ``/``) are ENOTDIR for every
+    operation; operations on the link itself act on the link; the outside stays untouched."""
+    env = mkenv([{"abs": Symlink("/tmp"), "up": Symlink("../../.."), "root": Symlink("/"), "f": "f"}])
+    canary_dir = env.base.parent / "outside"
+    canary_dir.mkdir()
+    canary = canary_dir / "canary"
+    canary.write_bytes(b"canary")
+    os.symlink(canary_dir, env.lowers[0] / "out")
+    os.symlink(canary, env.lowers[0] / "canary-link")
+    fs = env.open()
+    for through in ("out/canary", "abs/x", "up/etc", "root/etc"):
+        assert_errno(errno.ENOTDIR, fs.getattr, through)
+        assert_errno(errno.ENOTDIR, fs.open, through, os.O_RDONLY)
+        assert_errno(errno.ENOTDIR, fs.unlink, through)
+        assert_errno(errno.ENOTDIR, fs.chmod, through, 0o777)
+        assert_errno(errno.ENOTDIR, fs.truncate, through, 0)
+        assert_errno(errno.ENOTDIR, CREATORS["create"], fs, through)
+        assert_errno(errno.ENOTDIR, CREATORS["mkdir"], fs, through)
+    for deep in ("out/canary/x", "root/etc/passwd", "up/tmp/x"):
+        for attempt in (fs.getattr, lambda p: fs.open(p, os.O_RDONLY), lambda p: CREATORS["create"](fs, p)):
+            with pytest.raises(OSError):
+                attempt(deep)
+    assert_errno(errno.ENOTDIR, fs.readdir, "out")
+    assert_errno(errno.ENOTDIR, fs.readdir, "root")
+    assert_errno(errno.ENOTDIR, fs.rename, "f", "out/stolen")
+    assert_errno(errno.ENOTDIR, fs.link, "f", "out/hard")
+    fs.chown("canary-link", 4321, 4321)
+    fs.utimens("canary-link", 10**9, 10**9)
+    assert os.lstat(env.upper / "canary-link").st_uid == 4321  # type: ignore[operator]
+    with pytest.raises(OSError):
+        fs.setxattr("canary-link", "user.x", b"1", 0)
+    fs.unlink("out")
+    assert canary.read_bytes() == b"canary"
+    st = os.stat(canary)
+    assert (st.st_uid, st.st_mtime_ns != 10**9) == (0, True)
+    assert xattr(canary, "user.x") is None
+    assert sorted(os.listdir(canary_dir)) == ["canary"]

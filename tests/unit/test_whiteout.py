@@ -204,30 +204,44 @@ def test_every_opaque_format_hides_the_lower_directory(tmp_path: Path, fmt: str)
         env.close_all()
 
 
+OCI_MARKERS = {".wh..wh..opq", "oci"}
+"""Marker formats that are names: whiteouts in an upper only where the union writes the OCI format."""
+
+
+@pytest.mark.parametrize("writer", ["kernel", "oci"])
 @pytest.mark.parametrize("fmt", OPAQUE_FORMATS)
-def test_opaque_directory_in_the_upper(tmp_path: Path, fmt: str) -> None:
-    """An opaque directory already in the upper hides the lowers' copies the same way."""
+def test_opaque_directory_in_the_upper(tmp_path: Path, fmt: str, writer: str) -> None:
+    """An opaque directory already in the upper hides the lowers' copies the same way (the ``.wh..wh..opq``
+    file only where the union writes the OCI format; with the kernel's format it is a plain name)."""
     env = _lowers_with(tmp_path, {"top": "t\n"})
     (env.upper / "d").mkdir()  # type: ignore[operator]
     (env.upper / "d" / "mine").write_text("mine\n")  # type: ignore[operator]
     OPAQUE_FORMATS[fmt](env.upper / "d")  # type: ignore[operator]
-    fs = env.open()
+    fs = env.open(whiteout=writer)
     try:
-        assert names(fs, "d") == ["mine"]
+        if fmt in OCI_MARKERS and writer == "kernel":
+            assert names(fs, "d") == [OPAQUE_MARKER, "keep", "mine", "x"]
+        else:
+            assert names(fs, "d") == ["mine"]
     finally:
         env.close_all()
 
 
+@pytest.mark.parametrize("writer", ["kernel", "oci"])
 @pytest.mark.parametrize("fmt", WHITEOUT_FORMATS)
-def test_whiteout_in_the_upper(tmp_path: Path, fmt: str) -> None:
-    """A whiteout already in the upper (any format) hides the lower name."""
+def test_whiteout_in_the_upper(tmp_path: Path, fmt: str, writer: str) -> None:
+    """A whiteout already in the upper (any format; ``.wh.NAME`` only where the union writes the OCI format)
+    hides the lower name."""
     env = _lowers_with(tmp_path, {"top": "t\n"})
     (env.upper / "d").mkdir()  # type: ignore[operator]
     WHITEOUT_FORMATS[fmt](env.upper / "d", "x")  # type: ignore[operator]
-    fs = env.open()
+    fs = env.open(whiteout=writer)
     try:
-        assert names(fs, "d") == ["keep"]
-        assert_errno(errno.ENOENT, fs.getattr, "d/x")
+        if fmt in OCI_MARKERS and writer == "kernel":
+            assert names(fs, "d") == [".wh.x", "keep", "x"]
+        else:
+            assert names(fs, "d") == ["keep"]
+            assert_errno(errno.ENOENT, fs.getattr, "d/x")
     finally:
         env.close_all()
 
@@ -344,19 +358,25 @@ def test_writer_probe_and_paths(tmp_path: Path) -> None:
         upper.close()
 
 
-def test_remove_whiteout_leaves_real_files_alone(tmp_path: Path) -> None:
-    """remove_whiteout deletes a whiteout of either format but never a real (non-empty) file of that name."""
-    up_dir = build_layer({"real": File("data")}, tmp_path / "u")
+@pytest.mark.parametrize("fmt", [WhiteoutFormat.KERNEL, WhiteoutFormat.OCI])
+def test_remove_whiteout_leaves_real_files_alone(tmp_path: Path, fmt: WhiteoutFormat) -> None:
+    """remove_whiteout deletes a whiteout of the writer's format (and a char 0/0 one in either) but never a
+    real file of that name."""
+    up_dir = build_layer({"real": File("data"), ".wh.real": File("")}, tmp_path / "u")
     wh_char00(up_dir, "gone")
     wh_oci(up_dir, "also")
     (tmp_path / "w" / "work").mkdir(parents=True)
     work, upper = HostDir(str(tmp_path / "w")), HostDir(str(up_dir))
     try:
-        writer = WhiteoutWriter(WhiteoutFormat.KERNEL, upper, work, "work")
-        assert not writer.remove_whiteout("real")
+        writer = WhiteoutWriter(fmt, upper, work, "work")
         assert writer.remove_whiteout("gone")
-        assert writer.remove_whiteout("also")
-        assert sorted(os.listdir(up_dir)) == ["real"]
+        if fmt is WhiteoutFormat.OCI:
+            assert writer.remove_whiteout("also")
+            assert writer.remove_whiteout("real")
+            assert sorted(os.listdir(up_dir)) == ["real"]
+        else:
+            assert not writer.remove_whiteout("real")
+            assert sorted(os.listdir(up_dir)) == [".wh.also", ".wh.real", "real"]
     finally:
         work.close()
         upper.close()
