@@ -11,7 +11,7 @@ import pytest
 from support.layers import Dir, File, Symlink
 from unitkit import Env, assert_errno, names, read_all, visible_tree
 
-from unionfs.cache import LookupCache
+from unionfs.cache import DirState, LookupCache, LowerName
 from unionfs.lookup import Resolver
 
 
@@ -207,3 +207,75 @@ def test_resolver_nodes(mkenv: Callable[..., Env]) -> None:
     assert x is not None and x.layer == 3
     assert sorted(resolver.listdir("d") or []) == ["a", "b", "c"]
     assert resolver.lookup("d/nope") is None
+
+
+# --- LookupCache on its own -------------------------------------------------------------------------------
+
+def _state(path: str, names: tuple[str, ...] = ()) -> DirState:
+    return DirState(path, None, set(), False, (1,), {n: LowerName(stat.S_IFREG, 1, ()) for n in names})
+
+
+def test_invalidate_subtree_drops_the_path_and_below_only() -> None:
+    """``a`` and ``a/…`` go; ``ab`` (same prefix, not below) and ``b`` stay; counters say how many went."""
+    cache = LookupCache()
+    for path in ("a", "a/b", "a/b/c", "ab", "b"):
+        cache.put_dir(_state(path, ("x",)))
+        cache.put_attrs(path, {"st_ino": 1})
+    cache.invalidate_subtree("a")
+    assert sorted(cache.dirs) == ["ab", "b"]
+    assert sorted(cache.attrs) == ["ab", "b"]
+    assert cache.stats.invalidations == 6
+    assert cache.entries == sum(s.size for s in cache.dirs.values()) + len(cache.attrs)
+    cache.invalidate_subtree("")
+    assert not cache.dirs and not cache.attrs and cache.entries == 0
+
+
+def test_cache_counts_hits_and_misses() -> None:
+    cache = LookupCache()
+    assert cache.get_dir("d") is None and cache.get_attrs("d") is None
+    cache.put_dir(_state("d"))
+    cache.put_attrs("d", {"st_ino": 1})
+    assert cache.get_dir("d") is not None and cache.get_attrs("d") == {"st_ino": 1}
+    assert cache.peek_dir("d") is not None
+    snap = cache.snapshot()
+    assert (snap["hits"], snap["misses"]) == (2, 2)
+
+
+def test_cache_stays_within_its_bound() -> None:
+    """Entries (names in tables + attribute dicts) never exceed the bound once more than one item is held;
+    the least recently used directory goes first."""
+    cache = LookupCache(max_entries=10)
+    for i in range(20):
+        cache.put_dir(_state(f"d{i}", ("x", "y")))
+        cache.put_attrs(f"f{i}", {})
+        assert cache.entries <= 10
+    assert cache.stats.evictions > 0
+    cache.get_dir("d19")
+    cache.put_dir(_state("new", ("x", "y")))
+    assert "d19" in cache.dirs
+    cache.drop_attrs("f19")
+    cache.drop_attrs("never-there")
+    assert cache.entries == sum(s.size for s in cache.dirs.values()) + len(cache.attrs)
+
+
+def test_replacing_a_directory_state_keeps_the_count_right() -> None:
+    cache = LookupCache()
+    cache.put_dir(_state("d", ("a", "b", "c")))
+    cache.put_dir(_state("d", ("a",)))
+    assert cache.entries == 2
+    cache.clear()
+    assert cache.entries == 0
+
+
+def test_dir_state_updates() -> None:
+    """upper_set / upper_remove / upper_whiteout keep the merged listing right without touching the disk."""
+    state = _state("d", ("low1", "low2"))
+    assert sorted(state.visible_names()) == ["low1", "low2"]
+    state.upper_set("new", stat.S_IFREG)
+    state.upper_whiteout("low1")
+    assert sorted(state.visible_names()) == ["low2", "new"]
+    state.upper_set("low1", stat.S_IFDIR)
+    assert sorted(state.visible_names()) == ["low1", "low2", "new"]
+    state.upper_remove("new")
+    state.upper_opaque = True
+    assert sorted(state.visible_names()) == ["low1"]
