@@ -90,6 +90,8 @@ class LookupCache:
         self.max_entries = max_entries
         self.dirs: OrderedDict[str, DirState] = OrderedDict()
         self.attrs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.inos: dict[str, int] = {}
+        """st_ino of upper objects by path (their recorded origin or their own), saving an xattr read."""
         self.entries = 0
         self.stats = CacheStats()
 
@@ -136,6 +138,18 @@ class LookupCache:
         if self.attrs.pop(path, None) is not None:
             self.entries -= 1
 
+    # -- upper inode numbers ---------------------------------------------------------------------------------
+    def get_ino(self, path: str) -> int | None:
+        return self.inos.get(path)
+
+    def put_ino(self, path: str, ino: int) -> None:
+        if len(self.inos) >= self.max_entries:
+            self.inos.clear()
+        self.inos[path] = ino
+
+    def drop_ino(self, path: str) -> None:
+        self.inos.pop(path, None)
+
     # -- invalidation ---------------------------------------------------------------------------------------
     def invalidate_subtree(self, path: str) -> None:
         """Forget ``path`` and everything below it (after a directory rename or rmdir)."""
@@ -146,10 +160,13 @@ class LookupCache:
                 value = table.pop(key)
                 self.entries -= value.size if isinstance(value, DirState) else 1
             self.stats.invalidations += len(doomed)
+        for key in [k for k in self.inos if k == path or k.startswith(prefix)]:
+            del self.inos[key]
 
     def clear(self) -> None:
         self.dirs.clear()
         self.attrs.clear()
+        self.inos.clear()
         self.entries = 0
 
     def _shrink(self) -> None:

@@ -254,7 +254,7 @@ def prepare_image_mount(args: argparse.Namespace) -> None:
         missing = [d for d in image.layers if not store.has_layer(d)]
         if missing:
             raise StoreError(f"image {image.name!r}: layer {short(missing[0])} is missing")
-        args.lower = [store.layer_path(d) for d in reversed(image.layers)]
+        args.lower = [store.layer_path(d) for d in image.mount_layers()]
         if args.upper is None and args.ro:
             return
         args.created_dirs = []

@@ -111,8 +111,8 @@ def union_at(store: Store, path: str) -> inuse.UnionMount | None:
     record = store.container_at(mount.mountpoint)
     if record is None or not inuse.workdir_locked(record.work):
         return mount
-    return inuse.UnionMount(mount.mountpoint, mount.fstype, tuple(store.layer_path(d) for d in reversed(record.layers)),
-                            record.upper, record.work, mount.pid)
+    lowers = tuple(store.layer_path(d) for d in Image("", record.layers).mount_layers())
+    return inuse.UnionMount(mount.mountpoint, mount.fstype, lowers, record.upper, record.work, mount.pid)
 
 
 def resolve_upper(path: str, store: Store) -> str:

@@ -64,6 +64,17 @@ def _probe_openat2() -> bool:
 _have_openat2 = _probe_openat2()
 
 
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with every mode (KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE …) on an open descriptor."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def split(rel: str) -> tuple[str, str]:
     """Split a relative path into (parent, name); ``"a/b/c"`` → ``("a/b", "c")``, ``"a"`` → ``("", "a")``."""
     parent, _, name = rel.rpartition("/")
@@ -114,6 +125,13 @@ class HostDir:
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dev = os.fstat(self.fd).st_dev
 
+    @staticmethod
+    def _split(rel: str) -> tuple[str, str]:
+        """(parent, name) of a relative path, refusing absolute paths and ``.``/``..``/empty components."""
+        if rel:
+            _check(rel)
+        return split(rel)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -128,7 +146,7 @@ class HostDir:
         _check(rel)
         if _have_openat2:
             return _openat2(self.fd, rel, flags | os.O_NOFOLLOW, mode)
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=pfd)
 
@@ -170,7 +188,7 @@ class HostDir:
         """``lstat`` of ``rel``; raises OSError (ENOENT, ENOTDIR, ELOOP for a symlinked parent …)."""
         if rel == "":
             return os.stat(self.fd)
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             return os.stat(name, dir_fd=pfd, follow_symlinks=False)
 
@@ -211,7 +229,7 @@ class HostDir:
         return self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
 
     def readlink(self, rel: str) -> str:
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             return os.readlink(name, dir_fd=pfd)
 
@@ -220,13 +238,18 @@ class HostDir:
 
     # -- xattrs (the final component is never followed; the parent is pinned by its descriptor) ----------
 
-    def _xpath(self, pfd: int, name: str) -> str:
-        return f"/proc/self/fd/{pfd}/{name}" if name else f"/proc/self/fd/{pfd}"
+    def _xpath(self, pfd: int, name: str) -> tuple[str, bool]:
+        """The path and follow flag for an xattr call on ``name`` in the directory ``pfd``: the final
+        component is never followed; the root itself is reached through its descriptor's magic link."""
+        if name:
+            return f"/proc/self/fd/{pfd}/{name}", False
+        return f"/proc/self/fd/{pfd}", True
 
     def getxattr(self, rel: str, attr: str) -> bytes:
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
-            return os.getxattr(self._xpath(pfd, name), attr, follow_symlinks=False)
+            path, follow = self._xpath(pfd, name)
+            return os.getxattr(path, attr, follow_symlinks=follow)
 
     def try_getxattr(self, rel: str, attr: str) -> bytes | None:
         """The xattr's value, or None where it (or support for it) is missing."""
@@ -238,44 +261,47 @@ class HostDir:
             raise
 
     def listxattr(self, rel: str) -> list[str]:
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
-            return os.listxattr(self._xpath(pfd, name), follow_symlinks=False)
+            path, follow = self._xpath(pfd, name)
+            return os.listxattr(path, follow_symlinks=follow)
 
     def setxattr(self, rel: str, attr: str, value: bytes, flags: int = 0) -> None:
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
-            os.setxattr(self._xpath(pfd, name), attr, value, flags, follow_symlinks=False)
+            path, follow = self._xpath(pfd, name)
+            os.setxattr(path, attr, value, flags, follow_symlinks=follow)
 
     def removexattr(self, rel: str, attr: str) -> None:
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
-            os.removexattr(self._xpath(pfd, name), attr, follow_symlinks=False)
+            path, follow = self._xpath(pfd, name)
+            os.removexattr(path, attr, follow_symlinks=follow)
 
     # -- changes (used on the upper and work dirs only) -----------------------------------------------------
 
     def mkdir(self, rel: str, mode: int) -> None:
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             os.mkdir(name, mode, dir_fd=pfd)
 
     def mknod(self, rel: str, mode: int, device: int = 0) -> None:
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             os.mknod(name, mode, device, dir_fd=pfd)
 
     def symlink(self, target: str, rel: str) -> None:
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             os.symlink(target, name, dir_fd=pfd)
 
     def unlink(self, rel: str) -> None:
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             os.unlink(name, dir_fd=pfd)
 
     def rmdir(self, rel: str) -> None:
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             os.rmdir(name, dir_fd=pfd)
 
@@ -290,7 +316,7 @@ class HostDir:
             os.close(fd)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             if name:
                 os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
@@ -299,7 +325,7 @@ class HostDir:
 
     def utime(self, rel: str, ns: tuple[int, int]) -> None:
         """Set atime/mtime in nanoseconds (``UTIME_OMIT``/``UTIME_NOW`` are resolved by the caller)."""
-        parent, name = split(rel)
+        parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             if name:
                 os.utime(name, ns=ns, dir_fd=pfd, follow_symlinks=False)
@@ -307,16 +333,16 @@ class HostDir:
                 os.utime(f"/proc/self/fd/{pfd}", ns=ns)
 
     def link(self, src: str, dst: str) -> None:
-        sp, sn = split(src)
-        dp, dn = split(dst)
+        sp, sn = self._split(src)
+        dp, dn = self._split(dst)
         with self.dirfd(sp) as sfd, self.dirfd(dp) as dfd:
             os.link(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
 
     def rename(self, src: str, dst: str, flags: int = 0, *, dst_dir: HostDir | None = None) -> None:
         """``renameat2`` from ``src`` to ``dst`` (in ``dst_dir``, default this tree) with RENAME_* flags."""
         target = dst_dir or self
-        sp, sn = split(src)
-        dp, dn = split(dst)
+        sp, sn = self._split(src)
+        dp, dn = self._split(dst)
         with self.dirfd(sp) as sfd, target.dirfd(dp) as dfd:
             if flags == 0:
                 os.rename(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd)

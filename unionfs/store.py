@@ -7,7 +7,7 @@ Layout under the store root::
                             so a layer mounts as a lowerdir under unionfs, the kernel and fuse-overlayfs alike
     layers/<digest>.json    its metadata (:class:`LayerMeta`): parent, created, created_by, comment, counts
     images/<name>.json      an image (:class:`Image`): its layers BOTTOM-UP (base first, as OCI's
-                            rootfs.diff_ids; :meth:`Image.lowerdirs` gives the top-down lowerdir order), one
+                            rootfs.diff_ids; :meth:`Image.mount_layers` gives the top-down lowerdir order), one
                             history entry per layer, and the config (cmd, env, workdir, labels)
     containers/<id>.json    a mount made from an image (:class:`ContainerRecord`): its upper, work and base
                             layers, so that ``diff``/``commit`` of that upper know what it sits on
@@ -196,6 +196,22 @@ class Image:
         canon = json.dumps({"layers": list(self.layers), "config": self.config.to_json()}, sort_keys=True,
                            separators=(",", ":"))
         return xxhash.xxh3_128_hexdigest(canon.encode())
+
+    def mount_layers(self) -> list[str]:
+        """The layers to mount, top first, each once (the topmost occurrence kept).
+
+        An image may hold one layer twice (two commits of the same content, e.g. two empty ones), and
+        overlays refuse a lowerdir given twice.  Dropping the lower copies changes nothing visible: every
+        entry of a layer is already visible through its top copy (its parents are directories of that same
+        layer, above anything else), so a lower copy only adds names and attributes the top copy shows.
+        """
+        seen: set[str] = set()
+        out = []
+        for digest in reversed(self.layers):
+            if digest not in seen:
+                seen.add(digest)
+                out.append(digest)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "created": self.created, "layers": list(self.layers),

@@ -20,15 +20,17 @@ from typing import Any, TypeVar, cast
 
 from unionfs import copyup
 from unionfs.cache import DirState, LookupCache
-from unionfs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, join, split
+from unionfs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, fallocate, join, split
 from unionfs.gate import WriteGate
 from unionfs.layers import WORK_SUBDIR, LayerStack
 from unionfs.lookup import Node, Resolver
 from unionfs.whiteout import (
+    WH_PREFIX,
     WhiteoutFormat,
     WhiteoutWriter,
-    is_private_xattr,
     probe_kernel_format,
+    xattr_from_host,
+    xattr_to_host,
 )
 
 S_IFDIR = stat_mod.S_IFDIR
@@ -46,6 +48,7 @@ class Handle:
     path: str
     ino: int
     upper: bool
+    flags: int = os.O_RDONLY
 
 
 def _mutating(fn: _F) -> _F:
@@ -90,6 +93,10 @@ class UnionFS:
         """Told the union path of every *other* name whose cached attributes/data an operation made stale
         (names of a hard-linked upper file).  The FUSE adapter forwards these to the kernel."""
         self._links: dict[tuple[int, int], set[str]] = {}
+        self._lower_handles: dict[str, set[int]] = {}
+        """Read-only handles open on a lower file, by path: a copy-up moves them onto the upper copy, so that
+        they see later writes (as the kernel's overlayfs does since 4.19)."""
+        self._handles_by_fd: dict[int, Handle] = {}
         if self.upper is not None and self.work is not None:
             copyup.clean_workdir(self.work, WORK_SUBDIR)
             if whiteout not in ("auto", "kernel", "oci"):
@@ -102,6 +109,7 @@ class UnionFS:
             if not kernel_ok:
                 self.origin_xattr = "user.unionfs.origin"
             self.writer = WhiteoutWriter(fmt, self.upper, self.work, WORK_SUBDIR)
+            self.resolver.upper_oci_names = fmt is WhiteoutFormat.OCI
 
     def close(self) -> None:
         self.stack.close()
@@ -129,6 +137,7 @@ class UnionFS:
     def _node(self, path: str) -> Node:
         node = self.resolver.lookup(path)
         if node is None:
+            _check_name(path)
             parent = split(path)[0]
             if path and self.resolver.dir_state(parent) is None and self.resolver.lookup(parent) is not None:
                 raise _err(errno.ENOTDIR, path)
@@ -142,6 +151,14 @@ class UnionFS:
 
     def _upper_ino(self, path: str, st: os.stat_result) -> int:
         """The st_ino of an upper object: its recorded origin where it was copied up, else its own."""
+        cached = self.cache.get_ino(path)
+        if cached is not None:
+            return cached
+        ino = self._read_upper_ino(path, st)
+        self.cache.put_ino(path, ino)
+        return ino
+
+    def _read_upper_ino(self, path: str, st: os.stat_result) -> int:
         try:
             value = self.upper.getxattr(path, self.origin_xattr) if self.upper else None
         except OSError:
@@ -199,7 +216,7 @@ class UnionFS:
                 st = self.upper.lstat(path)
                 self._note_links(path, st)
                 attrs = self._attrs(st, self._upper_ino(path, st))
-                if node.is_dir and node.chain:
+                if node.is_dir and node.chain and self._merged(path):
                     attrs["st_nlink"] = 1
                 return attrs
             cached = self.cache.get_attrs(path)
@@ -207,12 +224,17 @@ class UnionFS:
                 return cached
             st = self._host(node).lstat(path)
             attrs = self._attrs(st, self._ino(node.layer, st.st_ino))
-            if node.is_dir and len(node.chain) > 1:
-                state = self.resolver.dir_state(path)
-                if state is not None and len(state.lower_layers) > 1:
-                    attrs["st_nlink"] = 1
+            if node.is_dir and len(node.chain) > 1 and self._merged(path):
+                attrs["st_nlink"] = 1
             self.cache.put_attrs(path, attrs)
             return attrs
+
+    def _merged(self, path: str) -> bool:
+        """Is directory ``path`` merged from several layers?  The kernel then reports st_nlink 1."""
+        state = self.resolver.dir_state(path)
+        if state is None:
+            return False
+        return len(state.lower_layers) + (state.upper is not None) > 1
 
     def fgetattr(self, handle: Handle) -> dict[str, Any]:
         """Attributes through an open handle (works after the name was unlinked)."""
@@ -245,13 +267,10 @@ class UnionFS:
                     out.append((name, low.kind, self._ino(low.layer, low.ino)))
                     continue
                 child = join(path, name)
-                ino = state.upper_inos.get(name)
-                if ino is None or (name in state.lower and not state.upper_opaque):
+                ino = self.cache.get_ino(child)
+                if ino is None:
                     assert self.upper is not None
-                    st = self.upper.lstat(child)
-                    ino = self._upper_ino(child, st) if name in state.lower else self._ino(0, st.st_ino)
-                else:
-                    ino = self._ino(0, ino)
+                    ino = self._upper_ino(child, self.upper.lstat(child))
                 out.append((name, kind, ino))
             return out
 
@@ -274,36 +293,40 @@ class UnionFS:
     def getxattr(self, path: str, name: str) -> bytes:
         with self.lock:
             node = self._node(path)
-            if is_private_xattr(name):
+            host_name = xattr_to_host(name)
+            if host_name is None:
                 raise _err(errno.ENODATA, path)
-            return self._host(node).getxattr(path, name)
+            return self._host(node).getxattr(path, host_name)
 
     def listxattr(self, path: str) -> list[str]:
         with self.lock:
             node = self._node(path)
-            return [n for n in self._host(node).listxattr(path) if not is_private_xattr(n)]
+            names = (xattr_from_host(n) for n in self._host(node).listxattr(path))
+            return [n for n in names if n is not None]
 
     @_mutating
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         with self.lock:
             upper, _, _ = self._writable()
             self._node(path)
-            if is_private_xattr(name):
+            host_name = xattr_to_host(name)
+            if host_name is None:
                 raise _err(errno.EPERM, path)
             self.copy_up(path)
-            upper.setxattr(path, name, value, flags)
+            upper.setxattr(path, host_name, value, flags)
 
     @_mutating
     def removexattr(self, path: str, name: str) -> None:
         with self.lock:
             upper, _, _ = self._writable()
             node = self._node(path)
-            if is_private_xattr(name):
+            host_name = xattr_to_host(name)
+            if host_name is None:
                 raise _err(errno.ENODATA, path)
             if not node.upper:
-                self._host(node).getxattr(path, name)  # ENODATA before any copy-up
+                self._host(node).getxattr(path, host_name)  # ENODATA before any copy-up
             self.copy_up(path)
-            upper.removexattr(path, name)
+            upper.removexattr(path, host_name)
 
     # ================================================================== copy-up
     def copy_up(self, path: str, *, data_limit: int | None = None) -> Node:
@@ -319,10 +342,15 @@ class UnionFS:
         parent = self._ensure_upper_dir(parent_path)
         host = self._host(node)
         st = host.lstat(path)
+        # A lower hard link is broken by copy-up (as with the kernel's index=off): the copy then has an
+        # inode of its own, so only objects with one link keep their origin's st_ino.
+        keeps_origin = node.is_dir or st.st_nlink == 1
         origin = str(self._ino(node.layer, st.st_ino)).encode()
         tmp = join(WORK_SUBDIR, copyup.temp_name("copyup"))
 
         def mark(rel: str) -> None:
+            if not keeps_origin:
+                return
             try:
                 work.setxattr(rel, self.origin_xattr, origin)
             except OSError as exc:
@@ -330,16 +358,24 @@ class UnionFS:
                     raise
 
         copyup.stage_copy(host, path, st, work, tmp, data_limit=data_limit, sync=not self.volatile, mark=mark)
+        parent_times = upper.lstat(parent_path)
         try:
             copyup.publish(work, tmp, upper, path)
         except BaseException:
             copyup.remove_tree(work, tmp)
             raise
+        # the parent's times stay as they were: a copy-up is not a change of the directory
+        upper.utime(parent_path, (parent_times.st_atime_ns, parent_times.st_mtime_ns))
+        self.cache.drop_ino(path)
         parent.upper_set(name, node.kind)
         own = self.cache.peek_dir(path)
         if own is not None:
             own.upper = {}
         self.cache.drop_attrs(path)
+        if path in self._lower_handles:
+            self._move_lower_handles(path)
+        # st_nlink may change with the copy (a merged dir reports 1, a broken hard link its own count)
+        self.invalidate(path)
         return Node(node.kind, True, 0, node.chain)
 
     def _ensure_upper_dir(self, path: str) -> DirState:
@@ -393,6 +429,7 @@ class UnionFS:
         work dir (made opaque if it is a directory) and swapped in atomically."""
         upper, work, writer = self._writable()
         name = split(path)[1]
+        self.cache.drop_ino(path)
         if name not in parent.upper_wh:
             build(upper, path)
             parent.upper_set(name, kind)
@@ -402,7 +439,7 @@ class UnionFS:
         try:
             if kind == S_IFDIR:
                 writer.mark_opaque(work, tmp)
-            if writer.format is WhiteoutFormat.KERNEL and upper.try_lstat(path) is not None:
+            if upper.try_lstat(path) is not None:  # a kernel-format whiteout, whatever format we write
                 work.rename(tmp, path, RENAME_EXCHANGE, dst_dir=upper)
                 work.unlink(tmp)
             else:
@@ -425,7 +462,14 @@ class UnionFS:
         if self.resolver.child(parent, split(path)[1]) is not None:
             raise _err(errno.EEXIST, path)
         _check_name(path)
+        self._check_representable(path)
         return self._ensure_upper_dir(split(path)[0])
+
+    def _check_representable(self, path: str) -> None:
+        """An upper in the OCI format cannot hold names that are its own markers (``.wh.*``): EPERM."""
+        if self.writer is not None and self.writer.format is WhiteoutFormat.OCI \
+                and split(path)[1].startswith(WH_PREFIX):
+            raise _err(errno.EPERM, path)
 
     def _owner(self, host: HostDir, rel: str, uid: int, gid: int) -> None:
         if uid == 0 and gid == 0:
@@ -472,8 +516,10 @@ class UnionFS:
     @_mutating
     def mknod(self, path: str, mode: int, rdev: int, uid: int = 0, gid: int = 0) -> None:
         with self.lock:
-            parent = self._new_parent(path)
             kind = stat_mod.S_IFMT(mode)
+            if kind == stat_mod.S_IFCHR and rdev == 0:
+                raise _err(errno.EPERM, path)  # the whiteout device, as the kernel's overlayfs refuses it
+            parent = self._new_parent(path)
 
             def build(host: HostDir, rel: str) -> None:
                 host.mknod(rel, mode, rdev)
@@ -535,6 +581,7 @@ class UnionFS:
                 self._remove_upper(path, is_dir=False)
                 parent.upper_remove(name)
             self.cache.drop_attrs(path)
+            self.cache.drop_ino(path)
             if old is not None and old.st_nlink > 1:
                 self._links.get((old.st_dev, old.st_ino), set()).discard(path)
                 self._touch_links(path, old)
@@ -576,6 +623,7 @@ class UnionFS:
             dname = split(dst)[1]
             _check_name(dst)
             dnode = self.resolver.child(dparent, dname)
+            self._check_representable(dst)
             if dst == src:
                 return
             if snode.is_dir and dst.startswith(src + "/"):
@@ -712,7 +760,25 @@ class UnionFS:
             except BaseException:
                 os.close(fd)
                 raise
-            return Handle(fd, path, ino, node.upper)
+            handle = Handle(fd, path, ino, node.upper, host_flags)
+            if not node.upper and node.kind == stat_mod.S_IFREG and self.upper is not None:
+                self._lower_handles.setdefault(path, set()).add(fd)
+                self._handles_by_fd[fd] = handle
+            return handle
+
+    def _move_lower_handles(self, path: str) -> None:
+        """After ``path`` was copied up: point the read handles open on its lower copy at the upper one."""
+        assert self.upper is not None
+        for fd in self._lower_handles.pop(path, ()):
+            handle = self._handles_by_fd.get(fd)
+            if handle is None:
+                continue
+            new = self.upper.open(path, handle.flags)
+            try:
+                os.dup2(new, fd)
+            finally:
+                os.close(new)
+            handle.upper = True
 
     def read(self, handle: Handle, size: int, offset: int) -> bytes:
         return os.pread(handle.fd, size, offset)
@@ -732,12 +798,14 @@ class UnionFS:
 
     @_mutating
     def fallocate(self, handle: Handle, mode: int, offset: int, length: int) -> None:
-        if mode != 0:
-            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-        os.posix_fallocate(handle.fd, offset, length)
+        fallocate(handle.fd, mode, offset, length)
 
     def release(self, handle: Handle) -> None:
         """Close the handle; a file written through one name has its other names' kernel caches dropped."""
+        if not handle.upper and handle.path in self._lower_handles:
+            with self.lock:
+                self._lower_handles.get(handle.path, set()).discard(handle.fd)
+                self._handles_by_fd.pop(handle.fd, None)
         try:
             if handle.upper and self._links:
                 st = os.fstat(handle.fd)

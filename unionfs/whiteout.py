@@ -37,8 +37,33 @@ class WhiteoutFormat(Enum):
     OCI = "oci"
 
 
+KERNEL_PREFIX = "trusted.overlay."
+ESCAPED_PREFIX = "trusted.overlay.overlay."
+"""Since Linux 6.7 a ``trusted.overlay.X`` xattr set through an overlay is stored as
+``trusted.overlay.overlay.X`` (so overlays nest); it reads back under its own name."""
+
+
 def is_private_xattr(name: str) -> bool:
-    return name.startswith(PRIVATE_XATTR_PREFIXES)
+    """True for a host xattr name that belongs to the overlay machinery (escaped user names excepted)."""
+    return name.startswith(PRIVATE_XATTR_PREFIXES) and not name.startswith(ESCAPED_PREFIX)
+
+
+def xattr_to_host(name: str) -> str | None:
+    """The host name under which the union's xattr ``name`` is stored; None where it cannot be set."""
+    if name.startswith(KERNEL_PREFIX):
+        return ESCAPED_PREFIX + name[len(KERNEL_PREFIX):]
+    if is_private_xattr(name):
+        return None
+    return name
+
+
+def xattr_from_host(name: str) -> str | None:
+    """The union's name of host xattr ``name``; None for overlay-private ones (hidden)."""
+    if name.startswith(ESCAPED_PREFIX):
+        return KERNEL_PREFIX + name[len(ESCAPED_PREFIX):]
+    if is_private_xattr(name):
+        return None
+    return name
 
 
 def is_kernel_whiteout(st: os.stat_result) -> bool:
@@ -74,9 +99,11 @@ def dir_opaque_value(host: HostDir, rel: str) -> bytes | None:
     return None
 
 
-def read_layer_dir(host: HostDir, rel: str) -> LayerDir:
+def read_layer_dir(host: HostDir, rel: str, *, oci_names: bool = True) -> LayerDir:
     """Scan directory ``rel`` of a layer: its entries, the whiteouts it holds and whether it is opaque.
 
+    ``oci_names=False`` reads ``.wh.*`` names as ordinary entries (an upper written in the kernel's format,
+    where such names are plain files, as the kernel sees them).
     Raises OSError from the host (ENOENT/ENOTDIR where the directory is gone).
     """
     out = LayerDir()
@@ -84,7 +111,7 @@ def read_layer_dir(host: HostDir, rel: str) -> LayerDir:
     out.opaque = opaque_value == b"y"
     xwhiteouts = opaque_value == b"x"
     for name, kind, ino in host.scandir(rel):
-        if name.startswith(WH_PREFIX):
+        if oci_names and name.startswith(WH_PREFIX):
             if name == OPAQUE_MARKER:
                 out.opaque = True
             else:
@@ -146,10 +173,10 @@ class WhiteoutWriter:
             os.close(fd)
 
     def remove_whiteout(self, rel: str) -> bool:
-        """Remove the whiteout of ``rel`` in the upper in every format; True if one was there."""
+        """Remove the whiteout of ``rel`` in the upper (a kernel one, and in the OCI format its ``.wh.`` file);
+        True if one was there."""
         removed = False
-        parent, _, name = rel.rpartition("/")
-        for candidate in (rel, join(parent, WH_PREFIX + name)):
+        for candidate in (rel, self.whiteout_rel(rel)):
             try:
                 st = self.upper.lstat(candidate)
             except OSError:

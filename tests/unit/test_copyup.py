@@ -150,8 +150,6 @@ def test_parents_are_copied_up_first_with_their_metadata(mkenv: Callable[..., En
     assert read_all(fs, "a/b/f") == b"DEEP"
 
 
-@pytest.mark.xfail(strict=True, reason="publishing a copied-up child into its copied-up parent changes the "
-                                       "parent's mtime; overlayfs restores the parent's times after copy-up")
 def test_copy_up_keeps_the_parent_directory_times(mkenv: Callable[..., Env]) -> None:
     """A file copied up inside a lower directory does not change that directory's visible mtime (the kernel
     restores the parent's timestamps after copy-up)."""
@@ -340,8 +338,6 @@ def test_copy_up_never_changes_a_lower_hard_link(mkenv: Callable[..., Env]) -> N
     assert os.lstat(env.lowers[0] / "a").st_nlink == 2
 
 
-@pytest.mark.xfail(strict=True, reason="copy-up breaks a lower hard link but both names keep reporting the "
-                                       "lower's st_ino: two different files with one inode number")
 def test_names_sharing_an_inode_number_share_their_data(mkenv: Callable[..., Env]) -> None:
     """After one name of a lower hard-linked pair is written, either the link survived (both names show the
     new data, design.md's aim) or the names report different inode numbers (the kernel without index=on

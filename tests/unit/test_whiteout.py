@@ -122,8 +122,6 @@ def test_every_whiteout_format_hides_a_whole_directory_below(tmp_path: Path, fmt
         env.close_all()
 
 
-@pytest.mark.xfail(strict=True, reason="HostDir cannot read xattrs of a layer's root, so the root's "
-                                       "overlay.opaque=x is missed and its xattr whiteouts show as files")
 @pytest.mark.parametrize("fmt", ["xattr-trusted", "xattr-user"])
 def test_xattr_whiteout_at_a_layer_root(tmp_path: Path, fmt: str) -> None:
     """The xattr whiteout format works in a layer's root directory too."""
