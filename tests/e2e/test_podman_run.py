@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from e2e_support import BASE_IMAGE, Storage
@@ -40,40 +42,44 @@ echo report-done
 """
 
 
-def run_changes(storage: Storage) -> tuple[str, str, list[str]]:
-    """Run CHANGES then REPORT in a new container; return (container name, report, sorted ``podman diff``)."""
-    name = f"changes-{uuid.uuid4().hex[:8]}"
-    out = storage.podman("run", "--name", name, BASE_IMAGE, "sh", "-c", CHANGES + REPORT).stdout
-    diff = sorted(storage.podman("diff", name).stdout.splitlines())
-    return name, out, diff
+@dataclass(frozen=True)
+class Changed:
+    """A stopped container that ran CHANGES then REPORT."""
+
+    name: str
+    report: str
+    diff: list[str]
+    """``podman diff`` of the container, sorted."""
+
+
+_CHANGED: dict[Path, Changed] = {}
+
+
+def changed_container(storage: Storage) -> Changed:
+    """Run CHANGES then REPORT in a new container, once per storage root per session."""
+    if storage.home not in _CHANGED:
+        name = f"changes-{uuid.uuid4().hex[:8]}"
+        report = storage.podman("run", "--name", name, BASE_IMAGE, "sh", "-c", CHANGES + REPORT).stdout
+        diff = sorted(storage.podman("diff", name).stdout.splitlines())
+        _CHANGED[storage.home] = Changed(name=name, report=report, diff=diff)
+    return _CHANGED[storage.home]
 
 
 def test_run_changes_and_diff_match_kernel(storage: Storage, kernel_storage: Storage) -> None:
     """Create, overwrite, delete, rename: the container sees the same files and ``podman diff`` is the same."""
-    name, report, diff = run_changes(storage)
-    _, kernel_report, kernel_diff = run_changes(kernel_storage)
-    assert report.endswith("report-done\n")
-    assert "still there" not in report
-    assert report.splitlines() == kernel_report.splitlines()
-    assert diff == kernel_diff
-    assert "D /usr/share/common-licenses" in diff and "A /new/dir/file.renamed" in diff
-    storage.podman("rm", name)
+    ours, kernel = changed_container(storage), changed_container(kernel_storage)
+    assert ours.report.endswith("report-done\n")
+    assert "still there" not in ours.report
+    assert ours.report.splitlines() == kernel.report.splitlines()
+    assert ours.diff == kernel.diff
+    assert "D /usr/share/common-licenses" in ours.diff and "A /new/dir/file.renamed" in ours.diff
 
 
 def test_commit_then_run(storage: Storage, kernel_storage: Storage) -> None:
     """``podman commit`` of the changed container gives an image that has every change."""
-    reports = []
-    diffs = []
-    for s in (storage, kernel_storage):
-        name, _, _ = run_changes(s)
-        image = f"localhost/committed-{name}"
-        s.podman("commit", "--quiet", name, image)
-        reports.append(s.podman("run", "--rm", image, "sh", "-c", REPORT).stdout)
-        diffs.append(sorted(s.podman("diff", image).stdout.splitlines()))
-        s.podman("rm", name)
-        s.podman("rmi", image)
-    report, kernel_report = reports
-    assert report.endswith("report-done\n")
-    assert "still there" not in report
-    assert report.splitlines() == kernel_report.splitlines()
-    assert diffs[0] == diffs[1]
+    ours, kernel = changed_container(storage), changed_container(kernel_storage)
+    image = f"localhost/committed-{ours.name}"
+    storage.podman("commit", "--quiet", ours.name, image)
+    report = storage.podman("run", "--rm", image, "sh", "-c", REPORT).stdout
+    assert report.splitlines() == kernel.report.splitlines()
+    storage.podman("rmi", image)
