@@ -351,7 +351,7 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
         stack.close()
         raise MountError(_describe(exc)) from None
     try:
-        ops = UnionOperations(fs, on_ready=readiness.ready)
+        ops = UnionOperations(fs, on_ready=readiness.ready, mountpoint=config.mountpoint)
         kwargs = fuse_kwargs(config, libfuse_major=LIBFUSE_MAJOR)
         log.debug("FUSE options: %s", kwargs)
         try:

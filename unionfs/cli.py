@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from unionfs import __version__, cli_images
+from unionfs import __version__, cli_images, cli_stats
 
 PROG = "unionfs"
 EXIT_FAILURE = 1
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mount(sub)
     _add_umount(sub)
     cli_images.add_commands(sub)
+    cli_stats.add_command(sub)
     return parser
 
 

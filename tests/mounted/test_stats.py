@@ -1,0 +1,73 @@
+"""``unionfs stats`` reads a running daemon's counters over its control channel; a pause through that
+channel holds writers back until it ends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from support.mounts import unionfs_mount
+
+from unionfs.control import ControlClient
+
+pytestmark = pytest.mark.mounted
+UNIONFS = str(Path(sys.prefix) / "bin" / "unionfs")
+
+
+@pytest.fixture
+def mounted(tmp_path: Path):
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    for i in range(20):
+        (lower / f"f{i}").write_text(f"file {i}\n")
+    with unionfs_mount([lower], upper, work, mnt):
+        yield mnt
+
+
+def test_stats_counts_the_operations_that_reached_the_daemon(mounted: Path) -> None:
+    names = sorted(p.name for p in mounted.iterdir())
+    assert len(names) == 20
+    for name in names:
+        (mounted / name).read_text()
+    out = subprocess.run([UNIONFS, "stats", "--json", str(mounted)], capture_output=True, text=True, check=True)
+    stats = json.loads(out.stdout)
+    assert stats["operations"]["readdir"]["calls"] >= 1
+    assert stats["operations"]["open"]["calls"] >= 20
+    assert stats["cache"]["dirs"] >= 1
+    assert stats["cache"]["hits"] + stats["cache"]["misses"] > 0
+    human = subprocess.run([UNIONFS, "stats", str(mounted)], capture_output=True, text=True, check=True).stdout
+    assert "hit rate" in human and "readdir" in human
+
+
+def test_stats_of_a_directory_that_is_not_mounted_is_an_error(tmp_path: Path) -> None:
+    out = subprocess.run([UNIONFS, "stats", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.startswith("unionfs: error:") and "no unionfs daemon" in out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+def test_pause_holds_a_writer_until_resume(mounted: Path) -> None:
+    finished: list[float] = []
+
+    def writer() -> None:
+        (mounted / "new").write_text("written while paused\n")
+        finished.append(time.monotonic())
+
+    with ControlClient(str(mounted)) as client:
+        assert client.request("pause") == {"ok": True}
+        thread = threading.Thread(target=writer)
+        thread.start()
+        time.sleep(0.5)
+        assert finished == [], "a write went through a paused mount"
+        assert client.request("stats")["paused"] is True
+        resumed = time.monotonic()
+        assert client.request("resume") == {"ok": True}
+        thread.join(10)
+    assert finished and finished[0] >= resumed
+    assert (mounted / "new").read_text() == "written while paused\n"
