@@ -113,9 +113,12 @@ def header(doc: dict[str, Any]) -> str:
         + (" — **interrupted**" if doc.get("interrupted") else ""),
         f"- **Machine:** {h['os']}, kernel {h['kernel']}, {h['cpus']}× {h['cpu']}, {h['mem_gib']} GiB RAM; "
         f"scratch {h['scratch']}; load average {h['loadavg_start'][0]:.2f} at start"
-        + (f", {h['loadavg_end'][0]:.2f} at end" if "loadavg_end" in h else ""),
+        + (f", {h['loadavg_end'][0]:.2f} at end" if "loadavg_end" in h else "")
+        + ("; the VM's balloon reports free pages to the host (fresh page cache is slow: see README)"
+           if h.get("free_page_reporting") else ""),
         f"- **Commit:** `{c['hash'][:12]}` on {c['branch']}" + (" (with local changes)" if c["dirty"] else ""),
-        f"- **Mode:** {o['mode']}, median of {o['sizes']['runs']} runs (memory figures: one run)",
+        f"- **Mode:** {o['mode']}, median of {o['sizes']['runs']} runs (memory figures: one run)"
+        + (", memory recycled before timed writes and cold reads" if o.get("recycle_memory") else ""),
     ]
     sysparts = []
     for name in _systems(doc):

@@ -43,6 +43,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rebuild", action="store_true", help="rebuild the fixtures even if cached")
     p.add_argument("--runs", type=int, default=0, help="runs per figure (default: 3)")
     p.add_argument("--unionfs-opts", default="", help="extra -o options for unionfs only (option on/off)")
+    p.add_argument("--recycle-memory", action="store_true",
+                   help="before each timed write/cold read, write and delete as much scratch data (see README)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-run progress on stderr")
     return p.parse_args(argv)
 
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             "mode": mode, "argv": sys.argv[1:] if argv is None else argv, "workloads": only,
             "sizes": sizes.as_dict(), "scratch": str(scratch), "unionfs_opts": args.unionfs_opts,
             "unionfs_override": os.environ.get(UNIONFS_ENV, ""), "drop_caches": can_drop,
+            "recycle_memory": args.recycle_memory,
             "temperatures": TEMPERATURES,
         },
         "systems": {name: vars(info) for name, info in infos.items()},
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     recorder.save()
     fixtures = Fixtures(scratch / "fixtures", rebuild=args.rebuild, log=log)
     runner = Runner(systems=available, sizes=sizes, fixtures=fixtures, scratch=scratch, recorder=recorder,
-                    can_drop=can_drop, verbose=not args.quiet)
+                    can_drop=can_drop, recycle=args.recycle_memory, verbose=not args.quiet)
     status = 0
     try:
         for name in only:
