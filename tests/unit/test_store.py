@@ -229,3 +229,9 @@ def test_layer_meta_json_round_trip(store: Store, tmp_path: Path) -> None:
     assert meta == LayerMeta.from_json(json.loads(Path(store.root, "layers", digest + ".json").read_text()))
     assert (meta.files, meta.dirs, meta.whiteouts, meta.size, meta.parent) == (1, 2, 1, 3, None)
     assert meta.algorithm == "xxh3-128/unionfs-layer-v1"
+
+
+def test_mount_layers_are_top_down_and_each_once() -> None:
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    assert Image("x", (a, b, c)).mount_layers() == [c, b, a]
+    assert Image("x", (a, b, a, c, b)).mount_layers() == [b, c, a]
