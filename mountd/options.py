@@ -57,6 +57,9 @@ FUSE_DEFAULTS: Final[Mapping[str, FuseValue]] = MappingProxyType({
     "entry_timeout": 3600,
     "negative_timeout": 3600,
     "kernel_cache": True,
+    # An unlinked file that is still open is removed at once, not renamed to a .fuse_hidden* name that
+    # would show up in the upper dir; its handle keeps working without a path.
+    "hard_remove": True,
 })
 """FUSE options the daemon sets unless the user gives the same option (``-o NAME=0`` switches a flag off).
 ``fsname`` defaults to the SOURCE argument, else ``unionfs``."""
