@@ -12,7 +12,8 @@
 3. The daemon builds :class:`unionfs.union.UnionFS` and runs libfuse in the foreground.  libfuse's ``init``
    (the kernel has the mount) calls :meth:`_Readiness.ready`, which points stderr at ``/dev/null`` (no caller
    waiting for EOF on a pipe is kept waiting) and tells the parent, which exits 0.  A failure before that is
-   sent to the parent as one line, which it raises as :class:`MountError`.
+   sent to the parent as one line, which it raises as :class:`MountError`; a daemon that dies or is not ready
+   within :data:`READY_TIMEOUT` is killed, and a FUSE mount it left behind is detached.
 4. ``umount MOUNTPOINT`` ends the FUSE loop; SIGTERM/SIGINT/SIGHUP make libfuse leave the loop and unmount
    (its own handlers).  Either way the daemon closes the union and exits 0.
 
@@ -51,6 +52,8 @@ READY_TIMEOUT = 60.0
 
 EXIT_TIMEOUT = 30.0
 """How long :func:`unmount` waits for the daemon to exit after the unmount."""
+
+_MNT_DETACH = 2
 
 FSTYPE_PREFIX = "fuse.unionfs"
 """mountinfo's type of our mounts (``fuse.`` + subtype: ``unionfs`` by default, ``unionfs-mount`` under
@@ -172,7 +175,7 @@ def _daemonize(config: MountConfig, stack: LayerStack) -> int:
         _run_daemon(config, stack, write_fd)
     os.close(write_fd)
     stack.close()  # our copies only: the daemon's descriptors, and the workdir lock, stay
-    return _wait_ready(read_fd, pid)
+    return _wait_ready(read_fd, pid, config.mountpoint)
 
 
 def _run_daemon(config: MountConfig, stack: LayerStack, status_fd: int) -> None:
@@ -217,28 +220,54 @@ def _close_inherited_fds() -> None:
                 os.close(fd)
 
 
-def _wait_ready(read_fd: int, pid: int) -> int:
-    """Wait for the daemon's one status line: 0 when ready, else :class:`MountError` with its message."""
+def _wait_ready(read_fd: int, pid: int, mountpoint: str) -> int:
+    """Wait for the daemon's one status line: 0 when ready, else :class:`MountError` with its message.
+
+    On any failure nothing may stay mounted: a daemon that never got ready is killed, and a FUSE mount it
+    left at ``mountpoint`` (there was none before: :func:`check_mountpoint`) is detached.
+    """
+    try:
+        line = _read_status(read_fd)
+    except TimeoutError:
+        _abandon(pid, mountpoint, signal.SIGKILL)
+        raise MountError(f"the mount was not ready after {READY_TIMEOUT:.0f} s; stopped the daemon") from None
+    if line == "ready":
+        return 0
+    status = _abandon(pid, mountpoint, None)
+    if line.startswith("error "):
+        raise MountError(line.removeprefix("error "))
+    raise MountError(f"the daemon exited before the mount was ready ({_describe_status(status)})")
+
+
+def _read_status(read_fd: int) -> str:
+    """The status line from the daemon ('' if it closed the pipe without one); TimeoutError after
+    :data:`READY_TIMEOUT`."""
     data = b""
     deadline = time.monotonic() + READY_TIMEOUT
     with os.fdopen(read_fd, "rb", buffering=0) as status:
         while not data.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([status], [], [], left)[0]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-                raise MountError(f"the mount was not ready after {READY_TIMEOUT:.0f} s; stopped the daemon")
+                raise TimeoutError
             chunk = status.read(4096)
             if not chunk:
                 break
             data += chunk
-    line = data.decode(errors="replace").strip()
-    if line == "ready":
-        return 0
-    _, status_code = os.waitpid(pid, 0)
-    if line.startswith("error "):
-        raise MountError(line.removeprefix("error "))
-    raise MountError(f"the daemon exited before the mount was ready ({_describe_status(status_code)})")
+    return data.decode(errors="replace").strip()
+
+
+def _abandon(pid: int, mountpoint: str, sig: signal.Signals | None) -> int:
+    """Reap the failed daemon (after ``sig``, if given) and detach a FUSE mount it left; its wait status."""
+    if sig is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    _, status = os.waitpid(pid, 0)
+    real = os.path.realpath(mountpoint)
+    entry = find_mount(real)
+    if entry is not None and entry.fstype.startswith("fuse"):
+        with contextlib.suppress(MountError):
+            _umount(real, mountpoint, lazy=True)
+    return status
 
 
 def _describe_status(status: int) -> str:
@@ -480,16 +509,18 @@ def _pidfd(pid: int | None) -> Iterator[int | None]:
             os.close(fd)
 
 
-def _umount(real: str, shown: str) -> None:
+def _umount(real: str, shown: str, *, lazy: bool = False) -> None:
+    """Unmount ``real`` (``umount2`` as root, else fusermount); ``lazy`` detaches it even when busy."""
     if os.geteuid() == 0:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.umount2(os.fsencode(real), 0) != 0:
+        if libc.umount2(os.fsencode(real), _MNT_DETACH if lazy else 0) != 0:
             err = ctypes.get_errno()
             raise MountError(f"cannot unmount '{shown}': {os.strerror(err)}")
         return
     for tool in ("fusermount3", "fusermount"):
         try:
-            proc = subprocess.run([tool, "-u", real], capture_output=True, text=True, check=False)
+            proc = subprocess.run([tool, "-u", *(["-z"] if lazy else []), real], capture_output=True, text=True,
+                                  check=False)
         except FileNotFoundError:
             continue
         if proc.returncode != 0:
