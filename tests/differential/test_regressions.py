@@ -1,0 +1,123 @@
+"""Divergences from the kernel's overlayfs that the state machine (``test_state_machine_layers.py``) found,
+each reduced to a named scenario: the smallest layers and operations that show it.
+
+A scenario here that still fails is marked ``xfail(strict=True)`` with the divergence in its reason: when the
+core is fixed the test passes, strict xfail turns that into a failure, and the mark (and the matching entry
+of ``KNOWN_DIVERGENCES`` in the state machine) must go.
+
+The second catalog, ``DELIBERATE``, holds the places where unionfs differs from the kernel on purpose
+(``docs/semantics.md``): those tests pin both sides' behaviour, so a change on either side is noticed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from support.differential import Catalog, Recorder, Scenario, assert_same_as_kernel, run_differential
+from support.layers import WHITEOUT, Dir, Hardlink
+from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
+CASES = Catalog()
+XFAIL: dict[str, str] = {}
+
+
+def known_divergence(reason: str) -> object:
+    """Decorator for a scenario the core does not pass yet: record why (the test is then strict-xfail)."""
+    def mark(scenario: Scenario) -> Scenario:
+        XFAIL[scenario.name] = reason
+        return scenario
+    return mark
+
+
+@known_divergence("unionfs checks ENOTEMPTY before EXDEV: kernel EXDEV, unionfs ENOTEMPTY")
+@CASES.scenario({"src/x": "x", "dst/y": "y"})
+def rename_lower_dir_over_nonempty_dir_is_exdev(r: Recorder) -> None:
+    """Renaming a lower dir over a non-empty dir answers EXDEV like the kernel (it refuses to move the lower
+    dir before it looks at the target), not ENOTEMPTY."""
+    r.call("rename src dst", os.rename, "src", "dst")
+    r.call("rename src (merged? no: lower) over empty upper dir", lambda: (os.mkdir("e"), os.rename("src", "e")))
+    r.listdir("ls .")
+
+
+@CASES.scenario({"x": "shared data\n", "y": Hardlink("x"), "d/z": Hardlink("x")})
+def copy_up_of_lower_hardlink_gets_its_own_inode_number(r: Recorder) -> None:
+    """Writing to one name of a lower hard link copies that name up alone (index=off); the copy is a different
+    file from then on, so it must not share the st_ino of the names still in the lower layer."""
+    before = r.ino("x")
+    r.write("append x", "x", b"more\n", flags=os.O_WRONLY | os.O_APPEND)
+    r.read("read x", "x")
+    r.read("read y", "y")
+    r.stat("stat x", "x")
+    r.stat("stat y", "y")
+    r.record("x kept its st_ino", r.ino("x") == before)
+    r.record("x and y share st_ino", r.ino("x") == r.ino("y"))
+    r.record("y and d/z share st_ino", r.ino("y") == r.ino("d/z"))
+
+
+@known_divergence("renameat2(RENAME_EXCHANGE) answers EINVAL; the kernel swaps the two names")
+@CASES.scenario({"a": "lower a", "b": "lower b", "d/x": "x", "e": {}})
+def rename_exchange_swaps_two_names(r: Recorder) -> None:
+    """renameat2(RENAME_EXCHANGE) swaps two lower files (both copied up), and a file with a dir."""
+    r.call("exchange a b", renameat2, "a", "b", RENAME_EXCHANGE)
+    r.read("read a", "a")
+    r.read("read b", "b")
+    r.call("exchange a e (file and empty lower dir)", renameat2, "a", "e", RENAME_EXCHANGE)
+    r.call("exchange a missing", renameat2, "a", "missing", RENAME_EXCHANGE)
+    r.listdir("ls .")
+
+
+@CASES.scenario({"a": "lower a", "d/x": "x"})
+def rename_noreplace(r: Recorder) -> None:
+    """renameat2(RENAME_NOREPLACE) refuses an existing target (EEXIST) and otherwise renames."""
+    r.call("noreplace a d (exists)", renameat2, "a", "d", RENAME_NOREPLACE)
+    r.call("noreplace a b", renameat2, "a", "b", RENAME_NOREPLACE)
+    r.listdir("ls .")
+
+
+DELIBERATE = Catalog()
+
+
+@DELIBERATE.scenario({"d/a": WHITEOUT, "d/b": "b", "o": Dir({"x": WHITEOUT, "y": "y"}, opaque=True)})
+def whiteouts_in_an_unmerged_dir_are_not_listed(r: Recorder) -> None:
+    """A whiteout in a dir that exists in one layer only: the kernel lists it (and then answers ENOENT for
+    it), unionfs never lists whiteouts. Every other outcome agrees."""
+    r.listdir("ls d", "d")
+    r.stat("stat d/a", "d/a")
+    r.listdir("ls o", "o")
+    r.call("rmdir d (not empty)", os.rmdir, "d")
+    r.call("unlink d/b", os.unlink, "d/b")
+    r.call("rmdir d", os.rmdir, "d")
+
+
+DELIBERATE_DIFFERENCES = {
+    "whiteouts_in_an_unmerged_dir_are_not_listed": [
+        "operation outcomes differ:\n"
+        "  #0: kernel ('ls d', ['a', 'b'])\n       program ('ls d', ['b'])\n"
+        "  #2: kernel ('ls o', ['x', 'y'])\n       program ('ls o', ['y'])",
+        "visible tree differs:\n"
+        "  o/x:\n    kernel: <error:ENOENT>\n    program: None",
+        "visible tree differs after remount:\n"
+        "  o/x:\n    kernel: <error:ENOENT>\n    program: None",
+    ],
+}
+
+
+@pytest.mark.mounted
+@pytest.mark.differential
+@pytest.mark.parametrize("case", CASES.params(), ids=str)
+def test_same_as_kernel(case: Scenario, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The divergences found by the state machine, reduced: unionfs must answer as the kernel does."""
+    if case.name in XFAIL:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL[case.name]))
+    assert_same_as_kernel(case, tmp_path)
+
+
+@pytest.mark.mounted
+@pytest.mark.differential
+@pytest.mark.parametrize("case", DELIBERATE.params(), ids=str)
+def test_deliberate_difference(case: Scenario, tmp_path: Path) -> None:
+    """Where unionfs differs on purpose (docs/semantics.md), it differs exactly as documented, and only there."""
+    comparison = run_differential(case, tmp_path)
+    assert comparison.mismatches == DELIBERATE_DIFFERENCES[case.name], comparison.explain()

@@ -1,0 +1,18 @@
+"""System calls the differential tests need and Python does not bind."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+def renameat2(src: str, dst: str, flags: int) -> None:
+    """renameat2(2) of two paths (relative to the cwd or absolute); raises OSError with the errno."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), src)
