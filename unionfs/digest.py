@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_mod
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -97,7 +98,7 @@ class Entry:
             parts.append(os.fsencode(self.target))
         elif kind in ("chr", "blk"):
             parts.append(f"{self.rdev[0]}:{self.rdev[1]}".encode())
-        parts.append(_frame(_frame([name.encode(), value]) for name, value in self.xattrs))
+        parts.append(_frame([_frame([name.encode(), value]) for name, value in self.xattrs]))
         return _frame(parts)
 
 
@@ -105,9 +106,9 @@ def _int(value: int) -> bytes:
     return str(value).encode()
 
 
-def _frame(parts: Iterable[bytes]) -> bytes:
-    body = b"".join(len(p).to_bytes(4, "little") + p for p in parts)
-    return len(body).to_bytes(4, "little") + body
+def _frame(parts: list[bytes]) -> bytes:
+    """``count, len_1 … len_n`` (little-endian u32) then the parts: unambiguous, and cheap to build."""
+    return struct.pack(f"<{len(parts) + 1}I", len(parts), *map(len, parts)) + b"".join(parts)
 
 
 @dataclass(slots=True)
@@ -157,19 +158,21 @@ def digest_entries(entries: Iterable[Entry]) -> str:
     return h.hexdigest()
 
 
-def hash_file(fd: int, size: int, *, sink: int = -1, buf: bytearray | None = None) -> tuple[str, int]:
+def hash_file(fd: int, size: int, *, sink: int = -1, buf: bytearray | None = None,
+              sparse: bool = True) -> tuple[str, int]:
     """xxh3-128 of the first ``size`` bytes of ``fd``, holes read as zeros; returns (hex digest, bytes seen).
 
     With ``sink`` (a descriptor of a new, empty file) the data is also written there at the same offsets,
     holes left as holes; the caller sets the final length.  Fewer bytes seen than ``size`` means the file
-    shrank while being read.  Reads with ``pread``: the descriptor's offset is not used.
+    shrank while being read.  Reads with ``pread``: the descriptor's offset is not used.  ``sparse=False``
+    (the file has as many blocks as bytes) skips looking for holes.
     """
     h = xxhash.xxh3_128()
     buffer = buf if buf is not None else bytearray(_CHUNK)
     view = memoryview(buffer)
     offset = 0
     while offset < size:
-        data_at, hole_at = _next_segment(fd, offset, size)
+        data_at, hole_at = _next_segment(fd, offset, size) if sparse else (offset, size)
         while offset < data_at:
             n = min(_CHUNK, data_at - offset)
             h.update(_ZEROS[:n])
@@ -205,6 +208,11 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         n = os.pwrite(fd, data, offset)
         data = data[n:]
         offset += n
+
+
+def may_be_sparse(st: os.stat_result) -> bool:
+    """False when a file has at least as many allocated bytes as its size (it has no holes to look for)."""
+    return st.st_blocks * 512 < st.st_size
 
 
 def kind_of(mode: int) -> str:
@@ -290,7 +298,7 @@ class _Walker:
             if self.content:
                 fd = d.open(child.name, os.O_RDONLY)
                 try:
-                    digest, seen = hash_file(fd, st.st_size, buf=self.buf)
+                    digest, seen = hash_file(fd, st.st_size, buf=self.buf, sparse=may_be_sparse(st))
                 finally:
                     os.close(fd)
                 if seen != st.st_size:

@@ -43,8 +43,6 @@ class Resolver:
         self.cache = cache
         self.hosts = {layer.index: layer.host for layer in stack.layers}
         self.root = Node(S_IFDIR, stack.upper is not None, 0, stack.lower_indices)
-        self.upper_oci_names = True
-        """Whether ``.wh.*`` names in the upper are whiteouts (an OCI-format upper) or plain files."""
 
     # -- nodes --------------------------------------------------------------------------------------------
     def lookup(self, path: str) -> Node | None:
@@ -107,7 +105,7 @@ class Resolver:
         opaque = False
         if node.upper and self.stack.upper is not None:
             try:
-                ud = read_layer_dir(self.stack.upper.host, path, oci_names=self.upper_oci_names)
+                ud = read_layer_dir(self.stack.upper.host, path)
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                     raise

@@ -109,7 +109,6 @@ class UnionFS:
             if not kernel_ok:
                 self.origin_xattr = "user.unionfs.origin"
             self.writer = WhiteoutWriter(fmt, self.upper, self.work, WORK_SUBDIR)
-            self.resolver.upper_oci_names = fmt is WhiteoutFormat.OCI
 
     def close(self) -> None:
         self.stack.close()
@@ -466,9 +465,10 @@ class UnionFS:
         return self._ensure_upper_dir(split(path)[0])
 
     def _check_representable(self, path: str) -> None:
-        """An upper in the OCI format cannot hold names that are its own markers (``.wh.*``): EPERM."""
-        if self.writer is not None and self.writer.format is WhiteoutFormat.OCI \
-                and split(path)[1].startswith(WH_PREFIX):
+        """Names that are whiteout markers in the OCI format (``.wh.*``) cannot be created: every layer,
+        the upper included, is read in every format, so such a file would turn into a marker (EPERM).
+        A deliberate difference from the kernel, which knows only its own format (docs/semantics.md)."""
+        if split(path)[1].startswith(WH_PREFIX):
             raise _err(errno.EPERM, path)
 
     def _owner(self, host: HostDir, rel: str, uid: int, gid: int) -> None:

@@ -99,11 +99,9 @@ def dir_opaque_value(host: HostDir, rel: str) -> bytes | None:
     return None
 
 
-def read_layer_dir(host: HostDir, rel: str, *, oci_names: bool = True) -> LayerDir:
+def read_layer_dir(host: HostDir, rel: str) -> LayerDir:
     """Scan directory ``rel`` of a layer: its entries, the whiteouts it holds and whether it is opaque.
 
-    ``oci_names=False`` reads ``.wh.*`` names as ordinary entries (an upper written in the kernel's format,
-    where such names are plain files, as the kernel sees them).
     Raises OSError from the host (ENOENT/ENOTDIR where the directory is gone).
     """
     out = LayerDir()
@@ -111,7 +109,7 @@ def read_layer_dir(host: HostDir, rel: str, *, oci_names: bool = True) -> LayerD
     out.opaque = opaque_value == b"y"
     xwhiteouts = opaque_value == b"x"
     for name, kind, ino in host.scandir(rel):
-        if oci_names and name.startswith(WH_PREFIX):
+        if name.startswith(WH_PREFIX):
             if name == OPAQUE_MARKER:
                 out.opaque = True
             else:

@@ -877,27 +877,28 @@ def test_oci_writer_keeps_a_kernel_opaque_dir_opaque(mkenv: Callable[..., Env]) 
     assert_errno(errno.ENOENT, fs2.getattr, "m/y")
 
 
-def test_kernel_writer_treats_wh_names_in_the_upper_as_plain_files(mkenv: Callable[..., Env]) -> None:
-    """With the kernel's format the upper's ``.wh.*`` names are ordinary files, as the kernel sees them:
-    they are listed, hide nothing, and can be created, renamed and removed through the union."""
-    env = mkenv([TOP, BOTTOM], {".wh.a": "plain", "m/.wh..wh..opq": ""}, fmt="kernel")
-    fs = env.open(whiteout="kernel")
-    assert ".wh.a" in names(fs) and "a" in names(fs)
-    assert names(fs, "m") == [".wh..wh..opq", "y"]
-    create_file(fs, ".wh.b", b"also plain")
-    fs.rename(".wh.b", "d/.wh.f")
-    fs2 = env.remount(fs, whiteout="kernel")
-    assert read_all(fs2, "d/.wh.f") == b"also plain"
-    assert "f" in names(fs2, "d") and "b" in names(fs2)
-    fs2.unlink("d/.wh.f")
-    assert names(fs2, "d") == ["f", "g", "sub"]
+@pytest.mark.parametrize("fmt", ["kernel", "oci"])
+def test_wh_names_in_the_upper_are_markers_whatever_format_is_written(mkenv: Callable[..., Env],
+                                                                       fmt: str) -> None:
+    """Every layer, the upper included, is read in every format: an upper holding ``.wh.a`` and an opaque
+    marker (as fuse-overlayfs writes them unprivileged) hides ``a`` and the lower ``m`` even when the union
+    writes the kernel's format."""
+    env = mkenv([TOP, BOTTOM], {".wh.a": "", "m/.wh..wh..opq": "", "m/new": "n"}, fmt="kernel")
+    fs = env.open(whiteout=fmt)
+    assert "a" not in names(fs) and ".wh.a" not in names(fs)
+    assert names(fs, "m") == ["new"]
+    create_file(fs, "a", b"back again")
+    fs2 = env.remount(fs, whiteout=fmt)
+    assert read_all(fs2, "a") == b"back again"
+    assert names(fs2, "m") == ["new"]
 
 
-def test_oci_writer_refuses_names_that_are_its_markers(mkenv: Callable[..., Env]) -> None:
-    """A union writing the OCI format cannot store a file named ``.wh.*`` (it would read back as a whiteout
-    and hide another name): creating or renaming to one is EPERM, and nothing changes."""
-    env = mkenv([TOP, BOTTOM], fmt="oci")
-    fs = env.open(whiteout="oci")
+@pytest.mark.parametrize("fmt", ["kernel", "oci"])
+def test_names_that_are_markers_cannot_be_created(mkenv: Callable[..., Env], fmt: str) -> None:
+    """A file named ``.wh.*`` would read back as a whiteout and hide another name, so creating or renaming
+    to one is EPERM in either format, and nothing changes."""
+    env = mkenv([TOP, BOTTOM], fmt=fmt)
+    fs = env.open(whiteout=fmt)
     for creator in CREATORS.values():
         assert_errno(errno.EPERM, creator, fs, ".wh.a")
         assert_errno(errno.EPERM, creator, fs, "d/.wh..wh..opq")
