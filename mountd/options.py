@@ -365,19 +365,24 @@ def _apply_flag(state: _State, flag: str) -> None:
 
 
 def split_options(text: str) -> list[str]:
-    """Split one ``-o`` argument at commas not escaped by a backslash; other escapes stay for later."""
+    """Split one ``-o`` argument at commas, except escaped ones (``\\,``) and those inside double quotes
+    (an SELinux ``context="…:c1,c2"``, as the kernel reads it); other escapes stay for later."""
     return [part for part in _split_unescaped(text, ",") if part]
 
 
 def _split_unescaped(text: str, sep: str) -> list[str]:
     parts: list[str] = []
     current: list[str] = []
+    quoted = False
     chars = iter(text)
     for char in chars:
         if char == "\\":
             following = next(chars, "")
-            current.append(following if following == sep and sep == "," else char + following)
-        elif char == sep:
+            current.append(following if following == sep == "," else char + following)
+        elif char == '"' and sep == ",":
+            quoted = not quoted
+            current.append(char)
+        elif char == sep and not quoted:
             parts.append("".join(current))
             current = []
         else:
@@ -396,8 +401,8 @@ def unescape(text: str) -> str:
 
 
 def escape_path(path: str) -> str:
-    """The inverse of the parser for one directory name: escape backslashes, colons and commas."""
-    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+    """The inverse of the parser for one directory name: escape backslashes, colons, commas and quotes."""
+    return "".join("\\" + char if char in '\\:,"' else char for char in path)
 
 
 def _apply_option(state: _State, option: str) -> None:

@@ -150,6 +150,18 @@ def test_escaped_comma_stays_inside_one_value() -> None:
     assert config.upper == "/u,v"
 
 
+def test_commas_inside_double_quotes_do_not_split() -> None:
+    """containers/storage passes an SELinux label as ``context="…:c1,c2"``."""
+    option = 'context="system_u:object_r:container_file_t:s0:c1,c2"'
+    config = parse("-o", f"{RW},{option},volatile", "/m")
+    assert config.ignored == (option,)
+    assert config.volatile
+
+
+def test_an_escaped_quote_is_a_plain_character() -> None:
+    assert parse("-o", r'lowerdir=/a\"b,upperdir=/u,workdir=/w', "/m").lowers == ('/a"b',)
+
+
 def test_escaped_backslash() -> None:
     assert parse("-o", r"lowerdir=/a\\:/b", "/m").lowers == ("/a\\", "/b")
 
