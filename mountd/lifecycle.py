@@ -408,11 +408,14 @@ def _describe(exc: OSError | ValueError) -> str:
 
 def configure_logging(*, debug: bool) -> None:
     """Log to stderr: warnings and errors, everything with ``-d``."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if any(getattr(h, "unionfs_stderr", False) for h in root.handlers):
+        return  # called again in the same process (tests, a frontend): one handler is enough
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("unionfs-mount: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
+    handler.unionfs_stderr = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 # -- finding the daemon of a mount --------------------------------------------------------------------------
