@@ -30,6 +30,7 @@ import hashlib
 import logging
 import logging.handlers
 import os
+import resource
 import select
 import signal
 import socket
@@ -161,10 +162,19 @@ def mount(config: MountConfig) -> int:
     """
     check_supported(config)
     check_mountpoint(config.mountpoint)
+    _raise_file_limit()
     stack = open_stack(config)
     if config.foreground:
         return serve(config, stack, _Readiness(config.mountpoint, None))
     return _daemonize(config, stack)
+
+
+def _raise_file_limit() -> None:
+    """Let the daemon hold as many descriptors as the system allows it (one per open file of the union)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _daemonize(config: MountConfig, stack: LayerStack) -> int:

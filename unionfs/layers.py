@@ -100,7 +100,8 @@ class LayerStack:
             offset = 0 if upper is None else 1
             lower_layers = []
             for i in range(len(lowers)):
-                host = HostDir(named[i][1])
+                # a budget of about 2048 cached directory descriptors for the whole stack
+                host = HostDir(named[i][1], immutable=True, dir_cache=max(2, 2048 // len(lowers)))
                 opened.append(host)
                 lower_layers.append(Layer(i + offset, host, False))
             stack = cls(lower_layers)
