@@ -77,17 +77,23 @@ class UnionOperations(Operations):  # type: ignore[misc]
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def init(self, path: str) -> None:
-        invalidate = kernel_invalidator()
-        if invalidate is not None:
-            self._start_invalidator(invalidate)
-        if self.control is not None:
-            try:
-                self.control.start()
-            except OSError:
-                log.exception("control socket unavailable; the mount works without it")
-                self.control = None
-        if self.on_ready is not None:
-            self.on_ready()
+        """Start the helpers of a live mount, then report ready — also when a helper could not start (the
+        mount works without them; the failure is logged)."""
+        try:
+            invalidate = kernel_invalidator()
+            if invalidate is not None:
+                self._start_invalidator(invalidate)
+            if self.control is not None:
+                try:
+                    self.control.start()
+                except OSError:
+                    log.exception("control socket unavailable; the mount works without it")
+                    self.control = None
+        except Exception:
+            log.exception("starting the mount's helpers failed")
+        finally:
+            if self.on_ready is not None:
+                self.on_ready()
 
     def destroy(self, path: str) -> None:
         if self.control is not None:

@@ -56,10 +56,13 @@ def _openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
 
 
 def _probe_openat2() -> bool:
+    root = os.open("/", _DIR_FLAGS)
     try:
-        os.close(_openat2(os.open("/", _DIR_FLAGS), ".", _DIR_FLAGS))
+        os.close(_openat2(root, ".", _DIR_FLAGS))
     except OSError as exc:
         return exc.errno not in (errno.ENOSYS, errno.EPERM)
+    finally:
+        os.close(root)
     return True
 
 
