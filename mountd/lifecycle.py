@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mountd.options import MountConfig, fuse_kwargs, unsupported_fuse_options
+from unionfs.idmap import IdMap
 from unionfs.layers import LayerError, LayerStack
 
 log = logging.getLogger("unionfs")
@@ -129,10 +130,19 @@ def check_mountpoint(mountpoint: str) -> str:
 # -- checks before anything is started ----------------------------------------------------------------------
 
 def check_supported(config: MountConfig) -> None:
-    """Refuse what the parser accepts but the core cannot honour yet (MountError), so that it is never
-    silently ignored."""
-    if config.maps_ids:
-        raise MountError("uidmapping/gidmapping/squash_to_* are not supported yet by this version")
+    """Refuse what the parser accepts but the core cannot honour (MountError), so that nothing is ever
+    silently ignored.  Everything the parser accepts is honoured today."""
+
+
+def id_map(config: MountConfig) -> IdMap | None:
+    """The core's owner mapping for ``config`` (None when owners pass unchanged)."""
+    if not config.maps_ids:
+        return None
+    squash_uid = 0 if config.squash_to_root else config.squash_to_uid
+    squash_gid = 0 if config.squash_to_root else config.squash_to_gid
+    return IdMap(uids=tuple((m.container_id, m.host_id, m.size) for m in config.uid_mappings),
+                 gids=tuple((m.container_id, m.host_id, m.size) for m in config.gid_mappings),
+                 squash_uid=squash_uid, squash_gid=squash_gid)
 
 
 def open_stack(config: MountConfig) -> LayerStack:
@@ -385,7 +395,7 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
     for name in unsupported_fuse_options(config, libfuse_major=LIBFUSE_MAJOR):
         log.warning("option %s is not available with libfuse %d: ignored", name, LIBFUSE_MAJOR)
     try:
-        fs = UnionFS(stack, whiteout=config.whiteout, volatile=config.volatile)
+        fs = UnionFS(stack, whiteout=config.whiteout, volatile=config.volatile, idmap=id_map(config))
     except (OSError, ValueError) as exc:
         stack.close()
         raise MountError(_describe(exc)) from None

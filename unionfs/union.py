@@ -22,6 +22,7 @@ from unionfs import copyup
 from unionfs.cache import DirState, LookupCache
 from unionfs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, fallocate, join, split
 from unionfs.gate import WriteGate
+from unionfs.idmap import IdMap
 from unionfs.layers import WORK_SUBDIR, LayerStack
 from unionfs.lookup import Node, Resolver
 from unionfs.whiteout import (
@@ -76,9 +77,10 @@ class UnionFS:
     every fsync (as the kernel's ``volatile`` option does)."""
 
     def __init__(self, stack: LayerStack, *, whiteout: str = "auto", volatile: bool = False,
-                 cache_entries: int = 1_000_000) -> None:
+                 cache_entries: int = 1_000_000, idmap: IdMap | None = None) -> None:
         self.stack = stack
         self.volatile = volatile
+        self.idmap = idmap if idmap is not None and not idmap.identity else None
         self.cache = LookupCache(cache_entries)
         self.resolver = Resolver(stack, self.cache)
         self.lock = threading.RLock()
@@ -126,9 +128,10 @@ class UnionFS:
         return real_ino if fs == 0 else (real_ino & ((1 << 48) - 1)) | (fs << 48)
 
     def _attrs(self, st: os.stat_result, ino: int) -> dict[str, Any]:
+        uid, gid = (st.st_uid, st.st_gid) if self.idmap is None else self.idmap.shown(st.st_uid, st.st_gid)
         return {
-            "st_mode": st.st_mode, "st_ino": ino, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
-            "st_gid": st.st_gid, "st_rdev": st.st_rdev, "st_size": st.st_size, "st_blocks": st.st_blocks,
+            "st_mode": st.st_mode, "st_ino": ino, "st_nlink": st.st_nlink, "st_uid": uid,
+            "st_gid": gid, "st_rdev": st.st_rdev, "st_size": st.st_size, "st_blocks": st.st_blocks,
             "st_blksize": st.st_blksize, "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns,
             "st_ctime": st.st_ctime_ns,
         }
@@ -471,7 +474,13 @@ class UnionFS:
         if split(path)[1].startswith(WH_PREFIX):
             raise _err(errno.EPERM, path)
 
+    def _stored_owner(self, uid: int, gid: int) -> tuple[int, int]:
+        """The caller's owner as the layers store it; EINVAL (before anything is created) if unmapped."""
+        return (uid, gid) if self.idmap is None else self.idmap.stored(uid, gid)
+
     def _owner(self, host: HostDir, rel: str, uid: int, gid: int) -> None:
+        """Give a new object its owner (already as stored: see :meth:`_stored_owner`); a set-gid parent keeps
+        its group, as the host filesystem already gave it."""
         if uid == 0 and gid == 0:
             return
         parent_st = host.lstat(split(rel)[0])
@@ -483,6 +492,7 @@ class UnionFS:
     @_mutating
     def create(self, path: str, flags: int, mode: int, uid: int = 0, gid: int = 0) -> Handle:
         """Create and open a regular file (O_CREAT); EEXIST if something is visible there."""
+        uid, gid = self._stored_owner(uid, gid)
         with self.lock:
             parent = self._new_parent(path)
             fds: list[int] = []
@@ -501,6 +511,7 @@ class UnionFS:
 
     @_mutating
     def mkdir(self, path: str, mode: int, uid: int = 0, gid: int = 0) -> None:
+        uid, gid = self._stored_owner(uid, gid)
         with self.lock:
             parent = self._new_parent(path)
 
@@ -515,6 +526,7 @@ class UnionFS:
 
     @_mutating
     def mknod(self, path: str, mode: int, rdev: int, uid: int = 0, gid: int = 0) -> None:
+        uid, gid = self._stored_owner(uid, gid)
         with self.lock:
             kind = stat_mod.S_IFMT(mode)
             if kind == stat_mod.S_IFCHR and rdev == 0:
@@ -529,6 +541,7 @@ class UnionFS:
 
     @_mutating
     def symlink(self, target: str, path: str, uid: int = 0, gid: int = 0) -> None:
+        uid, gid = self._stored_owner(uid, gid)
         with self.lock:
             parent = self._new_parent(path)
 
@@ -694,6 +707,8 @@ class UnionFS:
     def chown(self, path: str, uid: int, gid: int) -> None:
         with self.lock:
             self._node(path)
+            if self.idmap is not None:
+                uid, gid = self.idmap.stored(uid, gid)
             self.copy_up(path)
             assert self.upper is not None
             self.upper.chown(path, uid, gid)

@@ -1,0 +1,66 @@
+"""Owner mapping of a mount (fuse-overlayfs's ``uidmapping=``/``gidmapping=``/``squash_to_*``).
+
+The layers store *container* ids; the mount shows *host* ids: for a range ``(container, host, size)`` the
+stored id ``container + i`` is shown as ``host + i``.  Stored ids outside every range are shown as the
+overflow id (65534).  Ids given by callers (chown, the owner of a new file) go the other way; an id outside
+every range cannot be stored (EINVAL).  Squashing shows every object as owned by one uid and/or gid (root
+for ``squash_to_root``) and leaves what is stored unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+OVERFLOW_ID = 65534
+Range = tuple[int, int, int]
+
+
+def _to_shown(ranges: Sequence[Range], stored: int) -> int:
+    for container, host, size in ranges:
+        if container <= stored < container + size:
+            return host + stored - container
+    return OVERFLOW_ID
+
+
+def _to_stored(ranges: Sequence[Range], shown: int) -> int:
+    for container, host, size in ranges:
+        if host <= shown < host + size:
+            return container + shown - host
+    raise OSError(errno.EINVAL, f"id {shown} is outside the mount's id mapping")
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """``uids``/``gids``: mapping ranges (empty: ids pass unchanged); ``squash_uid``/``squash_gid``: the one
+    owner every object is shown with (None: no squashing)."""
+
+    uids: tuple[Range, ...] = ()
+    gids: tuple[Range, ...] = ()
+    squash_uid: int | None = None
+    squash_gid: int | None = None
+
+    @property
+    def identity(self) -> bool:
+        return not (self.uids or self.gids) and self.squash_uid is None and self.squash_gid is None
+
+    def shown(self, uid: int, gid: int) -> tuple[int, int]:
+        """The owner the mount shows for a stored owner."""
+        if self.squash_uid is not None:
+            uid = self.squash_uid
+        elif self.uids:
+            uid = _to_shown(self.uids, uid)
+        if self.squash_gid is not None:
+            gid = self.squash_gid
+        elif self.gids:
+            gid = _to_shown(self.gids, gid)
+        return uid, gid
+
+    def stored(self, uid: int, gid: int) -> tuple[int, int]:
+        """The owner to store for one given through the mount (-1 keeps "unchanged"); EINVAL if unmapped."""
+        if uid != -1 and self.uids:
+            uid = _to_stored(self.uids, uid)
+        if gid != -1 and self.gids:
+            gid = _to_stored(self.gids, gid)
+        return uid, gid
