@@ -38,18 +38,40 @@ fuse_get_context: Any = _module.fuse_get_context
 LIBFUSE_MAJOR: int = int(getattr(_module, "fuse_version_major", 2))
 
 
+_c_stat: Any = _module.c_stat
+_set_st_attrs: Any = _module.set_st_attrs
+_STAT_SIZE = ctypes.sizeof(_c_stat)
+PACKED_STAT_KEY = "\0stat"
+"""Where :meth:`UnionFUSE.fgetattr` keeps the packed ``struct stat`` of an attribute dict it was given, so
+that a dict the core caches (lower objects never change) is converted to C only once."""
+
+
 class UnionFUSE(FUSE):  # type: ignore[misc]
     """The binding's FUSE class with the libfuse3 callbacks that drop arguments fixed: ``rename`` keeps its
-    RENAME_* flags and ``truncate`` keeps the file handle of an ``ftruncate``."""
+    RENAME_* flags and ``truncate`` keeps the file handle of an ``ftruncate``; ``getattr`` reuses a packed
+    ``struct stat`` per cached attribute dict."""
+
+    def _decode(self, path: bytes | None) -> str | None:
+        # fusepy has no ``errors`` attribute; mfusepy decodes with surrogateescape
+        return None if path is None else path.decode(self.encoding, getattr(self, "errors", "surrogateescape"))
+
+    def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        fh = fip.contents.fh if fip else None
+        attrs = self.operations.getattr(self._decode(path), fh)
+        packed = attrs.get(PACKED_STAT_KEY)
+        if packed is None:
+            st = _c_stat()
+            _set_st_attrs(st, attrs, use_ns=True)
+            packed = attrs[PACKED_STAT_KEY] = ctypes.string_at(ctypes.addressof(st), _STAT_SIZE)
+        ctypes.memmove(buf, packed, _STAT_SIZE)
+        return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-        return int(self.operations.rename(old.decode(self.encoding, self.errors),
-                                          new.decode(self.encoding, self.errors), flags) or 0)
+        return int(self.operations.rename(self._decode(old), self._decode(new), flags) or 0)
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fh = fip.contents.fh if fip else None
-        decoded = None if path is None else path.decode(self.encoding, self.errors)
-        return int(self.operations.truncate(decoded, length, fh) or 0)
+        return int(self.operations.truncate(self._decode(path), length, fh) or 0)
 
 
 def kernel_invalidator() -> Callable[[str], None] | None:
