@@ -331,6 +331,53 @@ def test_rename_to_a_256_byte_name_is_enametoolong(union: Callable[..., tuple[En
     assert read_all(fs, MAX) == b"top a\n"
 
 
+def _all_or_nothing(env: Env, fs: UnionFS, op: Callable[[], object], before: dict[str, Any],
+                    after_success: Callable[[dict[str, Any]], None]) -> None:
+    """Run ``op``: on success ``after_success(tree)`` must hold; on failure the visible tree is ``before``
+    (directory attributes aside: copying up the parent is allowed).  Either way the union's view equals a
+    fresh union's and work/ is empty."""
+    def shape(tree: dict[str, Any]) -> dict[str, Any]:
+        return {p: row[0] if row[0] == stat.S_IFDIR else row for p, row in tree.items()}
+
+    try:
+        op()
+    except OSError:
+        assert shape(visible_tree(fs, inodes=False)) == shape(before), "a failed operation changed the tree"
+    else:
+        after_success(visible_tree(fs, inodes=False))
+    clean(env)
+    seen = visible_tree(fs, inodes=False, dir_nlink=False)
+    assert visible_tree(env.remount(fs, whiteout="oci"), inodes=False, dir_nlink=False) == seen
+
+
+@pytest.mark.parametrize("op", [
+    "unlink",
+    "rmdir",
+    pytest.param("rename", marks=pytest.mark.xfail(
+        strict=True, reason="OCI rename of a lower name of 252-255 bytes moves the file, then fails to write "
+                            "the .wh. whiteout (ENAMETOOLONG): the rename is half done, the cached listing "
+                            "still has the old name and readdir of the parent raises ENOENT")),
+])
+def test_oci_format_with_a_name_too_long_for_its_whiteout(mkenv: Callable[..., Env], op: str) -> None:
+    """In the OCI format a lower name of 255 bytes cannot get a ``.wh.`` whiteout (259 bytes).  Removing or
+    renaming it must then fail cleanly (or succeed completely): never half done."""
+    name = "n" * 255
+    env = mkenv([{name: "lower", "d": {name: {}}}], fmt="oci")
+    fs = env.open(whiteout="oci")
+    before = visible_tree(fs, inodes=False)
+
+    def gone(tree: dict[str, Any]) -> None:
+        assert name not in tree and f"d/{name}" not in tree
+
+    if op == "unlink":
+        _all_or_nothing(env, fs, lambda: fs.unlink(name), before, gone)
+    elif op == "rmdir":
+        _all_or_nothing(env, fs, lambda: fs.rmdir(f"d/{name}"), before, gone)
+    else:
+        _all_or_nothing(env, fs, lambda: fs.rename(name, "x"),
+                        before, lambda tree: (gone(tree), tree["x"][5] == b"lower"))
+
+
 LOOKUPS: dict[str, Callable[[UnionFS, str], object]] = {
     "getattr": lambda fs, p: fs.getattr(p),
     "open": lambda fs, p: fs.open(p, os.O_RDONLY),
@@ -1001,6 +1048,17 @@ def _apply(fs: UnionFS, op: tuple[Any, ...]) -> int:
     return 0
 
 
+def _renames_onto_its_own_link(fs: UnionFS, op: tuple[Any, ...]) -> bool:
+    """Is ``op`` a rename between two names of one non-directory (a known bug, tested on its own)?"""
+    if op[0] != "rename" or op[1] == op[2]:
+        return False
+    try:
+        src, dst = fs.getattr(op[1]), fs.getattr(op[2])
+    except OSError:
+        return False
+    return src["st_ino"] == dst["st_ino"] and not stat.S_ISDIR(src["st_mode"])
+
+
 def _whiteouts_are_needed(env: Env, lowers_only: UnionFS, fmt: str) -> None:
     """Every whiteout in the upper hides a name some lower has, under no opaque upper ancestor."""
     state = upper_state(env.upper, oci_names=fmt == "oci")  # type: ignore[arg-type]
@@ -1049,6 +1107,11 @@ def test_cached_union_agrees_with_a_fresh_one(tmp_path_factory: pytest.TempPathF
                 twin.work = twin.base / "work"
                 twin.work.mkdir()
                 fresh = twin.open(whiteout=fmt)
+                if _renames_onto_its_own_link(live, op):
+                    # covered by test_rename_onto_another_name_of_the_same_file_does_nothing (xfail)
+                    twin.close_all()
+                    shutil.rmtree(twin.base)
+                    continue
                 got, want = _apply(live, op), _apply(fresh, op)
                 assert got == want, f"{op}: {errno.errorcode.get(got)} on the cached union, " \
                                     f"{errno.errorcode.get(want)} on a fresh one"
