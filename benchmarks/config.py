@@ -54,19 +54,19 @@ FULL = Sizes(
 
 QUICK = Sizes(
     runs=3,
-    tree_files=5_000,
-    bigdir_entries=5_000,
-    big_file_bytes=256 * MiB,
-    random_reads=5_000,
-    write_bytes=256 * MiB,
-    small_files=2_000,
-    tar_files=2_000,
+    tree_files=3_000,
+    bigdir_entries=3_000,
+    big_file_bytes=128 * MiB,
+    random_reads=3_000,
+    write_bytes=128 * MiB,
+    small_files=1_000,
+    tar_files=1_000,
     depth_layers=(1, 10, 100, 500),
-    depth_dirs=4,
-    depth_paths=1_000,
+    depth_dirs=2,
+    depth_paths=400,
     depth_files_per_dir=2,
-    walk_files=100_000,
-    budget_s=12.0,
+    walk_files=50_000,
+    budget_s=8.0,
 )
 
 
