@@ -73,6 +73,8 @@ def rename_lower_dir_is_exdev(r: Recorder) -> None:
     r.call("rename full (lower only) f2", os.rename, "full", "f2")
     r.call("rename empty (lower, empty) e2", os.rename, "empty", "e2")
     r.call("rename merged into dst", os.rename, "merged", "dst/merged")
+    r.call("rename full over src (onto a non-empty dir: EXDEV comes first)", os.rename, "full", "src")
+    r.call("rename full over plain (onto a file: the VFS answers ENOTDIR first)", os.rename, "full", "plain")
     r.listdir("ls .")
     r.listdir("ls src", "src")
 
