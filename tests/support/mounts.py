@@ -49,11 +49,6 @@ def mount_program() -> str:
     return str(Path(sys.prefix) / "bin" / "unionfs-mount")
 
 
-def program_is_kernel() -> bool:
-    """True when the kernel's overlayfs stands in for the program under test (harness self-check)."""
-    return mount_program() == KERNEL_AS_PROGRAM
-
-
 # --- mountinfo -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
