@@ -185,6 +185,8 @@ class _Stager:
         self.dirs: list[Entry] = []
         self.buf = bytearray(1 << 20)
         self.opaque_xattr = OPAQUE_XATTR
+        self.ids = (os.geteuid(), os.getegid())
+        """Who owns what this process creates (a file created by us needs no chown to these)."""
 
     def run(self) -> None:
         with DirCache(self.src) as sdirs, DirCache(self.dst) as ddirs:
@@ -224,11 +226,13 @@ class _Stager:
         try:
             dfd = d.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                content, seen = hash_file(sfd, e.size, sink=dfd, buf=self.buf)
+                content, seen = hash_file(sfd, e.size, sink=dfd, buf=self.buf, sparse=e.sparse)
                 if seen != e.size or content != e.content or os.fstat(sfd).st_size != e.size:
                     raise CommitError(f"{e.path} changed while it was being committed; try again")
-                os.ftruncate(dfd, e.size)
-                os.fchown(dfd, e.uid, e.gid)  # before chmod: chown clears set-id bits
+                if e.sparse:  # a trailing hole is not written
+                    os.ftruncate(dfd, e.size)
+                if (e.uid, e.gid) != self.ids:
+                    os.fchown(dfd, e.uid, e.gid)  # before chmod: chown clears set-id bits
                 os.fchmod(dfd, e.mode)
                 for attr, value in e.xattrs:  # after chown: it clears security.capability
                     os.setxattr(dfd, attr, value)

@@ -60,7 +60,8 @@ Progress = Callable[[int, int], None]
 class Entry:
     """One path of a layer, normalised.  Fields that do not apply to the kind are zero/empty.
 
-    ``atime_ns`` and a directory's ``mtime_ns`` are carried (a commit preserves them) but not digested.
+    ``atime_ns``, a directory's ``mtime_ns`` and ``sparse`` are carried (a commit uses them) but not
+    digested.
     """
 
     path: str
@@ -76,6 +77,8 @@ class Entry:
     rdev: tuple[int, int] = (0, 0)
     xattrs: Xattrs = ()
     opaque: bool = False
+    sparse: bool = False
+    """A file that may have holes (a hint for copying; not digested)."""
 
     def encode(self) -> bytes:
         """The canonical bytes of this entry (what the digest hashes)."""
@@ -231,7 +234,7 @@ def entry_from_stat(path: str, st: os.stat_result, xattrs: Xattrs, *, content: s
     return Entry(path=path, kind=kind, mode=stat_mod.S_IMODE(st.st_mode) if kind != "symlink" else 0,
                  uid=st.st_uid, gid=st.st_gid, size=st.st_size if kind == "file" else 0,
                  mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns, content=content, target=target,
-                 rdev=rdev, xattrs=xattrs, opaque=opaque)
+                 rdev=rdev, xattrs=xattrs, opaque=opaque, sparse=kind == "file" and may_be_sparse(st))
 
 
 class _Walker:

@@ -159,12 +159,13 @@ def test_check_finds_damage(store: Store, tmp_path: Path) -> None:
     broken = store.check(verify=True)
     actual = layer_digest(store.layer_path(d3))
     assert broken[0].startswith("image 'bad': unreadable: ")
-    assert broken[1:] == [
-        f"image 'one': layer {d1[:12]} is missing",
+    assert broken[1] == f"image 'one': layer {d1[:12]} is missing"
+    assert sorted(broken[2:]) == sorted([  # layers in digest order
         f"layer {d2[:12]}: metadata without its tree",
         f"layer {d3[:12]}: content digest is {actual[:12]}",
-    ]
-    assert store.gc(dry_run=True).broken == broken[:3]  # without verify the content is not read
+    ])
+    without_verify = [line for line in broken if "content digest" not in line]
+    assert store.gc(dry_run=True).broken == without_verify  # the content is not read
     assert store.gc(dry_run=True, verify=True).broken == broken
 
 
