@@ -195,3 +195,14 @@ def test_mount_of_an_unknown_image_creates_nothing(tmp_path: Path) -> None:
     assert (proc.returncode, proc.stderr) == (1, "unionfs: error: unknown image 'nope'\n")
     assert find_mount(tmp_path / "mnt") is None
     assert not (tmp_path / "u").exists()
+
+
+def test_a_failed_image_mount_leaves_nothing_behind(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    assert run("import-dir", build_layer({"a": "1"}, tmp_path / "base"), "--image", "base",
+               store=store).returncode == 0
+    for extra in ([], ["--upper", str(tmp_path / "u")]):
+        proc = run("mount", "base", tmp_path / "no-such-mountpoint", *extra, store=store)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert os.listdir(store / "containers") == []
+    assert not (tmp_path / "u").exists() and not (tmp_path / ".u.work").exists()
