@@ -356,7 +356,7 @@ def commit_upper(store: Store, upper: str, *, image: str, base_image: str | None
     if base is None:
         base = base_for_upper(store, real) or Base()
     return commit_tree(store, real, image=image, base=base, comment=comment,
-                       created_by=created_by or f"unionfs commit {upper}", changes=changes, progress=progress)
+                       created_by=created_by or f"unionfs commit {real}", changes=changes, progress=progress)
 
 
 def import_dir(store: Store, path: str, *, image: str, comment: str = "", created_by: str = "",
@@ -365,5 +365,5 @@ def import_dir(store: Store, path: str, *, image: str, comment: str = "", create
     check_name(image)
     real = source_dir(path, store, what="directory")
     return commit_tree(store, real, image=image, base=Base(), comment=comment,
-                       created_by=created_by or f"unionfs import-dir {path}", changes=changes,
+                       created_by=created_by or f"unionfs import-dir {real}", changes=changes,
                        progress=progress, what="directory")

@@ -40,8 +40,13 @@ class UnionMount:
     pid: int | None = None
 
     def describe(self) -> str:
-        who = "the kernel's overlayfs" if self.pid is None else f"process {self.pid}"
-        return f"{self.mountpoint or '(mounting)'} ({who})"
+        """``MOUNTPOINT (the kernel's overlayfs)``, ``MOUNTPOINT (process PID)``, or for a daemon known only
+        by the lock on its workdir ``a unionfs daemon (workdir W is locked)``."""
+        if self.fstype == "overlay":
+            return f"{self.mountpoint} (the kernel's overlayfs)"
+        if self.pid is None:
+            return f"a unionfs daemon (workdir {self.work} is locked)"
+        return f"{self.mountpoint or 'a mount being made'} (process {self.pid})"
 
 
 @dataclass(frozen=True)
