@@ -314,3 +314,26 @@ def users_of_upper(upper: str, *, work: str | None = None) -> list[UnionMount]:
     if not users and work is not None and workdir_locked(work):
         users.append(UnionMount("", "fuse", (), real, os.path.realpath(work)))
     return users
+
+
+def paths_in_use(prefix: str) -> set[str]:
+    """Every path under ``prefix`` (a real directory path) that a running mount uses: the lowerdirs and
+    upperdirs of kernel overlay mounts, and whatever any process holds open there (a union daemon keeps its
+    layer dirs open).  Processes that cannot be read are skipped."""
+    base = prefix.rstrip("/") + "/"
+    found = {p for m in kernel_mounts() for p in (*m.lowers, m.upper or "") if p.startswith(base)}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{entry}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(base):
+                found.add(target)
+    return found

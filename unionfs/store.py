@@ -49,6 +49,7 @@ from typing import Any
 
 import xxhash
 
+from unionfs import inuse
 from unionfs.digest import DIGEST_ALGORITHM, Manifest, scan
 from unionfs.fsio import HostDir, join
 
@@ -558,9 +559,14 @@ class Store:
             host.close()
         return [] if actual == digest else [f"layer {short(digest)}: content digest is {short(actual)}"]
 
+    def layers_in_use(self) -> set[str]:
+        """Layers a running mount uses (mounted without an image record, e.g. ``--ro``, or by hand)."""
+        prefix = os.path.realpath(os.path.join(self.root, LAYERS))
+        return {os.path.relpath(p, prefix).split("/")[0] for p in inuse.paths_in_use(prefix)}
+
     def used_layers(self) -> set[str]:
-        """Layers some image or some live container record names."""
-        used: set[str] = set()
+        """Layers some image, some live container record or some running mount uses."""
+        used = self.layers_in_use()
         for image in self.images():
             used.update(image.layers)
         for record in self.containers():
@@ -569,8 +575,9 @@ class Store:
         return used
 
     def gc(self, *, dry_run: bool = False, verify: bool = False) -> GcReport:
-        """Remove layers no image (or live container record) uses, staging leftovers, trees without json
-        and records of uppers that are gone; report damage.  Holds the store lock exclusively."""
+        """Remove layers no image, live container record or running mount uses, staging leftovers, trees
+        without json and records of uppers that are gone; report damage.  Holds the store lock
+        exclusively."""
         report = GcReport()
         host = self._host()
         with self.locked(exclusive=True):

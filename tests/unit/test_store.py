@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.layers import WHITEOUT, Dir, build_layer
+from support.mounts import kernel_overlay_mount
 
 from unionfs.commit import import_dir
 from unionfs.digest import layer_digest
@@ -236,3 +238,23 @@ def test_mount_layers_are_top_down_and_each_once() -> None:
     a, b, c = "a" * 32, "b" * 32, "c" * 32
     assert Image("x", (a, b, c)).mount_layers() == [c, b, a]
     assert Image("x", (a, b, a, c, b)).mount_layers() == [b, c, a]
+
+
+def test_gc_keeps_layers_a_running_mount_uses(store: Store, tmp_path: Path) -> None:
+    """A layer mounted without an image record (``--ro``, by hand) or held open by a daemon stays."""
+    mounted = add_layer(store, tmp_path, {"m": "1"}, "mounted")
+    held = add_layer(store, tmp_path, {"h": "22"}, "held")
+    for name in ("mounted", "held"):
+        store.remove_image(name)
+    (tmp_path / "mnt").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_RDONLY); "
+                               "print('open', flush=True); time.sleep(60)", store.layer_path(held)],
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"open\n"
+        with kernel_overlay_mount([Path(store.layer_path(mounted))], None, None, tmp_path / "mnt"):
+            assert store.gc().removed_layers == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(store.gc().removed_layers) == sorted([mounted, held])
