@@ -648,12 +648,13 @@ class UnionFS:
                     raise _err(errno.ENOTDIR, dst)
                 if dnode.is_dir and not snode.is_dir:
                     raise _err(errno.EISDIR, dst)
-                if dnode.is_dir and self.resolver.listdir(dst):
-                    raise _err(errno.ENOTEMPTY, dst)
+            # the kernel's order: type mismatches (the VFS), then EXDEV (overlayfs), then ENOTEMPTY
             if snode.is_dir:
                 sstate = self.resolver.dir_state(src)
                 if not snode.upper or (sstate is not None and sstate.lower_layers):
                     raise _err(errno.EXDEV, src)
+            if dnode is not None and dnode.is_dir and self.resolver.listdir(dst):
+                raise _err(errno.ENOTEMPTY, dst)
             sparent_path, sname = split(src)
             sparent = self._ensure_upper_dir(sparent_path)
             snode = self.copy_up(src)

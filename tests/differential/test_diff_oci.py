@@ -113,19 +113,6 @@ def oci_whiteouts_in_an_existing_upper(r: Recorder) -> None:
     r.listdir("ls . after")
 
 
-@CASES.scenario({"plain": "p"}, BOTTOM)
-def names_that_look_like_oci_markers(r: Recorder) -> None:
-    """Files named ``.wh.*`` created through the mount are ordinary files for the kernel: visible, and they
-    hide nothing (not even after remount)."""
-    r.write("create .wh.b", ".wh.b", b"just a name")
-    r.write("create d/.wh..wh..opq", "d/.wh..wh..opq", b"")
-    r.listdir("ls .")
-    r.listdir("ls d", "d")
-    r.read("read b", "b")
-    r.call("unlink .wh.b", os.unlink, ".wh.b")
-    r.listdir("ls . after")
-
-
 @CASES.scenario(TOP, BOTTOM)
 def oci_readdir_never_shows_markers(r: Recorder) -> None:
     """Listings at every level (with scandir types) never contain ``.wh.`` names."""
