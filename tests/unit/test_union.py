@@ -1059,9 +1059,9 @@ def _renames_onto_its_own_link(fs: UnionFS, op: tuple[Any, ...]) -> bool:
     return src["st_ino"] == dst["st_ino"] and not stat.S_ISDIR(src["st_mode"])
 
 
-def _whiteouts_are_needed(env: Env, lowers_only: UnionFS, fmt: str) -> None:
+def _whiteouts_are_needed(env: Env, lowers_only: UnionFS) -> None:
     """Every whiteout in the upper hides a name some lower has, under no opaque upper ancestor."""
-    state = upper_state(env.upper, oci_names=fmt == "oci")  # type: ignore[arg-type]
+    state = upper_state(env.upper)  # type: ignore[arg-type]
     for rel, kind in state.items():
         if kind != "wh":
             continue
@@ -1120,7 +1120,7 @@ def test_cached_union_agrees_with_a_fresh_one(tmp_path_factory: pytest.TempPathF
                     visible_tree(fresh, inodes=False, dir_nlink=False), op
                 twin.close_all()
                 shutil.rmtree(twin.base)
-                _whiteouts_are_needed(env, lowers_only, fmt)
+                _whiteouts_are_needed(env, lowers_only)
             before = visible_tree(live, readdir_inodes=False)
             after = visible_tree(env.remount(live, whiteout=fmt), readdir_inodes=False)
             assert after == before

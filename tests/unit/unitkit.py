@@ -203,17 +203,13 @@ def host_tree(root: Path) -> dict[str, str]:
     return out
 
 
-def upper_state(root: Path, *, oci_names: bool = True) -> dict[str, str]:
+def upper_state(root: Path) -> dict[str, str]:
     """The upper dir in format-independent terms: ``wh`` for a whiteout of either format (``.wh.X`` is
-    reported as ``X``), ``dir+opaque`` for a directory opaque in either format, markers folded away.
-    ``oci_names=False`` reads ``.wh.*`` names as plain files (an upper in the kernel's format)."""
+    reported as ``X``), ``dir+opaque`` for a directory opaque in either format, markers folded away."""
     raw = host_tree(root)
     out: dict[str, str] = {}
     for rel, kind in raw.items():
         parent, _, name = rel.rpartition("/")
-        if not oci_names:
-            out[rel] = kind
-            continue
         if name == ".wh..wh..opq":
             continue
         if name.startswith(".wh."):
