@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import sys
@@ -57,6 +58,9 @@ def _store(args: argparse.Namespace, *, writable: bool) -> Store:
 def guarded(handler: Handler) -> Handler:
     """Turns the user errors of the image modules into one line on stderr and exit status 1."""
     def run(args: argparse.Namespace) -> int:
+        # names in a layer are bytes: print them as they are, even where they are not UTF-8
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(errors="surrogateescape")
         try:
             return handler(args)
         except USER_ERRORS as exc:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,11 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["commit", "/x"])
     assert exc.value.code == 2
     assert "--image" in capsys.readouterr().err
+
+
+def test_names_that_are_not_utf8_are_printed_as_they_are(tmp_path: Path) -> None:
+    upper = build_layer({}, tmp_path / "upper")
+    (upper / os.fsdecode(b"caf\xe9")).write_text("x")
+    proc = subprocess.run([str(Path(sys.prefix) / "bin" / "unionfs"), "diff", str(upper), "--lowerdir",
+                           str(build_layer({}, tmp_path / "lower"))], capture_output=True, check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"A /caf\xe9\n", b"")
