@@ -30,8 +30,14 @@ def resolver_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     return str(request.param)
 
 
+@pytest.fixture(params=[False, True], ids=["mutable", "immutable"])
+def immutable(request: pytest.FixtureRequest) -> bool:
+    """HostDir with plain per-call descriptors, and as for a lower layer (directory descriptors kept)."""
+    return bool(request.param)
+
+
 @pytest.fixture
-def escape(tmp_path: Path, resolver_mode: str) -> Iterator[tuple[HostDir, Path]]:
+def escape(tmp_path: Path, resolver_mode: str, immutable: bool) -> Iterator[tuple[HostDir, Path]]:
     """A layer whose symlinks point outside it (absolute, ``../..``, ``/``), and a canary dir outside."""
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -48,7 +54,7 @@ def escape(tmp_path: Path, resolver_mode: str) -> Iterator[tuple[HostDir, Path]]
         "d/back": Symlink("../.."),
         "d/file": "inside\n",
     }, tmp_path / "layer" / "l")
-    host = HostDir(str(layer))
+    host = HostDir(str(layer), immutable=immutable, dir_cache=2)
     yield host, outside
     host.close()
     assert (outside / "canary").read_bytes() == CANARY_DATA, "the canary outside the layer was changed"
@@ -243,3 +249,37 @@ def test_split_and_join() -> None:
     assert fsio.split("a") == ("", "a")
     assert fsio.join("", "a") == "a"
     assert fsio.join("a/b", "c") == "a/b/c"
+
+
+def _open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+@pytest.mark.parametrize("cache", [2, 3, 64])
+def test_kept_directory_descriptors_are_bounded_and_released(tmp_path: Path, cache: int) -> None:
+    """An immutable HostDir keeps at most ``dir_cache`` directory descriptors, answers correctly however often
+    they are evicted, and close() releases every one of them."""
+    spec = {f"d{i}/e/f{i}": f"{i}" for i in range(10)}
+    layer = build_layer(spec, tmp_path / "l")
+    before = _open_fds()
+    host = HostDir(str(layer), immutable=True, dir_cache=cache)
+    for _round in range(3):
+        for i in range(10):
+            assert host.lstat(f"d{i}/e/f{i}").st_size == len(str(i))
+            assert [n for n, _k, _i in host.scandir(f"d{i}/e")] == [f"f{i}"]
+            assert len(host._dirfds) <= cache
+    assert len(_open_fds() - before) <= cache + 1
+    host.close()
+    assert _open_fds() - before == set()
+
+
+def test_a_union_closes_every_descriptor(tmp_path: Path) -> None:
+    """Opening and closing a LayerStack + UnionFS and walking the tree leaks no descriptor."""
+    from unitkit import make_env, visible_tree
+    env = make_env(tmp_path / "u", [{f"d{i}/f": "x" for i in range(5)}, {"d0/g": "g"}])
+    before = _open_fds()
+    fs = env.open()
+    visible_tree(fs)
+    fs.chmod("d0/g", 0o600)
+    env.close_all()
+    assert _open_fds() - before == set()
