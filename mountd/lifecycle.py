@@ -400,7 +400,8 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
         stack.close()
         raise MountError(_describe(exc)) from None
     try:
-        ops = UnionOperations(fs, on_ready=readiness.ready, mountpoint=config.mountpoint)
+        ops = UnionOperations(fs, on_ready=readiness.ready, mountpoint=config.mountpoint,
+                              writeback_cache=config.writeback_cache)
         kwargs = fuse_kwargs(config, libfuse_major=LIBFUSE_MAJOR)
         log.debug("FUSE options: %s", kwargs)
         try:

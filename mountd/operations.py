@@ -52,6 +52,9 @@ def _op(fn: _F) -> _F:
     return cast(_F, wrapper)
 
 
+FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+
+
 def _rel(path: str) -> str:
     return path[1:] if path.startswith("/") else path
 
@@ -62,8 +65,9 @@ class UnionOperations(Operations):  # type: ignore[misc]
     use_ns = True
 
     def __init__(self, fs: UnionFS, *, on_ready: Callable[[], None] | None = None,
-                 mountpoint: str | None = None) -> None:
+                 mountpoint: str | None = None, writeback_cache: bool = False) -> None:
         self.fs = fs
+        self.writeback_cache = writeback_cache
         self.on_ready = on_ready
         self.mountpoint = mountpoint
         self.handles: dict[int, Handle] = {}
@@ -76,6 +80,12 @@ class UnionOperations(Operations):  # type: ignore[misc]
         self._invalidations: queue.SimpleQueue[str | None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        """libfuse 3's init: ask for the writeback cache when configured, then :meth:`init`."""
+        if self.writeback_cache and conn is not None:
+            conn.want |= FUSE_CAP_WRITEBACK_CACHE & conn.capable
+        self.init("/")
+
     def init(self, path: str) -> None:
         """Start the helpers of a live mount, then report ready — also when a helper could not start (the
         mount works without them; the failure is logged)."""
@@ -257,14 +267,21 @@ class UnionOperations(Operations):  # type: ignore[misc]
         return 0
 
     # -- files ---------------------------------------------------------------------------------------------------
+    def _flags(self, flags: int) -> int:
+        # With the writeback cache the kernel also reads through a descriptor opened write-only (to fill
+        # partial pages): such a file is opened for reading and writing.
+        if self.writeback_cache and (flags & os.O_ACCMODE) == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
     @_op
     def create(self, path: str, mode: int, flags: int = os.O_RDWR) -> int:
         uid, gid, _ = fuse_get_context()
-        return self._track(self.fs.create(_rel(path), flags, mode, uid, gid))
+        return self._track(self.fs.create(_rel(path), self._flags(flags), mode, uid, gid))
 
     @_op
     def open(self, path: str, flags: int) -> int:
-        return self._track(self.fs.open(_rel(path), flags))
+        return self._track(self.fs.open(_rel(path), self._flags(flags)))
 
     @_op
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:

@@ -131,7 +131,7 @@ IGNORED_FLAGS: Final = frozenset({
 IGNORED_KEYS: Final = frozenset({
     "context", "fscontext", "defcontext", "rootcontext",     # SELinux labels
     "redirect_dir", "index", "metacopy", "xino", "nfs_export", "uuid", "verity",  # kernel overlayfs
-    "fast_ino", "writeback",                                 # fuse-overlayfs tuning
+    "fast_ino",                                              # fuse-overlayfs tuning
     "comment",
 })
 """``name=value`` options accepted and ignored (any value)."""
@@ -194,6 +194,7 @@ class MountConfig:
     single_threaded: bool = False
     read_only: bool = False
     volatile: bool = False
+    writeback_cache: bool = False
     whiteout: Whiteout = "auto"
     uid_mappings: tuple[IdMapping, ...] = ()
     gid_mappings: tuple[IdMapping, ...] = ()
@@ -284,6 +285,7 @@ class _State:
     work: str | None = None
     ro: bool = False
     volatile: bool = False
+    writeback_cache: bool = False
     whiteout: Whiteout = "auto"
     uid_mappings: tuple[IdMapping, ...] = ()
     gid_mappings: tuple[IdMapping, ...] = ()
@@ -476,6 +478,17 @@ def _opt_rw(state: _State, raw: str | None) -> None:
     state.ro = False
 
 
+def _opt_writeback_cache(state: _State, raw: str | None) -> None:
+    """The kernel's writeback cache (libfuse 3): writes are gathered in the page cache and sent in large
+    requests; ``writeback_cache=0`` switches it off."""
+    state.writeback_cache = True if raw is None else _zero_one("writeback_cache", raw) == 1
+
+
+def _opt_writeback(state: _State, raw: str | None) -> None:
+    """fuse-overlayfs' spelling: ``writeback=0|1``."""
+    state.writeback_cache = _zero_one("writeback", _need("writeback", raw)) == 1
+
+
 def _opt_volatile(state: _State, raw: str | None) -> None:
     _no_value("volatile", raw)
     state.volatile = True
@@ -538,6 +551,8 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_State, str | None], None]]] = Mapp
     "ro": _opt_ro,
     "rw": _opt_rw,
     "volatile": _opt_volatile,
+    "writeback_cache": _opt_writeback_cache,
+    "writeback": _opt_writeback,
     "fsync": _opt_fsync,
     "threaded": _opt_threaded,
     "debug": _opt_debug,
@@ -646,6 +661,7 @@ def _freeze(state: _State, cwd: str) -> MountConfig:
         single_threaded=state.single_threaded,
         read_only=state.ro or state.upper is None,
         volatile=state.volatile,
+        writeback_cache=state.writeback_cache,
         whiteout=state.whiteout,
         uid_mappings=state.uid_mappings,
         gid_mappings=state.gid_mappings,
@@ -685,6 +701,7 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   workdir=W          scratch dir for atomic copy-up, emptied at mount
   ro | rw            read-only (upperdir then acts as the top lower) | read-write
   volatile, fsync=0  skip fsync (fsync=1 undoes it)
+  writeback_cache[=0|1], writeback=0|1   the kernel's writeback cache (libfuse 3 only)
   whiteout=auto|kernel|oci   whiteout format written (auto: kernel's when the daemon may mknod)
   uidmapping=CONTAINERID:HOSTID:SIZE[:…], gidmapping=…   map owners between the layers and the mount
   squash_to_root, squash_to_uid=N, squash_to_gid=N       show every file as owned by root / N

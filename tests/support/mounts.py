@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MOUNT_PROG_ENV = "UNIONFS_MOUNT_PROG"
+EXTRA_OPTIONS_ENV = "UNIONFS_TEST_OPTIONS"
+"""Extra ``-o`` options for every mount of the program under test (e.g. ``writeback_cache``), so a suite can
+check that an option keeps the semantics."""
 KERNEL_AS_PROGRAM = "kernel"
 
 KERNEL_OPTIONS: tuple[str, ...] = ("redirect_dir=off", "index=off", "metacopy=off", "xino=off")
@@ -266,7 +269,8 @@ def unionfs_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None,
     if hang_timeout is None:
         hang_timeout = float(os.environ.get("UNIONFS_TEST_HANG_TIMEOUT", "120"))
     mnt = _prepare_mountpoint(mnt)
-    opts = ",".join([*_overlay_options(lowers, upper, work), *options])
+    extra = [o for o in os.environ.get(EXTRA_OPTIONS_ENV, "").split(",") if o]
+    opts = ",".join([*_overlay_options(lowers, upper, work), *options, *extra])
     argv = [program, "-o", opts, str(mnt)]
     command = " ".join(argv)
     # The output goes to a file, not a pipe: a daemon that keeps the inherited stderr open must not

@@ -203,6 +203,14 @@ def test_volatile(options: str, volatile: bool) -> None:
     assert parse("-o", RW + "," + options, "/m").volatile is volatile
 
 
+@pytest.mark.parametrize(("options", "on"), [("", False), ("writeback_cache", True), ("writeback_cache=0", False),
+                                             ("writeback=1", True), ("writeback=0", False),
+                                             ("writeback_cache,writeback=0", False)])
+def test_writeback_cache(options: str, on: bool) -> None:
+    extra = "," + options if options else ""
+    assert parse("-o", RW + extra, "/m").writeback_cache is on
+
+
 @pytest.mark.parametrize("fmt", ["auto", "kernel", "oci"])
 def test_whiteout_formats(fmt: str) -> None:
     assert parse("-o", f"{RW},whiteout={fmt}", "/m").whiteout == fmt
