@@ -76,10 +76,13 @@ class StoragePool:
         return self.roots[name]
 
     def destroy(self) -> list[str]:
-        left: list[str] = []
+        """Destroy every root; return what was left behind (mounts, processes), described."""
+        problems: list[str] = []
         for storage in self.roots.values():
-            left += storage.destroy()
-        return left
+            mounts, pids = storage.destroy()
+            problems += [f"{storage.name}: still mounted after reset: {m}" for m in mounts]
+            problems += [f"{storage.name}: process {p} still running after reset (killed)" for p in pids]
+        return problems
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +93,9 @@ def storage_pool(base_tarball: Path) -> Iterator[StoragePool]:
     try:
         yield pool
     finally:
-        left = pool.destroy()
+        problems = pool.destroy()
         shutil.rmtree(top, ignore_errors=True)
-        assert not left, f"mounts were left behind under the storage roots after a reset: {left}"
+        assert not problems, "\n".join(problems)
 
 
 @pytest.fixture

@@ -253,8 +253,12 @@ class Storage:
         return sorted({m.mountpoint for m in mounts() if m.mountpoint.startswith(prefix)},
                       key=lambda p: p.count("/"), reverse=True)
 
-    def destroy(self) -> list[str]:
-        """Remove containers, images, mounts, daemons and files; return what was still mounted after reset."""
+    def destroy(self) -> tuple[list[str], list[int]]:
+        """Remove containers, images, mounts, daemons and files.
+
+        Returns what a correct run leaves nothing of: the mountpoints still mounted after ``podman system
+        reset`` (then unmounted here), and the processes still naming the root after that (then killed).
+        """
         for argv in (["podman", "rm", "--all", "--force", "--time", "0"], ["buildah", "rm", "--all"],
                      ["podman", "system", "reset", "--force"]):
             with contextlib.suppress(E2EError):
@@ -266,11 +270,12 @@ class Storage:
         deadline = time.monotonic() + 10
         while _pids_naming(self.home) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for pid in _pids_naming(self.home):
+        survivors = _pids_naming(self.home)
+        for pid in survivors:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.home, ignore_errors=True)
-        return left
+        return left, survivors
 
 
 # --- programs --------------------------------------------------------------------------------------------
