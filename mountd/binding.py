@@ -38,6 +38,8 @@ fuse_get_context: Any = _module.fuse_get_context
 LIBFUSE_MAJOR: int = int(getattr(_module, "fuse_version_major", 2))
 
 
+FUSE_READDIR_PLUS = 1
+FUSE_FILL_DIR_PLUS = 2
 _c_stat: Any = _module.c_stat
 _set_st_attrs: Any = _module.set_st_attrs
 _STAT_SIZE = ctypes.sizeof(_c_stat)
@@ -58,12 +60,42 @@ class UnionFUSE(FUSE):  # type: ignore[misc]
     def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
         fh = fip.contents.fh if fip else None
         attrs = self.operations.getattr(self._decode(path), fh)
-        packed = attrs.get(PACKED_STAT_KEY)
+        ctypes.memmove(buf, self._packed(attrs), _STAT_SIZE)
+        return 0
+
+    @staticmethod
+    def _packed(attrs: dict[str, Any]) -> bytes:
+        packed: bytes | None = attrs.get(PACKED_STAT_KEY)
         if packed is None:
             st = _c_stat()
             _set_st_attrs(st, attrs, use_ns=True)
             packed = attrs[PACKED_STAT_KEY] = ctypes.string_at(ctypes.addressof(st), _STAT_SIZE)
-        ctypes.memmove(buf, packed, _STAT_SIZE)
+        return packed
+
+    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+        """libfuse 3's readdir with offsets, so that a READDIRPLUS request carries full attributes with the
+        names (``ls -l`` then needs no LOOKUP round trip per entry).  The listing is taken once per open
+        directory (``opendir`` handle) and served from ``offset`` on."""
+        fh = fip.contents.fh if fip else 0
+        dir_path = self._decode(path)
+        entries = self.operations.listing(dir_path, fh, offset)
+        plus = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
+        prefix = "" if dir_path in (None, "/") else dir_path
+        st = _c_stat()
+        for index in range(offset, len(entries)):
+            name, encoded, mode, ino = entries[index]
+            if plus and index >= 2:
+                try:
+                    attrs = self.operations.getattr(f"{prefix}/{name}")
+                except OSError:
+                    continue  # gone since the listing was taken
+                ctypes.memmove(ctypes.addressof(st), self._packed(attrs), _STAT_SIZE)
+            else:
+                ctypes.memset(ctypes.addressof(st), 0, _STAT_SIZE)
+                st.st_mode = mode
+                st.st_ino = ino
+            if filler(buf, encoded, st, index + 1, plus) != 0:
+                break
         return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import queue
@@ -71,6 +72,9 @@ class UnionOperations(Operations):  # type: ignore[misc]
         self.on_ready = on_ready
         self.mountpoint = mountpoint
         self.handles: dict[int, Handle] = {}
+        self.listings: dict[int, list[tuple[str, bytes, int, int]]] = {}
+        """Listings of open directories by handle (libfuse 3 reads a big directory in several calls)."""
+        self._dir_handles = itertools.count(1)
         self.op_stats: dict[str, list[int]] = {}
         """Per operation: [calls, total ns, errors]; read by ``unionfs stats``."""
         self.control: ControlServer | None = None
@@ -164,6 +168,32 @@ class UnionOperations(Operations):  # type: ignore[misc]
     @_op
     def readlink(self, path: str) -> str:
         return self.fs.readlink(_rel(path))
+
+    @_op
+    def opendir(self, path: str) -> int:
+        return next(self._dir_handles)
+
+    @_op
+    def releasedir(self, path: str | None, fh: int) -> int:
+        self.listings.pop(fh, None)
+        return 0
+
+    @_op
+    def listing(self, path: str | None, fh: int, offset: int) -> list[tuple[str, bytes, int, int]]:
+        """The entries of an open directory as ``(name, encoded name, type bits, st_ino)``, "." and ".." first;
+        taken at offset 0 and kept for the later offsets of the same handle."""
+        entries = self.listings.get(fh) if offset else None
+        if entries is None:
+            if path is None:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+            rel = _rel(path)
+            ino = self.fs.getattr(rel)["st_ino"]
+            entries = [(".", b".", 0o040000, ino), ("..", b"..", 0o040000, 1)]
+            entries.extend((name, os.fsencode(name), kind, child_ino)
+                           for name, kind, child_ino in self.fs.readdir(rel))
+            if fh:
+                self.listings[fh] = entries
+        return entries
 
     @_op
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:

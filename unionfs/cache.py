@@ -90,6 +90,8 @@ class LookupCache:
         self.max_entries = max_entries
         self.dirs: OrderedDict[str, DirState] = OrderedDict()
         self.attrs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.xattrs: OrderedDict[str, dict[str, bytes]] = OrderedDict()
+        """Every xattr of a lower object by path (lower facts never change): a miss is a dict lookup too."""
         self.inos: dict[str, int] = {}
         """st_ino of upper objects by path (their recorded origin or their own), saving an xattr read."""
         self.entries = 0
@@ -138,6 +140,22 @@ class LookupCache:
         if self.attrs.pop(path, None) is not None:
             self.entries -= 1
 
+    # -- lower xattrs --------------------------------------------------------------------------------------
+    def get_xattrs(self, path: str) -> dict[str, bytes] | None:
+        found = self.xattrs.get(path)
+        if found is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self.xattrs.move_to_end(path)
+        return found
+
+    def put_xattrs(self, path: str, xattrs: dict[str, bytes]) -> None:
+        if self.xattrs.pop(path, None) is None:
+            self.entries += 1
+        self.xattrs[path] = xattrs
+        self._shrink()
+
     # -- upper inode numbers ---------------------------------------------------------------------------------
     def get_ino(self, path: str) -> int | None:
         return self.inos.get(path)
@@ -154,7 +172,7 @@ class LookupCache:
     def invalidate_subtree(self, path: str) -> None:
         """Forget ``path`` and everything below it (after a directory rename or rmdir)."""
         prefix = path + "/" if path else ""
-        for table in (self.dirs, self.attrs):
+        for table in (self.dirs, self.attrs, self.xattrs):
             doomed = [k for k in table if k == path or k.startswith(prefix)]
             for key in doomed:
                 value = table.pop(key)
@@ -166,13 +184,17 @@ class LookupCache:
     def clear(self) -> None:
         self.dirs.clear()
         self.attrs.clear()
+        self.xattrs.clear()
         self.inos.clear()
         self.entries = 0
 
     def _shrink(self) -> None:
-        while self.entries > self.max_entries and (self.dirs or self.attrs):
-            # Evict attribute dicts first (cheap to rebuild), then the least recently used directory.
-            if self.attrs and (len(self.attrs) * 4 >= self.entries or not self.dirs):
+        while self.entries > self.max_entries and (self.dirs or self.attrs or self.xattrs):
+            # Evict xattr and attribute dicts first (cheap to rebuild), then the least recently used directory.
+            if self.xattrs:
+                self.xattrs.popitem(last=False)
+                self.entries -= 1
+            elif self.attrs and (len(self.attrs) * 4 >= self.entries or not self.dirs):
                 self.attrs.popitem(last=False)
                 self.entries -= 1
             else:

@@ -298,13 +298,39 @@ class UnionFS:
             host_name = xattr_to_host(name)
             if host_name is None:
                 raise _err(errno.ENODATA, path)
-            return self._host(node).getxattr(path, host_name)
+            if node.upper:
+                return self._host(node).getxattr(path, host_name)
+            value = self._lower_xattrs(path, node).get(host_name)
+            if value is None:
+                raise _err(errno.ENODATA, path)
+            return value
 
     def listxattr(self, path: str) -> list[str]:
         with self.lock:
             node = self._node(path)
-            names = (xattr_from_host(n) for n in self._host(node).listxattr(path))
+            host_names = self._host(node).listxattr(path) if node.upper else self._lower_xattrs(path, node)
+            names = (xattr_from_host(n) for n in host_names)
             return [n for n in names if n is not None]
+
+    def _lower_xattrs(self, path: str, node: Node) -> dict[str, bytes]:
+        """All xattrs of a lower object, read once and cached (lower layers never change)."""
+        cached = self.cache.get_xattrs(path)
+        if cached is not None:
+            return cached
+        host = self._host(node)
+        values: dict[str, bytes] = {}
+        try:
+            names = host.listxattr(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+            names = []
+        for attr in names:
+            value = host.try_getxattr(path, attr)
+            if value is not None:
+                values[attr] = value
+        self.cache.put_xattrs(path, values)
+        return values
 
     @_mutating
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
@@ -639,6 +665,10 @@ class UnionFS:
             self._check_representable(dst)
             if dst == src:
                 return
+            if dnode is not None and snode.upper and dnode.upper and not snode.is_dir:
+                sst, dst_st = upper.lstat(src), upper.lstat(dst)
+                if (sst.st_dev, sst.st_ino) == (dst_st.st_dev, dst_st.st_ino):
+                    return  # two names of one file: rename(2) does nothing
             if snode.is_dir and dst.startswith(src + "/"):
                 raise _err(errno.EINVAL, dst)
             if dnode is not None:
@@ -656,6 +686,9 @@ class UnionFS:
             if dnode is not None and dnode.is_dir and self.resolver.listdir(dst):
                 raise _err(errno.ENOTEMPTY, dst)
             sparent_path, sname = split(src)
+            if writer.format is WhiteoutFormat.OCI and len(os.fsencode(WH_PREFIX + sname)) > NAME_MAX \
+                    and self._lower_has(self.resolver.lookup_parent(src), sname):
+                raise _err(errno.ENAMETOOLONG, src)  # its whiteout could not be written: change nothing
             sparent = self._ensure_upper_dir(sparent_path)
             snode = self.copy_up(src)
             dparent = self._ensure_upper_dir(split(dst)[0])
