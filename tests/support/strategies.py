@@ -34,12 +34,31 @@ MAX_DEPTH = 3
 DANGLING_ROOT = "/nonexistent-unionfs-test"
 """Absolute symlinks point below this directory, which must not exist: they dangle, and stay harmless."""
 
+class Pattern(bytes):
+    """Long generated data whose repr is its name, so that failing examples print (and paste) short."""
+
+    name: str
+
+    def __new__(cls, data: bytes, name: str) -> Pattern:
+        self = super().__new__(cls, data)
+        self.name = name
+        return self
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+BIG_CONTENT = Pattern(bytes(range(256)) * 40, "BIG_CONTENT")
+"""10 KiB: more than a page (``support.strategies.BIG_CONTENT`` in printed examples)."""
+BIG_WRITE = Pattern(bytes(range(256)) * 20, "BIG_WRITE")
+"""5 KiB written at once: crosses a page boundary at most offsets."""
+
 CONTENTS: tuple[bytes, ...] = (
     b"",
     b"x",
     b"lower data\n",
     b"\0\0\0\0sparse-ish\0",
-    bytes(range(256)) * 40,  # 10 KiB: more than one page
+    BIG_CONTENT,
 )
 FILE_MODES = (0o644, 0o600, 0o755, 0o640, 0o444, 0o000, 0o4755, 0o2750, 0o1644)
 DIR_MODES = (0o755, 0o700, 0o777, 0o1777, 0o750, 0o2775, 0o555)
@@ -59,7 +78,7 @@ SYMLINK_TARGETS: tuple[str, ...] = (
 
 WRITE_OFFSETS = (0, 1, 5, 4095, 4096, 10_000, 70_000)
 TRUNCATE_LENGTHS = (0, 1, 5, 4096, 10_241, 100_000)
-WRITE_DATA: tuple[bytes, ...] = (b"", b"W", b"written\n", bytes(range(256)) * 20)
+WRITE_DATA: tuple[bytes, ...] = (b"", b"W", b"written\n", BIG_WRITE)
 
 # --- layer trees -----------------------------------------------------------------------------------------
 
