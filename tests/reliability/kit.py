@@ -76,6 +76,11 @@ _KILLED: set[int] = set()
 """Daemons the tests killed on purpose (see ``sigkill``)."""
 
 
+def expect_exit(pid: int) -> None:
+    """The body of ``killable_mount`` is about to end the daemon itself (a signal other than SIGKILL)."""
+    _KILLED.add(pid)
+
+
 def sigkill(pid: int) -> None:
     """SIGKILL a daemon on purpose: ``killable_mount`` then expects it dead."""
     _KILLED.add(pid)
