@@ -653,6 +653,9 @@ class UnionFS:
         answers EXDEV (the kernel's default without ``redirect_dir``)."""
         with self.lock:
             upper, work, writer = self._writable()
+            if flags == RENAME_EXCHANGE:
+                self._exchange(src, dst)
+                return
             if flags & ~RENAME_NOREPLACE:
                 raise _err(errno.EINVAL, dst)
             snode = self._node(src)
@@ -726,6 +729,40 @@ class UnionFS:
             dparent.upper_set(dname, snode.kind)
             self.cache.invalidate_subtree(src)
             self.cache.invalidate_subtree(dst)
+
+    def _exchange(self, a: str, b: str) -> None:
+        """renameat2(RENAME_EXCHANGE): swap two existing names.  Both are copied up first (a directory must
+        be purely upper, else EXDEV as for rename); no whiteout is needed since both names stay."""
+        upper, _, writer = self._writable()
+        anode, bnode = self._node(a), self._node(b)
+        if "" in (a, b):
+            raise _err(errno.EBUSY, a)
+        for path in (a, b):
+            _check_name(path)
+            self._check_representable(path)
+        if a == b:
+            return
+        if (anode.is_dir and b.startswith(a + "/")) or (bnode.is_dir and a.startswith(b + "/")):
+            raise _err(errno.EINVAL, b)
+        for path, node in ((a, anode), (b, bnode)):
+            if node.is_dir:
+                state = self.resolver.dir_state(path)
+                if not node.upper or (state is not None and state.lower_layers):
+                    raise _err(errno.EXDEV, path)
+        aparent = self._ensure_upper_dir(split(a)[0])
+        bparent = self._ensure_upper_dir(split(b)[0])
+        anode, bnode = self.copy_up(a), self.copy_up(b)
+        # a directory moving onto a name a lower layer has must hide that lower copy
+        if anode.is_dir and self._lower_has(bparent, split(b)[1]):
+            writer.mark_opaque(upper, a)
+        if bnode.is_dir and self._lower_has(aparent, split(a)[1]):
+            writer.mark_opaque(upper, b)
+        upper.rename(a, b, RENAME_EXCHANGE)
+        aparent.upper_set(split(a)[1], bnode.kind)
+        bparent.upper_set(split(b)[1], anode.kind)
+        for path in (a, b):
+            self.cache.invalidate_subtree(path)
+            self.invalidate(path)
 
     # ================================================================== metadata
     @_mutating

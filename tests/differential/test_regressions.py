@@ -31,7 +31,6 @@ def known_divergence(reason: str) -> object:
     return mark
 
 
-@known_divergence("unionfs checks ENOTEMPTY before EXDEV: kernel EXDEV, unionfs ENOTEMPTY")
 @CASES.scenario({"src/x": "x", "dst/y": "y"})
 def rename_lower_dir_over_nonempty_dir_is_exdev(r: Recorder) -> None:
     """Renaming a lower dir over a non-empty dir answers EXDEV like the kernel (it refuses to move the lower
@@ -56,7 +55,6 @@ def copy_up_of_lower_hardlink_gets_its_own_inode_number(r: Recorder) -> None:
     r.record("y and d/z share st_ino", r.ino("y") == r.ino("d/z"))
 
 
-@known_divergence("renameat2(RENAME_EXCHANGE) answers EINVAL; the kernel swaps the two names")
 @CASES.scenario({"a": "lower a", "b": "lower b", "d/x": "x", "e": {}})
 def rename_exchange_swaps_two_names(r: Recorder) -> None:
     """renameat2(RENAME_EXCHANGE) swaps two lower files (both copied up), and a file with a dir."""
