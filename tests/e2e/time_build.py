@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from e2e_support import Storage, ensure_base_tarball, program_path, run  # noqa: E402
-from test_build import CONTAINERFILE, GREETING, HELLO_C  # noqa: E402
+from test_container_build import CONTAINERFILE, GREETING, HELLO_C  # noqa: E402
 
 
 def main() -> int:
