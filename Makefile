@@ -2,11 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := fuse3 libfuse3-3 libfuse2 fuse-overlayfs attr strace kmod
+APT_PACKAGES := fuse3 libfuse3-3 libfuse2 fuse-overlayfs attr strace kmod fio dbench
 HYPOTHESIS_PROFILE ?= ci
 export HYPOTHESIS_PROFILE
 
-.PHONY: install install-apt test test-one lint demo fuzz bench bench-quick clean
+.PHONY: install install-apt test test-one test-stress lint demo fuzz bench bench-quick clean
 
 install: install-apt $(VENV)/.installed
 
@@ -26,6 +26,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/pytest -q -p no:cacheprovider tests
+
+test-stress: install
+	UNIONFS_STRESS_SCALE=$${UNIONFS_STRESS_SCALE:-1} $(BIN)/pytest -q -p no:cacheprovider -m stress tests/reliability
 
 test-one: install
 	$(BIN)/pytest -q -p no:cacheprovider $(T)

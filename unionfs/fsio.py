@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import stat as stat_mod
 import threading
@@ -94,6 +95,16 @@ def join(parent: str, name: str) -> str:
 def _check(rel: str) -> None:
     if any(part in ("", ".", "..") for part in rel.split("/")):
         raise OSError(errno.EINVAL, "invalid relative path", rel)
+
+
+def resolve_root(path: str) -> tuple[str, int]:
+    """The real path of a directory given by the user (a layer root may itself be a symlink: container
+    storage passes ``l/ID`` links) and its st_dev.  Raises FileNotFoundError, NotADirectoryError or OSError."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    if not stat_mod.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    return real, st.st_dev
 
 
 class Stat(NamedTuple):
@@ -372,11 +383,24 @@ class HostDir:
             else:
                 os.utime(f"/proc/self/fd/{pfd}", ns=ns)
 
-    def link(self, src: str, dst: str) -> None:
-        sp, sn = self._split(src)
+    def link(self, src: str, dst: str, *, src_dir: HostDir | None = None) -> None:
+        """Hard link ``dst`` (in this tree) to ``src`` (in ``src_dir``, default this tree)."""
+        source = src_dir or self
+        sp, sn = source._split(src)
         dp, dn = self._split(dst)
-        with self.dirfd(sp) as sfd, self.dirfd(dp) as dfd:
+        with source.dirfd(sp) as sfd, self.dirfd(dp) as dfd:
             os.link(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+
+    def lock_exclusive(self) -> int:
+        """Take a non-blocking exclusive flock on the root; returns the descriptor that holds it (close it to
+        release).  Raises BlockingIOError when another process holds it."""
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def rename(self, src: str, dst: str, flags: int = 0, *, dst_dir: HostDir | None = None) -> None:
         """``renameat2`` from ``src`` to ``dst`` (in ``dst_dir``, default this tree) with RENAME_* flags."""

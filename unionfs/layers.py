@@ -7,12 +7,11 @@ Order is top-down everywhere: index 0 is the upper layer when there is one, then
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from unionfs.fsio import HostDir
+from unionfs.fsio import HostDir, resolve_root
 
 WORK_SUBDIR = "work"
 """The staging directory inside the workdir; the kernel's overlayfs uses the same name and empties it too."""
@@ -81,19 +80,19 @@ class LayerStack:
         if (upper is None) != (work is None):
             raise LayerError("upperdir and workdir must be given together")
         named: list[tuple[str, str]] = []
-        for i, lower in enumerate(lowers):
-            named.append((f"lowerdir '{lower}'", _real_dir(f"lowerdir '{lower}'", lower)))
-            del i
+        devs: dict[str, int] = {}
+        given = [(f"lowerdir '{lower}'", lower) for lower in lowers]
         if upper is not None and work is not None:
-            named.append((f"upperdir '{upper}'", _real_dir(f"upperdir '{upper}'", upper)))
-            named.append((f"workdir '{work}'", _real_dir(f"workdir '{work}'", work)))
+            given += [(f"upperdir '{upper}'", upper), (f"workdir '{work}'", work)]
         if mountpoint is not None:
-            named.append((f"mountpoint '{mountpoint}'", _real_dir(f"mountpoint '{mountpoint}'", mountpoint)))
+            given.append((f"mountpoint '{mountpoint}'", mountpoint))
+        for what, path in given:
+            real, devs[what] = _real_dir(what, path)
+            named.append((what, real))
         _check_overlaps(named)
-        if upper is not None and work is not None:
-            real_upper, real_work = named[len(lowers)][1], named[len(lowers) + 1][1]
-            if os.stat(real_upper).st_dev != os.stat(real_work).st_dev:
-                raise LayerError(f"workdir '{work}' is not on the same filesystem as upperdir '{upper}'")
+        if upper is not None and work is not None \
+                and devs[f"upperdir '{upper}'"] != devs[f"workdir '{work}'"]:
+            raise LayerError(f"workdir '{work}' is not on the same filesystem as upperdir '{upper}'")
 
         opened: list[HostDir] = []
         try:
@@ -120,19 +119,17 @@ class LayerStack:
             raise LayerError(f"cannot open layer: {exc.strerror}: {exc.filename}") from exc
 
 
-def _real_dir(what: str, path: str) -> str:
+def _real_dir(what: str, path: str) -> tuple[str, int]:
     if not path:
         raise LayerError(f"{what}: empty path")
-    real = os.path.realpath(path)
     try:
-        st = os.stat(real)
+        return resolve_root(path)
     except FileNotFoundError:
         raise LayerError(f"{what}: no such directory") from None
+    except NotADirectoryError:
+        raise LayerError(f"{what}: not a directory") from None
     except OSError as exc:
         raise LayerError(f"{what}: {exc.strerror}") from None
-    if not os.path.isdir(real) or not (st.st_mode & 0o170000) == 0o040000:
-        raise LayerError(f"{what}: not a directory")
-    return real
 
 
 def _inside(inner: str, outer: str) -> bool:
@@ -151,12 +148,9 @@ def _check_overlaps(named: list[tuple[str, str]]) -> None:
 
 
 def _lock_workdir(work: HostDir, name: str) -> int:
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=work.fd)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return work.lock_exclusive()
     except OSError as exc:
-        os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise LayerError(f"workdir '{name}' is in use by another mount") from None
         raise
-    return fd

@@ -590,10 +590,7 @@ class UnionFS:
             upper = self.upper
 
             def build(host: HostDir, rel: str) -> None:
-                sp, sn = split(src)
-                dp, dn = split(rel)
-                with upper.dirfd(sp) as sfd, host.dirfd(dp) as dfd:
-                    os.link(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                host.link(src, rel, src_dir=upper)
 
             self._place_new(dst, parent, build, node.kind)
             self.cache.drop_attrs(src)

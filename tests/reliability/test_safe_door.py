@@ -76,16 +76,7 @@ def test_the_scan_finds_what_it_should() -> None:
     assert [line.split(":")[0] for line in host_path_calls(sample)] == ["4", "5", "6", "7", "8", "9", "10"]
 
 
-KNOWN = {
-    "unionfs/union.py": "link() calls os.link(src_dir_fd=, dst_dir_fd=) itself instead of through fsio",
-    "unionfs/layers.py": "LayerStack.open checks layer roots with os.path.realpath/os.stat/os.path.isdir and "
-                         "_lock_workdir calls os.open('.', dir_fd=) itself",
-}
-
-
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN[m])) if m in KNOWN else m
-    for m in RUNTIME_MODULES])
+@pytest.mark.parametrize("module", RUNTIME_MODULES)
 def test_host_paths_only_through_fsio(module: str) -> None:
     found = host_path_calls((ROOT / module).read_text())
     assert found == [], f"{module} touches host paths outside {SAFE_DOOR}:\n" + "\n".join(found)
