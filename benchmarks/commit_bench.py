@@ -12,6 +12,9 @@ rounds (median and spread reported):
 * ``cp -a``       — ``cp -a UPPER DEST`` on the same filesystem;
 * ``cp -a + sync``— the same followed by ``sync -f`` (a commit makes its layer durable; ``cp`` does not).
 
+The order of the systems rotates from round to round and all dirty data is flushed (untimed) before each
+measurement.
+
 Figures: seconds, files/s (every entry counts) and MiB/s (file data).  With ``--cold`` the page cache is
 dropped before each measurement (root only), else the source is warm for every system.  Results go to
 ``benchmarks/out/commit-DATE.json`` (date, host, commit, kernel, every sample) and, with ``--update``, into
@@ -127,14 +130,18 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def measure(upper: Path, scratch: Path, reps: int, cold: bool) -> dict[str, list[float]]:
-    """Seconds per system, ``reps`` samples each, systems interleaved within every round."""
+    """Seconds per system, ``reps`` samples each.  Within a round the systems run one after another (the
+    dedup commit right after the commit whose store it uses); the order rotates from round to round, and
+    everything written before is flushed (untimed) before each measurement, so that no system pays for the
+    writeback of another's files or of the last round's clean-up."""
     samples: dict[str, list[float]] = {s: [] for s in SYSTEMS}
+    blocks = [("commit", "commit-dedup"), ("cp -a",), ("cp -a + sync",)]
     for rnd in range(reps):
-        for system in SYSTEMS:
-            store_dir = scratch / f"store-{rnd}"
-            dest = scratch / f"cp-{rnd}-{system.replace(' ', '')}"
-            if system == "commit-dedup" and not store_dir.exists():
-                continue
+        order = [system for block in blocks[rnd % 3:] + blocks[:rnd % 3] for system in block]
+        for system in order:
+            store_dir = scratch / "store"
+            dest = scratch / f"cp-{system.replace(' ', '')}"
+            os.sync()
             if cold:
                 drop_caches()
             if system in ("commit", "commit-dedup"):
@@ -144,12 +151,11 @@ def measure(upper: Path, scratch: Path, reps: int, cold: bool) -> dict[str, list
                     assert result.new_layer == (name == "commit")
                 samples[system].append(timed(run_commit))
             else:
-                argv = ["cp", "-a", str(upper), str(dest)]
-                if system == "cp -a + sync":
-                    samples[system].append(timed(lambda argv=argv, dest=dest: (
-                        subprocess.run(argv, check=True), subprocess.run(["sync", "-f", str(dest)], check=True))))
-                else:
-                    samples[system].append(timed(lambda argv=argv: subprocess.run(argv, check=True)))
+                def run_cp(dest: Path = dest, sync: bool = system == "cp -a + sync") -> None:
+                    subprocess.run(["cp", "-a", str(upper), str(dest)], check=True)
+                    if sync:
+                        subprocess.run(["sync", "-f", str(dest)], check=True)
+                samples[system].append(timed(run_cp))
         for path in scratch.iterdir():
             shutil.rmtree(path)
     return samples

@@ -9,7 +9,9 @@ Two passes over the source, like ``docker commit`` but without a tar in between:
    ``docker commit`` does); every whiteout written as a char 0/0 device and every opaque dir marked with
    ``trusted.overlay.opaque=y`` (``user.overlay.opaque=y`` where ``trusted.*`` is refused).  File data is
    hashed again while it is copied: if it differs from pass 1 the source changed under us and the commit
-   fails, so the staged tree always matches its digest.  Then :meth:`Store.publish_layer` (sync, rename).
+   fails, so the staged tree always matches its digest.  Small files (up to 256 KiB each, 256 MiB in all)
+   are not read twice: pass 1 keeps the bytes it hashed and pass 2 writes those.  Then
+   :meth:`Store.publish_layer` (sync, rename).
 
 The source must be still: an upper in use by a running mount is refused ("upper is mounted; …") — pausing a
 live mount through its control channel is not done yet.  Errors are :class:`CommitError` (one line) or
@@ -36,6 +38,8 @@ from unionfs.store import CONTAINERS, HistoryEntry, Image, ImageConfig, LayerMet
 MOUNTED_MESSAGE = "upper is mounted; unmount it or use the control channel (not yet available)"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 USER_OPAQUE_XATTR = "user.overlay.opaque"
+KEEP_BYTES = 256 << 20
+"""How much small-file data the read pass keeps for the copy pass (which then need not read it again)."""
 _KIND_BITS = {"fifo": stat_mod.S_IFIFO, "chr": stat_mod.S_IFCHR, "blk": stat_mod.S_IFBLK}
 
 
@@ -207,7 +211,11 @@ class _Stager:
             d.mkdir(name, 0o700)
             self.dirs.append(e)
         elif kind == "file":
-            self._file(e, sdirs.get(parent), d, name)
+            data = self.manifest.data.get(e.path)
+            if data is None:
+                self._file(e, sdirs.get(parent), d, name)
+            else:
+                self._kept_file(e, data, d, name)
         elif kind == "symlink":
             d.symlink(e.target, name)
             self._finish_other(d, name, e, chmod=False)
@@ -231,16 +239,30 @@ class _Stager:
                     raise CommitError(f"{e.path} changed while it was being committed; try again")
                 if e.sparse:  # a trailing hole is not written
                     os.ftruncate(dfd, e.size)
-                if (e.uid, e.gid) != self.ids:
-                    os.fchown(dfd, e.uid, e.gid)  # before chmod: chown clears set-id bits
-                os.fchmod(dfd, e.mode)
-                for attr, value in e.xattrs:  # after chown: it clears security.capability
-                    os.setxattr(dfd, attr, value)
-                os.utime(dfd, ns=(e.atime_ns, e.mtime_ns))
+                self._file_attrs(dfd, e)
             finally:
                 os.close(dfd)
         finally:
             os.close(sfd)
+
+    def _kept_file(self, e: Entry, data: bytes, d: OpenDir, name: str) -> None:
+        """A small file whose data was kept by the read pass: written as it was hashed."""
+        dfd = d.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dfd, view):]
+            self._file_attrs(dfd, e)
+        finally:
+            os.close(dfd)
+
+    def _file_attrs(self, dfd: int, e: Entry) -> None:
+        if (e.uid, e.gid) != self.ids:
+            os.fchown(dfd, e.uid, e.gid)  # before chmod: chown clears set-id bits
+        os.fchmod(dfd, e.mode)
+        for attr, value in e.xattrs:  # after chown: it clears security.capability
+            os.setxattr(dfd, attr, value)
+        os.utime(dfd, ns=(e.atime_ns, e.mtime_ns))
 
     @staticmethod
     def _finish_other(d: OpenDir, name: str, e: Entry, *, chmod: bool) -> None:
@@ -277,7 +299,7 @@ def _read(src: str, what: str, progress: Progress) -> Manifest:
     host = HostDir(src)
     try:
         progress.phase("reading")
-        manifest = scan(host, progress=progress.advance)
+        manifest = scan(host, progress=progress.advance, keep=KEEP_BYTES)
     except OSError as exc:
         where = os.path.join(src, exc.filename) if isinstance(exc.filename, str) else src
         if exc.errno == errno.EXDEV:

@@ -50,6 +50,8 @@ DIGEST_ALGORITHM = "xxh3-128/unionfs-layer-v1"
 
 _VERSION_TAG = b"unionfs-layer-v1\n"
 _CHUNK = 1 << 20
+KEEP_FILE_MAX = 256 << 10
+"""The largest file whose data :func:`scan` keeps in memory when asked to."""
 _ZEROS = bytes(_CHUNK)
 
 Progress = Callable[[int, int], None]
@@ -134,6 +136,8 @@ class Manifest:
     size: int = 0
     sockets: list[str] = field(default_factory=list)
     overlay_only: list[str] = field(default_factory=list)
+    data: dict[str, bytes] = field(default_factory=dict)
+    """The contents of small files read while hashing (see :func:`scan`'s ``keep``), by path."""
 
     def count(self, entry: Entry) -> None:
         kind = entry.kind
@@ -218,12 +222,14 @@ def may_be_sparse(st: os.stat_result) -> bool:
     return st.st_blocks * 512 < st.st_size
 
 
+_KINDS = {stat_mod.S_IFREG: "file", stat_mod.S_IFDIR: "dir", stat_mod.S_IFLNK: "symlink",
+          stat_mod.S_IFIFO: "fifo", stat_mod.S_IFCHR: "chr", stat_mod.S_IFBLK: "blk", stat_mod.S_IFSOCK: "sock"}
+
+
 def kind_of(mode: int) -> str:
     """The entry kind of an ``st_mode`` (sockets are ``sock``; they never become entries)."""
     fmt = stat_mod.S_IFMT(mode)
-    return {stat_mod.S_IFREG: "file", stat_mod.S_IFDIR: "dir", stat_mod.S_IFLNK: "symlink",
-            stat_mod.S_IFIFO: "fifo", stat_mod.S_IFCHR: "chr", stat_mod.S_IFBLK: "blk",
-            stat_mod.S_IFSOCK: "sock"}.get(fmt, f"unknown:{fmt:o}")
+    return _KINDS.get(fmt) or f"unknown:{fmt:o}"
 
 
 def entry_from_stat(path: str, st: os.stat_result, xattrs: Xattrs, *, content: str = "",
@@ -240,11 +246,12 @@ def entry_from_stat(path: str, st: os.stat_result, xattrs: Xattrs, *, content: s
 class _Walker:
     """The canonical walk of one tree (depth first, names by bytes), without recursion."""
 
-    def __init__(self, host: HostDir, *, content: bool, progress: Progress | None) -> None:
+    def __init__(self, host: HostDir, *, content: bool, progress: Progress | None, keep: int) -> None:
         self.host = host
         self.dev = host.dev
         self.content = content
         self.progress = progress
+        self.keep = keep
         self.manifest = Manifest()
         self.groups: dict[tuple[int, int], str] = {}
         self.buf = bytearray(_CHUNK)
@@ -301,7 +308,13 @@ class _Walker:
             if self.content:
                 fd = d.open(child.name, os.O_RDONLY)
                 try:
-                    digest, seen = hash_file(fd, st.st_size, buf=self.buf, sparse=may_be_sparse(st))
+                    if st.st_size <= KEEP_FILE_MAX and st.st_size <= self.keep:
+                        data = os.pread(fd, st.st_size + 1, 0)
+                        digest, seen = xxhash.xxh3_128_hexdigest(data), len(data)
+                        self.manifest.data[path] = data
+                        self.keep -= len(data)
+                    else:
+                        digest, seen = hash_file(fd, st.st_size, buf=self.buf, sparse=may_be_sparse(st))
                 finally:
                     os.close(fd)
                 if seen != st.st_size:
@@ -318,15 +331,17 @@ class _Walker:
             self.progress(1, entry.size)
 
 
-def scan(host: HostDir, *, content: bool = True, progress: Progress | None = None) -> Manifest:
+def scan(host: HostDir, *, content: bool = True, progress: Progress | None = None, keep: int = 0) -> Manifest:
     """Read the layer tree under ``host`` into a :class:`Manifest` (entries, digest, counts).
 
     ``content=False`` skips reading file data (``Entry.content`` stays empty and the digest is then
     meaningless: for listings that only need the shape).  Raises ``OSError`` from the host; EXDEV where
     another filesystem is mounted inside the tree (a layer is one directory tree, never a set of mounts);
-    ESTALE where a file changed size while it was read.
+    ESTALE where a file changed size while it was read.  ``keep`` bytes of the data of small files (up to
+    :data:`KEEP_FILE_MAX` each) are kept in :attr:`Manifest.data`, exactly as hashed, so that a copy can be
+    written without reading them again.
     """
-    return _Walker(host, content=content, progress=progress).run()
+    return _Walker(host, content=content, progress=progress, keep=keep).run()
 
 
 def layer_digest(path: str) -> str:

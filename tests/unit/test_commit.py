@@ -28,7 +28,7 @@ from support.snapshot import upper_snapshot
 
 import unionfs.commit as commit_mod
 from unionfs.commit import MOUNTED_MESSAGE, CommitError, commit_upper, import_dir
-from unionfs.digest import layer_digest
+from unionfs.digest import KEEP_FILE_MAX, layer_digest
 from unionfs.progress import TerminalProgress, for_stream
 from unionfs.store import ContainerRecord, Store, StoreError, container_id
 
@@ -286,11 +286,15 @@ def test_a_mount_inside_the_upper_is_refused(store: Store, tmp_path: Path) -> No
 
 def test_a_file_changed_during_the_commit_fails_it_cleanly(store: Store, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    upper = build_layer({"a": "original", "b": "other"}, tmp_path / "upper")
+    """A file too large to be kept by the read pass is read again while copied; a change in between (same
+    size: only the content check can see it) fails the commit and leaves nothing."""
+    size = KEEP_FILE_MAX + 1
+    upper = build_layer({"a": File(b"o" * size), "b": "other"}, tmp_path / "upper")
     real_hash = commit_mod.hash_file
 
     def changing(fd: int, size: int, **kwargs: object) -> tuple[str, int]:
-        (upper / "a").write_bytes(b"CHANGED!")  # same size: only the content check can see it
+        if kwargs.get("sink", -1) != -1:
+            (upper / "a").write_bytes(b"C" * size)
         return real_hash(fd, size, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(commit_mod, "hash_file", changing)
@@ -298,6 +302,22 @@ def test_a_file_changed_during_the_commit_fails_it_cleanly(store: Store, tmp_pat
         commit_upper(store, str(upper), image="x")
     assert store.layer_digests() == [] and store.images() == []
     assert os.listdir(Path(store.root, "tmp")) == []
+
+
+def test_small_files_are_written_as_they_were_hashed(store: Store, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small file changed between the passes: the layer holds the content its digest was made from."""
+    upper = build_layer({"a": "original", "b": "other"}, tmp_path / "upper")
+    real_stage = commit_mod._Stager.run
+
+    def change_then_stage(self: commit_mod._Stager) -> None:
+        (upper / "a").write_bytes(b"CHANGED!")
+        real_stage(self)
+
+    monkeypatch.setattr(commit_mod._Stager, "run", change_then_stage)
+    result = commit_upper(store, str(upper), image="x")
+    assert Path(store.layer_path(result.digest), "a").read_bytes() == b"original"
+    assert store.check(verify=True) == []
 
 
 # -- progress ----------------------------------------------------------------------------------------------
