@@ -2,7 +2,7 @@
 
 ``program`` parametrises a test over the mount programs in ``$UNIONFS_E2E_PROGRAMS`` (default
 ``unionfs,fuse-overlayfs``); ``kernel_storage`` is the reference (the kernel's overlayfs, no mount program).
-Each storage root is made once per session with the base image imported, and always torn down: containers
+Each storage root is made once per test run with the base image imported, and always torn down: containers
 removed, storage reset, anything still mounted below it unmounted, daemons gone, files deleted.
 """
 
@@ -35,7 +35,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def base_tarball() -> Path:
-    """The cached base tarball (built once per machine). Skips, or under CI fails, without the tools."""
+    """The cached base tarball (built once per machine). Skips, or under CI fails, without the container programs."""
     missing = missing_requirements()
     if missing:
         message = f"end-to-end tests need {', '.join(missing)} (Makefile APT_PACKAGES)"
@@ -46,7 +46,7 @@ def base_tarball() -> Path:
 
 
 class StoragePool:
-    """One storage root per driver name for the whole session, each with the base image imported."""
+    """One storage root per driver name for the whole test run, each with the base image imported."""
 
     def __init__(self, top: Path, tarball: Path) -> None:
         self.top = top

@@ -41,7 +41,7 @@ COMMAND_TIMEOUT = 600
 """Any one podman/buildah command; a build through a FUSE program is the slowest."""
 
 FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
-TOOLS = ("podman", "buildah", "runc", "conmon", "debootstrap", "fuse-overlayfs")
+REQUIRED_PROGRAMS = ("podman", "buildah", "runc", "conmon", "debootstrap", "fuse-overlayfs")
 TRIM = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/locale", "usr/share/man", "usr/share/doc")
 """Emptied in the base tree: nothing a test uses, and the tarball (and every import) is 40% smaller."""
 
@@ -52,7 +52,7 @@ class E2EError(RuntimeError):
 
 def missing_requirements() -> list[str]:
     """What this machine lacks to run the end-to-end tests (empty: nothing)."""
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    missing = [prog for prog in REQUIRED_PROGRAMS if shutil.which(prog) is None]
     if os.geteuid() != 0:
         missing.append("root")
     if not os.path.exists("/dev/fuse"):

@@ -56,7 +56,7 @@ _CHANGED: dict[Path, Changed] = {}
 
 
 def changed_container(storage: Storage) -> Changed:
-    """Run CHANGES then REPORT in a new container, once per storage root per session."""
+    """Run CHANGES then REPORT in a new container, once per storage root per test run."""
     if storage.home not in _CHANGED:
         name = f"changes-{uuid.uuid4().hex[:8]}"
         report = storage.podman("run", "--name", name, BASE_IMAGE, "sh", "-c", CHANGES + REPORT).stdout
