@@ -2,11 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := fuse3 libfuse3-3 libfuse2 fuse-overlayfs attr strace kmod fio dbench
+APT_PACKAGES := fuse3 libfuse3-3 libfuse2 fuse-overlayfs attr strace kmod fio dbench podman buildah runc debootstrap
 HYPOTHESIS_PROFILE ?= ci
 export HYPOTHESIS_PROFILE
 
-.PHONY: install install-apt test test-one test-stress lint demo fuzz bench bench-quick clean
+.PHONY: install install-apt install-system uninstall-system test test-one test-stress lint demo fuzz bench bench-quick clean
 
 install: install-apt $(VENV)/.installed
 
@@ -23,6 +23,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
+
+# Wrappers in $(PREFIX)/bin with an absolute interpreter: mount(8) runs mount.fuse, which resets PATH, so
+# `mount -t fuse.unionfs-mount SOURCE MNT -o lowerdir=…` needs a system-wide program.
+PREFIX ?= /usr/local
+SYSTEM_WRAPPERS := unionfs unionfs-mount
+install-system: install
+	@[ "$$(id -u)" = 0 ] || { echo "install-system: run as root" >&2; exit 1; }
+	@for p in $(SYSTEM_WRAPPERS); do \
+	  printf '#!/bin/sh\nexec %s %s "$$@"\n' '$(abspath $(BIN))/python' '$(abspath $(BIN))/'"$$p" \
+	    > $(PREFIX)/bin/.$$p.tmp && chmod 755 $(PREFIX)/bin/.$$p.tmp && mv -f $(PREFIX)/bin/.$$p.tmp $(PREFIX)/bin/$$p; \
+	done
+
+uninstall-system:
+	rm -f $(addprefix $(PREFIX)/bin/,$(SYSTEM_WRAPPERS))
 
 test: install
 	$(BIN)/pytest -q -p no:cacheprovider tests

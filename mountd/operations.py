@@ -54,6 +54,7 @@ def _op(fn: _F) -> _F:
 
 
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+FMODE_EXEC = 0x20
 
 
 def _rel(path: str) -> str:
@@ -298,6 +299,8 @@ class UnionOperations(Operations):  # type: ignore[misc]
 
     # -- files ---------------------------------------------------------------------------------------------------
     def _flags(self, flags: int) -> int:
+        # The kernel's open for execve carries its internal __FMODE_EXEC bit, which openat2 refuses.
+        flags &= ~FMODE_EXEC
         # With the writeback cache the kernel also reads through a descriptor opened write-only (to fill
         # partial pages): such a file is opened for reading and writing.
         if self.writeback_cache and (flags & os.O_ACCMODE) == os.O_WRONLY:

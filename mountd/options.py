@@ -573,8 +573,9 @@ def parse_mappings(name: str, text: str) -> tuple[IdMapping, ...]:
     Raises :class:`OptionError` for a malformed list, a zero size, ids beyond 32 bits, or two ranges that
     overlap on either side (the mapping would not be one-to-one).
     """
-    fields = text.split(":")
-    if len(fields) % 3 or not all(field.isdigit() for field in fields):
+    # empty fields are skipped as fuse-overlayfs does: containers/storage writes ``uidmapping=:0:100000:65536``
+    fields = [field for field in text.split(":") if field]
+    if not fields or len(fields) % 3 or not all(field.isdigit() for field in fields):
         raise OptionError(f"{name}={text}: expected CONTAINERID:HOSTID:SIZE[:CONTAINERID:HOSTID:SIZE…]")
     numbers = [int(field) for field in fields]
     mappings = tuple(IdMapping(*numbers[i:i + 3]) for i in range(0, len(numbers), 3))

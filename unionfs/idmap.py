@@ -3,13 +3,13 @@
 The layers store *container* ids; the mount shows *host* ids: for a range ``(container, host, size)`` the
 stored id ``container + i`` is shown as ``host + i``.  Stored ids outside every range are shown as the
 overflow id (65534).  Ids given by callers (chown, the owner of a new file) go the other way; an id outside
-every range cannot be stored (EINVAL).  Squashing shows every object as owned by one uid and/or gid (root
+every range is stored as the overflow id too (as fuse-overlayfs does: container storage creates files in a
+mapped root filesystem as the host's root).  Squashing shows every object as owned by one uid and/or gid (root
 for ``squash_to_root``) and leaves what is stored unchanged.
 """
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +28,7 @@ def _to_stored(ranges: Sequence[Range], shown: int) -> int:
     for container, host, size in ranges:
         if host <= shown < host + size:
             return container + shown - host
-    raise OSError(errno.EINVAL, f"id {shown} is outside the mount's id mapping")
+    return OVERFLOW_ID
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class IdMap:
         return uid, gid
 
     def stored(self, uid: int, gid: int) -> tuple[int, int]:
-        """The owner to store for one given through the mount (-1 keeps "unchanged"); EINVAL if unmapped."""
+        """The owner to store for one given through the mount (-1 keeps "unchanged"; unmapped → overflow)."""
         if uid != -1 and self.uids:
             uid = _to_stored(self.uids, uid)
         if gid != -1 and self.gids:

@@ -8,8 +8,10 @@ import ctypes
 import errno
 import mmap
 import os
+import shutil
 import socket
 import stat
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,3 +160,15 @@ def test_rename_noreplace_refuses_an_existing_target(union: tuple[Path, Path]) -
     rc = libc.renameat2(-100, os.fsencode(mnt / "src"), -100, os.fsencode(mnt / "data"), 1)
     assert rc == -1 and ctypes.get_errno() == errno.EEXIST
     assert (mnt / "src").read_text() == "s"
+
+
+def test_programs_in_the_union_can_be_executed(union: tuple[Path, Path]) -> None:
+    """execve through the mount (the kernel's open for exec carries a flag that openat2 must not see)."""
+    mnt, _ = union
+    shutil.copy2("/bin/true", mnt / "true-copy")
+    assert subprocess.run([str(mnt / "true-copy")], timeout=30).returncode == 0
+    script = mnt / "dir" / "hello.sh"
+    script.write_text("#!/bin/sh\necho hello from the union\n")
+    script.chmod(0o755)
+    out = subprocess.run([str(script)], capture_output=True, text=True, timeout=30)
+    assert out.stdout == "hello from the union\n"

@@ -203,6 +203,12 @@ def test_volatile(options: str, volatile: bool) -> None:
     assert parse("-o", RW + "," + options, "/m").volatile is volatile
 
 
+def test_mappings_skip_empty_fields_as_container_storage_writes_them() -> None:
+    config = parse("-o", RW + ",uidmapping=:0:100000:65536,gidmapping=:0:100000:65536", "/m")
+    assert [(m.container_id, m.host_id, m.size) for m in config.uid_mappings] == [(0, 100000, 65536)]
+    assert [(m.container_id, m.host_id, m.size) for m in config.gid_mappings] == [(0, 100000, 65536)]
+
+
 @pytest.mark.parametrize(("options", "on"), [("", False), ("writeback_cache", True), ("writeback_cache=0", False),
                                              ("writeback=1", True), ("writeback=0", False),
                                              ("writeback_cache,writeback=0", False)])
