@@ -368,7 +368,8 @@ def test_fuse_option_values_are_validated(option: str, message: str) -> None:
 
 def test_defaults_as_root() -> None:
     kwargs = fuse_kwargs(parse("-o", RW, "/m"), libfuse_major=3, euid=0)
-    assert kwargs == {"foreground": True, "fsname": "unionfs", **FUSE_DEFAULTS, **ROOT_FUSE_DEFAULTS}
+    libfuse3_defaults = {k: v for k, v in FUSE_DEFAULTS.items() if k != "big_writes"}
+    assert kwargs == {"foreground": True, "fsname": "unionfs", **libfuse3_defaults, **ROOT_FUSE_DEFAULTS}
     assert kwargs["allow_other"] is kwargs["default_permissions"] is kwargs["dev"] is kwargs["suid"] is True
     assert kwargs["use_ino"] is kwargs["kernel_cache"] is True
     assert kwargs["subtype"] == "unionfs"
@@ -377,9 +378,15 @@ def test_defaults_as_root() -> None:
 
 def test_defaults_as_a_user_leave_out_the_root_only_ones() -> None:
     kwargs = fuse_kwargs(parse("-o", RW + ",dev,suid", "/m"), libfuse_major=3, euid=1000)
-    assert kwargs == {"foreground": True, "fsname": "unionfs", **FUSE_DEFAULTS}
+    assert kwargs == {"foreground": True, "fsname": "unionfs", **{k: v for k, v in FUSE_DEFAULTS.items()
+                                                                   if k != "big_writes"}}
     for name in ("allow_other", "default_permissions", "dev", "suid"):
         assert name not in kwargs
+
+
+def test_big_writes_only_with_libfuse_2() -> None:
+    assert fuse_kwargs(parse("-o", RW, "/m"), libfuse_major=2, euid=0)["big_writes"] is True
+    assert "big_writes" not in fuse_kwargs(parse("-o", RW, "/m"), libfuse_major=3, euid=0)
 
 
 def test_user_may_still_ask_for_allow_other_unprivileged() -> None:
