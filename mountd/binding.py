@@ -13,6 +13,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+_SONAMES = {"mfusepy": "libfuse3.so.3", "fuse": "libfuse.so.2"}
+
 
 def _load() -> tuple[ModuleType, str]:
     wanted = os.environ.get("UNIONFS_BINDING", "")
@@ -20,13 +22,19 @@ def _load() -> tuple[ModuleType, str]:
     if order is None:
         raise ImportError(f"UNIONFS_BINDING={wanted!r}: expected 'mfusepy' or 'fusepy'")
     errors = []
+    chosen_by_user = bool(os.environ.get("FUSE_LIBRARY_PATH") or os.environ.get("FUSE_LIBRARY_NAME"))
     for name in order:
-        if name == "mfusepy" and not (os.environ.get("FUSE_LIBRARY_PATH") or os.environ.get("FUSE_LIBRARY_NAME")):
-            os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would otherwise prefer libfuse2
+        if not chosen_by_user:
+            # The library's soname, for dlopen: mfusepy would otherwise prefer libfuse2, and both bindings
+            # would run ``ldconfig -p`` (ctypes.util.find_library) at every start.
+            os.environ["FUSE_LIBRARY_PATH"] = _SONAMES[name]
         try:
             return importlib.import_module(name), ("fusepy" if name == "fuse" else name)
         except (ImportError, OSError) as exc:  # a missing libfuse raises OSError
             errors.append(f"{name}: {exc}")
+        finally:
+            if not chosen_by_user:
+                os.environ.pop("FUSE_LIBRARY_PATH", None)
     raise ImportError("no FUSE binding could be loaded (" + "; ".join(errors) + ")")
 
 
