@@ -1176,3 +1176,44 @@ def test_symlinks_in_layers_are_never_followed_by_the_union(mkenv: Callable[...,
     assert (st.st_uid, st.st_mtime_ns != 10**9) == (0, True)
     assert xattr(canary, "user.x") is None
     assert sorted(os.listdir(canary_dir)) == ["canary"]
+
+
+# ============================================================ special files
+
+@pytest.mark.parametrize("kind", [
+    pytest.param("fifo", marks=pytest.mark.xfail(
+        strict=True, reason="truncate copies a fifo up, then opens it O_WRONLY: blocks until a reader comes "
+                            "(the kernel answers EINVAL for any non-regular file)")),
+    "dev",
+])
+def test_truncate_of_a_non_regular_file_is_einval(mkenv: Callable[..., Env], kind: str) -> None:
+    """truncate(2) of anything but a regular file or directory is EINVAL (the kernel's vfs_truncate); the
+    union must never open a fifo for writing, which would block until a reader comes."""
+    import threading
+
+    from support.layers import Device, Fifo
+    node = {"fifo": Fifo(), "dev": Device(1, 3)}[kind]
+    env = mkenv([{"a": "a", "x": node}])
+    fs = env.open()
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            fs.truncate("x", 0)
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(3)
+    if worker.is_alive():  # blocked opening the fifo: give it a reader so the thread ends, then fail
+        for where in (env.upper, env.lowers[0]):
+            if os.path.exists(where / "x"):  # type: ignore[operator]
+                fd = os.open(where / "x", os.O_RDONLY | os.O_NONBLOCK)  # type: ignore[operator]
+                worker.join(3)
+                os.close(fd)
+        pytest.fail("truncate blocked opening a fifo for writing")
+    assert outcome and isinstance(outcome[0], OSError), outcome
+    assert outcome[0].errno == errno.EINVAL
