@@ -89,6 +89,22 @@ def whiteouts_in_an_unmerged_dir_are_not_listed(r: Recorder) -> None:
     r.call("rmdir d", os.rmdir, "d")
 
 
+@DELIBERATE.scenario({"x": "x", "d/y": "y"})
+def renamed_upper_dir_is_marked_opaque_only_over_a_lower_name(r: Recorder) -> None:
+    """A dir created through the mount and renamed into a merged dir: the kernel marks it opaque in the upper
+    dir although no lower layer has the new name; unionfs marks it only where a lower layer has the name
+    (here: ``d``, after the lower ``d`` was removed). The visible trees are the same."""
+    r.call("mkdir a", os.mkdir, "a")
+    r.write("a/f", "a/f", b"f")
+    r.call("rename a b (no lower b)", os.rename, "a", "b")
+    r.call("rm -rf d", lambda: (os.unlink("d/y"), os.rmdir("d")))
+    r.call("rename b d (over the lower d's whiteout)", os.rename, "b", "d")
+    r.listdir("ls d", "d")
+    r.call("mkdir e", os.mkdir, "e")
+    r.call("rename e x2", os.rename, "e", "x2")
+    r.listdir("ls .")
+
+
 DELIBERATE_DIFFERENCES = {
     "whiteouts_in_an_unmerged_dir_are_not_listed": [
         "operation outcomes differ:\n"
@@ -98,6 +114,10 @@ DELIBERATE_DIFFERENCES = {
         "  o/x:\n    kernel: <error:ENOENT>\n    program: None",
         "visible tree differs after remount:\n"
         "  o/x:\n    kernel: <error:ENOENT>\n    program: None",
+    ],
+    "renamed_upper_dir_is_marked_opaque_only_over_a_lower_name": [
+        "upper dir differs:\n"
+        "  x2:\n    kernel: <dir mode=755 uid=0 gid=0 OPAQUE>\n    program: <dir mode=755 uid=0 gid=0>",
     ],
 }
 
