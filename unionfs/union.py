@@ -808,6 +808,8 @@ class UnionFS:
             node = self._node(path)
             if node.is_dir:
                 raise _err(errno.EISDIR, path)
+            if node.kind != stat_mod.S_IFREG:
+                raise _err(errno.EINVAL, path)  # as vfs_truncate; opening a fifo to truncate it would block
             self.copy_up(path, data_limit=length)
             assert self.upper is not None
             fd = self.upper.open(path, os.O_WRONLY)

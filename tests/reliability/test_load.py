@@ -47,7 +47,7 @@ def run_fio(tmp_path: Path, seconds: int) -> None:
             ["fio", f"--directory={m}", "--ioengine=psync", "--verify=crc32c", "--do_verify=1",
              "--verify_fatal=1", "--verify_backlog=64", f"--runtime={seconds}", "--time_based",
              "--group_reporting", "--output-format=terse", *jobs],
-            capture_output=True, text=True, timeout=seconds * 5 + 60, check=False)
+            capture_output=True, text=True, timeout=seconds * 5 + 60, check=False, cwd=tmp_path)
         assert proc.returncode == 0, f"fio failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         assert "verify" not in proc.stderr.lower(), proc.stderr
         assert alive(pid)
@@ -69,7 +69,7 @@ def run_dbench(tmp_path: Path, seconds: int, clients: int) -> None:
     with unionfs_mount([lower], upper, work, mnt, hang_timeout=seconds * 6 + 60) as m:
         pid = pid_of(m)
         proc = subprocess.run(["dbench", "-D", str(m), "-t", str(seconds), str(clients)],
-                              capture_output=True, text=True, timeout=seconds * 5 + 60, check=False)
+                              capture_output=True, text=True, timeout=seconds * 5 + 60, check=False, cwd=tmp_path)
         assert proc.returncode == 0, f"dbench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         assert alive(pid)
 
