@@ -74,6 +74,32 @@ def rename_noreplace(r: Recorder) -> None:
     r.listdir("ls .")
 
 
+def _fstat(fd: int) -> tuple[int, ...]:
+    st = os.fstat(fd)
+    return (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size)
+
+
+@known_divergence("fstat of an open file whose name is gone answers ESTALE; the kernel answers (nlink 0)")
+@CASES.scenario({"d/f": "lower f\n", "g": "lower g\n"})
+def fstat_of_an_open_file_whose_name_is_gone(r: Recorder) -> None:
+    """fstat on open files after their names were removed — a new file, a copied-up lower file in a dir
+    removed with rm -rf, a lower file opened read-only — answers like any fs (nlink 0), never ESTALE."""
+    fds = {"new": os.open("new", os.O_RDWR | os.O_CREAT, 0o644), "d/f": os.open("d/f", os.O_RDWR),
+           "g": os.open("g", os.O_RDONLY)}
+    try:
+        os.write(fds["new"], b"new data")
+        r.call("unlink new", os.unlink, "new")
+        r.call("rm -rf d", lambda: (os.unlink("d/f"), os.rmdir("d")))
+        r.call("unlink g", os.unlink, "g")
+        for name, fd in fds.items():
+            r.value(f"fstat {name}", _fstat, fd)
+            r.value(f"pread {name}", os.pread, fd, 100, 0)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    r.listdir("ls .")
+
+
 DELIBERATE = Catalog()
 
 
