@@ -612,9 +612,46 @@ def test_rename_noreplace_to_a_free_name(union: Callable[..., tuple[Env, UnionFS
     assert read_all(fs, "free") == b"top a\n"
 
 
-def test_rename_exchange_is_refused(union: Callable[..., tuple[Env, UnionFS]]) -> None:
-    _env, fs = union()
-    assert_errno(errno.EINVAL, fs.rename, "a", "b", RENAME_EXCHANGE)
+def test_rename_exchange_swaps_two_lower_files(union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """RENAME_EXCHANGE swaps two names: data and inode numbers travel with the objects, both names stay
+    (copied up, no whiteout), and a remount sees the same."""
+    env, fs = union()
+    ino_a, ino_b = fs.getattr("a")["st_ino"], fs.getattr("d/g")["st_ino"]
+    fs.rename("a", "d/g", RENAME_EXCHANGE)
+    assert read_all(fs, "a") == b"bottom d/g\n" and read_all(fs, "d/g") == b"top a\n"
+    assert fs.getattr("a")["st_ino"] == ino_b and fs.getattr("d/g")["st_ino"] == ino_a
+    assert upper_state(env.upper) == {"a": "file", "d": "dir", "d/g": "file"}  # type: ignore[arg-type]
+    clean(env)
+    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    assert read_all(fs2, "a") == b"bottom d/g\n" and fs2.getattr("a")["st_ino"] == ino_b
+
+
+def test_rename_exchange_of_an_upper_dir_and_a_lower_file(union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """A pure-upper directory exchanged with a lower file takes a name a lower layer has: it becomes opaque."""
+    env, fs = union()
+    fs.mkdir("u", 0o755)
+    create_file(fs, "u/inner", b"i")
+    fs.rename("u", "b", RENAME_EXCHANGE)
+    assert names(fs, "b") == ["inner"]
+    assert read_all(fs, "u") == b"bottom b\n"
+    assert upper_state(env.upper) == {"b": "dir+opaque", "b/inner": "file", "u": "file"}  # type: ignore[arg-type]
+    clean(env)
+
+
+def test_rename_exchange_errors(union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """Both names must exist (ENOENT); a lower or merged directory is EXDEV as for rename; a directory cannot
+    be swapped into its own subtree (EINVAL); EXCHANGE with NOREPLACE is EINVAL; nothing changes."""
+    env, fs = union()
+    fs.mkdir("u", 0o755)
+    fs.mkdir("u/sub", 0o755)
+    assert_errno(errno.ENOENT, fs.rename, "a", "missing", RENAME_EXCHANGE)
+    assert_errno(errno.ENOENT, fs.rename, "missing", "a", RENAME_EXCHANGE)
+    assert_errno(errno.EXDEV, fs.rename, "e", "a", RENAME_EXCHANGE)
+    assert_errno(errno.EXDEV, fs.rename, "a", "d", RENAME_EXCHANGE)
+    assert_errno(errno.EINVAL, fs.rename, "u", "u/sub", RENAME_EXCHANGE)
+    assert_errno(errno.EINVAL, fs.rename, "a", "b", RENAME_EXCHANGE | RENAME_NOREPLACE)
+    assert read_all(fs, "a") == b"top a\n" and read_all(fs, "b") == b"bottom b\n"
+    assert upper_state(env.upper) == {"u": "dir", "u/sub": "dir"}  # type: ignore[arg-type]
 
 
 def test_rename_to_itself_changes_nothing(union: Callable[..., tuple[Env, UnionFS]]) -> None:
@@ -1009,6 +1046,7 @@ def _prop_ops() -> Any:
         st.tuples(st.just("open-trunc"), path),
         st.tuples(st.just("mknod"), path),
         st.tuples(st.just("rename-noreplace"), path, path),
+        st.tuples(st.just("rename-exchange"), path, path),
     )
 
 
@@ -1046,6 +1084,8 @@ def _apply(fs: UnionFS, op: tuple[Any, ...]) -> int:
             fs.mknod(path, stat.S_IFCHR | 0o644, os.makedev(1, 3))
         elif kind == "rename-noreplace":
             fs.rename(path, rest[0], RENAME_NOREPLACE)
+        elif kind == "rename-exchange":
+            fs.rename(path, rest[0], RENAME_EXCHANGE)
     except OSError as exc:
         return exc.errno
     return 0
