@@ -176,11 +176,12 @@ def git_commit() -> str:
 def markdown(data: dict[str, Any]) -> str:
     lines = [
         f"`python -m benchmarks.commit_bench{' --quick' if data['quick'] else ''} --reps {data['reps']}"
-        f"{' --cold' if data['cold'] else ''}` — {data['date']}, {data['host']} ({data['cpus']} CPUs, "
+        f"{' --cold' if data['cold'] else ''} --dir {data.get('dir', '/var/tmp')}` — {data['date']}, "
+        f"{data['host']} ({data['cpus']} CPUs, "
         f"kernel {data['kernel']}, {data['fs']}), commit {data['commit']}; "
         f"{'cold' if data['cold'] else 'warm'} page cache; medians of {data['reps']} interleaved rounds.",
         "",
-        "| workload | entries | data | system | seconds | files/s | MiB/s | commit / cp -a + sync |",
+        "| workload | entries | data | system | seconds (min–max) | files/s | MiB/s | commit / cp -a + sync |",
         "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for w in data["workloads"]:
@@ -189,7 +190,8 @@ def markdown(data: dict[str, Any]) -> str:
             r = w["results"][system]
             ratio = f"{r['median_s'] / base:.2f}x" if system.startswith("commit") else ""
             lines.append(f"| {w['name']} | {w['entries']:,} | {w['bytes'] / (1 << 20):,.0f} MiB | {system} | "
-                         f"{r['median_s']:.3f} | {r['files_per_s']:,.0f} | {r['mib_per_s']:,.0f} | {ratio} |")
+                         f"{r['median_s']:.2f} ({r['min_s']:.2f}–{r['max_s']:.2f}) | {r['files_per_s']:,.0f} | "
+                         f"{r['mib_per_s']:,.0f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -216,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", metavar="RESULTS.md", help="write the table into this file's Commit section")
     args = parser.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="commit-bench-", dir=args.dir))
-    fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(base)], capture_output=True, text=True,
-                        check=False).stdout.strip()
+    found = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(base)], capture_output=True, text=True,
+                           check=False).stdout.split()
+    fs = found[0] if found else "unknown"
     data: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
                             "cpus": os.cpu_count(), "kernel": platform.release(), "python": sys.version.split()[0],
                             "commit": git_commit(), "fs": fs, "quick": args.quick, "reps": args.reps,
-                            "cold": args.cold, "workloads": []}
+                            "cold": args.cold, "dir": args.dir, "workloads": []}
     try:
         for w in workloads(args.quick):
             upper = base / "upper"
