@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from unionfs.control import ControlClient
+from unionfs.fsio import HostDir
 
 CONTROL_TIMEOUT = 5.0
 """How long a daemon may take to answer ``info`` before its command line is read instead."""
@@ -287,9 +288,15 @@ def _ask_daemon(mountpoint: str, fstype: str) -> UnionMount | None:
 def workdir_locked(work: str) -> bool:
     """True when a running unionfs daemon holds the lock of workdir ``work`` (False if it is not there)."""
     try:
-        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        host = HostDir(work)
     except OSError:
         return False
+    try:
+        fd = host.open("", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    finally:
+        host.close()
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as exc:
