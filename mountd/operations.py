@@ -55,6 +55,8 @@ def _op(fn: _F) -> _F:
 
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 FMODE_EXEC = 0x20
+PAUSE_TIMEOUT = 30.0
+"""How long a pause waits for the writes in flight before it gives up (the mount is never left paused)."""
 
 
 def _rel(path: str) -> str:
@@ -81,7 +83,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
         self.control: ControlServer | None = None
         if mountpoint is not None:
             self.control = ControlServer(mountpoint, {"stats": self._stats, "info": self._info},
-                                         pause=fs.pause, resume=fs.resume)
+                                         pause=lambda: fs.pause(PAUSE_TIMEOUT), resume=fs.resume)
         self._invalidations: queue.SimpleQueue[str | None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------

@@ -25,17 +25,21 @@ import errno
 import os
 import stat as stat_mod
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from unionfs import inuse
+from unionfs.control import ControlClient
 from unionfs.digest import Entry, Manifest, hash_file, scan
 from unionfs.fsio import HostDir, split
 from unionfs.hostwalk import DirCache, OpenDir
+from unionfs.inuse import CONTROL_TIMEOUT
 from unionfs.progress import Progress
 from unionfs.store import CONTAINERS, HistoryEntry, Image, ImageConfig, LayerMeta, Store, StoreError, check_name, now
 
-MOUNTED_MESSAGE = "upper is mounted; unmount it or use the control channel (not yet available)"
+MOUNTED_MESSAGE = "upper is mounted by something that cannot be paused (the kernel's overlayfs, or a daemon " \
+    "without a control channel); unmount it first"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 USER_OPAQUE_XATTR = "user.overlay.opaque"
 KEEP_BYTES = 256 << 20
@@ -119,24 +123,62 @@ def union_at(store: Store, path: str) -> inuse.UnionMount | None:
     return inuse.UnionMount(mount.mountpoint, mount.fstype, lowers, record.upper, record.work, mount.pid)
 
 
-def resolve_upper(path: str, store: Store) -> str:
-    """The upper dir to commit for ``path`` (an upper dir, or the mountpoint of a union).
+def _pausable(mount: inuse.UnionMount) -> bool:
+    """Does the daemon of ``mount`` answer on its control channel (so that it can be paused)?"""
+    if not mount.mountpoint or mount.fstype == "overlay":
+        return False
+    try:
+        with ControlClient(mount.mountpoint, timeout=CONTROL_TIMEOUT) as client:
+            return bool(client.request("info").get("ok"))
+    except (OSError, ValueError):
+        return False
 
-    Refuses (CommitError) an upper that a running mount uses, a mountpoint (its upper is in use by
-    definition), and a read-only union mount (it has no upper).
+
+def resolve_upper(path: str, store: Store) -> tuple[str, str | None]:
+    """The upper dir to commit for ``path`` (an upper dir, or the mountpoint of a union), and the mountpoint
+    of the unionfs mount serving it, if one does (its daemon is paused during the commit).
+
+    Refuses (CommitError) an upper that a mount which cannot be paused uses (the kernel's overlayfs, another
+    program), and a read-only union mount (it has no upper).
     """
     mount = union_at(store, path)
     if mount is not None:
         if mount.upper is None and mount.lowers:
             raise CommitError(f"{path} is a read-only union mount: it has no upper dir to commit")
+        if mount.upper is not None and _pausable(mount):
+            return source_dir(mount.upper, store, what="upper"), mount.mountpoint
         upper = mount.upper or "unknown"
         raise CommitError(f"{path} is a union mount (upper {upper}): {MOUNTED_MESSAGE}")
     real = source_dir(path, store, what="upper")
     record = store.container_for(real)
     users = inuse.users_of_upper(real, work=record.work if record else None)
+    if len(users) == 1 and _pausable(users[0]):
+        return real, users[0].mountpoint
     if users:
         raise CommitError(f"upper {path} is in use by {users[0].describe()}: {MOUNTED_MESSAGE}")
-    return real
+    return real, None
+
+
+@contextmanager
+def paused(mountpoint: str | None) -> Iterator[None]:
+    """Hold every change to a live union back (``docker commit``'s pause) for the duration; nothing for None.
+    Dirty pages of the mount are flushed first, so the upper dir holds everything written before."""
+    if mountpoint is None:
+        yield
+        return
+    os.sync()
+    try:
+        client = ControlClient(mountpoint, timeout=CONTROL_TIMEOUT)
+    except OSError as exc:
+        raise CommitError(f"{mountpoint}: cannot reach the daemon to pause it ({exc.strerror or exc})") from None
+    with client:
+        answer = client.request("pause")
+        if not answer.get("ok"):
+            raise CommitError(f"{mountpoint}: the daemon could not pause ({answer.get('error', 'refused')})")
+        try:
+            yield
+        finally:
+            client.request("resume")
 
 
 def base_from_image(store: Store, name: str) -> Base:
@@ -374,11 +416,12 @@ def commit_upper(store: Store, upper: str, *, image: str, base_image: str | None
     when ``unionfs mount`` made the upper, else none (a one-layer image)."""
     check_name(image)
     base = base_from_image(store, base_image) if base_image else None
-    real = resolve_upper(upper, store)
+    real, live = resolve_upper(upper, store)
     if base is None:
         base = base_for_upper(store, real) or Base()
-    return commit_tree(store, real, image=image, base=base, comment=comment,
-                       created_by=created_by or f"unionfs commit {real}", changes=changes, progress=progress)
+    with paused(live):
+        return commit_tree(store, real, image=image, base=base, comment=comment,
+                           created_by=created_by or f"unionfs commit {real}", changes=changes, progress=progress)
 
 
 def import_dir(store: Store, path: str, *, image: str, comment: str = "", created_by: str = "",

@@ -313,6 +313,14 @@ def users_of_upper(upper: str, *, work: str | None = None) -> list[UnionMount]:
     container record), is also checked for a daemon's lock."""
     real = os.path.realpath(upper)
     users = [m for m in kernel_mounts() if m.upper and os.path.realpath(m.upper) == real]
+    # unionfs daemons say which upper they serve on their control channel
+    for line in mountinfo():
+        if line.fstype in FUSE_TYPES or line.fstype.startswith("fuse."):
+            served = _ask_daemon(line.mountpoint, line.fstype)
+            if served is not None and served.upper and os.path.realpath(served.upper) == real:
+                users.append(served)
+    if any(u.fstype != "overlay" for u in users):
+        return users
     for pid, argv in _mount_processes():
         found = _daemon_mount(pid, argv)
         if (found is not None and found.upper == real) or holds_open(pid, real):
