@@ -131,6 +131,16 @@ def renamed_upper_dir_is_marked_opaque_only_over_a_lower_name(r: Recorder) -> No
     r.listdir("ls .")
 
 
+@DELIBERATE.scenario({"b": WHITEOUT, "x": "x"})
+def exchanged_upper_dirs_are_marked_opaque_only_over_a_lower_dir(r: Recorder) -> None:
+    """Two dirs created through the mount, one over a lower whiteout, swapped with RENAME_EXCHANGE: the
+    kernel leaves both opaque, unionfs neither (no lower layer has a dir there). Same visible tree."""
+    r.call("mkdir b (over a lower whiteout)", os.mkdir, "b")
+    r.call("mkdir a", os.mkdir, "a")
+    r.call("exchange a b", renameat2, "a", "b", RENAME_EXCHANGE)
+    r.listdir("ls .")
+
+
 DELIBERATE_DIFFERENCES = {
     "whiteouts_in_an_unmerged_dir_are_not_listed": [
         "operation outcomes differ:\n"
@@ -144,6 +154,11 @@ DELIBERATE_DIFFERENCES = {
     "renamed_upper_dir_is_marked_opaque_only_over_a_lower_name": [
         "upper dir differs:\n"
         "  x2:\n    kernel: <dir mode=755 uid=0 gid=0 OPAQUE>\n    program: <dir mode=755 uid=0 gid=0>",
+    ],
+    "exchanged_upper_dirs_are_marked_opaque_only_over_a_lower_dir": [
+        "upper dir differs:\n"
+        "  a:\n    kernel: <dir mode=755 uid=0 gid=0 OPAQUE>\n    program: <dir mode=755 uid=0 gid=0>\n"
+        "  b:\n    kernel: <dir mode=755 uid=0 gid=0 OPAQUE>\n    program: <dir mode=755 uid=0 gid=0>",
     ],
 }
 

@@ -216,8 +216,8 @@ def without_ghosts(snap: Snapshot) -> Snapshot:
     return {path: entry for path, entry in snap.items() if entry.type != "error:ENOENT"}
 
 
-def lower_has(lowers: Sequence[Path], rel: str) -> bool:
-    """Does any of ``lowers`` hold an object at ``rel``, reached through real directories only?"""
+def lower_has_dir(lowers: Sequence[Path], rel: str) -> bool:
+    """Does any of ``lowers`` hold a directory at ``rel``, reached through real directories only?"""
     for layer in lowers:
         here = layer
         parts = rel.split("/")
@@ -227,22 +227,23 @@ def lower_has(lowers: Sequence[Path], rel: str) -> bool:
                 st_ = os.lstat(here)
             except OSError:
                 break
-            if i == len(parts) - 1:
-                return True
             if not stat.S_ISDIR(st_.st_mode):
                 break
+            if i == len(parts) - 1:
+                return True
     return False
 
 
 def without_idle_opaque_marks(upper: Snapshot, lowers: Sequence[Path]) -> Snapshot:
-    """``upper`` without the opaque marks that hide nothing (no lower layer has that path at all).
+    """``upper`` without the opaque marks that hide nothing (no lower layer has a directory at that path).
 
-    The kernel marks a pure-upper directory opaque when it is renamed into a merged directory, whether or not
-    a lower layer has the new name; unionfs marks it only where a lower layer has the name. Both upper dirs
-    show the same tree over these lowers (the cross-mount check proves it), so such marks are not compared.
+    The kernel marks a pure-upper directory opaque when it is renamed (or exchanged) into a merged directory,
+    whether or not a lower layer has a directory of that name; unionfs marks it only where one has. Both upper
+    dirs show the same tree over these lowers (the cross-mount check proves it), so such marks are not compared.
     """
-    return {path: replace(entry, opaque=False) if entry.opaque and path != "." and not lower_has(lowers, path)
-            else entry for path, entry in upper.items()}
+    return {path: replace(entry, opaque=False)
+            if entry.opaque and path != "." and not lower_has_dir(lowers, path) else entry
+            for path, entry in upper.items()}
 
 
 def rm_rf(path: str) -> None:
