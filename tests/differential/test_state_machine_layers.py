@@ -64,8 +64,8 @@ from support.mounts import KERNEL_AS_PROGRAM, find_mount, kernel_overlay_mount, 
 from support.snapshot import Snapshot, diff_snapshots, errno_name, snapshot, stat_entry, upper_snapshot
 from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
-CI_EXAMPLES = {"kernel": 8, "oci": 4}
-CI_STEPS = 25
+CI_EXAMPLES = {"kernel": 30, "oci": 15}
+CI_STEPS = 30
 DEV_STEPS = 50
 MAX_OPEN_FILES = 4
 MIN_STEPS_BETWEEN_REMOUNTS = 4
