@@ -24,9 +24,9 @@ cross-mount a copy of unionfs's upper is converted too.
 Everything runs on a private tmpfs, so inode numbers are never reused within a run (ext4 reuses them at
 once, which would make "kept its inode" ambiguous); ``UNIONFS_SM_TMPFS=0`` runs on the disk instead.
 
-Deliberate differences (``docs/semantics.md``) are normalised away, on the kernel's side only: the whiteouts
-the kernel lists in unmerged directories (``without_ghosts``), and opaque marks in the upper dir where no lower
-layer has a directory (``without_idle_opaque_marks``). Divergences found and not fixed yet are reduced to
+Deliberate differences (``docs/semantics.md``) are normalised away: the whiteouts the kernel lists in unmerged
+directories (``without_ghosts``, kernel side only), and opaque marks in either upper dir where no lower layer
+has a directory (``without_idle_opaque_marks``). Divergences found and not fixed yet are reduced to
 strict-xfail scenarios in ``test_regressions.py`` and tolerated here by exact outcome (``KNOWN_DIVERGENCES``;
 ``UNIONFS_SM_STRICT=1`` tolerates nothing). ``UNIONFS_MOUNT_PROG=kernel`` puts the kernel on both sides: the
 kernel family must then pass (the harness is deterministic), the OCI family must fail.
