@@ -12,21 +12,30 @@ The second catalog, ``DELIBERATE``, holds the places where unionfs differs from 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.differential import Catalog, Recorder, Scenario, assert_same_as_kernel, run_differential
 from support.layers import WHITEOUT, Dir, Hardlink
+from support.scratch import private_tmpfs
 from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 CASES = Catalog()
-XFAIL: dict[str, str] = {}
+FILESYSTEMS = ("disk", "tmpfs")
+"""Every scenario runs with its layers on the disk (the test's tmp dir, ext4 here) and on a private tmpfs,
+where the state machine runs: the upper filesystem decides some details (see ``support.scratch``)."""
+XFAIL: dict[tuple[str, str], str] = {}
 
 
-def known_divergence(reason: str) -> object:
-    """Decorator for a scenario the core does not pass yet: record why (the test is then strict-xfail)."""
+def known_divergence(reason: str, *, on: tuple[str, ...] = FILESYSTEMS) -> object:
+    """Decorator for a scenario the core does not pass yet (on the filesystems ``on``): record why; the test
+    is then strict-xfail there."""
     def mark(scenario: Scenario) -> Scenario:
-        XFAIL[scenario.name] = reason
+        for fs in on:
+            XFAIL[(scenario.name, fs)] = reason
         return scenario
     return mark
 
@@ -100,6 +109,21 @@ def fstat_of_an_open_file_whose_name_is_gone(r: Recorder) -> None:
     r.listdir("ls .")
 
 
+@known_divergence("truncate(2) to the same size sets mtime: unionfs truncates through an fd it opens (an "
+                  "ftruncate, which always updates mtime); the kernel passes the caller's size-only change to "
+                  "the upper fs, and tmpfs then keeps the mtime of an empty file", on=("tmpfs",))
+@CASES.scenario({"empty": "", "full": "data", "longer": "abc"})
+def truncate_to_the_same_size_is_the_upper_fs_rule(r: Recorder) -> None:
+    """truncate(2) hands on only the size change (ftruncate(2) adds "update mtime"): whether mtime changes when
+    the size does not is the upper filesystem's rule (tmpfs keeps an empty file's mtime, ext4 never does).
+    Copy-up keeps the lower mtime either way."""
+    r.call("truncate empty 0", os.truncate, "empty", 0)
+    r.call("truncate full 4", os.truncate, "full", 4)
+    r.call("truncate longer 1", os.truncate, "longer", 1)
+    for name in ("empty", "full", "longer"):
+        r.stat(f"stat {name}", name)
+
+
 DELIBERATE = Catalog()
 
 
@@ -163,20 +187,41 @@ DELIBERATE_DIFFERENCES = {
 }
 
 
+@pytest.fixture(scope="module")
+def tmpfs_area(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with private_tmpfs(tmp_path_factory.mktemp("regressions-tmpfs"), size="256m") as area:
+        yield area
+
+
+@pytest.fixture(params=FILESYSTEMS)
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(filesystem name, an empty directory on it) for one scenario run."""
+    if request.param == "disk":
+        yield "disk", tmp_path
+        return
+    area: Path = request.getfixturevalue("tmpfs_area")
+    path = Path(tempfile.mkdtemp(dir=area))
+    try:
+        yield "tmpfs", path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.mounted
 @pytest.mark.differential
 @pytest.mark.parametrize("case", CASES.params(), ids=str)
-def test_same_as_kernel(case: Scenario, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_same_as_kernel(case: Scenario, where: tuple[str, Path], request: pytest.FixtureRequest) -> None:
     """The divergences found by the state machine, reduced: unionfs must answer as the kernel does."""
-    if case.name in XFAIL:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL[case.name]))
-    assert_same_as_kernel(case, tmp_path)
+    fs, path = where
+    if (case.name, fs) in XFAIL:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL[(case.name, fs)]))
+    assert_same_as_kernel(case, path)
 
 
 @pytest.mark.mounted
 @pytest.mark.differential
 @pytest.mark.parametrize("case", DELIBERATE.params(), ids=str)
-def test_deliberate_difference(case: Scenario, tmp_path: Path) -> None:
+def test_deliberate_difference(case: Scenario, where: tuple[str, Path]) -> None:
     """Where unionfs differs on purpose (docs/semantics.md), it differs exactly as documented, and only there."""
-    comparison = run_differential(case, tmp_path)
+    comparison = run_differential(case, where[1])
     assert comparison.mismatches == DELIBERATE_DIFFERENCES[case.name], comparison.explain()
