@@ -743,3 +743,5 @@ def test_state_machine(family: str, area: Path, capsys: pytest.CaptureFixture[st
             print(f"\nstate machine [{family}, profile {settings.get_current_profile_name()}]: "
                   f"{stats['examples']} examples, {stats['steps']} steps, {stats['remounts']} remounts, "
                   f"{stats['teardowns checked']} cross-mount checks in {time.monotonic() - started:.0f}s")
+            for key in sorted(k for k in stats if k.startswith(("tolerated", "avoided"))):
+                print(f"  {key}: {stats[key]}")
