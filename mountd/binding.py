@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -56,10 +57,34 @@ PACKED_STAT_KEY = "\0stat"
 that a dict the core caches (lower objects never change) is converted to C only once."""
 
 
+_adopted = threading.local()
+_gil_state_ensure = ctypes.pythonapi.PyGILState_Ensure
+
+
+def adopt_thread() -> None:
+    """Keep the Python thread state of the calling libfuse worker thread for the life of the thread.
+
+    ctypes runs a callback on a thread Python did not create under a thread state it makes for that one call
+    and deletes after it, together with the 16 KiB frame stack it maps.  Per request that is an ``mmap`` and a
+    ``munmap``, and the ``munmap`` of a multi-threaded process flushes the TLB of every CPU: half the system
+    time of a metadata walk (benchmarks/RESULTS.md, "Per-request cost").  One more ``PyGILState_Ensure``,
+    never released, keeps the state.  libfuse keeps its worker threads (at most ``max_threads``), so this
+    holds one thread state per worker, as a thread Python started would.
+    """
+    if not getattr(_adopted, "done", False):
+        _gil_state_ensure()
+        _adopted.done = True
+
+
 class UnionFUSE(FUSE):  # type: ignore[misc]
     """The binding's FUSE class with the libfuse3 callbacks that drop arguments fixed: ``rename`` keeps its
     RENAME_* flags and ``truncate`` keeps the file handle of an ``ftruncate``; ``getattr`` reuses a packed
-    ``struct stat`` per cached attribute dict."""
+    ``struct stat`` per cached attribute dict; every callback runs under a kept thread state
+    (:func:`adopt_thread`)."""
+
+    def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        adopt_thread()
+        return super()._wrapper(func, *args, **kwargs)
 
     def _decode(self, path: bytes | None) -> str | None:
         # fusepy has no ``errors`` attribute; mfusepy decodes with surrogateescape
