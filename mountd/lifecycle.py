@@ -401,7 +401,7 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
         raise MountError(_describe(exc)) from None
     try:
         ops = UnionOperations(fs, on_ready=readiness.ready, mountpoint=config.mountpoint,
-                              writeback_cache=config.writeback_cache)
+                              writeback_cache=config.writeback_cache, readdirplus=config.readdirplus)
         kwargs = fuse_kwargs(config, libfuse_major=LIBFUSE_MAJOR)
         log.debug("FUSE options: %s", kwargs)
         try:

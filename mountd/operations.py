@@ -53,6 +53,8 @@ def _op(fn: _F) -> _F:
     return cast(_F, wrapper)
 
 
+FUSE_CAP_READDIRPLUS = 1 << 13
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 FMODE_EXEC = 0x20
 PAUSE_TIMEOUT = 30.0
@@ -69,9 +71,10 @@ class UnionOperations(Operations):  # type: ignore[misc]
     use_ns = True
 
     def __init__(self, fs: UnionFS, *, on_ready: Callable[[], None] | None = None,
-                 mountpoint: str | None = None, writeback_cache: bool = False) -> None:
+                 mountpoint: str | None = None, writeback_cache: bool = False, readdirplus: bool = True) -> None:
         self.fs = fs
         self.writeback_cache = writeback_cache
+        self.readdirplus = readdirplus
         self.on_ready = on_ready
         self.mountpoint = mountpoint
         self.handles: dict[int, Handle] = {}
@@ -88,9 +91,11 @@ class UnionOperations(Operations):  # type: ignore[misc]
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def init_with_config(self, conn: Any, config: Any) -> None:
-        """libfuse 3's init: ask for the writeback cache when configured, then :meth:`init`."""
+        """libfuse 3's init: ask for the writeback cache and drop readdirplus as configured, then :meth:`init`."""
         if self.writeback_cache and conn is not None:
             conn.want |= FUSE_CAP_WRITEBACK_CACHE & conn.capable
+        if not self.readdirplus and conn is not None:
+            conn.want &= ~(FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO)
         self.init("/")
 
     def init(self, path: str) -> None:

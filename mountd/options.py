@@ -198,6 +198,7 @@ class MountConfig:
     read_only: bool = False
     volatile: bool = False
     writeback_cache: bool = False
+    readdirplus: bool = True
     whiteout: Whiteout = "auto"
     uid_mappings: tuple[IdMapping, ...] = ()
     gid_mappings: tuple[IdMapping, ...] = ()
@@ -289,6 +290,7 @@ class _State:
     ro: bool = False
     volatile: bool = False
     writeback_cache: bool = False
+    readdirplus: bool = True
     whiteout: Whiteout = "auto"
     uid_mappings: tuple[IdMapping, ...] = ()
     gid_mappings: tuple[IdMapping, ...] = ()
@@ -487,6 +489,12 @@ def _opt_writeback_cache(state: _State, raw: str | None) -> None:
     state.writeback_cache = True if raw is None else _zero_one("writeback_cache", raw) == 1
 
 
+def _opt_readdirplus(state: _State, raw: str | None) -> None:
+    """Attributes sent with directory listings (libfuse 3, on by default); ``readdirplus=0`` makes the kernel
+    look up each entry on its own, for measuring the option."""
+    state.readdirplus = True if raw is None else _zero_one("readdirplus", raw) == 1
+
+
 def _opt_writeback(state: _State, raw: str | None) -> None:
     """fuse-overlayfs' spelling: ``writeback=0|1``."""
     state.writeback_cache = _zero_one("writeback", _need("writeback", raw)) == 1
@@ -556,6 +564,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_State, str | None], None]]] = Mapp
     "volatile": _opt_volatile,
     "writeback_cache": _opt_writeback_cache,
     "writeback": _opt_writeback,
+    "readdirplus": _opt_readdirplus,
     "fsync": _opt_fsync,
     "threaded": _opt_threaded,
     "debug": _opt_debug,
@@ -666,6 +675,7 @@ def _freeze(state: _State, cwd: str) -> MountConfig:
         read_only=state.ro or state.upper is None,
         volatile=state.volatile,
         writeback_cache=state.writeback_cache,
+        readdirplus=state.readdirplus,
         whiteout=state.whiteout,
         uid_mappings=state.uid_mappings,
         gid_mappings=state.gid_mappings,
@@ -706,6 +716,7 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   ro | rw            read-only (upperdir then acts as the top lower) | read-write
   volatile, fsync=0  skip fsync (fsync=1 undoes it)
   writeback_cache[=0|1], writeback=0|1   the kernel's writeback cache (libfuse 3 only)
+  readdirplus=0|1    attributes with directory listings (libfuse 3 only; default 1)
   whiteout=auto|kernel|oci   whiteout format written (auto: kernel's when the daemon may mknod)
   uidmapping=CONTAINERID:HOSTID:SIZE[:…], gidmapping=…   map owners between the layers and the mount
   squash_to_root, squash_to_uid=N, squash_to_gid=N       show every file as owned by root / N

@@ -4,6 +4,7 @@ channel holds writers back until it ends."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -72,3 +73,29 @@ def test_pause_holds_a_writer_until_resume(mounted: Path) -> None:
         thread.join(10)
     assert finished and finished[0] >= resumed
     assert (mounted / "new").read_text() == "written while paused\n"
+
+
+@pytest.mark.parametrize(("option", "plus"), [((), True), (("readdirplus=0",), False)])
+def test_readdirplus_sends_attributes_with_the_listing_unless_switched_off(
+        tmp_path: Path, option: tuple[str, ...], plus: bool) -> None:
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    for i in range(40):
+        (lower / f"f{i}").write_text("x")
+    with unionfs_mount([lower], upper, work, mnt, option):
+        names = os.listdir(mnt)  # names only: no stat of any entry
+        assert len(names) == 40
+        listed = _getattr_calls(mnt)
+        for name in names:
+            os.lstat(mnt / name)
+        stated = _getattr_calls(mnt)
+    if plus:  # the attributes went out with the listing: the lstats needed no lookup
+        assert listed >= 40 and stated == listed
+    else:  # nothing but the names went out: each lstat is a lookup
+        assert listed < 40 and stated - listed >= 40
+
+
+def _getattr_calls(mnt: Path) -> int:
+    out = subprocess.run([UNIONFS, "stats", "--json", str(mnt)], capture_output=True, text=True, check=True)
+    return int(json.loads(out.stdout)["operations"]["getattr"]["calls"])

@@ -217,6 +217,18 @@ def test_writeback_cache(options: str, on: bool) -> None:
     assert parse("-o", RW + extra, "/m").writeback_cache is on
 
 
+@pytest.mark.parametrize(("options", "on"), [("", True), ("readdirplus", True), ("readdirplus=1", True),
+                                             ("readdirplus=0", False)])
+def test_readdirplus(options: str, on: bool) -> None:
+    extra = "," + options if options else ""
+    assert parse("-o", RW + extra, "/m").readdirplus is on
+
+
+def test_readdirplus_takes_only_zero_or_one() -> None:
+    with pytest.raises(OptionError, match="readdirplus"):
+        parse("-o", RW + ",readdirplus=maybe", "/m")
+
+
 @pytest.mark.parametrize("fmt", ["auto", "kernel", "oci"])
 def test_whiteout_formats(fmt: str) -> None:
     assert parse("-o", f"{RW},whiteout={fmt}", "/m").whiteout == fmt
