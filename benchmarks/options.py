@@ -2,7 +2,8 @@
 
 Each variant is unionfs with one option turned the other way from its default (see :data:`VARIANTS`).  A
 round runs every variant once (``benchmarks.run --systems unionfs --runs 1``) on the workloads the options
-touch; the rounds interleave the variants, so that a noisy neighbour hurts all of them alike.  Prints a
+touch; the rounds interleave the variants, in an order that rotates from round to round, so that a noisy
+neighbour or a first-of-round effect hurts all of them alike.  Prints a
 Markdown table of the medians over the rounds and, per variant, the ratio to the defaults (for a time below 1
 is better, for a throughput above 1 is).  ``--json FILE`` also writes the raw figures.
 """
@@ -57,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, tuple[str, str]] = {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="unionfs-options-") as tmp:
+        names = list(VARIANTS)
         for rnd in range(args.rounds):
-            for name, opts in VARIANTS.items():
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:  # each variant leads a round
+                opts = VARIANTS[name]
                 print(f"round {rnd + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
                 doc = _run_variant(opts, args.only, args.mode, Path(tmp))
                 for fig, res in doc["results"].items():

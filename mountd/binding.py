@@ -76,6 +76,16 @@ def adopt_thread() -> None:
         _adopted.done = True
 
 
+def _replay(func: Callable[..., Any], failure: BaseException) -> Callable[..., Any]:
+    """A callable named like ``func`` that raises ``failure``: the binding then handles it as ``func``'s."""
+
+    def replay(*args: Any, **kwargs: Any) -> Any:
+        raise failure
+
+    replay.__name__ = func.__name__
+    return replay
+
+
 class UnionFUSE(FUSE):  # type: ignore[misc]
     """The binding's FUSE class with the libfuse3 callbacks that drop arguments fixed: ``rename`` keeps its
     RENAME_* flags and ``truncate`` keeps the file handle of an ``ftruncate``; ``getattr`` reuses a packed
@@ -83,8 +93,18 @@ class UnionFUSE(FUSE):  # type: ignore[misc]
     (:func:`adopt_thread`)."""
 
     def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one callback.  The common outcomes, a result or an ``OSError`` with its errno, are answered
+        here; anything else goes to the binding's own handling (its logging, ``init``'s rules), replayed."""
         adopt_thread()
-        return super()._wrapper(func, *args, **kwargs)
+        try:
+            return func(*args, **kwargs) or 0
+        except OSError as exc:
+            if isinstance(exc.errno, int) and exc.errno > 0:
+                return -exc.errno
+            failure: BaseException = exc
+        except BaseException as exc:
+            failure = exc
+        return super()._wrapper(_replay(func, failure))
 
     def _decode(self, path: bytes | None) -> str | None:
         # fusepy has no ``errors`` attribute; mfusepy decodes with surrogateescape
