@@ -55,6 +55,9 @@ _STAT_SIZE = ctypes.sizeof(_c_stat)
 PACKED_STAT_KEY = "\0stat"
 """Where :meth:`UnionFUSE.fgetattr` keeps the packed ``struct stat`` of an attribute dict it was given, so
 that a dict the core caches (lower objects never change) is converted to C only once."""
+_PLUS_CHUNK = 16
+"""Entries whose attributes a READDIRPLUS reply reads at a time: about what one reply holds, so that a big
+directory served in many replies does not read attributes that the next reply would read again."""
 
 
 _adopted = threading.local()
@@ -133,22 +136,28 @@ class UnionFUSE(FUSE):  # type: ignore[misc]
         dir_path = self._decode(path)
         entries = self.operations.listing(dir_path, fh, offset)
         plus = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
-        prefix = "" if dir_path in (None, "/") else dir_path
         st = _c_stat()
-        for index in range(offset, len(entries)):
-            name, encoded, mode, ino = entries[index]
-            if plus and index >= 2:
-                try:
-                    attrs = self.operations.getattr(f"{prefix}/{name}")
-                except OSError:
-                    continue  # gone since the listing was taken
-                ctypes.memmove(ctypes.addressof(st), self._packed(attrs), _STAT_SIZE)
-            else:
-                ctypes.memset(ctypes.addressof(st), 0, _STAT_SIZE)
-                st.st_mode = mode
-                st.st_ino = ino
-            if filler(buf, encoded, st, index + 1, plus) != 0:
-                break
+        start = offset
+        while start < len(entries):
+            end = min(start + _PLUS_CHUNK, len(entries))
+            attrs: list[dict[str, Any] | None] = []
+            first = max(start, 2)  # "." and ".." go without attributes
+            if plus and first < end:
+                attrs = self.operations.attrs_of(dir_path, [entries[i][0] for i in range(first, end)])
+            for index in range(start, end):
+                _, encoded, mode, ino = entries[index]
+                if plus and index >= 2:
+                    entry_attrs = attrs[index - first]
+                    if entry_attrs is None:
+                        continue  # gone since the listing was taken
+                    ctypes.memmove(ctypes.addressof(st), self._packed(entry_attrs), _STAT_SIZE)
+                else:
+                    ctypes.memset(ctypes.addressof(st), 0, _STAT_SIZE)
+                    st.st_mode = mode
+                    st.st_ino = ino
+                if filler(buf, encoded, st, index + 1, plus) != 0:
+                    return 0
+            start = end
         return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:

@@ -174,6 +174,13 @@ class UnionOperations(Operations):  # type: ignore[misc]
         return self.fs.getattr(_rel(path))
 
     @_op
+    def attrs_of(self, path: str | None, names: list[str]) -> list[dict[str, Any] | None]:
+        """The attributes of entries of directory ``path`` for a listing that carries them (None: gone)."""
+        if path is None:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return self.fs.getattr_children(_rel(path), names)
+
+    @_op
     def readlink(self, path: str) -> str:
         return self.fs.readlink(_rel(path))
 

@@ -20,7 +20,7 @@ import os
 import stat as stat_mod
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -95,6 +95,11 @@ def join(parent: str, name: str) -> str:
 def _check(rel: str) -> None:
     if any(part in ("", ".", "..") for part in rel.split("/")):
         raise OSError(errno.EINVAL, "invalid relative path", rel)
+
+
+def _check_component(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name:
+        raise OSError(errno.EINVAL, "invalid name", name)
 
 
 def resolve_root(path: str) -> tuple[str, int]:
@@ -274,6 +279,35 @@ class HostDir:
             return out
         finally:
             os.close(fd)
+
+    def lstat_children(self, rel: str, names: Sequence[str]) -> list[os.stat_result | None]:
+        """``lstat`` of each of ``names`` (single components) inside directory ``rel``, through one descriptor
+        of it; None for a name that is gone.  One ``fstatat`` per name, instead of an open, a stat and a close."""
+        out: list[os.stat_result | None] = []
+        with self.dirfd(rel) as pfd:
+            for name in names:
+                _check_component(name)
+                try:
+                    out.append(os.stat(name, dir_fd=pfd, follow_symlinks=False))
+                except FileNotFoundError:
+                    out.append(None)
+        return out
+
+    def getxattr_children(self, rel: str, names: Sequence[str], attr: str) -> list[bytes | None]:
+        """The xattr ``attr`` of each of ``names`` (single components, never followed) inside directory
+        ``rel``, through one descriptor of it; None where it (or support for it, or the name) is missing."""
+        out: list[bytes | None] = []
+        with self.dirfd(rel) as pfd:
+            for name in names:
+                _check_component(name)
+                path, follow = self._xpath(pfd, name)
+                try:
+                    out.append(os.getxattr(path, attr, follow_symlinks=follow))
+                except OSError as exc:
+                    if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.ENOENT):
+                        raise
+                    out.append(None)
+        return out
 
     def open_dir_readable(self, rel: str) -> int:
         """A readable descriptor of directory ``rel`` (for listing)."""

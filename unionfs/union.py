@@ -165,6 +165,10 @@ class UnionFS:
             value = self.upper.getxattr(path, self.origin_xattr) if self.upper else None
         except OSError:
             value = None
+        return self._origin_ino(value, st)
+
+    def _origin_ino(self, value: bytes | None, st: os.stat_result) -> int:
+        """The st_ino of an upper object whose origin xattr is ``value`` (None: not copied up)."""
         if value:
             try:
                 return int(value)
@@ -230,6 +234,48 @@ class UnionFS:
                 attrs["st_nlink"] = 1
             self.cache.put_attrs(path, attrs)
             return attrs
+
+    def getattr_children(self, path: str, names: list[str]) -> list[dict[str, Any] | None]:
+        """:meth:`getattr` of each of ``names`` inside directory ``path`` (None for a name not visible any
+        more), for a listing that carries attributes.  The same answers, but the upper objects of the
+        directory are read through one descriptor of it: two system calls per name instead of nine."""
+        with self.lock:
+            state = self.resolver.dir_state(path)
+            if state is None:
+                self._node(path)  # ENOENT/ENOTDIR as getattr would say
+                raise _err(errno.ENOTDIR, path)
+            out: list[dict[str, Any] | None] = [None] * len(names)
+            upper: list[tuple[int, str, Node]] = []
+            for index, name in enumerate(names):
+                node = self.resolver.child(state, name)
+                if node is None:
+                    continue
+                if node.upper:
+                    upper.append((index, name, node))
+                else:
+                    out[index] = self.getattr(join(path, name))
+            if upper:
+                assert self.upper is not None
+                stats = self.upper.lstat_children(path, [name for _, name, _ in upper])
+                unknown = [(i, name) for (i, name, _), st in zip(upper, stats, strict=True)
+                           if st is not None and self.cache.get_ino(join(path, name)) is None]
+                origins = dict(zip((i for i, _ in unknown),
+                                   self.upper.getxattr_children(path, [name for _, name in unknown],
+                                                                self.origin_xattr), strict=True))
+                for (index, name, node), st in zip(upper, stats, strict=True):
+                    if st is None:
+                        continue
+                    child = join(path, name)
+                    self._note_links(child, st)
+                    ino = self.cache.get_ino(child)
+                    if ino is None:
+                        ino = self._origin_ino(origins[index], st)
+                        self.cache.put_ino(child, ino)
+                    attrs = self._attrs(st, ino)
+                    if node.is_dir and node.chain and self._merged(child):
+                        attrs["st_nlink"] = 1
+                    out[index] = attrs
+            return out
 
     def _merged(self, path: str) -> bool:
         """Is directory ``path`` merged from several layers?  The kernel then reports st_nlink 1."""

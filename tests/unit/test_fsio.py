@@ -283,3 +283,24 @@ def test_a_union_closes_every_descriptor(tmp_path: Path) -> None:
     fs.chmod("d0/g", 0o600)
     env.close_all()
     assert _open_fds() - before == set()
+
+
+def test_children_queries_go_through_one_descriptor_and_never_follow(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_text("x")
+    os.setxattr(root / "d" / "f", "user.k", b"v")
+    (root / "d" / "link").symlink_to(tmp_path)  # a symlink to outside: stat'ed as a link, never followed
+    host = HostDir(str(root))
+    try:
+        stats = host.lstat_children("d", ["f", "link", "missing"])
+        assert stats[0] is not None and stats[0].st_size == 1
+        assert stats[1] is not None and stat.S_ISLNK(stats[1].st_mode)
+        assert stats[2] is None
+        assert host.getxattr_children("d", ["f", "link", "missing"], "user.k") == [b"v", None, None]
+        for bad in ("../root", "a/b", ".", ""):
+            with pytest.raises(OSError) as info:
+                host.lstat_children("d", [bad])
+            assert info.value.errno == errno.EINVAL
+    finally:
+        host.close()

@@ -1252,3 +1252,49 @@ def test_truncate_of_a_non_regular_file_is_einval(mkenv: Callable[..., Env], kin
         pytest.fail("truncate blocked opening a fifo for writing")
     assert outcome and isinstance(outcome[0], OSError), outcome
     assert outcome[0].errno == errno.EINVAL
+
+
+# ============================================================ attributes of a whole listing
+
+def test_getattr_children_answers_as_getattr_does(union: Callable[..., tuple[Env, UnionFS]], fmt: str) -> None:
+    env, fs = union()
+    fs.chmod("a", 0o600)  # copied up: its inode number is the lower one's (origin)
+    fs.release(fs.create("d/new", os.O_WRONLY | os.O_CREAT, 0o644))
+    fs.link("b", "d/hard")  # a lower file copied up and hard-linked into d
+    fs.mkdir("d/sub/deeper", 0o755)
+    fs.unlink("d/g")
+    asked: dict[str, list[str]] = {}
+    for directory in ("", "d", "d/sub", "e", "m"):
+        listed = [name for name, _, _ in fs.readdir(directory)]
+        asked[directory] = [*listed, "g", "gone", "no-such-name"]  # whited out, whited out below, missing
+        expected = [_getattr_or_none(fs, _join(directory, n)) for n in asked[directory]]
+        assert _no_atime(fs.getattr_children(directory, asked[directory])) == _no_atime(expected), directory
+    fs.close()
+    fresh = env.open(whiteout=fmt)  # nothing cached: the batch reads everything itself
+    for directory, wanted in asked.items():
+        got = fresh.getattr_children(directory, wanted)
+        expected = [_getattr_or_none(fresh, _join(directory, n)) for n in wanted]
+        assert _no_atime(got) == _no_atime(expected), directory
+        assert sum(a is not None for a in got) == len(wanted) - 3
+
+
+def _no_atime(attrs: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+    """Reading a directory to learn whether it is merged may move its atime between two stats."""
+    return [None if a is None else {k: v for k, v in a.items() if k != "st_atime"} for a in attrs]
+
+
+def _join(directory: str, name: str) -> str:
+    return f"{directory}/{name}" if directory else name
+
+
+def _getattr_or_none(fs: UnionFS, path: str) -> dict[str, Any] | None:
+    try:
+        return fs.getattr(path)
+    except FileNotFoundError:
+        return None
+
+
+def test_getattr_children_of_a_file_or_a_missing_dir(union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    _, fs = union()
+    assert_errno(errno.ENOTDIR, fs.getattr_children, "a", ["x"])
+    assert_errno(errno.ENOENT, fs.getattr_children, "nowhere", ["x"])
