@@ -395,7 +395,8 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
     for name in unsupported_fuse_options(config, libfuse_major=LIBFUSE_MAJOR):
         log.warning("option %s is not available with libfuse %d: ignored", name, LIBFUSE_MAJOR)
     try:
-        fs = UnionFS(stack, whiteout=config.whiteout, volatile=config.volatile, idmap=id_map(config))
+        fs = UnionFS(stack, whiteout=config.whiteout, volatile=config.volatile, idmap=id_map(config),
+                     cache_entries=config.cache_entries)
     except (OSError, ValueError) as exc:
         stack.close()
         raise MountError(_describe(exc)) from None

@@ -77,6 +77,8 @@ ROOT_FUSE_DEFAULTS: Final[Mapping[str, FuseValue]] = MappingProxyType({
 caller (as with the kernel's overlayfs); device files and set-id bits work as they do on the layers."""
 
 DEFAULT_FSNAME: Final = "unionfs"
+DEFAULT_CACHE_ENTRIES: Final = 1_000_000
+"""The lookup cache's bound (entries) unless ``cache_entries=`` says otherwise."""
 
 _FUSE_FLAGS: Final[Mapping[str, frozenset[int]]] = MappingProxyType({
     # flag -> libfuse major versions that accept it
@@ -199,6 +201,7 @@ class MountConfig:
     volatile: bool = False
     writeback_cache: bool = False
     readdirplus: bool = True
+    cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
     uid_mappings: tuple[IdMapping, ...] = ()
     gid_mappings: tuple[IdMapping, ...] = ()
@@ -291,6 +294,7 @@ class _State:
     volatile: bool = False
     writeback_cache: bool = False
     readdirplus: bool = True
+    cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
     uid_mappings: tuple[IdMapping, ...] = ()
     gid_mappings: tuple[IdMapping, ...] = ()
@@ -495,6 +499,12 @@ def _opt_readdirplus(state: _State, raw: str | None) -> None:
     state.readdirplus = True if raw is None else _zero_one("readdirplus", raw) == 1
 
 
+def _opt_cache_entries(state: _State, raw: str | None) -> None:
+    """The lookup cache's bound, in entries (merged directories, attributes, xattrs, inode numbers): what
+    bounds the daemon's memory on a big tree; least recently used entries go first."""
+    state.cache_entries = _count("cache_entries", _need("cache_entries", raw), minimum=1000)
+
+
 def _opt_writeback(state: _State, raw: str | None) -> None:
     """fuse-overlayfs' spelling: ``writeback=0|1``."""
     state.writeback_cache = _zero_one("writeback", _need("writeback", raw)) == 1
@@ -565,6 +575,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_State, str | None], None]]] = Mapp
     "writeback_cache": _opt_writeback_cache,
     "writeback": _opt_writeback,
     "readdirplus": _opt_readdirplus,
+    "cache_entries": _opt_cache_entries,
     "fsync": _opt_fsync,
     "threaded": _opt_threaded,
     "debug": _opt_debug,
@@ -676,6 +687,7 @@ def _freeze(state: _State, cwd: str) -> MountConfig:
         volatile=state.volatile,
         writeback_cache=state.writeback_cache,
         readdirplus=state.readdirplus,
+        cache_entries=state.cache_entries,
         whiteout=state.whiteout,
         uid_mappings=state.uid_mappings,
         gid_mappings=state.gid_mappings,
@@ -717,6 +729,7 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   volatile, fsync=0  skip fsync (fsync=1 undoes it)
   writeback_cache[=0|1], writeback=0|1   the kernel's writeback cache (libfuse 3 only)
   readdirplus=0|1    attributes with directory listings (libfuse 3 only; default 1)
+  cache_entries=N    bound of the daemon's lookup cache, in entries (default 1000000, at least 1000)
   whiteout=auto|kernel|oci   whiteout format written (auto: kernel's when the daemon may mknod)
   uidmapping=CONTAINERID:HOSTID:SIZE[:…], gidmapping=…   map owners between the layers and the mount
   squash_to_root, squash_to_uid=N, squash_to_gid=N       show every file as owned by root / N

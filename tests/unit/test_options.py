@@ -224,6 +224,17 @@ def test_readdirplus(options: str, on: bool) -> None:
     assert parse("-o", RW + extra, "/m").readdirplus is on
 
 
+def test_cache_entries() -> None:
+    assert parse("-o", RW, "/m").cache_entries == 1_000_000
+    assert parse("-o", RW + ",cache_entries=20000", "/m").cache_entries == 20000
+
+
+@pytest.mark.parametrize("value", ["", "many", "999", "-1"])
+def test_cache_entries_needs_a_count_of_at_least_1000(value: str) -> None:
+    with pytest.raises(OptionError, match="cache_entries"):
+        parse("-o", RW + f",cache_entries={value}", "/m")
+
+
 def test_readdirplus_takes_only_zero_or_one() -> None:
     with pytest.raises(OptionError, match="readdirplus"):
         parse("-o", RW + ",readdirplus=maybe", "/m")
