@@ -143,7 +143,10 @@ class UnionFUSE(FUSE):  # type: ignore[misc]
             attrs: list[dict[str, Any] | None] = []
             first = max(start, 2)  # "." and ".." go without attributes
             if plus and first < end:
-                attrs = self.operations.attrs_of(dir_path, [entries[i][0] for i in range(first, end)])
+                try:
+                    attrs = self.operations.attrs_of(dir_path, [entries[i][0] for i in range(first, end)])
+                except OSError:  # the directory itself is gone since the listing was taken
+                    attrs = [None] * (end - first)
             for index in range(start, end):
                 _, encoded, mode, ino = entries[index]
                 if plus and index >= 2:
