@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import importlib
 import os
 import threading
@@ -89,6 +90,17 @@ def _replay(func: Callable[..., Any], failure: BaseException) -> Callable[..., A
     return replay
 
 
+def _copy_out(data: bytes, buf: Any, size: int) -> int:
+    """Answer a request that takes a buffer of ``size`` bytes (xattr values and lists): the length when
+    only the size is asked (no buffer), ERANGE when ``data`` does not fit, else ``data`` copied in."""
+    if not buf:
+        return len(data)
+    if len(data) > size:
+        return -errno.ERANGE
+    ctypes.memmove(buf, data, len(data))
+    return len(data)
+
+
 class UnionFUSE(FUSE):  # type: ignore[misc]
     """The binding's FUSE class with the libfuse3 callbacks that drop arguments fixed: ``rename`` keeps its
     RENAME_* flags and ``truncate`` keeps the file handle of an ``ftruncate``; ``getattr`` reuses a packed
@@ -127,6 +139,19 @@ class UnionFUSE(FUSE):  # type: ignore[misc]
             _set_st_attrs(st, attrs, use_ns=True)
             packed = attrs[PACKED_STAT_KEY] = ctypes.string_at(ctypes.addressof(st), _STAT_SIZE)
         return packed
+
+    def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
+        """The adapter answers None for "no such attribute", the common answer (a tree walk asks every
+        entry for ``security.capability``): ENODATA goes back without an exception raised on the way."""
+        found = self.operations.getxattr(self._decode(path), self._decode(name))
+        if found is None:
+            return -errno.ENODATA
+        return _copy_out(found, value, size)
+
+    def listxattr(self, path: bytes, namebuf: Any, size: int) -> int:
+        names = self.operations.listxattr(self._decode(path))
+        encoding, errors = self.encoding, getattr(self, "errors", "surrogateescape")
+        return _copy_out(b"".join(n.encode(encoding, errors) + b"\0" for n in names), namebuf, size)
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         """libfuse 3's readdir with offsets, so that a READDIRPLUS request carries full attributes with the

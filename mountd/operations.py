@@ -229,8 +229,10 @@ class UnionOperations(Operations):  # type: ignore[misc]
 
     # -- xattrs ----------------------------------------------------------------------------------------------
     @_op
-    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        return self.fs.getxattr(_rel(path), name)
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes | None:
+        """The value, or None where there is none: :class:`mountd.binding.UnionFUSE` answers that with
+        ENODATA without an exception on the way (fusepy's own ``getxattr`` is not used)."""
+        return self.fs.xattr(_rel(path), name)
 
     @_op
     def listxattr(self, path: str) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import stat as stat_mod
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from unionfs.cache import DirState, LookupCache, LowerName
 from unionfs.fsio import split
@@ -20,10 +20,10 @@ from unionfs.whiteout import LayerDir, read_layer_dir
 S_IFDIR = stat_mod.S_IFDIR
 
 
-@dataclass(slots=True, frozen=True)
-class Node:
+class Node(NamedTuple):
     """A visible object: its type, whether its top copy is in the upper layer, the index of the layer of
-    its top copy, and for directories the lower layers that may merge into it."""
+    its top copy, and for directories the lower layers that may merge into it.  (A named tuple: every
+    request makes one, and a tuple is made in a third of a frozen dataclass's time.)"""
 
     kind: int
     upper: bool

@@ -339,22 +339,34 @@ class UnionFS:
 
     # ================================================================== xattrs
     def getxattr(self, path: str, name: str) -> bytes:
+        value = self.xattr(path, name)
+        if value is None:
+            raise _err(errno.ENODATA, path)
+        return value
+
+    def xattr(self, path: str, name: str) -> bytes | None:
+        """:meth:`getxattr`, but None where ``path`` has no such attribute (ENODATA) instead of raising: a
+        tree walk asks every entry for ``security.capability``, and most have none."""
         with self.lock:
             node = self._node(path)
             host_name = xattr_to_host(name)
             if host_name is None:
-                raise _err(errno.ENODATA, path)
-            if node.upper:
+                return None
+            if not node.upper:
+                return self._lower_xattrs(path, node).get(host_name)
+            try:
                 return self._host(node).getxattr(path, host_name)
-            value = self._lower_xattrs(path, node).get(host_name)
-            if value is None:
-                raise _err(errno.ENODATA, path)
-            return value
+            except OSError as exc:
+                if exc.errno == errno.ENODATA:
+                    return None
+                raise
 
     def listxattr(self, path: str) -> list[str]:
         with self.lock:
             node = self._node(path)
             host_names = self._host(node).listxattr(path) if node.upper else self._lower_xattrs(path, node)
+            if not host_names:
+                return []
             names = (xattr_from_host(n) for n in host_names)
             return [n for n in names if n is not None]
 

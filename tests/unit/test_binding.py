@@ -1,8 +1,10 @@
 """The binding's callback wrapper: results and errnos are answered directly, anything else is handled by the
-binding's own rules (logged, EINVAL), and every callback keeps its thread's Python state."""
+binding's own rules (logged, EINVAL, under either binding), every callback keeps its thread's Python state, and
+the xattr callbacks answer sizes, values, ERANGE and ENODATA themselves."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import threading
@@ -31,7 +33,6 @@ def test_an_oserror_becomes_its_negative_errno() -> None:
     assert _fuse()._wrapper(fails, "/x") == -errno.ENODATA
 
 
-@pytest.mark.skipif(binding.BINDING_NAME != "mfusepy", reason="mfusepy's rule for unexpected exceptions")
 def test_other_failures_go_to_the_binding_which_logs_them(caplog: pytest.LogCaptureFixture) -> None:
     def broken() -> int:
         raise ValueError("a bug")
@@ -58,3 +59,44 @@ def test_a_callback_thread_keeps_its_thread_state() -> None:
     thread.start()
     thread.join()
     assert seen == [False, True]
+
+
+class _XattrOps:
+    """An adapter with one file ``/f`` holding ``user.a`` = b"xyz"."""
+
+    def getxattr(self, path: str, name: str) -> bytes | None:
+        if path != "/f":
+            raise OSError(errno.ENOENT, "missing", path)
+        return b"xyz" if name == "user.a" else None
+
+    def listxattr(self, path: str) -> list[str]:
+        return ["user.a", "user.b\udcff"] if path == "/f" else []
+
+
+def _xattr_fuse() -> Any:
+    fuse = _fuse()
+    fuse.operations = _XattrOps()
+    fuse.encoding = "utf-8"
+    return fuse
+
+
+def test_getxattr_answers_value_size_erange_and_enodata() -> None:
+    fuse = _xattr_fuse()
+    buf = ctypes.create_string_buffer(8)
+    assert fuse._wrapper(fuse.getxattr, b"/f", b"user.a", None, 0) == 3  # the size alone
+    assert fuse._wrapper(fuse.getxattr, b"/f", b"user.a", buf, 8) == 3
+    assert buf.raw[:3] == b"xyz"
+    assert fuse._wrapper(fuse.getxattr, b"/f", b"user.a", buf, 2) == -errno.ERANGE
+    assert fuse._wrapper(fuse.getxattr, b"/f", b"user.none", buf, 8) == -errno.ENODATA
+    assert fuse._wrapper(fuse.getxattr, b"/gone", b"user.a", buf, 8) == -errno.ENOENT
+
+
+def test_listxattr_answers_nul_terminated_names_in_the_path_encoding() -> None:
+    fuse = _xattr_fuse()
+    expected = b"user.a\0user.b\xff\0"
+    buf = ctypes.create_string_buffer(32)
+    assert fuse._wrapper(fuse.listxattr, b"/f", None, 0) == len(expected)
+    assert fuse._wrapper(fuse.listxattr, b"/f", buf, 32) == len(expected)
+    assert buf.raw[:len(expected)] == expected
+    assert fuse._wrapper(fuse.listxattr, b"/f", buf, len(expected) - 1) == -errno.ERANGE
+    assert fuse._wrapper(fuse.listxattr, b"/empty", buf, 32) == 0

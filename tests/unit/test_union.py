@@ -808,6 +808,20 @@ def test_xattrs_through_the_union(union: Callable[..., tuple[Env, UnionFS]]) -> 
     assert fs.listxattr("a") == []
 
 
+def test_xattr_is_getxattr_with_none_for_a_missing_attribute(union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """``xattr`` answers what ``getxattr`` answers, None where getxattr says ENODATA (lower, upper and
+    private names alike); a missing path is still ENOENT."""
+    env, fs = union()
+    assert fs.xattr("a", "user.none") is None
+    assert fs.xattr("a", "trusted.unionfs.origin") is None
+    fs.setxattr("a", "user.k", b"v", 0)  # copies "a" up
+    assert (env.upper / "a").exists()  # type: ignore[operator]
+    assert fs.xattr("a", "user.k") == fs.getxattr("a", "user.k") == b"v"
+    assert fs.xattr("a", "user.other") is None
+    assert_errno(errno.ENODATA, fs.getxattr, "a", "user.other")
+    assert_errno(errno.ENOENT, fs.xattr, "missing", "user.k")
+
+
 def test_trusted_overlay_xattrs_are_escaped(union: Callable[..., tuple[Env, UnionFS]]) -> None:
     """``trusted.overlay.X`` set through the union is stored escaped (``trusted.overlay.overlay.X``, as Linux
     6.7+ does for nested overlays): it reads back under its own name and never acts as a marker in the upper
