@@ -390,6 +390,20 @@ class HostDir:
         with self.dirfd(parent) as pfd:
             os.rmdir(name, dir_fd=pfd)
 
+    def truncate(self, rel: str, length: int) -> None:
+        """truncate(2) of regular file ``rel`` (EINVAL for anything else, as truncate(2) answers).
+
+        Only the new size is asked for: whether an unchanged size still gets a new mtime is the host
+        filesystem's rule (ext4 always sets it, tmpfs keeps an empty file's), as under the kernel's overlayfs.
+        ftruncate(2) of a descriptor would always ask for a new mtime too."""
+        fd = self.open(rel, os.O_PATH)
+        try:
+            if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), rel)
+            os.truncate(f"/proc/self/fd/{fd}", length)
+        finally:
+            os.close(fd)
+
     def chmod(self, rel: str, mode: int) -> None:
         """chmod of a non-symlink (Linux cannot chmod a symlink: EOPNOTSUPP, as the kernel answers)."""
         fd = self.open(rel, os.O_PATH)

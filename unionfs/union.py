@@ -220,11 +220,7 @@ class UnionFS:
             if node.upper:
                 assert self.upper is not None
                 st = self.upper.lstat(path)
-                self._note_links(path, st)
-                attrs = self._attrs(st, self._upper_ino(path, st))
-                if node.is_dir and node.chain and self._merged(path):
-                    attrs["st_nlink"] = 1
-                return attrs
+                return self._upper_attrs(path, node, st, self._upper_ino(path, st))
             cached = self.cache.get_attrs(path)
             if cached is not None:
                 return cached
@@ -266,16 +262,21 @@ class UnionFS:
                     if st is None:
                         continue
                     child = join(path, name)
-                    self._note_links(child, st)
                     ino = self.cache.get_ino(child)
                     if ino is None:
                         ino = self._origin_ino(origins[index], st)
                         self.cache.put_ino(child, ino)
-                    attrs = self._attrs(st, ino)
-                    if node.is_dir and node.chain and self._merged(child):
-                        attrs["st_nlink"] = 1
-                    out[index] = attrs
+                    out[index] = self._upper_attrs(child, node, st, ino)
             return out
+
+    def _upper_attrs(self, path: str, node: Node, st: os.stat_result, ino: int) -> dict[str, Any]:
+        """The attributes of upper object ``path`` from its ``lstat`` and union inode number (never cached:
+        the daemon's own writes change them)."""
+        self._note_links(path, st)
+        attrs = self._attrs(st, ino)
+        if node.is_dir and node.chain and self._merged(path):
+            attrs["st_nlink"] = 1
+        return attrs
 
     def _merged(self, path: str) -> bool:
         """Is directory ``path`` merged from several layers?  The kernel then reports st_nlink 1."""
@@ -870,11 +871,7 @@ class UnionFS:
                 raise _err(errno.EINVAL, path)  # as vfs_truncate; opening a fifo to truncate it would block
             self.copy_up(path, data_limit=length)
             assert self.upper is not None
-            fd = self.upper.open(path, os.O_WRONLY)
-            try:
-                os.ftruncate(fd, length)
-            finally:
-                os.close(fd)
+            self.upper.truncate(path, length)
             self._touch_links(path)
 
     # ================================================================== files

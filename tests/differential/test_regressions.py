@@ -109,9 +109,6 @@ def fstat_of_an_open_file_whose_name_is_gone(r: Recorder) -> None:
     r.listdir("ls .")
 
 
-@known_divergence("truncate(2) to the same size sets mtime: unionfs truncates through an fd it opens (an "
-                  "ftruncate, which always updates mtime); the kernel passes the caller's size-only change to "
-                  "the upper fs, and tmpfs then keeps the mtime of an empty file", on=("tmpfs",))
 @CASES.scenario({"empty": "", "full": "data", "longer": "abc"})
 def truncate_to_the_same_size_is_the_upper_fs_rule(r: Recorder) -> None:
     """truncate(2) hands on only the size change (ftruncate(2) adds "update mtime"): whether mtime changes when

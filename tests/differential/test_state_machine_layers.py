@@ -105,9 +105,6 @@ KNOWN_DIVERGENCES: tuple[Known, ...] = (
     Known("fstat_of_an_open_file_whose_name_is_gone", "fstat", None, ("error", "ESTALE")),
 )
 STRICT = os.environ.get("UNIONFS_SM_STRICT", "0") == "1"
-AVOID_SAME_SIZE_TRUNCATE = not STRICT
-"""``truncate_to_the_same_size_is_the_upper_fs_rule`` shows in the tree (an mtime), not in an outcome, so it
-cannot be tolerated by outcome: while it is open, the machine does not truncate(2) a file to its own size."""
 
 
 def known_divergence(op: str, kernel: Outcome, unionfs: Outcome) -> Known | None:
@@ -442,11 +439,6 @@ class UnionMachine(RuleBasedStateMachine):
 
     @rule(path=S.paths(), length=S.lengths)
     def truncate(self, path: str, length: int) -> None:
-        if AVOID_SAME_SIZE_TRUNCATE:
-            with contextlib.suppress(OSError):
-                if os.stat(self.kernel.at(path)).st_size == length:
-                    self.stats["avoided truncate_to_the_same_size_is_the_upper_fs_rule"] += 1
-                    return
         self.both(f"truncate {path} {length}", lambda s: os.truncate(s.at(path), length))
 
     @rule(path=S.paths(), length=S.lengths)

@@ -128,6 +128,7 @@ def test_changes_through_symlink_are_refused(escape: tuple[HostDir, Path]) -> No
         lambda: host.chmod("abs/canary", 0o777),
         lambda: host.chown("abs/canary", 1234, 1234),
         lambda: host.utime("abs/canary", (0, 0)),
+        lambda: host.truncate("abs/canary", 0),
         lambda: host.readlink("d/back/outside/canary"),
     ]
     for attempt in attempts:
@@ -146,6 +147,16 @@ def test_metadata_changes_on_a_final_symlink_do_not_reach_its_target(escape: tup
     after = os.stat(outside / "canary")
     assert (after.st_uid, after.st_gid, after.st_mtime_ns) == (before.st_uid, before.st_gid, before.st_mtime_ns)
     assert host.lstat("canary-link").st_uid == 4321
+
+
+def test_truncate_changes_a_regular_file_only(escape: tuple[HostDir, Path]) -> None:
+    """truncate of a final symlink is EINVAL (truncate(2) on a symlink's own inode), its target is left
+    alone (checked by the fixture); a directory is EINVAL too; a file gets its new size."""
+    host, _ = escape
+    assert_errno(errno.EINVAL, host.truncate, "canary-link", 0)
+    assert_errno(errno.EINVAL, host.truncate, "d", 0)
+    host.truncate("d/file", 3)
+    assert host.lstat("d/file").st_size == 3
 
 
 @pytest.mark.parametrize("rel", ["/etc/passwd", "../x", "d/../../x", "d/./file", "d//file", "./d"])
