@@ -63,6 +63,11 @@ FUSE_DEFAULTS: Final[Mapping[str, FuseValue]] = MappingProxyType({
     # libfuse 2 only (left out on 3, which always writes in large requests): 128 KiB writes instead of 4 KiB
     # — measured 20 MB/s without it (benchmarks/RESULTS.md, "Binding choice").
     "big_writes": True,
+    # libfuse 3 only: at most 4 worker threads instead of libfuse's 10.  A walk's requests go to the idle
+    # workers in turn, so every extra worker is one more cold thread per request; with 4 the daemon spent
+    # a quarter less CPU on a container commit's walk (benchmarks/RESULTS.md, "Container build"), and slow
+    # requests (a copy-up's fsync, a cold read) still run beside quick ones.
+    "max_threads": 4,
 })
 """FUSE options the daemon sets unless the user gives the same option (``-o NAME=0`` switches a flag off).
 ``fsname`` defaults to the SOURCE argument, else ``unionfs``."""

@@ -412,6 +412,12 @@ def test_big_writes_only_with_libfuse_2() -> None:
     assert "big_writes" not in fuse_kwargs(parse("-o", RW, "/m"), libfuse_major=3, euid=0)
 
 
+def test_max_threads_defaults_to_four_with_libfuse_3_and_the_user_wins() -> None:
+    assert fuse_kwargs(parse("-o", RW, "/m"), libfuse_major=3, euid=0)["max_threads"] == 4
+    assert fuse_kwargs(parse("-o", RW + ",max_threads=16", "/m"), libfuse_major=3, euid=0)["max_threads"] == 16
+    assert "max_threads" not in fuse_kwargs(parse("-o", RW, "/m"), libfuse_major=2, euid=0)
+
+
 def test_user_may_still_ask_for_allow_other_unprivileged() -> None:
     assert fuse_kwargs(parse("-o", RW + ",allow_other", "/m"), libfuse_major=3, euid=1000)["allow_other"]
 
