@@ -8,7 +8,10 @@ export HYPOTHESIS_PROFILE
 
 .PHONY: install install-apt install-system uninstall-system test test-one test-stress lint demo fuzz bench bench-quick clean
 
+# The daemon is a new interpreter for every mount: its bytecode is compiled here, so that no mount compiles
+# the sources again (where PYTHONDONTWRITEBYTECODE is set nothing else writes it; 45 ms per mount here).
 install: install-apt $(VENV)/.installed
+	@$(BIN)/python -m compileall -q unionfs mountd
 
 install-apt:
 	@missing=""; for p in $(APT_PACKAGES); do \

@@ -24,11 +24,12 @@ VARIANTS: dict[str, str] = {
     "defaults": "",
     "timeouts 0": "entry_timeout=0,attr_timeout=0,negative_timeout=0",
     "no kernel_cache": "kernel_cache=0",
+    "readdirplus auto": "readdirplus=auto",
     "no readdirplus": "readdirplus=0",
     "writeback_cache": "writeback_cache",
 }
 """Variant name -> the extra ``-o`` options of unionfs (the defaults: 3600 s timeouts, ``kernel_cache``,
-readdirplus, no writeback cache; libfuse 3 sizes requests itself, libfuse 2's ``big_writes`` is measured in
+readdirplus with every reply, no writeback cache; libfuse 3 sizes requests itself, libfuse 2's ``big_writes`` is measured in
 RESULTS.md's "Binding choice")."""
 
 WORKLOADS = ("stat", "find", "ls_l", "read_seq", "read_random", "write_seq", "create")

@@ -29,6 +29,7 @@ FuseValue: TypeAlias = bool | int | float | str
 """A FUSE option value: ``True`` for a flag, else the value of ``name=value``."""
 
 Whiteout: TypeAlias = Literal["auto", "kernel", "oci"]
+ReaddirPlus: TypeAlias = Literal["0", "1", "auto"]
 WHITEOUT_FORMATS: Final[tuple[Whiteout, ...]] = ("auto", "kernel", "oci")
 
 MAX_ID: Final = 2**32 - 2
@@ -205,7 +206,7 @@ class MountConfig:
     read_only: bool = False
     volatile: bool = False
     writeback_cache: bool = False
-    readdirplus: bool = True
+    readdirplus: ReaddirPlus = "1"
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
     uid_mappings: tuple[IdMapping, ...] = ()
@@ -298,7 +299,7 @@ class _State:
     ro: bool = False
     volatile: bool = False
     writeback_cache: bool = False
-    readdirplus: bool = True
+    readdirplus: ReaddirPlus = "1"
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
     uid_mappings: tuple[IdMapping, ...] = ()
@@ -499,9 +500,14 @@ def _opt_writeback_cache(state: _State, raw: str | None) -> None:
 
 
 def _opt_readdirplus(state: _State, raw: str | None) -> None:
-    """Attributes sent with directory listings (libfuse 3, on by default); ``readdirplus=0`` makes the kernel
-    look up each entry on its own, for measuring the option."""
-    state.readdirplus = True if raw is None else _zero_one("readdirplus", raw) == 1
+    """Attributes sent with directory listings (libfuse 3): ``1`` (the default) with every reply of a listing,
+    ``auto`` as the kernel decides (with a directory's first reply, later ones only after lookups in it:
+    libfuse's own default), ``0`` never (the kernel looks up each entry on its own)."""
+    modes: dict[str, ReaddirPlus] = {"0": "0", "1": "1", "auto": "auto"}
+    mode = modes.get("1" if raw is None else raw)
+    if mode is None:
+        raise OptionError(f"readdirplus={raw}: expected 0, 1 or auto")
+    state.readdirplus = mode
 
 
 def _opt_cache_entries(state: _State, raw: str | None) -> None:
@@ -733,7 +739,8 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   ro | rw            read-only (upperdir then acts as the top lower) | read-write
   volatile, fsync=0  skip fsync (fsync=1 undoes it)
   writeback_cache[=0|1], writeback=0|1   the kernel's writeback cache (libfuse 3 only)
-  readdirplus=0|1    attributes with directory listings (libfuse 3 only; default 1)
+  readdirplus=0|1|auto   attributes with directory listings: never, with every reply (default), as the
+                     kernel decides (libfuse 3 only)
   cache_entries=N    bound of the daemon's lookup cache, in entries (default 1000000, at least 1000)
   whiteout=auto|kernel|oci   whiteout format written (auto: kernel's when the daemon may mknod)
   uidmapping=CONTAINERID:HOSTID:SIZE[:…], gidmapping=…   map owners between the layers and the mount

@@ -75,25 +75,31 @@ def test_pause_holds_a_writer_until_resume(mounted: Path) -> None:
     assert (mounted / "new").read_text() == "written while paused\n"
 
 
-@pytest.mark.parametrize(("option", "plus"), [((), True), (("readdirplus=0",), False)])
-def test_readdirplus_sends_attributes_with_the_listing_unless_switched_off(
-        tmp_path: Path, option: tuple[str, ...], plus: bool) -> None:
+@pytest.mark.parametrize("mode", ["default", "1", "auto", "0"])
+def test_readdirplus_modes_decide_which_entries_need_a_lookup(tmp_path: Path, mode: str) -> None:
+    """A listing of 300 entries takes several replies.  With readdirplus=1 (the default) every reply carries
+    the attributes, so lstat of every entry needs no LOOKUP; with ``auto`` the kernel asks for them with the
+    first reply only, so entries of later replies need lookups; with ``0`` every entry does."""
     lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
     for d in (lower, upper, work, mnt):
         d.mkdir()
-    for i in range(40):
-        (lower / f"f{i}").write_text("x")
-    with unionfs_mount([lower], upper, work, mnt, option):
+    count = 300
+    for i in range(count):
+        (lower / f"file-with-a-longer-name-{i:04d}").write_text("x")
+    options = () if mode == "default" else (f"readdirplus={mode}",)
+    with unionfs_mount([lower], upper, work, mnt, options):
         names = os.listdir(mnt)  # names only: no stat of any entry
-        assert len(names) == 40
+        assert len(names) == count
         listed = _getattr_calls(mnt)
         for name in names:
             os.lstat(mnt / name)
-        stated = _getattr_calls(mnt)
-    if plus:  # the attributes went out with the listing: the lstats needed no lookup
-        assert stated == listed
-    else:  # nothing but the names went out: each lstat is a lookup
-        assert stated - listed >= 40
+        lookups = _getattr_calls(mnt) - listed
+    if mode in ("default", "1"):
+        assert lookups == 0
+    elif mode == "auto":
+        assert 0 < lookups < count
+    else:
+        assert lookups >= count
 
 
 def _getattr_calls(mnt: Path) -> int:

@@ -217,11 +217,11 @@ def test_writeback_cache(options: str, on: bool) -> None:
     assert parse("-o", RW + extra, "/m").writeback_cache is on
 
 
-@pytest.mark.parametrize(("options", "on"), [("", True), ("readdirplus", True), ("readdirplus=1", True),
-                                             ("readdirplus=0", False)])
-def test_readdirplus(options: str, on: bool) -> None:
+@pytest.mark.parametrize(("options", "mode"), [("", "1"), ("readdirplus", "1"), ("readdirplus=1", "1"),
+                                               ("readdirplus=0", "0"), ("readdirplus=auto", "auto")])
+def test_readdirplus(options: str, mode: str) -> None:
     extra = "," + options if options else ""
-    assert parse("-o", RW + extra, "/m").readdirplus is on
+    assert parse("-o", RW + extra, "/m").readdirplus == mode
 
 
 def test_cache_entries() -> None:
@@ -235,8 +235,8 @@ def test_cache_entries_needs_a_count_of_at_least_1000(value: str) -> None:
         parse("-o", RW + f",cache_entries={value}", "/m")
 
 
-def test_readdirplus_takes_only_zero_or_one() -> None:
-    with pytest.raises(OptionError, match="readdirplus"):
+def test_readdirplus_takes_only_zero_one_or_auto() -> None:
+    with pytest.raises(OptionError, match="readdirplus=maybe: expected 0, 1 or auto"):
         parse("-o", RW + ",readdirplus=maybe", "/m")
 
 
