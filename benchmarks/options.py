@@ -29,8 +29,8 @@ VARIANTS: dict[str, str] = {
     "writeback_cache": "writeback_cache",
 }
 """Variant name -> the extra ``-o`` options of unionfs (the defaults: 3600 s timeouts, ``kernel_cache``,
-readdirplus with every reply, no writeback cache; libfuse 3 sizes requests itself, libfuse 2's ``big_writes`` is measured in
-RESULTS.md's "Binding choice")."""
+readdirplus with every reply, no writeback cache; libfuse 3 sizes requests itself, libfuse 2's ``big_writes``
+is measured in RESULTS.md's "Binding choice")."""
 
 WORKLOADS = ("stat", "find", "ls_l", "read_seq", "read_random", "write_seq", "create")
 
@@ -54,12 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_const", const="full", dest="mode", default="quick")
     parser.add_argument("--only", default=",".join(WORKLOADS), help="workloads (benchmarks.run --list)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated variant names (always with 'defaults'): " + ", ".join(VARIANTS))
     args = parser.parse_args(argv)
+    names = ["defaults"] + [n for n in args.variants.split(",") if n and n != "defaults"]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(unknown)}")
     figures: dict[str, dict[str, list[float]]] = {}
     meta: dict[str, tuple[str, str]] = {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="unionfs-options-") as tmp:
-        names = list(VARIANTS)
         for rnd in range(args.rounds):
             for name in names[rnd % len(names):] + names[:rnd % len(names)]:  # each variant leads a round
                 opts = VARIANTS[name]
@@ -72,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                     figures.setdefault(fig, {}).setdefault(name, []).append(float(run["median"]))
                     meta[fig] = (res["unit"], res["better"])
     if args.json:
-        args.json.write_text(json.dumps({"date": started, "mode": args.mode, "variants": VARIANTS,
+        chosen = {n: VARIANTS[n] for n in names}
+        args.json.write_text(json.dumps({"date": started, "mode": args.mode, "variants": chosen,
                                          "figures": figures}, indent=1) + "\n")
-    names = list(VARIANTS)
     print(f"`python -m benchmarks.options --rounds {args.rounds}{' --full' if args.mode == 'full' else ''}`, "
           f"{started}; medians of {args.rounds} rounds; in brackets: variant / defaults.\n")
     print("| figure | unit | " + " | ".join(f"{n} (`{VARIANTS[n]}`)" if VARIANTS[n] else n for n in names) + " |")
