@@ -196,6 +196,15 @@ class UnionFUSE(FUSE):  # type: ignore[misc]
         return int(self.operations.truncate(self._decode(path), length, fh) or 0)
 
 
+def request_umask() -> int:
+    """The umask of the caller of the current request (libfuse 3's context; 0 where the binding has none).
+    Call it from inside a FUSE callback."""
+    lib = getattr(_module, "_libfuse", None)
+    if lib is None or LIBFUSE_MAJOR < 3:
+        return 0
+    return int(lib.fuse_get_context().contents.umask)
+
+
 def kernel_invalidator() -> Callable[[str], None] | None:
     """A function that tells the kernel to drop its cached attributes and data of a path (libfuse3's
     ``fuse_invalidate_path``), bound to the running session; call it from inside a FUSE callback (``init``).

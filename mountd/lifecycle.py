@@ -401,9 +401,13 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
         stack.close()
         raise MountError(_describe(exc)) from None
     try:
-        ops = UnionOperations(fs, on_ready=readiness.ready, mountpoint=config.mountpoint,
-                              writeback_cache=config.writeback_cache, readdirplus=config.readdirplus)
         kwargs = fuse_kwargs(config, libfuse_major=LIBFUSE_MAJOR)
+        # ACLs are enforced where the kernel checks permissions anyway, and not through an owner mapping
+        # (the ids inside an ACL would need mapping too)
+        posix_acl = config.acl and bool(kwargs.get("default_permissions")) and fs.idmap is None
+        ops = UnionOperations(fs, on_ready=readiness.ready, mountpoint=config.mountpoint,
+                              writeback_cache=config.writeback_cache, readdirplus=config.readdirplus,
+                              posix_acl=posix_acl)
         log.debug("FUSE options: %s", kwargs)
         try:
             UnionFUSE(ops, config.mountpoint, **kwargs)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from mountd.binding import Operations, fuse_get_context, kernel_invalidator
+from mountd.binding import Operations, fuse_get_context, kernel_invalidator, request_umask
 from unionfs.control import ControlServer
 from unionfs.union import Handle, UnionFS
 
@@ -55,7 +55,9 @@ def _op(fn: _F) -> _F:
 
 FUSE_CAP_READDIRPLUS = 1 << 13
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+FUSE_CAP_DONT_MASK = 1 << 6
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+FUSE_CAP_POSIX_ACL = 1 << 19
 FMODE_EXEC = 0x20
 PAUSE_TIMEOUT = 30.0
 """How long a pause waits for the writes in flight before it gives up (the mount is never left paused)."""
@@ -71,8 +73,10 @@ class UnionOperations(Operations):  # type: ignore[misc]
     use_ns = True
 
     def __init__(self, fs: UnionFS, *, on_ready: Callable[[], None] | None = None,
-                 mountpoint: str | None = None, writeback_cache: bool = False, readdirplus: str = "1") -> None:
+                 mountpoint: str | None = None, writeback_cache: bool = False, readdirplus: str = "1",
+                 posix_acl: bool = False) -> None:
         self.fs = fs
+        self.posix_acl = posix_acl
         self.writeback_cache = writeback_cache
         self.readdirplus = readdirplus
         self.on_ready = on_ready
@@ -99,6 +103,12 @@ class UnionOperations(Operations):  # type: ignore[misc]
         6.3k per mount in a podman build).  ``readdirplus=1`` drops "auto": every reply carries them."""
         if self.writeback_cache and conn is not None:
             conn.want |= FUSE_CAP_WRITEBACK_CACHE & conn.capable
+        if self.posix_acl and conn is not None:
+            # The kernel then reads system.posix_acl_access/default through getxattr, caches them and checks
+            # them wherever it checks permissions; chmod and setfacl reach the host through the daemon.
+            conn.want |= FUSE_CAP_POSIX_ACL & conn.capable
+            # and leaves the caller's umask to us: it applies only where no default ACL decides instead
+            conn.want |= FUSE_CAP_DONT_MASK & conn.capable
         if conn is not None:
             if self.readdirplus == "0":
                 conn.want &= ~(FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO)
@@ -260,14 +270,19 @@ class UnionOperations(Operations):  # type: ignore[misc]
     @_op
     def mkdir(self, path: str, mode: int) -> int:
         uid, gid, _ = fuse_get_context()
-        self.fs.mkdir(_rel(path), mode, uid, gid)
+        self.fs.mkdir(_rel(path), mode, uid, gid, self._umask())
         return 0
 
     @_op
     def mknod(self, path: str, mode: int, dev: int) -> int:
         uid, gid, _ = fuse_get_context()
-        self.fs.mknod(_rel(path), mode, dev, uid, gid)
+        self.fs.mknod(_rel(path), mode, dev, uid, gid, self._umask())
         return 0
+
+    def _umask(self) -> int:
+        """The caller's umask where the kernel left it to us (POSIX ACLs on: FUSE_CAP_DONT_MASK), else 0 (the
+        kernel applied it already)."""
+        return request_umask() if self.posix_acl else 0
 
     @_op
     def symlink(self, target: str, source: str) -> int:
@@ -334,7 +349,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
     @_op
     def create(self, path: str, mode: int, flags: int = os.O_RDWR) -> int:
         uid, gid, _ = fuse_get_context()
-        return self._track(self.fs.create(_rel(path), self._flags(flags), mode, uid, gid))
+        return self._track(self.fs.create(_rel(path), self._flags(flags), mode, uid, gid, self._umask()))
 
     @_op
     def open(self, path: str, flags: int) -> int:

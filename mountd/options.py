@@ -130,7 +130,7 @@ _OPPOSITES: Final[Mapping[str, str]] = MappingProxyType({
 
 IGNORED_FLAGS: Final = frozenset({
     # kernel-overlayfs and fuse-overlayfs options with nothing to do here
-    "userxattr", "noacl", "static_nlink",
+    "userxattr", "static_nlink",
     # atime variants libfuse does not take (the daemon does not update atime through the union)
     "relatime", "norelatime", "strictatime", "nostrictatime", "nodiratime", "diratime", "lazytime",
     "nolazytime",
@@ -207,6 +207,7 @@ class MountConfig:
     volatile: bool = False
     writeback_cache: bool = False
     readdirplus: ReaddirPlus = "1"
+    acl: bool = True
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
     uid_mappings: tuple[IdMapping, ...] = ()
@@ -300,6 +301,7 @@ class _State:
     volatile: bool = False
     writeback_cache: bool = False
     readdirplus: ReaddirPlus = "1"
+    acl: bool = True
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
     uid_mappings: tuple[IdMapping, ...] = ()
@@ -526,6 +528,13 @@ def _opt_volatile(state: _State, raw: str | None) -> None:
     state.volatile = True
 
 
+def _opt_noacl(state: _State, raw: str | None) -> None:
+    """POSIX ACLs of the layers not enforced by the kernel on the mount (as fuse-overlayfs's ``noacl``):
+    permissions then follow the mode bits alone."""
+    _no_value("noacl", raw)
+    state.acl = False
+
+
 def _opt_fsync(state: _State, raw: str | None) -> None:
     state.volatile = _zero_one("fsync", raw) == 0
 
@@ -586,6 +595,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_State, str | None], None]]] = Mapp
     "writeback_cache": _opt_writeback_cache,
     "writeback": _opt_writeback,
     "readdirplus": _opt_readdirplus,
+    "noacl": _opt_noacl,
     "cache_entries": _opt_cache_entries,
     "fsync": _opt_fsync,
     "threaded": _opt_threaded,
@@ -698,6 +708,7 @@ def _freeze(state: _State, cwd: str) -> MountConfig:
         volatile=state.volatile,
         writeback_cache=state.writeback_cache,
         readdirplus=state.readdirplus,
+        acl=state.acl,
         cache_entries=state.cache_entries,
         whiteout=state.whiteout,
         uid_mappings=state.uid_mappings,
@@ -741,6 +752,8 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   writeback_cache[=0|1], writeback=0|1   the kernel's writeback cache (libfuse 3 only)
   readdirplus=0|1|auto   attributes with directory listings: never, with every reply (default), as the
                      kernel decides (libfuse 3 only)
+  noacl              POSIX ACLs not enforced (else enforced by the kernel wherever it checks permissions:
+                     default_permissions, no uid/gid mapping, libfuse 3)
   cache_entries=N    bound of the daemon's lookup cache, in entries (default 1000000, at least 1000)
   whiteout=auto|kernel|oci   whiteout format written (auto: kernel's when the daemon may mknod)
   uidmapping=CONTAINERID:HOSTID:SIZE[:…], gidmapping=…   map owners between the layers and the mount

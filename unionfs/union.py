@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from unionfs import copyup
+from unionfs import acl, copyup
 from unionfs.cache import DirState, LookupCache
 from unionfs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, fallocate, join, split
 from unionfs.gate import WriteGate
@@ -511,9 +511,12 @@ class UnionFS:
         else:
             upper.unlink(path)
 
-    def _place_new(self, path: str, parent: DirState, build: Callable[[HostDir, str], None], kind: int) -> None:
+    def _place_new(self, path: str, parent: DirState, build: Callable[[HostDir, str], None], kind: int,
+                   mode: int | None = None) -> None:
         """Create a new object at ``path`` with ``build(host, rel)``; over a whiteout it is built in the
-        work dir (made opaque if it is a directory) and swapped in atomically."""
+        work dir (made opaque if it is a directory), given what the parent would have given it (the group
+        of a set-gid parent, the ACLs its default ACL makes of ``mode``; None: a symlink, which has no
+        ACLs) and swapped in atomically."""
         upper, work, writer = self._writable()
         name = split(path)[1]
         self.cache.drop_ino(path)
@@ -524,6 +527,18 @@ class UnionFS:
         tmp = join(WORK_SUBDIR, copyup.temp_name("new"))
         build(work, tmp)
         try:
+            parent_st = upper.lstat(split(path)[0])
+            if parent_st.st_mode & stat_mod.S_ISGID:  # what the host does in a set-gid parent, done here
+                work.chown(tmp, -1, parent_st.st_gid)
+                if kind == S_IFDIR:
+                    work.chmod(tmp, stat_mod.S_IMODE(work.lstat(tmp).st_mode) | stat_mod.S_ISGID)
+            default_acl = upper.try_getxattr(split(path)[0], acl.DEFAULT) if mode is not None else None
+            if default_acl is not None and mode is not None:
+                work.setxattr(tmp, acl.ACCESS, default_acl)
+                if kind == S_IFDIR:
+                    work.setxattr(tmp, acl.DEFAULT, default_acl)
+                kept = stat_mod.S_IMODE(work.lstat(tmp).st_mode) & stat_mod.S_ISGID
+                work.chmod(tmp, acl.inherited_mode(default_acl, mode) | kept)
             if kind == S_IFDIR:
                 writer.mark_opaque(work, tmp)
             if upper.try_lstat(path) is not None:  # a kernel-format whiteout, whatever format we write
@@ -552,6 +567,17 @@ class UnionFS:
         self._check_representable(path)
         return self._ensure_upper_dir(split(path)[0])
 
+    def _creation_mode(self, path: str, mode: int, umask: int) -> int:
+        """The mode to create ``path`` with.  With POSIX ACLs on, the kernel leaves the caller's ``umask``
+        to the file system: it applies unless the parent (already in the upper layer) has a default ACL,
+        which then decides instead (the host applies it; see :meth:`_place_new`)."""
+        if not umask:
+            return mode
+        assert self.upper is not None
+        if self.upper.try_getxattr(split(path)[0], acl.DEFAULT) is not None:
+            return mode
+        return mode & ~(umask & 0o777)
+
     def _check_representable(self, path: str) -> None:
         """Names that are whiteout markers in the OCI format (``.wh.*``) cannot be created: every layer,
         the upper included, is read in every format, so such a file would turn into a marker (EPERM).
@@ -575,11 +601,13 @@ class UnionFS:
 
     # ================================================================== creating
     @_mutating
-    def create(self, path: str, flags: int, mode: int, uid: int = 0, gid: int = 0) -> Handle:
-        """Create and open a regular file (O_CREAT); EEXIST if something is visible there."""
+    def create(self, path: str, flags: int, mode: int, uid: int = 0, gid: int = 0, umask: int = 0) -> Handle:
+        """Create and open a regular file (O_CREAT); EEXIST if something is visible there.  ``umask``: the
+        caller's, where the kernel leaves it to the file system (see :meth:`_creation_mode`)."""
         uid, gid = self._stored_owner(uid, gid)
         with self.lock:
             parent = self._new_parent(path)
+            mode = self._creation_mode(path, mode, umask)
             fds: list[int] = []
 
             def build(host: HostDir, rel: str) -> None:
@@ -589,16 +617,17 @@ class UnionFS:
                 if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
                     os.fchmod(fd, stat_mod.S_IMODE(mode))
 
-            self._place_new(path, parent, build, stat_mod.S_IFREG)
+            self._place_new(path, parent, build, stat_mod.S_IFREG, mode)
             fd = fds[0]
             assert self.upper is not None
             return Handle(fd, path, self._ino(0, os.fstat(fd).st_ino), True)
 
     @_mutating
-    def mkdir(self, path: str, mode: int, uid: int = 0, gid: int = 0) -> None:
+    def mkdir(self, path: str, mode: int, uid: int = 0, gid: int = 0, umask: int = 0) -> None:
         uid, gid = self._stored_owner(uid, gid)
         with self.lock:
             parent = self._new_parent(path)
+            mode = self._creation_mode(path, mode, umask)
 
             def build(host: HostDir, rel: str) -> None:
                 host.mkdir(rel, stat_mod.S_IMODE(mode))
@@ -606,23 +635,24 @@ class UnionFS:
                 if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID | stat_mod.S_ISVTX):
                     host.chmod(rel, stat_mod.S_IMODE(mode) | (host.lstat(rel).st_mode & stat_mod.S_ISGID))
 
-            self._place_new(path, parent, build, S_IFDIR)
+            self._place_new(path, parent, build, S_IFDIR, mode)
             self.cache.invalidate_subtree(path)
 
     @_mutating
-    def mknod(self, path: str, mode: int, rdev: int, uid: int = 0, gid: int = 0) -> None:
+    def mknod(self, path: str, mode: int, rdev: int, uid: int = 0, gid: int = 0, umask: int = 0) -> None:
         uid, gid = self._stored_owner(uid, gid)
         with self.lock:
             kind = stat_mod.S_IFMT(mode)
             if kind == stat_mod.S_IFCHR and rdev == 0:
                 raise _err(errno.EPERM, path)  # the whiteout device, as the kernel's overlayfs refuses it
             parent = self._new_parent(path)
+            mode = self._creation_mode(path, mode, umask)
 
             def build(host: HostDir, rel: str) -> None:
                 host.mknod(rel, mode, rdev)
                 self._owner(host, rel, uid, gid)
 
-            self._place_new(path, parent, build, kind)
+            self._place_new(path, parent, build, kind, mode)
 
     @_mutating
     def symlink(self, target: str, path: str, uid: int = 0, gid: int = 0) -> None:

@@ -121,6 +121,19 @@ def truncate_to_the_same_size_is_the_upper_fs_rule(r: Recorder) -> None:
         r.stat(f"stat {name}", name)
 
 
+@CASES.scenario({"d": Dir({"old": "old", "olddir": Dir({})}, mode=0o2775, gid=100)})
+def new_objects_over_whiteouts_take_a_set_gid_parents_group(r: Recorder) -> None:
+    """In a set-gid directory a new object takes the directory's group (a new directory the set-gid bit
+    too), also when it replaces a whiteout and so is built in the work dir first."""
+    r.call("unlink d/old", os.unlink, "d/old")
+    r.call("create d/old", lambda: os.close(os.open("d/old", os.O_CREAT | os.O_WRONLY, 0o644)))
+    r.call("rmdir d/olddir", os.rmdir, "d/olddir")
+    r.call("mkdir d/olddir", os.mkdir, "d/olddir", 0o755)
+    r.call("symlink d/fresh", os.symlink, "old", "d/fresh")
+    for name in ("d/old", "d/olddir", "d/fresh"):
+        r.stat(f"stat {name}", name)
+
+
 DELIBERATE = Catalog()
 
 

@@ -224,6 +224,13 @@ def test_readdirplus(options: str, mode: str) -> None:
     assert parse("-o", RW + extra, "/m").readdirplus == mode
 
 
+def test_noacl() -> None:
+    assert parse("-o", RW, "/m").acl is True
+    assert parse("-o", RW + ",noacl", "/m").acl is False
+    with pytest.raises(OptionError, match="noacl"):
+        parse("-o", RW + ",noacl=1", "/m")
+
+
 def test_cache_entries() -> None:
     assert parse("-o", RW, "/m").cache_entries == 1_000_000
     assert parse("-o", RW + ",cache_entries=20000", "/m").cache_entries == 20000

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -806,6 +807,27 @@ def test_xattrs_through_the_union(union: Callable[..., tuple[Env, UnionFS]]) -> 
         assert_errno(errno.ENODATA, fs.getxattr, "a", private)
         assert_errno(errno.ENODATA, fs.removexattr, "a", private)
     assert fs.listxattr("a") == []
+
+
+def test_the_umask_given_applies_unless_the_parent_has_a_default_acl(
+        union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """With POSIX ACLs on, the kernel leaves the umask to the union: create/mkdir/mknod apply it, except in a
+    directory whose default ACL decides (the host then applies that ACL, also to what replaces a whiteout)."""
+    env, fs = union()
+    os.close(fs.create("plain", os.O_WRONLY | os.O_CREAT, 0o666, umask=0o022).fd)
+    fs.mkdir("plaindir", 0o777, umask=0o027)
+    fs.mknod("fifo", stat.S_IFIFO | 0o666, 0, umask=0o077)
+    assert [stat.S_IMODE(os.lstat(env.upper / n).st_mode)  # type: ignore[operator]
+            for n in ("plain", "plaindir", "fifo")] == [0o644, 0o750, 0o600]
+    default = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in
+                                              ((0x01, 7), (0x04, 5), (0x10, 7), (0x20, 5)))
+    fs.setxattr("d", "system.posix_acl_default", default, 0)  # copies d up
+    os.close(fs.create("d/new", os.O_WRONLY | os.O_CREAT, 0o666, umask=0o022).fd)
+    fs.unlink("d/g")
+    os.close(fs.create("d/g", os.O_WRONLY | os.O_CREAT, 0o666, umask=0o022).fd)  # over the whiteout
+    for name in ("new", "g"):
+        assert stat.S_IMODE(os.lstat(env.upper / "d" / name).st_mode) == 0o664  # type: ignore[operator]
+    clean(env)
 
 
 def test_xattr_is_getxattr_with_none_for_a_missing_attribute(union: Callable[..., tuple[Env, UnionFS]]) -> None:
