@@ -85,14 +85,16 @@ def as_user(uid: int, fn: Callable[[], Results], groups: tuple[int, ...] = ()) -
     return result
 
 
-def probe(mnt: Path, uid: int) -> Results:
-    def err(fn: Callable[[], object]) -> object:
-        try:
-            fn()
-            return 0
-        except OSError as exc:
-            return errno.errorcode.get(exc.errno or 0, exc.errno)
+def outcome(fn: Callable[[], object]) -> object:
+    """0 if ``fn`` succeeds, else the name of its errno."""
+    try:
+        fn()
+        return 0
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, exc.errno)
 
+
+def probe(mnt: Path, uid: int) -> Results:
     def write(name: str) -> None:
         fd = os.open(mnt / name, os.O_WRONLY)
         try:
@@ -102,20 +104,20 @@ def probe(mnt: Path, uid: int) -> Results:
 
     def ops() -> Results:
         return {
-            "read secret": err(lambda: os.close(os.open(mnt / "secret", os.O_RDONLY))),
-            "write pub": err(lambda: os.close(os.open(mnt / "pub", os.O_WRONLY))),
-            "truncate pub": err(lambda: os.truncate(mnt / "pub", 0)),
-            "chmod pub": err(lambda: os.chmod(mnt / "pub", 0o666)),
-            "read pub": err(lambda: os.close(os.open(mnt / "pub", os.O_RDONLY))),
-            "unlink sticky victim": err(lambda: os.unlink(mnt / "sticky" / "victim")),
-            "rename sticky victim": err(lambda: os.rename(mnt / "sticky" / "victim", mnt / "sticky" / "v2")),
-            "create in sticky": err(lambda: os.close(os.open(mnt / "sticky" / f"new{uid}",
+            "read secret": outcome(lambda: os.close(os.open(mnt / "secret", os.O_RDONLY))),
+            "write pub": outcome(lambda: os.close(os.open(mnt / "pub", os.O_WRONLY))),
+            "truncate pub": outcome(lambda: os.truncate(mnt / "pub", 0)),
+            "chmod pub": outcome(lambda: os.chmod(mnt / "pub", 0o666)),
+            "read pub": outcome(lambda: os.close(os.open(mnt / "pub", os.O_RDONLY))),
+            "unlink sticky victim": outcome(lambda: os.unlink(mnt / "sticky" / "victim")),
+            "rename sticky victim": outcome(lambda: os.rename(mnt / "sticky" / "victim", mnt / "sticky" / "v2")),
+            "create in sticky": outcome(lambda: os.close(os.open(mnt / "sticky" / f"new{uid}",
                                                              os.O_CREAT | os.O_WRONLY, 0o644))),
-            "unlink own in sticky": err(lambda: os.unlink(mnt / "sticky" / f"new{uid}")),
-            "create in root dir": err(lambda: os.close(os.open(mnt / f"x{uid}", os.O_CREAT | os.O_WRONLY))),
-            "write suid": err(lambda: write("suid")),
-            "write sgid": err(lambda: write("sgid")),
-            "write up-suid": err(lambda: write("up-suid")),
+            "unlink own in sticky": outcome(lambda: os.unlink(mnt / "sticky" / f"new{uid}")),
+            "create in root dir": outcome(lambda: os.close(os.open(mnt / f"x{uid}", os.O_CREAT | os.O_WRONLY))),
+            "write suid": outcome(lambda: write("suid")),
+            "write sgid": outcome(lambda: write("sgid")),
+            "write up-suid": outcome(lambda: write("up-suid")),
         }
 
     result = as_user(uid, ops)
@@ -134,14 +136,22 @@ EXPECTED = {
 }
 
 
+def on_both(base: Path, build_layers: Callable[[Path], tuple[Path, Path, Path, Path]],
+            probe_mount: Callable[[Path], Results]) -> tuple[Results, Results]:
+    """``probe_mount`` on unionfs and on the kernel's overlayfs, each over its own copy of the layers
+    ``build_layers`` makes; (unionfs's results, the kernel's)."""
+    lower, upper, work, mnt = build_layers(base / "u")
+    with unionfs_mount([lower], upper, work, mnt) as m:
+        ours = probe_mount(m)
+    klower, kupper, kwork, kmnt = build_layers(base / "k")
+    with kernel_overlay_mount([klower], kupper, kwork, kmnt) as m:
+        kernel = probe_mount(m)
+    return ours, kernel
+
+
 @pytest.mark.parametrize("uid", [1, 65534])
 def test_non_root_callers_get_the_kernels_answers(base: Path, uid: int) -> None:
-    lower, upper, work, mnt = build(base / "u")
-    with unionfs_mount([lower], upper, work, mnt) as m:
-        ours = probe(m, uid)
-    klower, kupper, kwork, kmnt = build(base / "k")
-    with kernel_overlay_mount([klower], kupper, kwork, kmnt) as m:
-        kernel = probe(m, uid)
+    ours, kernel = on_both(base, build, lambda m: probe(m, uid))
     assert ours == kernel
     assert ours == EXPECTED
 
@@ -179,18 +189,11 @@ def build_acls(root: Path) -> tuple[Path, Path, Path, Path]:
 
 
 def probe_acls(mnt: Path) -> Results:
-    def err(fn: Callable[[], object]) -> object:
-        try:
-            fn()
-            return 0
-        except OSError as exc:
-            return errno.errorcode.get(exc.errno or 0, exc.errno)
-
     def read(name: str) -> Callable[[], Results]:
-        return lambda: {"r": err(lambda: os.close(os.open(mnt / name, os.O_RDONLY)))}
+        return lambda: {"r": outcome(lambda: os.close(os.open(mnt / name, os.O_RDONLY)))}
 
     def write(name: str) -> Callable[[], Results]:
-        return lambda: {"w": err(lambda: os.close(os.open(mnt / name, os.O_WRONLY)))}
+        return lambda: {"w": outcome(lambda: os.close(os.open(mnt / name, os.O_WRONLY)))}
 
     result: Results = {
         "65534 in users reads deny": as_user(65534, read("deny"), groups=(USERS_GROUP,))["r"],
@@ -216,12 +219,7 @@ ACL_EXPECTED: Results = {
 def test_posix_acls_are_enforced_as_by_the_kernel(base: Path) -> None:
     """A named-user entry denies what the group class would allow, and grants what the mode would not; a
     chmod through the mount narrows the ACL's mask (the copy-up keeps the ACL)."""
-    lower, upper, work, mnt = build_acls(base / "u")
-    with unionfs_mount([lower], upper, work, mnt) as m:
-        ours = probe_acls(m)
-    klower, kupper, kwork, kmnt = build_acls(base / "k")
-    with kernel_overlay_mount([klower], kupper, kwork, kmnt) as m:
-        kernel = probe_acls(m)
+    ours, kernel = on_both(base, build_acls, probe_acls)
     assert ours == kernel
     assert ours == ACL_EXPECTED
 
@@ -235,11 +233,7 @@ def test_noacl_leaves_permissions_to_the_mode_bits(base: Path) -> None:
 
 
 def _read_errno(path: Path) -> object:
-    try:
-        os.close(os.open(path, os.O_RDONLY))
-        return 0
-    except OSError as exc:
-        return errno.errorcode.get(exc.errno or 0, exc.errno)
+    return outcome(lambda: os.close(os.open(path, os.O_RDONLY)))
 
 
 DEFAULT_ACL = "system.posix_acl_default"
@@ -292,12 +286,7 @@ def create_under_default_acl(mnt: Path) -> Results:
 
 
 def test_default_acls_and_the_umask_decide_new_modes_as_in_the_kernel(base: Path) -> None:
-    lower, upper, work, mnt = build_default_acl(base / "u")
-    with unionfs_mount([lower], upper, work, mnt) as m:
-        ours = create_under_default_acl(m)
-    klower, kupper, kwork, kmnt = build_default_acl(base / "k")
-    with kernel_overlay_mount([klower], kupper, kwork, kmnt) as m:
-        kernel = create_under_default_acl(m)
+    ours, kernel = on_both(base, build_default_acl, create_under_default_acl)
     assert ours == kernel
     assert ours["d/new"][0] == "0o100664" and ours["d/sub"][0] == "0o40775"  # the umask played no part
     assert ours["top"][0] == "0o100644" and ours["top"][1] == "ENODATA"  # the umask applied, no ACL
