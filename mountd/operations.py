@@ -61,6 +61,8 @@ FUSE_CAP_POSIX_ACL = 1 << 19
 FMODE_EXEC = 0x20
 PAUSE_TIMEOUT = 30.0
 """How long a pause waits for the writes in flight before it gives up (the mount is never left paused)."""
+INVALIDATION_WAIT = 1.0
+"""How long an open waits for the kernel invalidations earlier requests queued (see :meth:`open`)."""
 
 
 def _rel(path: str) -> str:
@@ -92,6 +94,9 @@ class UnionOperations(Operations):  # type: ignore[misc]
             self.control = ControlServer(mountpoint, {"stats": self._stats, "info": self._info},
                                          pause=lambda: fs.pause(PAUSE_TIMEOUT), resume=fs.resume)
         self._invalidations: queue.SimpleQueue[str | None] | None = None
+        self._unsent = 0
+        """Invalidations queued and not yet sent to the kernel (under :attr:`_sent`)."""
+        self._sent = threading.Condition()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def init_with_config(self, conn: Any, config: Any) -> None:
@@ -146,16 +151,27 @@ class UnionOperations(Operations):  # type: ignore[misc]
 
     def _start_invalidator(self, invalidate: Callable[[str], None]) -> None:
         """Kernel cache invalidations (other names of a hard-linked file) are sent from their own thread,
-        after the request that caused them, so that no request ever waits on one."""
+        after the request that caused them: sent from inside it, one could wait on a page lock held by a
+        request that waits for a worker thread."""
         pending: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
         def run() -> None:
             while (rel := pending.get()) is not None:
-                invalidate("/" + rel)
+                try:
+                    invalidate("/" + rel)
+                finally:
+                    with self._sent:
+                        self._unsent -= 1
+                        self._sent.notify_all()
+
+        def post(rel: str) -> None:
+            with self._sent:
+                self._unsent += 1
+            pending.put(rel)
 
         threading.Thread(target=run, name="unionfs-invalidate", daemon=True).start()
         self._invalidations = pending
-        self.fs.invalidate = pending.put
+        self.fs.invalidate = post
 
     def _stats(self, request: dict[str, Any]) -> dict[str, Any]:
         ops = {name: {"calls": c, "errors": e, "total_ms": round(ns / 1e6, 3),
@@ -353,6 +369,12 @@ class UnionOperations(Operations):  # type: ignore[misc]
 
     @_op
     def open(self, path: str, flags: int) -> int:
+        """Open; first the invalidations earlier requests queued reach the kernel (at most
+        :data:`INVALIDATION_WAIT`): after a write through one name of a hard link, an open of another name
+        then reads the new data and size, not what the kernel had cached for that name."""
+        if self._unsent:
+            with self._sent:
+                self._sent.wait_for(lambda: self._unsent == 0, timeout=INVALIDATION_WAIT)
         return self._track(self.fs.open(_rel(path), self._flags(flags)))
 
     @_op
