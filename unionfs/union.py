@@ -529,9 +529,12 @@ class UnionFS:
         try:
             parent_st = upper.lstat(split(path)[0])
             if parent_st.st_mode & stat_mod.S_ISGID:  # what the host does in a set-gid parent, done here
-                work.chown(tmp, -1, parent_st.st_gid)
+                bits = stat_mod.S_IMODE(work.lstat(tmp).st_mode)
+                work.chown(tmp, -1, parent_st.st_gid)  # (which clears set-id bits: given back below)
                 if kind == S_IFDIR:
-                    work.chmod(tmp, stat_mod.S_IMODE(work.lstat(tmp).st_mode) | stat_mod.S_ISGID)
+                    work.chmod(tmp, bits | stat_mod.S_ISGID)
+                elif kind != stat_mod.S_IFLNK and bits & (stat_mod.S_ISUID | stat_mod.S_ISGID):
+                    work.chmod(tmp, bits)
             default_acl = upper.try_getxattr(split(path)[0], acl.DEFAULT) if mode is not None else None
             if default_acl is not None and mode is not None:
                 work.setxattr(tmp, acl.ACCESS, default_acl)

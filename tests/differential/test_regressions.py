@@ -130,6 +130,8 @@ def new_objects_over_whiteouts_take_a_set_gid_parents_group(r: Recorder) -> None
     r.call("rmdir d/olddir", os.rmdir, "d/olddir")
     r.call("mkdir d/olddir", os.mkdir, "d/olddir", 0o755)
     r.call("symlink d/fresh", os.symlink, "old", "d/fresh")
+    r.call("unlink d/old", os.unlink, "d/old")
+    r.call("create d/old 4755", lambda: os.close(os.open("d/old", os.O_CREAT | os.O_WRONLY, 0o4755)))
     for name in ("d/old", "d/olddir", "d/fresh"):
         r.stat(f"stat {name}", name)
 
