@@ -97,6 +97,10 @@ def _check(rel: str) -> None:
         raise OSError(errno.EINVAL, "invalid relative path", rel)
 
 
+_XATTR_MISSING = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.ENOENT)
+"""What a getxattr answers where the attribute, support for it, or the name itself is missing."""
+
+
 def _check_component(name: str) -> None:
     if not name or name in (".", "..") or "/" in name:
         raise OSError(errno.EINVAL, "invalid name", name)
@@ -304,7 +308,7 @@ class HostDir:
                 try:
                     out.append(os.getxattr(path, attr, follow_symlinks=follow))
                 except OSError as exc:
-                    if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.ENOENT):
+                    if exc.errno not in _XATTR_MISSING:
                         raise
                     out.append(None)
         return out
@@ -341,7 +345,7 @@ class HostDir:
         try:
             return self.getxattr(rel, attr)
         except OSError as exc:
-            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.ENOENT):
+            if exc.errno in _XATTR_MISSING:
                 return None
             raise
 

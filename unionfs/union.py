@@ -535,7 +535,7 @@ class UnionFS:
                     work.chmod(tmp, bits | stat_mod.S_ISGID)
                 elif kind != stat_mod.S_IFLNK and bits & (stat_mod.S_ISUID | stat_mod.S_ISGID):
                     work.chmod(tmp, bits)
-            default_acl = upper.try_getxattr(split(path)[0], acl.DEFAULT) if mode is not None else None
+            default_acl = self._parent_default_acl(path) if mode is not None else None
             if default_acl is not None and mode is not None:
                 work.setxattr(tmp, acl.ACCESS, default_acl)
                 if kind == S_IFDIR:
@@ -574,12 +574,14 @@ class UnionFS:
         """The mode to create ``path`` with.  With POSIX ACLs on, the kernel leaves the caller's ``umask``
         to the file system: it applies unless the parent (already in the upper layer) has a default ACL,
         which then decides instead (the host applies it; see :meth:`_place_new`)."""
-        if not umask:
-            return mode
-        assert self.upper is not None
-        if self.upper.try_getxattr(split(path)[0], acl.DEFAULT) is not None:
+        if not umask or self._parent_default_acl(path) is not None:
             return mode
         return mode & ~(umask & 0o777)
+
+    def _parent_default_acl(self, path: str) -> bytes | None:
+        """The default ACL of the upper copy of ``path``'s parent, if it has one."""
+        assert self.upper is not None
+        return self.upper.try_getxattr(split(path)[0], acl.DEFAULT)
 
     def _check_representable(self, path: str) -> None:
         """Names that are whiteout markers in the OCI format (``.wh.*``) cannot be created: every layer,
