@@ -55,7 +55,7 @@ lint: install
 	$(BIN)/mypy
 
 demo: install
-	$(BIN)/python -m unionfs.demo
+	$(BIN)/python -m mountd.cli.demo
 
 fuzz: install
 	HYPOTHESIS_PROFILE=dev $(BIN)/pytest -q -p no:cacheprovider tests/differential -k state_machine

@@ -6,7 +6,7 @@ Workloads (upper dirs built once, on the filesystem of ``--dir``): many small fi
 a mixed tree with whiteouts, opaque dirs, hard links and symlinks.  For each, interleaved over ``--reps``
 rounds (median and spread reported):
 
-* ``commit``      — :func:`unionfs.commit.commit_upper` into a fresh store (both passes: read + stage,
+* ``commit``      — :func:`unionfs.image.commit.commit_upper` into a fresh store (both passes: read + stage,
   then ``syncfs`` and publish), in-process;
 * ``commit-dedup``— the same content committed again into that store (the read pass only, no data written);
 * ``cp -a``       — ``cp -a UPPER DEST`` on the same filesystem;
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unionfs.commit import commit_upper
-from unionfs.store import Store
+from unionfs.image.commit import commit_upper
+from unionfs.image.store import Store
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- commit:begin -->", "<!-- commit:end -->"

@@ -2,6 +2,6 @@
 
 import sys
 
-from mountd.cli import main
+from mountd.cli.mount import main
 
 sys.exit(main())

@@ -4,12 +4,12 @@
 
 1. Everything that can be checked without writing is checked first, in the calling process: the options the
    core cannot honour yet, the mountpoint (exists, is a directory, is not already a mount point), and the
-   layers (:meth:`unionfs.layers.LayerStack.open`: missing or non-directory dirs, overlaps, workdir on
+   layers (:meth:`unionfs.fs.layers.LayerStack.open`: missing or non-directory dirs, overlaps, workdir on
    another filesystem or in use).  A failure here raises :class:`MountError`; nothing is mounted or written.
 2. Without ``-f`` the process forks *before* anything starts a thread.  The child becomes the daemon:
    ``setsid``, umask 0, cwd ``/``, stdin/stdout on ``/dev/null``, stderr captured until ready.  It inherits
    the open layers (and the workdir lock), so the caller may remove its lowerdir mounts as soon as we return.
-3. The daemon builds :class:`unionfs.union.UnionFS` and runs libfuse in the foreground.  libfuse's ``init``
+3. The daemon builds :class:`unionfs.fs.union.UnionFS` and runs libfuse in the foreground.  libfuse's ``init``
    (the kernel has the mount) calls :meth:`_Readiness.ready`, which points stderr at ``/dev/null`` (no caller
    waiting for EOF on a pipe is kept waiting) and tells the parent, which exits 0.  A failure before that is
    sent to the parent as one line, which it raises as :class:`MountError`; a daemon that dies or is not ready
@@ -44,8 +44,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mountd.options import MountConfig, fuse_kwargs, unsupported_fuse_options
-from unionfs.idmap import IdMap
-from unionfs.layers import LayerError, LayerStack
+from unionfs.fs.idmap import IdMap
+from unionfs.fs.layers import LayerError, LayerStack
 
 log = logging.getLogger("unionfs")
 
@@ -387,9 +387,9 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
     Raises :class:`MountError` when the union or the mount cannot be set up (before ready).  The union is
     closed on the way out in every case.
     """
-    from mountd.binding import LIBFUSE_MAJOR, UnionFUSE  # FUSE only in the process that serves
-    from mountd.operations import UnionOperations
-    from unionfs.union import UnionFS
+    from mountd.highlevel.binding import LIBFUSE_MAJOR, UnionFUSE  # FUSE only in the process that serves
+    from mountd.highlevel.operations import UnionOperations
+    from unionfs.fs.union import UnionFS
 
     os.umask(0)
     for name in unsupported_fuse_options(config, libfuse_major=LIBFUSE_MAJOR):

@@ -187,7 +187,7 @@ class IdMapping:
 @dataclass(frozen=True)
 class MountConfig:
     """Everything a mount needs, validated.  Paths are absolute (made so against the caller's cwd) but not
-    resolved: symlinks are followed by :meth:`unionfs.layers.LayerStack.open`, which also checks them.
+    resolved: symlinks are followed by :meth:`unionfs.fs.layers.LayerStack.open`, which also checks them.
 
     ``lowers`` is top-down (``lowerdir=A:B`` gives ``("A", "B")``).  ``upper`` and ``work`` are both set or both
     ``None``.  ``read_only`` is true without an upper dir or with ``-o ro``.  ``fuse_options`` holds the FUSE

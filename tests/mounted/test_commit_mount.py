@@ -27,8 +27,8 @@ from support.layers import WHITEOUT, Dir, Fifo, File, Hardlink, Symlink, build_l
 from support.mounts import find_mount, kernel_overlay_mount, unionfs_mount, unmount
 from support.snapshot import Snapshot, diff_snapshots, snapshot
 
-from unionfs.commit import commit_upper, import_dir
-from unionfs.store import Store
+from unionfs.image.commit import commit_upper, import_dir
+from unionfs.image.store import Store
 
 pytestmark = pytest.mark.mounted
 

@@ -1,4 +1,4 @@
-"""Host paths are touched only through ``unionfs/fsio.py``, the one safe door (design.md §1, style.md habit 4).
+"""Host paths are touched only through ``unionfs/fs/fsio.py``, the one safe door (design.md §1, style.md habit 4).
 
 The rule, applied to every runtime module of a mount (the union's core and the FUSE adapter) except fsio.py,
 by an AST scan: no call to
@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNTIME_MODULES = ["unionfs/union.py", "unionfs/lookup.py", "unionfs/cache.py", "unionfs/copyup.py",
-                   "unionfs/whiteout.py", "unionfs/layers.py", "mountd/operations.py"]
-SAFE_DOOR = "unionfs/fsio.py"
+RUNTIME_MODULES = ["unionfs/fs/union.py", "unionfs/fs/lookup.py", "unionfs/fs/cache.py", "unionfs/fs/copyup.py",
+                   "unionfs/fs/whiteout.py", "unionfs/fs/layers.py", "mountd/highlevel/operations.py"]
+SAFE_DOOR = "unionfs/fs/fsio.py"
 
 PATH_FUNCTIONS = frozenset({
     "open", "stat", "lstat", "listdir", "scandir", "mkdir", "makedirs", "unlink", "remove", "rmdir",

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from unionfs.acl import inherited_mode
+from unionfs.fs.acl import inherited_mode
 
 USER_OBJ, USER, GROUP_OBJ, MASK, OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
 NO_ID = 0xFFFFFFFF

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import pytest
 from unitkit import Env
 
-from mountd import operations
-from mountd.operations import UnionOperations
+from mountd.highlevel import operations
+from mountd.highlevel.operations import UnionOperations
 
 
 def test_an_open_waits_for_queued_invalidations(mkenv: Callable[..., Env]) -> None:

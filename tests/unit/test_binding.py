@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from mountd import binding
-from mountd.binding import UnionFUSE
+from mountd.highlevel import binding
+from mountd.highlevel.binding import UnionFUSE
 
 
 def _fuse() -> Any:

@@ -10,9 +10,9 @@ import pytest
 from support.layers import WHITEOUT, Dir, File, Hardlink, build_layer
 from support.mounts import kernel_overlay_mount
 
-from unionfs.changes import ChangesError, diff_paths, diff_source, inspect_image
-from unionfs.commit import commit_upper, import_dir
-from unionfs.store import ContainerRecord, Store, container_id
+from unionfs.image.changes import ChangesError, diff_paths, diff_source, inspect_image
+from unionfs.image.commit import commit_upper, import_dir
+from unionfs.image.store import ContainerRecord, Store, container_id
 
 BASE = {
     "etc/passwd": "root",

@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 from support.layers import WHITEOUT, File, build_layer
 
-import unionfs.commit
-import unionfs.store
-from unionfs.cli_images import main
+import unionfs.image.commit
+import unionfs.image.store
+from mountd.cli.images import main
 
 NOW = "2026-01-02T03:04:05Z"
 
 
 @pytest.fixture(autouse=True)
 def fixed_clock(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(unionfs.store, "now", lambda: NOW)
-    monkeypatch.setattr(unionfs.commit, "now", lambda: NOW)
+    monkeypatch.setattr(unionfs.image.store, "now", lambda: NOW)
+    monkeypatch.setattr(unionfs.image.commit, "now", lambda: NOW)
     monkeypatch.setenv("UNIONFS_STORE", str(tmp_path / "store"))
 
 
@@ -65,7 +65,7 @@ def test_commit_and_import_print_the_layer(two_images: tuple[str, str], tmp_path
 
 
 def test_images(two_images: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
-    with unionfs.store.Store(os.environ["UNIONFS_STORE"]) as s:
+    with unionfs.image.store.Store(os.environ["UNIONFS_STORE"]) as s:
         ids = {i.name: i.id for i in s.images()}
     code, out, _ = run(capsys, "images")
     assert code == 0

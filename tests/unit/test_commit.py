@@ -26,11 +26,11 @@ from support.layers import WHITEOUT, Device, Dir, Fifo, File, Hardlink, Symlink,
 from support.mounts import kernel_overlay_mount
 from support.snapshot import upper_snapshot
 
-import unionfs.commit as commit_mod
-from unionfs.commit import MOUNTED_MESSAGE, CommitError, commit_upper, import_dir
-from unionfs.digest import KEEP_FILE_MAX, layer_digest
+import unionfs.image.commit as commit_mod
+from unionfs.image.commit import MOUNTED_MESSAGE, CommitError, commit_upper, import_dir
+from unionfs.image.digest import KEEP_FILE_MAX, layer_digest
+from unionfs.image.store import ContainerRecord, Store, StoreError, container_id
 from unionfs.progress import TerminalProgress, for_stream
-from unionfs.store import ContainerRecord, Store, StoreError, container_id
 
 UPPER = {
     "etc": Dir({"passwd": File(b"root\nme\n", mode=0o644), "shadow": WHITEOUT}),
@@ -342,8 +342,8 @@ def test_progress_on_a_terminal_only(store: Store, tmp_path: Path) -> None:
 
 COMMIT_SCRIPT = """
 import sys
-from unionfs.store import Store
-from unionfs.commit import commit_upper
+from unionfs.image.store import Store
+from unionfs.image.commit import commit_upper
 print("ready", flush=True)
 with Store(sys.argv[1], writable=True) as s:
     commit_upper(s, sys.argv[2], image=sys.argv[3])

@@ -11,7 +11,7 @@ import pytest
 
 from unionfs import control
 from unionfs.control import ControlClient, ControlServer
-from unionfs.gate import WriteGate
+from unionfs.fs.gate import WriteGate
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import pytest
 from support.layers import FIXED_MTIME_NS, Device, Dir, Fifo, File, Hardlink, Symlink
 from unitkit import Env, assert_errno, create_file, read_all, staging_entries, visible_tree, write_file, xattr
 
-from unionfs import copyup
-from unionfs.union import UnionFS
+from unionfs.fs import copyup
+from unionfs.fs.union import UnionFS
 
 PRIVATE = {
     "trusted.overlay.origin": b"\x00lower-origin",
@@ -400,7 +400,7 @@ def test_created_files_are_not_marked_with_an_origin(mkenv: Callable[..., Env]) 
 
 def test_stage_copy_cleans_up_after_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """copyup.stage_copy removes what it staged when any step fails (here: setting the origin record)."""
-    from unionfs.fsio import HostDir
+    from unionfs.fs.fsio import HostDir
     src_dir = tmp_path / "src"
     src_dir.mkdir()
     (src_dir / "f").write_bytes(b"data")

@@ -26,10 +26,10 @@ from support.layers import (
     copy_tree,
 )
 
-from unionfs.digest import Entry, digest_entries, hash_file, layer_digest, scan
-from unionfs.fsio import HostDir
-from unionfs.hostwalk import OpenDir, read_dir
-from unionfs.whiteout import read_layer_dir
+from unionfs.fs.fsio import HostDir
+from unionfs.fs.whiteout import read_layer_dir
+from unionfs.image.digest import Entry, digest_entries, hash_file, layer_digest, scan
+from unionfs.image.walk import OpenDir, read_dir
 
 RICH = {
     "etc/passwd": File(b"root:x:0:0\n", mode=0o644),

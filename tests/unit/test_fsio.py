@@ -12,8 +12,8 @@ import pytest
 from support.layers import Symlink, build_layer
 from unitkit import assert_errno
 
-from unionfs import fsio
-from unionfs.fsio import HostDir
+from unionfs.fs import fsio
+from unionfs.fs.fsio import HostDir
 
 CANARY_DATA = b"outside the layer\n"
 REFUSED = (errno.ELOOP, errno.ENOTDIR, errno.EXDEV, errno.EINVAL, errno.ENOENT)

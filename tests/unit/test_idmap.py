@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from unionfs.idmap import OVERFLOW_ID, IdMap
-from unionfs.layers import LayerStack
-from unionfs.union import UnionFS
+from unionfs.fs.idmap import OVERFLOW_ID, IdMap
+from unionfs.fs.layers import LayerStack
+from unionfs.fs.union import UnionFS
 
 MAP = IdMap(uids=((0, 100000, 1000),), gids=((0, 200000, 1000),))
 

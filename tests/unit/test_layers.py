@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from unionfs.layers import LayerError, LayerStack
+from unionfs.fs.layers import LayerError, LayerStack
 
 
 @pytest.fixture

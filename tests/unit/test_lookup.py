@@ -11,8 +11,8 @@ import pytest
 from support.layers import Dir, File, Symlink
 from unitkit import Env, assert_errno, names, read_all, visible_tree
 
-from unionfs.cache import DirState, LookupCache, LowerName
-from unionfs.lookup import Resolver
+from unionfs.fs.cache import DirState, LookupCache, LowerName
+from unionfs.fs.lookup import Resolver
 
 
 def layer_spec(i: int) -> dict[str, object]:

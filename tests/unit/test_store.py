@@ -13,9 +13,9 @@ import pytest
 from support.layers import WHITEOUT, Dir, build_layer
 from support.mounts import kernel_overlay_mount
 
-from unionfs.commit import import_dir
-from unionfs.digest import layer_digest
-from unionfs.store import (
+from unionfs.image.commit import import_dir
+from unionfs.image.digest import layer_digest
+from unionfs.image.store import (
     ContainerRecord,
     HistoryEntry,
     Image,

@@ -26,8 +26,8 @@ from unitkit import (
     xattr,
 )
 
-from unionfs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE
-from unionfs.union import UnionFS
+from unionfs.fs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE
+from unionfs.fs.union import UnionFS
 
 TOP = {
     "a": "top a\n",
@@ -1155,7 +1155,7 @@ def test_cached_union_agrees_with_a_fresh_one(tmp_path_factory: pytest.TempPathF
     from support.layers import copy_tree
     from unitkit import make_env
 
-    from unionfs.layers import LayerStack
+    from unionfs.fs.layers import LayerStack
 
     root = tmp_path_factory.mktemp("prop")
     counter = iter(range(1_000_000))

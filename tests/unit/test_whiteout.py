@@ -12,8 +12,8 @@ import pytest
 from support.layers import WHITEOUT, Device, Dir, File, build_layer
 from unitkit import Env, assert_errno, create_file, host_tree, is_char00, names, xattr
 
-from unionfs.fsio import HostDir
-from unionfs.whiteout import (
+from unionfs.fs.fsio import HostDir
+from unionfs.fs.whiteout import (
     OPAQUE_MARKER,
     WhiteoutFormat,
     WhiteoutWriter,

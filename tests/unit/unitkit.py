@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from support.layers import Spec, build_layer
 
-from unionfs.layers import WORK_SUBDIR, LayerStack
-from unionfs.union import UnionFS
+from unionfs.fs.layers import WORK_SUBDIR, LayerStack
+from unionfs.fs.union import UnionFS
 
 WhiteoutFmt = str  # "kernel" | "oci"
 """The format layer specs are written in and the format the union writes."""

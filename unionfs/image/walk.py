@@ -1,4 +1,4 @@
-"""Directory-at-a-time access to a layer tree, on top of :class:`unionfs.fsio.HostDir`.
+"""Directory-at-a-time access to a layer tree, on top of :class:`unionfs.fs.fsio.HostDir`.
 
 Walking a whole tree (digest, commit, diff) through ``HostDir``'s path methods opens every parent again for
 every entry.  Here a directory is opened once through ``HostDir`` (``openat2``, no symlink followed) and its
@@ -6,7 +6,7 @@ children are reached by *single-component* names relative to that descriptor, wi
 ``follow_symlinks=False``: the same guarantee (nothing outside the tree, no symlink followed), one syscall
 per question.
 
-:func:`read_dir` reads one layer directory the way :func:`unionfs.whiteout.read_layer_dir` does (every
+:func:`read_dir` reads one layer directory the way :func:`unionfs.fs.whiteout.read_layer_dir` does (every
 whiteout and opaque format), but keeps each child's ``lstat`` and non-private xattrs, which a walk needs.
 
 Callers: the image-tooling modules (``digest``, ``commit``, ``changes``).  Errors are ``OSError`` from the
@@ -21,8 +21,8 @@ import stat as stat_mod
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from unionfs.fsio import HostDir, join
-from unionfs.whiteout import (
+from unionfs.fs.fsio import HostDir, join
+from unionfs.fs.whiteout import (
     OPAQUE_MARKER,
     OPAQUE_XATTRS,
     WH_PREFIX,
@@ -212,7 +212,7 @@ def sort_key(name: str) -> bytes:
 def read_dir(d: OpenDir, *, with_xattrs: bool = True) -> Listing:
     """Read layer directory ``d``: visible children with stats (and xattrs), whiteouts, opacity.
 
-    The formats read are those of :mod:`unionfs.whiteout`: char 0/0 and ``.wh.NAME`` whiteouts, xattr
+    The formats read are those of :mod:`unionfs.fs.whiteout`: char 0/0 and ``.wh.NAME`` whiteouts, xattr
     whiteouts in a directory whose ``overlay.opaque`` is ``x``, opaque xattrs (``y``) and ``.wh..wh..opq``.
     Sockets are listed apart in ``sockets`` (an image layer does not hold them).  A child that vanishes
     while being read is skipped.

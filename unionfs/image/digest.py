@@ -1,6 +1,6 @@
 """Content digests of layer trees: xxh3-128 over a canonical, sorted walk (design.md §4).
 
-A layer tree is read as an overlay reads it (every whiteout and opaque format, see :mod:`unionfs.hostwalk`)
+A layer tree is read as an overlay reads it (every whiteout and opaque format, see :mod:`unionfs.image.walk`)
 and turned into a :class:`Manifest`: one normalised :class:`Entry` per path, in canonical order (depth
 first, the names of a directory sorted by their bytes).  The digest is xxh3-128 over a version tag and the
 length-framed encoding of every entry.  Two trees have the same digest exactly when an overlay mount of
@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from unionfs.fsio import HostDir, join
-from unionfs.hostwalk import Child, DirCache, OpenDir, Xattrs, read_dir, sort_key
+from unionfs.fs.fsio import HostDir, join
+from unionfs.image.walk import Child, DirCache, OpenDir, Xattrs, read_dir, sort_key
 
 DIGEST_ALGORITHM = "xxh3-128/unionfs-layer-v1"
 """Names the digest function and the encoding; stored with every layer."""

@@ -2,7 +2,7 @@
 
 Two passes over the source, like ``docker commit`` but without a tar in between:
 
-1. **read**: :func:`unionfs.digest.scan` reads the tree as an overlay does and gives its manifest and digest.
+1. **read**: :func:`unionfs.image.digest.scan` reads the tree as an overlay does and gives its manifest and digest.
    If the store already has that layer, nothing is written (deduplication): only the image json.
 2. **stage**: the manifest is rebuilt in ``STORE/tmp/`` — data (holes kept), owner, mode, xattrs other than
    overlay-private ones, times; hard links as hard links; devices and fifos as such; sockets skipped (as
@@ -15,7 +15,7 @@ Two passes over the source, like ``docker commit`` but without a tar in between:
 
 The source must be still: an upper in use by a running mount is refused ("upper is mounted; …") — pausing a
 live mount through its control channel is not done yet.  Errors are :class:`CommitError` (one line) or
-:class:`unionfs.store.StoreError`; a failed commit leaves nothing in the store but ``tmp/`` leftovers, which
+:class:`unionfs.image.store.StoreError`; a failed commit leaves nothing in the store but ``tmp/`` leftovers, which
 it removes itself unless it is killed.
 """
 
@@ -29,14 +29,24 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from unionfs import inuse
 from unionfs.control import ControlClient
-from unionfs.digest import Entry, Manifest, hash_file, scan
-from unionfs.fsio import HostDir, split
-from unionfs.hostwalk import DirCache, OpenDir
-from unionfs.inuse import CONTROL_TIMEOUT
+from unionfs.fs.fsio import HostDir, split
+from unionfs.image import inuse
+from unionfs.image.digest import Entry, Manifest, hash_file, scan
+from unionfs.image.inuse import CONTROL_TIMEOUT
+from unionfs.image.store import (
+    CONTAINERS,
+    HistoryEntry,
+    Image,
+    ImageConfig,
+    LayerMeta,
+    Store,
+    StoreError,
+    check_name,
+    now,
+)
+from unionfs.image.walk import DirCache, OpenDir
 from unionfs.progress import Progress
-from unionfs.store import CONTAINERS, HistoryEntry, Image, ImageConfig, LayerMeta, Store, StoreError, check_name, now
 
 MOUNTED_MESSAGE = "upper is mounted by something that cannot be paused (the kernel's overlayfs, or a daemon " \
     "without a control channel); unmount it first"
@@ -110,7 +120,7 @@ def source_dir(path: str, store: Store, *, what: str) -> str:
 
 
 def union_at(store: Store, path: str) -> inuse.UnionMount | None:
-    """The union mounted at ``path`` (see :func:`unionfs.inuse.mount_at`); where its daemon does not say
+    """The union mounted at ``path`` (see :func:`unionfs.image.inuse.mount_at`); where its daemon does not say
     which dirs it serves, the record ``unionfs mount IMAGE`` left for that mountpoint does, provided the
     recorded workdir is locked by a running daemon."""
     mount = inuse.mount_at(path)

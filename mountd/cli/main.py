@@ -1,6 +1,6 @@
 """``unionfs``: the command for people (``unionfs-mount`` is the one for programs).
 
-Subcommands: ``mount`` and ``umount`` here, the image commands from :mod:`unionfs.cli_images`; each is an
+Subcommands: ``mount`` and ``umount`` here, the image commands from :mod:`mountd.cli.images`; each is an
 argparse subparser whose ``func`` takes the parsed arguments and returns the exit status.  Exit status:
 0 done; 1 failed (one line on stderr, ``unionfs: error: …``); 2 a wrong command line.
 
@@ -15,7 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from unionfs import __version__, cli_images, cli_stats
+from mountd.cli import images as cli_images
+from mountd.cli import stats as cli_stats
+from unionfs import __version__
 
 PROG = "unionfs"
 EXIT_FAILURE = 1
@@ -69,7 +71,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _mount(args: argparse.Namespace) -> int:
-    from mountd.cli import run_mount
+    from mountd.cli.mount import run_mount
     from mountd.options import MountConfig, OptionError, parse_argv
 
     try:

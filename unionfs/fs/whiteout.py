@@ -21,7 +21,7 @@ import stat as stat_mod
 from dataclasses import dataclass, field
 from enum import Enum
 
-from unionfs.fsio import HostDir, join
+from unionfs.fs.fsio import HostDir, join
 
 WH_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"

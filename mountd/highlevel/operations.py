@@ -1,4 +1,4 @@
-"""The fusepy ``Operations`` adapter: translate arguments, call :class:`unionfs.union.UnionFS`, translate
+"""The fusepy ``Operations`` adapter: translate arguments, call :class:`unionfs.fs.union.UnionFS`, translate
 the result.  It owns the table of open file handles.  ``OSError`` from the core reaches libfuse as its errno;
 any other exception is logged with its traceback and answered with EIO.
 """
@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from mountd.binding import Operations, fuse_get_context, kernel_invalidator, request_umask
+from mountd.highlevel.binding import Operations, fuse_get_context, kernel_invalidator, request_umask
 from unionfs.control import ControlServer
-from unionfs.union import Handle, UnionFS
+from unionfs.fs.union import Handle, UnionFS
 
 log = logging.getLogger("unionfs")
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -264,7 +264,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
     # -- xattrs ----------------------------------------------------------------------------------------------
     @_op
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes | None:
-        """The value, or None where there is none: :class:`mountd.binding.UnionFUSE` answers that with
+        """The value, or None where there is none: :class:`mountd.highlevel.binding.UnionFUSE` answers that with
         ENODATA without an exception on the way (fusepy's own ``getxattr`` is not used)."""
         return self.fs.xattr(_rel(path), name)
 

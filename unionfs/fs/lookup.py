@@ -12,10 +12,10 @@ import errno
 import stat as stat_mod
 from typing import NamedTuple
 
-from unionfs.cache import DirState, LookupCache, LowerName
-from unionfs.fsio import split
-from unionfs.layers import LayerStack
-from unionfs.whiteout import LayerDir, read_layer_dir
+from unionfs.fs.cache import DirState, LookupCache, LowerName
+from unionfs.fs.fsio import split
+from unionfs.fs.layers import LayerStack
+from unionfs.fs.whiteout import LayerDir, read_layer_dir
 
 S_IFDIR = stat_mod.S_IFDIR
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from unionfs.fsio import HostDir, resolve_root
+from unionfs.fs.fsio import HostDir, resolve_root
 
 WORK_SUBDIR = "work"
 """The staging directory inside the workdir; the kernel's overlayfs uses the same name and empties it too."""

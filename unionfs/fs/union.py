@@ -3,7 +3,7 @@
 Paths are union paths relative to the root (``""`` is the root, ``"a/b"`` a child; the FUSE adapter strips
 the leading ``/``).  Every method raises ``OSError(errno, message, path)`` on failure and nothing else; a
 missing object is ENOENT.  Metadata operations are serialised by one lock; reads and writes on open handles
-take no lock.  Callers: ``mountd.operations`` and the tests.
+take no lock.  Callers: ``mountd.highlevel.operations`` and the tests.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from unionfs import acl, copyup
-from unionfs.cache import DirState, LookupCache
-from unionfs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, fallocate, join, split
-from unionfs.gate import WriteGate
-from unionfs.idmap import IdMap
-from unionfs.layers import WORK_SUBDIR, LayerStack
-from unionfs.lookup import Node, Resolver
-from unionfs.whiteout import (
+from unionfs.fs import acl, copyup
+from unionfs.fs.cache import DirState, LookupCache
+from unionfs.fs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, fallocate, join, split
+from unionfs.fs.gate import WriteGate
+from unionfs.fs.idmap import IdMap
+from unionfs.fs.layers import WORK_SUBDIR, LayerStack
+from unionfs.fs.lookup import Node, Resolver
+from unionfs.fs.whiteout import (
     WH_PREFIX,
     WhiteoutFormat,
     WhiteoutWriter,

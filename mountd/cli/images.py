@@ -18,12 +18,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from unionfs import changes as changes_mod
-from unionfs import commit as commit_mod
 from unionfs import progress as progress_mod
-from unionfs.inuse import split_lowerdir
+from unionfs.image import changes as changes_mod
+from unionfs.image import commit as commit_mod
+from unionfs.image.inuse import split_lowerdir
+from unionfs.image.store import ContainerRecord, Image, Store, StoreError, container_id, default_root, now, short
 from unionfs.progress import human_bytes
-from unionfs.store import ContainerRecord, Image, Store, StoreError, container_id, default_root, now, short
 
 PROG = "unionfs"
 EXIT_FAILURE = 1

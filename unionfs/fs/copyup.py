@@ -13,8 +13,8 @@ import os
 import stat as stat_mod
 from collections.abc import Callable
 
-from unionfs.fsio import RENAME_NOREPLACE, HostDir, join
-from unionfs.whiteout import is_private_xattr
+from unionfs.fs.fsio import RENAME_NOREPLACE, HostDir, join
+from unionfs.fs.whiteout import is_private_xattr
 
 _COPY_CHUNK = 1 << 20
 _counter = itertools.count()

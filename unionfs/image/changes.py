@@ -24,14 +24,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from unionfs.cache import LowerName
-from unionfs.commit import union_at
-from unionfs.digest import scan
-from unionfs.fsio import HostDir, join, split
-from unionfs.hostwalk import Child, DirCache, read_dir, sort_key
-from unionfs.lookup import merge_lower
-from unionfs.store import Image, Store, StoreError, short
-from unionfs.whiteout import read_layer_dir
+from unionfs.fs.cache import LowerName
+from unionfs.fs.fsio import HostDir, join, split
+from unionfs.fs.lookup import merge_lower
+from unionfs.fs.whiteout import read_layer_dir
+from unionfs.image.commit import union_at
+from unionfs.image.digest import scan
+from unionfs.image.store import Image, Store, StoreError, short
+from unionfs.image.walk import Child, DirCache, read_dir, sort_key
 
 S_IFDIR = stat_mod.S_IFDIR
 

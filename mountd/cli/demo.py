@@ -1,7 +1,7 @@
 """``make demo``: a three-layer sample image, mounted with unionfs, changed, and seen again through the
 kernel's overlayfs.  Generates everything it uses (no downloads); needs root, /dev/fuse and overlayfs.
 
-Run: ``python -m unionfs.demo [--keep DIR]``.
+Run: ``python -m mountd.cli.demo [--keep DIR]``.
 """
 
 from __future__ import annotations

@@ -49,9 +49,9 @@ from typing import Any
 
 import xxhash
 
-from unionfs import inuse
-from unionfs.digest import DIGEST_ALGORITHM, Manifest, scan
-from unionfs.fsio import HostDir, join
+from unionfs.fs.fsio import HostDir, join
+from unionfs.image import inuse
+from unionfs.image.digest import DIGEST_ALGORITHM, Manifest, scan
 
 STORE_ENV = "UNIONFS_STORE"
 LAYERS = "layers"

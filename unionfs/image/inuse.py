@@ -5,7 +5,7 @@ A union mount is either the kernel's overlayfs (its dirs are in mountinfo's supe
 daemon: a unionfs daemon says which dirs it serves on its control channel (``info``); any other daemon with
 the fuse-overlayfs command line (fuse-overlayfs, ``-o lowerdir=…,upperdir=…,workdir=…`` and the mountpoint
 among its arguments) is found by its command line.  A running unionfs daemon also holds an ``flock`` on its
-workdir (:func:`unionfs.layers.LayerStack.open`).
+workdir (:func:`unionfs.fs.layers.LayerStack.open`).
 
 Everything here only reads ``/proc``; a process that vanishes while being read is skipped.  Paths are
 compared by their real paths; relative paths on a daemon's command line are taken relative to its cwd.
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from unionfs.control import ControlClient
-from unionfs.fsio import HostDir
+from unionfs.fs.fsio import HostDir
 
 CONTROL_TIMEOUT = 5.0
 """How long a daemon may take to answer ``info`` before its command line is read instead."""

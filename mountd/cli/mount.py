@@ -25,7 +25,7 @@ log = logging.getLogger("unionfs")
 def version_line() -> str:
     """``unionfs-mount VERSION (binding NAME, libfuse MAJOR)``; names the problem if no binding loads."""
     try:
-        from mountd.binding import BINDING_NAME, LIBFUSE_MAJOR
+        from mountd.highlevel.binding import BINDING_NAME, LIBFUSE_MAJOR
     except ImportError as exc:
         return f"{PROG} {__version__} (no FUSE binding: {exc})"
     return f"{PROG} {__version__} (binding {BINDING_NAME}, libfuse {LIBFUSE_MAJOR})"
