@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from support.differential import Catalog, Recorder, Scenario, assert_same_as_kernel, run_differential
-from support.layers import WHITEOUT, Dir, Hardlink
+from support.layers import WHITEOUT, Dir, File, Hardlink
 from support.scratch import private_tmpfs
 from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
@@ -134,6 +134,20 @@ def new_objects_over_whiteouts_take_a_set_gid_parents_group(r: Recorder) -> None
     r.call("create d/old 4755", lambda: os.close(os.open("d/old", os.O_CREAT | os.O_WRONLY, 0o4755)))
     for name in ("d/old", "d/olddir", "d/fresh"):
         r.stat(f"stat {name}", name)
+
+
+@CASES.scenario({"big": File(b"0123456789" * 5000, mtime_ns=1_600_000_000 * 10**9), "same": "same",
+                 "grow": "grow"})
+def truncate_of_a_lower_file_is_a_size_change_of_its_full_copy(r: Recorder) -> None:
+    """truncate(2) of a lower file changes the size of a full copy of it, as the kernel's copy-up followed by
+    a truncate of the upper file does: a new size gets a new mtime on every upper filesystem (tmpfs too),
+    an unchanged size keeps the lower mtime where the upper filesystem keeps it (tmpfs)."""
+    r.call("truncate big 0", os.truncate, "big", 0)
+    r.call("truncate same 4", os.truncate, "same", 4)
+    r.call("truncate grow 100", os.truncate, "grow", 100)
+    for name in ("big", "same", "grow"):
+        r.stat(f"stat {name}", name)
+        r.read(f"read {name}", name)
 
 
 DELIBERATE = Catalog()

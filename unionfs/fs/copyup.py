@@ -70,14 +70,21 @@ def copy_data(src_fd: int, dst_fd: int, length: int) -> None:
 
 
 def stage_copy(src: HostDir, rel: str, st: os.stat_result, work: HostDir, tmp: str, *,
-               data_limit: int | None, sync: bool, mark: Callable[[str], None] | None = None) -> None:
+               data_limit: int | None, sync: bool, mark: Callable[[str], None] | None = None,
+               truncate_to: int | None = None) -> None:
     """Build a copy of ``src``:``rel`` (whose lstat is ``st``) at ``work``:``tmp``.
 
     ``data_limit`` copies only that many bytes of a regular file (0 for a metadata-only copy, e.g. before
-    ``O_TRUNC``); None copies all.  ``mark`` is called on the staged path to add the origin record.
+    ``O_TRUNC``); None copies all.  ``truncate_to`` (a regular file, for truncate(2)) stages the copy at
+    the full size with only the bytes below ``truncate_to`` copied (the rest a hole), then truncates it
+    with truncate(2), so the host stamps mtime exactly as after a full copy-up and a truncate of it (the
+    kernel's order: tmpfs leaves an unchanged size's mtime alone), before the copy becomes visible.
+    ``mark`` is called on the staged path to add the origin record.
     On any error the staged object is removed and the error raised.
     """
     mode = st.st_mode
+    if truncate_to is not None:
+        data_limit = truncate_to
     try:
         if stat_mod.S_ISREG(mode):
             sfd = src.open(rel, os.O_RDONLY)
@@ -86,7 +93,7 @@ def stage_copy(src: HostDir, rel: str, st: os.stat_result, work: HostDir, tmp: s
                 try:
                     length = st.st_size if data_limit is None else min(data_limit, st.st_size)
                     copy_data(sfd, dfd, length)
-                    if data_limit is not None and data_limit > st.st_size:
+                    if (data_limit is not None and data_limit > st.st_size) or truncate_to is not None:
                         os.ftruncate(dfd, st.st_size)
                     os.fchown(dfd, st.st_uid, st.st_gid)
                     os.fchmod(dfd, stat_mod.S_IMODE(mode))
@@ -112,6 +119,14 @@ def stage_copy(src: HostDir, rel: str, st: os.stat_result, work: HostDir, tmp: s
         if mark is not None:
             mark(tmp)
         work.utime(tmp, (st.st_atime_ns, st.st_mtime_ns))
+        if truncate_to is not None and stat_mod.S_ISREG(mode):
+            work.truncate(tmp, truncate_to)
+            if sync:
+                fd = work.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
     except BaseException:
         remove_tree(work, tmp)
         raise

@@ -416,10 +416,10 @@ class UnionFS:
             upper.removexattr(path, host_name)
 
     # ================================================================== copy-up
-    def copy_up(self, path: str, *, data_limit: int | None = None) -> Node:
+    def copy_up(self, path: str, *, data_limit: int | None = None, truncate_to: int | None = None) -> Node:
         """Make sure ``path`` has its top copy in the upper layer (parents first); returns its node.
 
-        Call with the lock held.  ``data_limit`` as for :func:`copyup.stage_copy`.
+        Call with the lock held.  ``data_limit`` and ``truncate_to`` as for :func:`copyup.stage_copy`.
         """
         upper, work, _ = self._writable()
         node = self._node(path)
@@ -444,7 +444,8 @@ class UnionFS:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP):
                     raise
 
-        copyup.stage_copy(host, path, st, work, tmp, data_limit=data_limit, sync=not self.volatile, mark=mark)
+        copyup.stage_copy(host, path, st, work, tmp, data_limit=data_limit, sync=not self.volatile, mark=mark,
+                          truncate_to=truncate_to)
         parent_times = upper.lstat(parent_path)
         try:
             copyup.publish(work, tmp, upper, path)
@@ -904,9 +905,11 @@ class UnionFS:
                 raise _err(errno.EISDIR, path)
             if node.kind != stat_mod.S_IFREG:
                 raise _err(errno.EINVAL, path)  # as vfs_truncate; opening a fifo to truncate it would block
-            self.copy_up(path, data_limit=length)
-            assert self.upper is not None
-            self.upper.truncate(path, length)
+            if node.upper:
+                assert self.upper is not None
+                self.upper.truncate(path, length)
+            else:  # the copy is truncated before it becomes visible
+                self.copy_up(path, truncate_to=length)
             self._touch_links(path)
 
     # ================================================================== files
