@@ -150,6 +150,43 @@ def truncate_of_a_lower_file_is_a_size_change_of_its_full_copy(r: Recorder) -> N
         r.read(f"read {name}", name)
 
 
+@CASES.scenario({"x": "x", "d/y": "y", "g/z": "z", "w": WHITEOUT})
+def new_dir_renamed_into_a_merged_dir_is_marked_opaque(r: Recorder) -> None:
+    """A dir created through the mount and renamed into a merged dir is marked opaque in the upper dir,
+    as the kernel marks it, whether or not a lower layer has that name: into a lower dir, within the merged
+    root, over a lower whiteout, and over the name of a removed lower dir. Into a dir that is not merged
+    (created through the mount) it is not marked."""
+    r.call("mkdir n", os.mkdir, "n")
+    r.call("rename n d/n (into a lower dir)", os.rename, "n", "d/n")
+    r.call("mkdir e", os.mkdir, "e")
+    r.call("rename e e2 (within the merged root)", os.rename, "e", "e2")
+    r.call("mkdir v", os.mkdir, "v")
+    r.call("rename v w (over a lower whiteout)", os.rename, "v", "w")
+    r.call("mkdir a", os.mkdir, "a")
+    r.write("a/f", "a/f", b"f")
+    r.call("rm -rf g", lambda: (os.unlink("g/z"), os.rmdir("g")))
+    r.call("rename a g (over the lower g's whiteout)", os.rename, "a", "g")
+    r.call("mkdir p", os.mkdir, "p")
+    r.call("mkdir p/q", os.mkdir, "p/q")
+    r.call("rename p/q p/q2 (within a dir that is not merged)", os.rename, "p/q", "p/q2")
+    r.listdir("ls .")
+    r.listdir("ls d", "d")
+    r.listdir("ls g", "g")
+
+
+@CASES.scenario({"b": WHITEOUT, "x": "x", "f": "lower f"})
+def exchanged_new_dirs_in_a_merged_dir_are_marked_opaque(r: Recorder) -> None:
+    """Dirs created through the mount and swapped with RENAME_EXCHANGE inside a merged dir are both marked
+    opaque, as the kernel marks them (one was made over a lower whiteout); a dir swapped with a lower file
+    too."""
+    r.call("mkdir b (over a lower whiteout)", os.mkdir, "b")
+    r.call("mkdir a", os.mkdir, "a")
+    r.call("exchange a b", renameat2, "a", "b", RENAME_EXCHANGE)
+    r.call("mkdir c", os.mkdir, "c")
+    r.call("exchange c f (a dir with a lower file)", renameat2, "c", "f", RENAME_EXCHANGE)
+    r.listdir("ls .")
+
+
 DELIBERATE = Catalog()
 
 
@@ -165,32 +202,6 @@ def whiteouts_in_an_unmerged_dir_are_not_listed(r: Recorder) -> None:
     r.call("rmdir d", os.rmdir, "d")
 
 
-@DELIBERATE.scenario({"x": "x", "d/y": "y"})
-def renamed_upper_dir_is_marked_opaque_only_over_a_lower_name(r: Recorder) -> None:
-    """A dir created through the mount and renamed into a merged dir: the kernel marks it opaque in the upper
-    dir although no lower layer has the new name; unionfs marks it only where a lower layer has the name
-    (here: ``d``, after the lower ``d`` was removed). The visible trees are the same."""
-    r.call("mkdir a", os.mkdir, "a")
-    r.write("a/f", "a/f", b"f")
-    r.call("rename a b (no lower b)", os.rename, "a", "b")
-    r.call("rm -rf d", lambda: (os.unlink("d/y"), os.rmdir("d")))
-    r.call("rename b d (over the lower d's whiteout)", os.rename, "b", "d")
-    r.listdir("ls d", "d")
-    r.call("mkdir e", os.mkdir, "e")
-    r.call("rename e x2", os.rename, "e", "x2")
-    r.listdir("ls .")
-
-
-@DELIBERATE.scenario({"b": WHITEOUT, "x": "x"})
-def exchanged_upper_dirs_are_marked_opaque_only_over_a_lower_dir(r: Recorder) -> None:
-    """Two dirs created through the mount, one over a lower whiteout, swapped with RENAME_EXCHANGE: the
-    kernel leaves both opaque, unionfs neither (no lower layer has a dir there). Same visible tree."""
-    r.call("mkdir b (over a lower whiteout)", os.mkdir, "b")
-    r.call("mkdir a", os.mkdir, "a")
-    r.call("exchange a b", renameat2, "a", "b", RENAME_EXCHANGE)
-    r.listdir("ls .")
-
-
 DELIBERATE_DIFFERENCES = {
     "whiteouts_in_an_unmerged_dir_are_not_listed": [
         "operation outcomes differ:\n"
@@ -200,15 +211,6 @@ DELIBERATE_DIFFERENCES = {
         "  o/x:\n    kernel: <error:ENOENT>\n    program: None",
         "visible tree differs after remount:\n"
         "  o/x:\n    kernel: <error:ENOENT>\n    program: None",
-    ],
-    "renamed_upper_dir_is_marked_opaque_only_over_a_lower_name": [
-        "upper dir differs:\n"
-        "  x2:\n    kernel: <dir mode=755 uid=0 gid=0 OPAQUE>\n    program: <dir mode=755 uid=0 gid=0>",
-    ],
-    "exchanged_upper_dirs_are_marked_opaque_only_over_a_lower_dir": [
-        "upper dir differs:\n"
-        "  a:\n    kernel: <dir mode=755 uid=0 gid=0 OPAQUE>\n    program: <dir mode=755 uid=0 gid=0>\n"
-        "  b:\n    kernel: <dir mode=755 uid=0 gid=0 OPAQUE>\n    program: <dir mode=755 uid=0 gid=0>",
     ],
 }
 

@@ -25,10 +25,11 @@ Everything runs on a private tmpfs, so inode numbers are never reused within a r
 once, which would make "kept its inode" ambiguous); ``UNIONFS_SM_TMPFS=0`` runs on the disk instead.
 
 Deliberate differences (``docs/semantics.md``) are normalised away: the whiteouts the kernel lists in unmerged
-directories (``without_ghosts``, kernel side only), and opaque marks in either upper dir where no lower layer
-has a directory (``without_idle_opaque_marks``). Divergences found and not fixed yet are reduced to
-strict-xfail scenarios in ``test_regressions.py`` and tolerated here by exact outcome (``KNOWN_DIVERGENCES``;
-``UNIONFS_SM_STRICT=1`` tolerates nothing). ``UNIONFS_MOUNT_PROG=kernel`` puts the kernel on both sides: the
+directories (``without_ghosts``, kernel side only). The upper dirs are compared as they are, every opaque
+mark included (also those that hide nothing: the rule of ``test_state_machine.py``, and of the kernel's
+on-disk format). Divergences found and not fixed yet are reduced to strict-xfail scenarios in
+``test_regressions.py`` and tolerated here by exact outcome (``KNOWN_DIVERGENCES``; ``UNIONFS_SM_STRICT=1``
+tolerates nothing). ``UNIONFS_MOUNT_PROG=kernel`` puts the kernel on both sides: the
 kernel family must then pass (the harness is deterministic), the OCI family must fail.
 
 Budget: the ``ci`` profile runs ``CI_EXAMPLES`` derandomized examples per family; ``dev`` (``make fuzz``) runs
@@ -47,8 +48,8 @@ import stat
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -224,36 +225,6 @@ def without_ghosts(snap: Snapshot) -> Snapshot:
     (``docs/semantics.md``), so the kernel's snapshots are compared without those ghosts.
     """
     return {path: entry for path, entry in snap.items() if entry.type != "error:ENOENT"}
-
-
-def lower_has_dir(lowers: Sequence[Path], rel: str) -> bool:
-    """Does any of ``lowers`` hold a directory at ``rel``, reached through real directories only?"""
-    for layer in lowers:
-        here = layer
-        parts = rel.split("/")
-        for i, part in enumerate(parts):
-            here = here / part
-            try:
-                st_ = os.lstat(here)
-            except OSError:
-                break
-            if not stat.S_ISDIR(st_.st_mode):
-                break
-            if i == len(parts) - 1:
-                return True
-    return False
-
-
-def without_idle_opaque_marks(upper: Snapshot, lowers: Sequence[Path]) -> Snapshot:
-    """``upper`` without the opaque marks that hide nothing (no lower layer has a directory at that path).
-
-    The kernel marks a pure-upper directory opaque when it is renamed (or exchanged) into a merged directory,
-    whether or not a lower layer has a directory of that name; unionfs marks it only where one has. Both upper
-    dirs show the same tree over these lowers (the cross-mount check proves it), so such marks are not compared.
-    """
-    return {path: replace(entry, opaque=False)
-            if entry.opaque and path != "." and not lower_has_dir(lowers, path) else entry
-            for path, entry in upper.items()}
 
 
 def rm_rf(path: str) -> None:
@@ -637,8 +608,7 @@ class UnionMachine(RuleBasedStateMachine):
         self.program.down()
         kup, pup = self.kernel.layers.upper, self.program.layers.upper
         assert kup is not None and pup is not None
-        uppers = [without_idle_opaque_marks(upper_snapshot(u, changed_after=self.changed_after), self.kernel_sources)
-                  for u in (kup, pup)]
+        uppers = [upper_snapshot(u, changed_after=self.changed_after) for u in (kup, pup)]
         section("upper dirs differ", diff_snapshots(*uppers, names=("kernel", "unionfs")))
         for i, (lower, before) in enumerate(zip(self.program.layers.lowers, self.lowers_before, strict=True)):
             section(f"unionfs modified lower layer {i}",

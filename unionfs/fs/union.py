@@ -788,7 +788,6 @@ class UnionFS:
             snode = self.copy_up(src)
             dparent = self._ensure_upper_dir(split(dst)[0])
             src_needs_wh = self._lower_has(sparent, sname)
-            dst_lower = self._lower_has(dparent, dname)
             # Clear what the upper holds at dst: an (empty-looking) upper dir with only whiteouts inside,
             # a whiteout of either format.
             dst_upper = upper.try_lstat(dst)
@@ -797,7 +796,7 @@ class UnionFS:
                 upper.rename(dst, tmp, dst_dir=work)
                 copyup.remove_tree(work, tmp)
                 dst_upper = None
-            if snode.is_dir and dst_lower:
+            if snode.is_dir and dparent.lower_layers:  # into a merged dir: opaque, as the kernel marks it
                 writer.mark_opaque(upper, src)
             if dst_upper is not None and dnode is None:
                 # a kernel-format whiteout at dst: swap it with src so it lands where src was
@@ -844,10 +843,10 @@ class UnionFS:
         aparent = self._ensure_upper_dir(split(a)[0])
         bparent = self._ensure_upper_dir(split(b)[0])
         anode, bnode = self.copy_up(a), self.copy_up(b)
-        # a directory moving onto a name a lower layer has must hide that lower copy
-        if anode.is_dir and self._lower_has(bparent, split(b)[1]):
+        # a directory moving into a merged dir is marked opaque, as the kernel marks it (docs/semantics.md)
+        if anode.is_dir and bparent.lower_layers:
             writer.mark_opaque(upper, a)
-        if bnode.is_dir and self._lower_has(aparent, split(a)[1]):
+        if bnode.is_dir and aparent.lower_layers:
             writer.mark_opaque(upper, b)
         upper.rename(a, b, RENAME_EXCHANGE)
         aparent.upper_set(split(a)[1], bnode.kind)
