@@ -212,15 +212,44 @@ def test_open_with_o_trunc_copies_no_data(mkenv: Callable[..., Env], monkeypatch
 
 
 @pytest.mark.parametrize("length", [0, 3, 10, 25])
-def test_truncate_copies_up_only_what_is_kept(mkenv: Callable[..., Env], length: int) -> None:
-    """truncate(n) of a lower file: the first n bytes, zero-filled beyond the old end."""
+def test_truncate_copies_up_only_what_is_kept(mkenv: Callable[..., Env], monkeypatch: pytest.MonkeyPatch,
+                                              length: int) -> None:
+    """truncate(n) of a lower file: the first n bytes (no more are read), zero-filled beyond the old end."""
     env = mkenv([{"f": "0123456789"}])
     fs = env.open()
+    copied: list[int] = []
+    real = copyup.copy_data
+    monkeypatch.setattr(copyup, "copy_data", lambda s, d, n: (copied.append(n), real(s, d, n)))
     fs.truncate("f", length)
+    assert copied == [min(length, 10)]
     expected = b"0123456789"[:length] + b"\0" * max(0, length - 10)
     assert read_all(fs, "f") == expected
     assert (env.upper / "f").read_bytes() == expected  # type: ignore[operator]
     assert (env.lowers[0] / "f").read_bytes() == b"0123456789"
+
+
+def test_a_failed_truncate_of_the_staged_copy_leaves_the_lower_file_visible(
+        mkenv: Callable[..., Env], monkeypatch: pytest.MonkeyPatch) -> None:
+    """truncate(2) of a lower file truncates the staged copy before it is published: when that fails, the
+    upper has nothing at the path (never the full-size copy with a hole), the work dir is empty, and the
+    lower file is still what the union shows."""
+    from unionfs.fs.fsio import HostDir
+    data = b"0123456789" * 1000
+    env = mkenv([{"f": lower_file(data)}])
+    fs = env.open()
+
+    def broken(self: HostDir, rel: str, length: int) -> None:
+        raise OSError(errno.EIO, "simulated failure", rel)
+    monkeypatch.setattr(HostDir, "truncate", broken)
+    with pytest.raises(OSError) as info:
+        fs.truncate("f", 3)
+    assert info.value.errno == errno.EIO
+    assert not (env.upper / "f").exists()  # type: ignore[operator]
+    assert staging_entries(env) == []
+    assert read_all(fs, "f") == data
+    monkeypatch.undo()
+    fs.truncate("f", 3)
+    assert read_all(fs, "f") == b"012"
 
 
 def test_writes_go_to_the_upper_and_the_lower_is_untouched(mkenv: Callable[..., Env]) -> None:

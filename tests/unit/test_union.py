@@ -534,7 +534,9 @@ def test_rename_whited_out_onto_whited_out(union: Callable[..., tuple[Env, Union
 
 
 def test_rename_upper_dir_with_contents(union: Callable[..., tuple[Env, UnionFS]]) -> None:
-    """A pure-upper directory renames normally, contents included; no whiteout at its old name."""
+    """A pure-upper directory renames normally, contents included; no whiteout at its old name. Moved into
+    a merged dir (``d`` is in a lower layer) it is marked opaque, as the kernel marks it, although no lower
+    layer has ``d/u2``; moved on into a dir that is not merged, it keeps the mark it has."""
     env, fs = union()
     fs.mkdir("u", 0o755)
     create_file(fs, "u/inner", b"i")
@@ -542,7 +544,23 @@ def test_rename_upper_dir_with_contents(union: Callable[..., tuple[Env, UnionFS]
     assert read_all(fs, "d/u2/inner") == b"i"
     assert_errno(errno.ENOENT, fs.getattr, "u")
     assert_errno(errno.ENOENT, fs.getattr, "u/inner")
-    assert upper_state(env.upper) == {"d": "dir", "d/u2": "dir", "d/u2/inner": "file"}  # type: ignore[arg-type]
+    assert upper_state(env.upper) == {  # type: ignore[arg-type]
+        "d": "dir", "d/u2": "dir+opaque", "d/u2/inner": "file"}
+    clean(env)
+
+
+def test_rename_upper_dir_within_a_dir_that_is_not_merged_leaves_it_unmarked(
+        union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """Only a merged parent makes a moved dir opaque: inside a pure-upper dir a rename (or exchange) of a
+    pure-upper dir writes no mark."""
+    env, fs = union()
+    fs.mkdir("p", 0o755)
+    fs.mkdir("p/q", 0o755)
+    fs.mkdir("p/r", 0o755)
+    fs.rename("p/q", "p/q2")
+    fs.rename("p/r", "p/q2", RENAME_EXCHANGE)
+    assert names(fs, "p") == ["q2", "r"]
+    assert upper_state(env.upper) == {"p": "dir", "p/q2": "dir", "p/r": "dir"}  # type: ignore[arg-type]
     clean(env)
 
 
