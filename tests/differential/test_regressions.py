@@ -150,12 +150,12 @@ def truncate_of_a_lower_file_is_a_size_change_of_its_full_copy(r: Recorder) -> N
         r.read(f"read {name}", name)
 
 
-@CASES.scenario({"x": "x", "d/y": "y", "g/z": "z", "w": WHITEOUT})
+@CASES.scenario({"x": "x", "d/y": "y", "g/z": "z", "w": WHITEOUT, "w2": WHITEOUT})
 def new_dir_renamed_into_a_merged_dir_is_marked_opaque(r: Recorder) -> None:
     """A dir created through the mount and renamed into a merged dir is marked opaque in the upper dir,
     as the kernel marks it, whether or not a lower layer has that name: into a lower dir, within the merged
     root, over a lower whiteout, and over the name of a removed lower dir. Into a dir that is not merged
-    (created through the mount) it is not marked."""
+    (created through the mount) it is not marked, and a dir moved there keeps the mark it has."""
     r.call("mkdir n", os.mkdir, "n")
     r.call("rename n d/n (into a lower dir)", os.rename, "n", "d/n")
     r.call("mkdir e", os.mkdir, "e")
@@ -169,22 +169,34 @@ def new_dir_renamed_into_a_merged_dir_is_marked_opaque(r: Recorder) -> None:
     r.call("mkdir p", os.mkdir, "p")
     r.call("mkdir p/q", os.mkdir, "p/q")
     r.call("rename p/q p/q2 (within a dir that is not merged)", os.rename, "p/q", "p/q2")
+    r.call("mkdir d/m", os.mkdir, "d/m")
+    r.call("rename d/m p/m (from a merged dir into one that is not)", os.rename, "d/m", "p/m")
+    r.call("rename e2 p/e2 (an opaque dir keeps its mark)", os.rename, "e2", "p/e2")
+    r.call("mkdir w2 (over a lower whiteout, no rename)", os.mkdir, "w2")
     r.listdir("ls .")
     r.listdir("ls d", "d")
     r.listdir("ls g", "g")
+    r.listdir("ls p", "p")
 
 
 @CASES.scenario({"b": WHITEOUT, "x": "x", "f": "lower f"})
 def exchanged_new_dirs_in_a_merged_dir_are_marked_opaque(r: Recorder) -> None:
     """Dirs created through the mount and swapped with RENAME_EXCHANGE inside a merged dir are both marked
     opaque, as the kernel marks them (one was made over a lower whiteout); a dir swapped with a lower file
-    too."""
+    too; of two dirs swapped between the merged root and a dir that is not merged, only the one that moves
+    into the root."""
     r.call("mkdir b (over a lower whiteout)", os.mkdir, "b")
     r.call("mkdir a", os.mkdir, "a")
     r.call("exchange a b", renameat2, "a", "b", RENAME_EXCHANGE)
     r.call("mkdir c", os.mkdir, "c")
     r.call("exchange c f (a dir with a lower file)", renameat2, "c", "f", RENAME_EXCHANGE)
+    r.call("mkdir p", os.mkdir, "p")
+    r.call("mkdir p/i", os.mkdir, "p/i")
+    r.call("mkdir o", os.mkdir, "o")
+    r.call("exchange o p/i (the one moving into the merged root is marked)", renameat2, "o", "p/i",
+           RENAME_EXCHANGE)
     r.listdir("ls .")
+    r.listdir("ls p", "p")
 
 
 DELIBERATE = Catalog()

@@ -536,7 +536,7 @@ def test_rename_whited_out_onto_whited_out(union: Callable[..., tuple[Env, Union
 def test_rename_upper_dir_with_contents(union: Callable[..., tuple[Env, UnionFS]]) -> None:
     """A pure-upper directory renames normally, contents included; no whiteout at its old name. Moved into
     a merged dir (``d`` is in a lower layer) it is marked opaque, as the kernel marks it, although no lower
-    layer has ``d/u2``; moved on into a dir that is not merged, it keeps the mark it has."""
+    layer has ``d/u2``."""
     env, fs = union()
     fs.mkdir("u", 0o755)
     create_file(fs, "u/inner", b"i")
