@@ -158,7 +158,7 @@ def test_xattr_whiteout_needs_the_x_mark_on_its_directory(tmp_path: Path, prefix
     fs = env.open()
     try:
         assert names(fs, "d") == ["keep", "own", "x"]
-        assert fs.getattr("d/x")["st_size"] == 0
+        assert fs.getattr("d/x").st_size == 0
         assert names(fs, "e") == ["big"]
     finally:
         env.close_all()
@@ -181,7 +181,7 @@ def test_a_real_character_device_is_not_a_whiteout(tmp_path: Path) -> None:
     fs = env.open()
     try:
         attrs = fs.getattr("x")
-        assert stat.S_ISCHR(attrs["st_mode"]) and attrs["st_rdev"] == os.makedev(1, 3)
+        assert stat.S_ISCHR(attrs.st_mode) and attrs.st_rdev == os.makedev(1, 3)
         assert "x" in names(fs)
     finally:
         env.close_all()
@@ -243,7 +243,7 @@ def test_whiteout_in_a_middle_layer_hides_only_what_is_below(tmp_path: Path) -> 
     fs = env.open()
     try:
         assert names(fs, "d") == ["x", "z"]
-        assert fs.getattr("d/x")["st_size"] == len("top x\n")
+        assert fs.getattr("d/x").st_size == len("top x\n")
     finally:
         env.close_all()
 

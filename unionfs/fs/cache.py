@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+
+from unionfs.fs.attr import Attr
 
 
 @dataclass(slots=True)
@@ -80,16 +81,16 @@ class CacheStats:
 
 
 class LookupCache:
-    """Bounded LRU of directory states and lower attribute dicts.
+    """Bounded LRU of directory states and lower attribute records.
 
-    ``max_entries`` bounds the sum of names held in directory tables plus cached attribute dicts.
+    ``max_entries`` bounds the sum of names held in directory tables plus cached attribute records.
     Not thread-safe: the union serialises access under its lock.
     """
 
     def __init__(self, max_entries: int = 1_000_000) -> None:
         self.max_entries = max_entries
         self.dirs: OrderedDict[str, DirState] = OrderedDict()
-        self.attrs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.attrs: OrderedDict[str, Attr] = OrderedDict()
         self.xattrs: OrderedDict[str, dict[str, bytes]] = OrderedDict()
         """Every xattr of a lower object by path (lower facts never change): a miss is a dict lookup too."""
         self.inos: dict[str, int] = {}
@@ -121,7 +122,7 @@ class LookupCache:
         self._shrink()
 
     # -- lower attributes ---------------------------------------------------------------------------------
-    def get_attrs(self, path: str) -> dict[str, Any] | None:
+    def get_attrs(self, path: str) -> Attr | None:
         attrs = self.attrs.get(path)
         if attrs is None:
             self.stats.misses += 1
@@ -130,7 +131,7 @@ class LookupCache:
         self.attrs.move_to_end(path)
         return attrs
 
-    def put_attrs(self, path: str, attrs: dict[str, Any]) -> None:
+    def put_attrs(self, path: str, attrs: Attr) -> None:
         if self.attrs.pop(path, None) is None:
             self.entries += 1
         self.attrs[path] = attrs

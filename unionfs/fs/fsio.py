@@ -22,7 +22,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_OPENAT2 = 437
@@ -114,28 +113,6 @@ def resolve_root(path: str) -> tuple[str, int]:
     if not stat_mod.S_ISDIR(st.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     return real, st.st_dev
-
-
-class Stat(NamedTuple):
-    """The parts of an ``lstat`` result the union uses; a tuple so that it is cheap to keep."""
-
-    mode: int
-    ino: int
-    dev: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    blocks: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-
-
-def to_stat(st: os.stat_result) -> Stat:
-    return Stat(st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
-                st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class HostDir:

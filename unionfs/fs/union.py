@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from unionfs.fs import acl, copyup
+from unionfs.fs.attr import Attr, attr_of
 from unionfs.fs.cache import DirState, LookupCache
 from unionfs.fs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, fallocate, join, split
 from unionfs.fs.gate import WriteGate
@@ -127,14 +128,9 @@ class UnionFS:
         fs = self.layer_fs[layer]
         return real_ino if fs == 0 else (real_ino & ((1 << 48) - 1)) | (fs << 48)
 
-    def _attrs(self, st: os.stat_result, ino: int) -> dict[str, Any]:
+    def _attrs(self, st: os.stat_result, ino: int, nlink: int | None = None) -> Attr:
         uid, gid = (st.st_uid, st.st_gid) if self.idmap is None else self.idmap.shown(st.st_uid, st.st_gid)
-        return {
-            "st_mode": st.st_mode, "st_ino": ino, "st_nlink": st.st_nlink, "st_uid": uid,
-            "st_gid": gid, "st_rdev": st.st_rdev, "st_size": st.st_size, "st_blocks": st.st_blocks,
-            "st_blksize": st.st_blksize, "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns,
-            "st_ctime": st.st_ctime_ns,
-        }
+        return attr_of(st, ino=ino, uid=uid, gid=gid, nlink=nlink)
 
     def _node(self, path: str) -> Node:
         node = self.resolver.lookup(path)
@@ -213,7 +209,7 @@ class UnionFS:
         self.gate.resume()
 
     # ================================================================== reading
-    def getattr(self, path: str) -> dict[str, Any]:
+    def getattr(self, path: str) -> Attr:
         """Attributes of ``path`` (lstat-like; times in ns).  ENOENT where nothing is visible."""
         with self.lock:
             node = self._node(path)
@@ -225,13 +221,12 @@ class UnionFS:
             if cached is not None:
                 return cached
             st = self._host(node).lstat(path)
-            attrs = self._attrs(st, self._ino(node.layer, st.st_ino))
-            if node.is_dir and len(node.chain) > 1 and self._merged(path):
-                attrs["st_nlink"] = 1
+            merged = node.is_dir and len(node.chain) > 1 and self._merged(path)
+            attrs = self._attrs(st, self._ino(node.layer, st.st_ino), 1 if merged else None)
             self.cache.put_attrs(path, attrs)
             return attrs
 
-    def getattr_children(self, path: str, names: list[str]) -> list[dict[str, Any] | None]:
+    def getattr_children(self, path: str, names: list[str]) -> list[Attr | None]:
         """:meth:`getattr` of each of ``names`` inside directory ``path`` (None for a name not visible any
         more), for a listing that carries attributes.  The same answers, but the upper objects of the
         directory are read through one descriptor of it: two system calls per name instead of nine."""
@@ -240,7 +235,7 @@ class UnionFS:
             if state is None:
                 self._node(path)  # ENOENT/ENOTDIR as getattr would say
                 raise _err(errno.ENOTDIR, path)
-            out: list[dict[str, Any] | None] = [None] * len(names)
+            out: list[Attr | None] = [None] * len(names)
             upper: list[tuple[int, str, Node]] = []
             for index, name in enumerate(names):
                 node = self.resolver.child(state, name)
@@ -269,14 +264,12 @@ class UnionFS:
                     out[index] = self._upper_attrs(child, node, st, ino)
             return out
 
-    def _upper_attrs(self, path: str, node: Node, st: os.stat_result, ino: int) -> dict[str, Any]:
+    def _upper_attrs(self, path: str, node: Node, st: os.stat_result, ino: int) -> Attr:
         """The attributes of upper object ``path`` from its ``lstat`` and union inode number (never cached:
         the daemon's own writes change them)."""
         self._note_links(path, st)
-        attrs = self._attrs(st, ino)
-        if node.is_dir and node.chain and self._merged(path):
-            attrs["st_nlink"] = 1
-        return attrs
+        merged = node.is_dir and bool(node.chain) and self._merged(path)
+        return self._attrs(st, ino, 1 if merged else None)
 
     def _merged(self, path: str) -> bool:
         """Is directory ``path`` merged from several layers?  The kernel then reports st_nlink 1."""
@@ -285,11 +278,9 @@ class UnionFS:
             return False
         return len(state.lower_layers) + (state.upper is not None) > 1
 
-    def fgetattr(self, handle: Handle) -> dict[str, Any]:
+    def fgetattr(self, handle: Handle) -> Attr:
         """Attributes through an open handle (works after the name was unlinked)."""
-        st = os.fstat(handle.fd)
-        attrs = self._attrs(st, handle.ino)
-        return attrs
+        return self._attrs(os.fstat(handle.fd), handle.ino)
 
     def readlink(self, path: str) -> str:
         with self.lock:
