@@ -187,7 +187,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
                 "lowers": [layer.path for layer in stack.lowers],
                 "upper": stack.upper.path if stack.upper else None,
                 "work": stack.work.path if stack.work else None,
-                "whiteout": self.fs.writer.format.value if self.fs.writer else None,
+                "whiteout": self.fs.upper.writer.format.value if self.fs.upper else None,
                 "volatile": self.fs.volatile}
 
     # -- helpers ------------------------------------------------------------------------------------------

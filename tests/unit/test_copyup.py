@@ -80,7 +80,7 @@ def test_copy_up_preserves_data_mode_owner_times_and_user_xattrs(mkenv: Callable
     for name, value in expected.items():
         assert xattr(up, name) == value
     for name in PRIVATE:
-        if name != fs.origin_xattr:
+        if name != fs.inodes.origin_xattr:
             assert name not in host_names, f"private xattr {name} was copied up"
     assert sorted(fs.listxattr("dir/f")) == sorted(expected)
     assert staging_entries(env) == []
@@ -94,11 +94,11 @@ def test_copy_up_drops_private_xattrs_but_records_origin(mkenv: Callable[..., En
     ino = fs.getattr("f").st_ino
     fs.chmod("f", 0o600)
     up = env.upper / "f"  # type: ignore[operator]
-    assert xattr(up, fs.origin_xattr) == str(ino).encode()
+    assert xattr(up, fs.inodes.origin_xattr) == str(ino).encode()
     assert xattr(up, "trusted.unionfs.origin") in (None, str(ino).encode())
     for name in PRIVATE:
         assert_errno(errno.ENODATA, fs.getxattr, "f", name)
-    assert fs.origin_xattr not in fs.listxattr("f")
+    assert fs.inodes.origin_xattr not in fs.listxattr("f")
     assert fs.getxattr("f", "user.mime") == b"text/plain"
 
 
@@ -394,7 +394,7 @@ def test_created_files_are_not_marked_with_an_origin(mkenv: Callable[..., Env]) 
     fs = env.open()
     create_file(fs, "new", b"n")
     up = env.upper / "new"  # type: ignore[operator]
-    assert xattr(up, fs.origin_xattr) is None
+    assert xattr(up, fs.inodes.origin_xattr) is None
     assert fs.getattr("new").st_ino == os.lstat(up).st_ino
 
 

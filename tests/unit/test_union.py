@@ -131,7 +131,7 @@ def test_unlink_lower_file_writes_a_whiteout(union: Callable[..., tuple[Env, Uni
     assert names(fs, "d") == ["f", "sub"]
     assert upper_state(env.upper) == {"a": "wh", "d": "dir", "d/g": "wh"}  # type: ignore[arg-type]
     clean(env)
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert "a" not in names(fs2) and names(fs2, "d") == ["f", "sub"]
 
 
@@ -423,7 +423,7 @@ def test_delete_and_recreate_a_file(union: Callable[..., tuple[Env, UnionFS]]) -
     assert_errno(errno.ENODATA, fs.getxattr, "d/f", "user.old")
     assert upper_state(env.upper) == {"d": "dir", "d/f": "file"}  # type: ignore[arg-type]
     clean(env)
-    assert read_all(env.remount(fs, whiteout=fs.writer.format.value), "d/f") == b"fresh"  # type: ignore[union-attr]
+    assert read_all(env.remount(fs, whiteout=fs.upper.writer.format.value), "d/f") == b"fresh"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("kind", ["symlink", "mkdir", "mknod"])
@@ -455,7 +455,7 @@ def test_delete_and_recreate_a_directory_makes_it_opaque(union: Callable[..., tu
     create_file(fs, "m/new", b"n")
     assert names(fs, "m") == ["new"]
     clean(env)
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert names(fs2, "m") == ["new"]
     assert_errno(errno.ENOENT, fs2.getattr, "m/y")
 
@@ -556,7 +556,7 @@ def test_rename_upper_dir_onto_an_empty_lower_dir_makes_it_opaque(union: Callabl
     fs.rename("u", "e")
     assert names(fs, "e") == ["inner"]
     assert upper_state(env.upper) == {"e": "dir+opaque", "e/inner": "file"}  # type: ignore[arg-type]
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert names(fs2, "e") == ["inner"]
 
 
@@ -625,7 +625,7 @@ def test_rename_exchange_swaps_two_lower_files(union: Callable[..., tuple[Env, U
     assert fs.getattr("a").st_ino == ino_b and fs.getattr("d/g").st_ino == ino_a
     assert upper_state(env.upper) == {"a": "file", "d": "dir", "d/g": "file"}  # type: ignore[arg-type]
     clean(env)
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert read_all(fs2, "a") == b"bottom d/g\n" and fs2.getattr("a").st_ino == ino_b
 
 
@@ -722,7 +722,7 @@ def test_rename_onto_another_name_of_the_same_file_does_nothing(union: Callable[
     fs.rename(src, "c")
     assert {src, "c"} <= set(names(fs))
     assert fs.getattr(src).st_nlink == 2
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert {src, "c"} <= set(names(fs2))
     assert upper_state(env.upper)[src] == "file"  # type: ignore[arg-type]
 
@@ -858,7 +858,7 @@ def test_trusted_overlay_xattrs_are_escaped(union: Callable[..., tuple[Env, Unio
     assert xattr(up, "trusted.overlay.opaque") is None
     assert xattr(up, "trusted.overlay.overlay.opaque") == b"y"
     assert names(fs, "d") == ["f", "g", "sub"]
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert names(fs2, "d") == ["f", "g", "sub"]
     assert fs2.getxattr("d", "trusted.overlay.opaque") == b"y"
     fs2.removexattr("d", "trusted.overlay.opaque")
@@ -930,7 +930,7 @@ def test_every_operation_leaves_workdir_empty(union: Callable[..., tuple[Env, Un
         step()
         clean(env)
     expected = visible_tree(fs)
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert visible_tree(fs2) == expected
     assert_errno(errno.ENOENT, fs2.getattr, "d/sub/x")
     assert names(fs2, "d/sub") == ["x2"]
@@ -1040,7 +1040,7 @@ def test_renamed_lower_file_keeps_its_inode_number_in_getattr(union: Callable[..
     ino = fs.getattr("d/f").st_ino
     fs.rename("d/f", "d/sub/renamed")
     assert fs.getattr("d/sub/renamed").st_ino == ino
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert fs2.getattr("d/sub/renamed").st_ino == ino
 
 

@@ -9,6 +9,7 @@ A missing path is ``None``, never an exception.  Host errors other than "not the
 from __future__ import annotations
 
 import errno
+import os
 import stat as stat_mod
 from typing import NamedTuple
 
@@ -18,6 +19,18 @@ from unionfs.fs.layers import LayerStack
 from unionfs.fs.whiteout import LayerDir, read_layer_dir
 
 S_IFDIR = stat_mod.S_IFDIR
+NAME_MAX = 255
+
+
+def path_error(code: int, path: str) -> OSError:
+    """The error the union raises for union path ``path`` (shown with its leading ``/``)."""
+    return OSError(code, os.strerror(code), "/" + path)
+
+
+def check_name(path: str) -> None:
+    """ENAMETOOLONG where the last component of ``path`` is longer than NAME_MAX bytes."""
+    if len(os.fsencode(split(path)[1])) > NAME_MAX:
+        raise path_error(errno.ENAMETOOLONG, path)
 
 
 class Node(NamedTuple):
@@ -54,6 +67,18 @@ class Resolver:
         if parent is None:
             return None
         return self.child(parent, name)
+
+    def require(self, path: str) -> Node:
+        """The node at ``path``; where nothing is visible ENAMETOOLONG, ENOTDIR (a parent is not a
+        directory) or ENOENT, as the kernel answers."""
+        node = self.lookup(path)
+        if node is None:
+            check_name(path)
+            parent = split(path)[0]
+            if path and self.dir_state(parent) is None and self.lookup(parent) is not None:
+                raise path_error(errno.ENOTDIR, path)
+            raise path_error(errno.ENOENT, path)
+        return node
 
     def child(self, parent: DirState, name: str) -> Node | None:
         """The node ``name`` inside the visible directory ``parent``, or None."""
