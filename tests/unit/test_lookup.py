@@ -12,7 +12,8 @@ from support.layers import Dir, File, Symlink
 from unitkit import Env, assert_errno, names, read_all, visible_tree
 
 from unionfs.fs.attr import Attr
-from unionfs.fs.cache import DirState, LookupCache, LowerName
+from unionfs.fs.cache import LookupCache
+from unionfs.fs.dirstate import DirState, LowerName
 from unionfs.fs.lookup import Resolver
 
 

@@ -10,66 +10,10 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from unionfs.fs.attr import Attr
-
-
-@dataclass(slots=True)
-class LowerName:
-    """A name as the lower layers show it: its type, the top lower layer that holds it and, for a directory,
-    every lower layer whose copy merges into it (top-down, before opacity of the child itself is known)."""
-
-    kind: int
-    layer: int
-    chain: tuple[int, ...]
-    ino: int = 0
-
-
-@dataclass(slots=True)
-class DirState:
-    """Everything needed to resolve names inside one visible directory of the union.
-
-    ``upper`` is None when the upper layer has no copy of the directory; otherwise it maps the upper's
-    entries to their type, with ``upper_wh`` the names whited out there and ``upper_opaque`` its opacity.
-    ``lower`` is the merged table of the lower layers (``lower_layers``) that show through.
-    """
-
-    path: str
-    upper: dict[str, int] | None
-    upper_wh: set[str]
-    upper_opaque: bool
-    lower_layers: tuple[int, ...]
-    lower: dict[str, LowerName]
-    upper_inos: dict[str, int] = field(default_factory=dict)
-    size: int = field(default=0)
-
-    # -- the updates the union makes after it changed the upper layer --------------------------------------
-    def upper_set(self, name: str, kind: int) -> None:
-        if self.upper is None:
-            self.upper = {}
-        self.upper[name] = kind
-        self.upper_inos.pop(name, None)
-        self.upper_wh.discard(name)
-
-    def upper_remove(self, name: str) -> None:
-        if self.upper is not None:
-            self.upper.pop(name, None)
-
-    def upper_whiteout(self, name: str) -> None:
-        if self.upper is None:
-            self.upper = {}
-        self.upper.pop(name, None)
-        self.upper_wh.add(name)
-
-    def visible_names(self) -> list[str]:
-        """The merged listing: upper entries, then lower names not hidden by the upper (no markers)."""
-        upper = self.upper or {}
-        names = list(upper)
-        if not self.upper_opaque:
-            wh = self.upper_wh
-            names.extend(n for n in self.lower if n not in upper and n not in wh)
-        return names
+from unionfs.fs.dirstate import DirState
 
 
 @dataclass

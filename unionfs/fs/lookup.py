@@ -13,7 +13,8 @@ import os
 import stat as stat_mod
 from typing import NamedTuple
 
-from unionfs.fs.cache import DirState, LookupCache, LowerName
+from unionfs.fs.cache import LookupCache
+from unionfs.fs.dirstate import DirState, merge_lower
 from unionfs.fs.fsio import split
 from unionfs.fs.layers import LayerStack
 from unionfs.fs.whiteout import LayerDir, read_layer_dir
@@ -157,33 +158,3 @@ class Resolver:
         """The merged names of directory ``path`` (no markers, no duplicates), or None if not a dir."""
         state = self.dir_state(path)
         return None if state is None else state.visible_names()
-
-
-def merge_lower(layers: list[int], scans: list[LayerDir]) -> dict[str, LowerName]:
-    """Merge lower layers' copies of one directory (top-down) into one table.
-
-    A whiteout in layer i hides the name in the layers below i; a non-directory hides everything below
-    it; a directory's chain collects the lower copies that are directories, until something stops it.
-    """
-    merged: dict[str, LowerName] = {}
-    hidden: set[str] = set()
-    closed: set[str] = set()
-    for index, scan in zip(layers, scans, strict=True):
-        for name, kind in scan.entries.items():
-            if name in hidden or name in closed:
-                continue
-            have = merged.get(name)
-            if have is None:
-                merged[name] = LowerName(kind, index, (index,) if kind == S_IFDIR else (), scan.inos[name])
-                if kind != S_IFDIR:
-                    closed.add(name)
-            elif kind == S_IFDIR and have.kind == S_IFDIR:
-                have.chain = (*have.chain, index)
-            else:
-                closed.add(name)
-        for name in scan.whiteouts:
-            if name in merged:
-                closed.add(name)
-            else:
-                hidden.add(name)
-    return merged

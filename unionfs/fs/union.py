@@ -26,7 +26,8 @@ from typing import Any, TypeVar, cast
 
 from unionfs.fs import copyup
 from unionfs.fs.attr import Attr, attr_of
-from unionfs.fs.cache import DirState, LookupCache
+from unionfs.fs.cache import LookupCache
+from unionfs.fs.dirstate import DirState
 from unionfs.fs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, fallocate, join, split
 from unionfs.fs.gate import WriteGate
 from unionfs.fs.idmap import IdMap

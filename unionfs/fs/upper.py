@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unionfs.fs import acl, copyup
-from unionfs.fs.cache import DirState, LookupCache
+from unionfs.fs.cache import LookupCache
+from unionfs.fs.dirstate import DirState
 from unionfs.fs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, HostDir, join, split
 from unionfs.fs.inodes import ORIGIN_TRUSTED, ORIGIN_USER, Inodes
 from unionfs.fs.layers import WORK_SUBDIR, LayerStack

@@ -24,9 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from unionfs.fs.cache import LowerName
+from unionfs.fs.dirstate import LowerName, merge_lower
 from unionfs.fs.fsio import HostDir, join, split
-from unionfs.fs.lookup import merge_lower
 from unionfs.fs.whiteout import read_layer_dir
 from unionfs.image.commit import union_at
 from unionfs.image.digest import scan
