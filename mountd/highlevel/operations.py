@@ -267,7 +267,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes | None:
         """The value, or None where there is none: :class:`mountd.highlevel.binding.UnionFUSE` answers that with
         ENODATA without an exception on the way (fusepy's own ``getxattr`` is not used)."""
-        return self.fs.xattr(_rel(path), name)
+        return self.fs.xattr_or_none(_rel(path), name)
 
     @_op
     def listxattr(self, path: str) -> list[str]:

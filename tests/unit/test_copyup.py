@@ -384,7 +384,7 @@ def test_copy_up_of_an_upper_object_is_a_no_op(mkenv: Callable[..., Env]) -> Non
     fs = env.open()
     with fs.lock:
         node = fs.copy_up("f")
-    assert node.upper
+    assert node.in_upper
     assert (env.upper / "f").read_bytes() == b"upper"  # type: ignore[operator]
 
 

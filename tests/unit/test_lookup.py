@@ -13,7 +13,7 @@ from unitkit import Env, assert_errno, names, read_all, visible_tree
 
 from unionfs.fs.attr import Attr
 from unionfs.fs.cache import LookupCache
-from unionfs.fs.dirstate import DirState, LowerName
+from unionfs.fs.dirstate import DirState, LowerEntry
 from unionfs.fs.lookup import Resolver
 
 
@@ -56,7 +56,7 @@ def test_name_resolves_in_the_highest_layer_that_has_it(mkenv: Callable[..., Env
     fs = env.open()
     for k in range(depth):
         node = fs.resolver.lookup(f"from{k}")
-        assert node is not None and node.layer == k and not node.upper
+        assert node is not None and node.layer == k and not node.in_upper
         assert read_all(fs, f"from{k}") == f"layer {k}\n".encode()
 
 
@@ -198,13 +198,13 @@ def test_resolver_nodes(mkenv: Callable[..., Env]) -> None:
     stack = env.open().stack
     resolver = Resolver(stack, LookupCache())
     root = resolver.lookup("")
-    assert root is not None and root.is_dir and root.upper and root.chain == (1, 2, 3)
+    assert root is not None and root.is_dir and root.in_upper and root.merge_layers == (1, 2, 3)
     u = resolver.lookup("u")
-    assert u is not None and u.upper and u.layer == 0
+    assert u is not None and u.in_upper and u.layer == 0
     d = resolver.lookup("d")
-    assert d is not None and d.upper and d.chain == (1, 2)
+    assert d is not None and d.in_upper and d.merge_layers == (1, 2)
     f = resolver.lookup("f")
-    assert f is not None and not f.upper and f.layer == 1 and f.chain == ()
+    assert f is not None and not f.in_upper and f.layer == 1 and f.merge_layers == ()
     x = resolver.lookup("x")
     assert x is not None and x.layer == 3
     assert sorted(resolver.listdir("d") or []) == ["a", "b", "c"]
@@ -214,7 +214,7 @@ def test_resolver_nodes(mkenv: Callable[..., Env]) -> None:
 # --- LookupCache on its own -------------------------------------------------------------------------------
 
 def _state(path: str, names: tuple[str, ...] = ()) -> DirState:
-    return DirState(path, None, set(), False, (1,), {n: LowerName(stat.S_IFREG, 1, ()) for n in names})
+    return DirState(path, None, set(), False, (1,), {n: LowerEntry(stat.S_IFREG, 1, ()) for n in names})
 
 
 def _attr(ino: int) -> Attr:

@@ -60,7 +60,7 @@ class LookupCache:
         old = self.dirs.pop(state.path, None)
         if old is not None:
             self.entries -= old.size
-        state.size = 1 + len(state.lower) + len(state.upper or ())
+        state.size = 1 + len(state.lower) + len(state.upper_kinds or ())
         self.dirs[state.path] = state
         self.entries += state.size
         self._shrink()

@@ -1,7 +1,7 @@
 """The merged-directory model: what the union knows of one visible directory, and how lower copies merge.
 
 A :class:`DirState` holds a directory's upper entries (with its whiteouts and opacity) and the merged table of
-its lower copies (:class:`LowerName` per name), built by :func:`merge_lower` from each layer's
+its lower copies (:class:`LowerEntry` per name), built by :func:`merge_lower` from each layer's
 :class:`~unionfs.fs.whiteout.LayerDir`.  The resolver (:mod:`unionfs.fs.lookup`) builds states and the lookup
 cache (:mod:`unionfs.fs.cache`) keeps them; the write side updates a state after it changed the upper layer.
 """
@@ -17,13 +17,13 @@ S_IFDIR = stat_mod.S_IFDIR
 
 
 @dataclass(slots=True)
-class LowerName:
+class LowerEntry:
     """A name as the lower layers show it: its type, the top lower layer that holds it and, for a directory,
     every lower layer whose copy merges into it (top-down, before opacity of the child itself is known)."""
 
     kind: int
     layer: int
-    chain: tuple[int, ...]
+    merge_layers: tuple[int, ...]
     ino: int = 0
 
 
@@ -37,35 +37,33 @@ class DirState:
     """
 
     path: str
-    upper: dict[str, int] | None
+    upper_kinds: dict[str, int] | None
     upper_wh: set[str]
     upper_opaque: bool
     lower_layers: tuple[int, ...]
-    lower: dict[str, LowerName]
-    upper_inos: dict[str, int] = field(default_factory=dict)
+    lower: dict[str, LowerEntry]
     size: int = field(default=0)
 
     # -- the updates the union makes after it changed the upper layer --------------------------------------
     def upper_set(self, name: str, kind: int) -> None:
-        if self.upper is None:
-            self.upper = {}
-        self.upper[name] = kind
-        self.upper_inos.pop(name, None)
+        if self.upper_kinds is None:
+            self.upper_kinds = {}
+        self.upper_kinds[name] = kind
         self.upper_wh.discard(name)
 
     def upper_remove(self, name: str) -> None:
-        if self.upper is not None:
-            self.upper.pop(name, None)
+        if self.upper_kinds is not None:
+            self.upper_kinds.pop(name, None)
 
     def upper_whiteout(self, name: str) -> None:
-        if self.upper is None:
-            self.upper = {}
-        self.upper.pop(name, None)
+        if self.upper_kinds is None:
+            self.upper_kinds = {}
+        self.upper_kinds.pop(name, None)
         self.upper_wh.add(name)
 
     def visible_names(self) -> list[str]:
         """The merged listing: upper entries, then lower names not hidden by the upper (no markers)."""
-        upper = self.upper or {}
+        upper = self.upper_kinds or {}
         names = list(upper)
         if not self.upper_opaque:
             wh = self.upper_wh
@@ -73,13 +71,13 @@ class DirState:
         return names
 
 
-def merge_lower(layers: list[int], scans: list[LayerDir]) -> dict[str, LowerName]:
+def merge_lower(layers: list[int], scans: list[LayerDir]) -> dict[str, LowerEntry]:
     """Merge lower layers' copies of one directory (top-down) into one table.
 
     A whiteout in layer i hides the name in the layers below i; a non-directory hides everything below
     it; a directory's chain collects the lower copies that are directories, until something stops it.
     """
-    merged: dict[str, LowerName] = {}
+    merged: dict[str, LowerEntry] = {}
     hidden: set[str] = set()
     closed: set[str] = set()
     for index, scan in zip(layers, scans, strict=True):
@@ -88,11 +86,11 @@ def merge_lower(layers: list[int], scans: list[LayerDir]) -> dict[str, LowerName
                 continue
             have = merged.get(name)
             if have is None:
-                merged[name] = LowerName(kind, index, (index,) if kind == S_IFDIR else (), scan.inos[name])
+                merged[name] = LowerEntry(kind, index, (index,) if kind == S_IFDIR else (), scan.inos[name])
                 if kind != S_IFDIR:
                     closed.add(name)
             elif kind == S_IFDIR and have.kind == S_IFDIR:
-                have.chain = (*have.chain, index)
+                have.merge_layers = (*have.merge_layers, index)
             else:
                 closed.add(name)
         for name in scan.whiteouts:

@@ -40,9 +40,9 @@ class Node(NamedTuple):
     request makes one, and a tuple is made in a third of a frozen dataclass's time.)"""
 
     kind: int
-    upper: bool
+    in_upper: bool
     layer: int
-    chain: tuple[int, ...]
+    merge_layers: tuple[int, ...]
 
     @property
     def is_dir(self) -> bool:
@@ -83,16 +83,16 @@ class Resolver:
 
     def child(self, parent: DirState, name: str) -> Node | None:
         """The node ``name`` inside the visible directory ``parent``, or None."""
-        upper = parent.upper
+        upper = parent.upper_kinds
         if upper is not None:
             kind = upper.get(name)
             if kind is not None:
-                chain: tuple[int, ...] = ()
+                merge_layers: tuple[int, ...] = ()
                 if kind == S_IFDIR and not parent.upper_opaque:
                     low = parent.lower.get(name)
                     if low is not None and low.kind == S_IFDIR:
-                        chain = low.chain
-                return Node(kind, True, 0, chain)
+                        merge_layers = low.merge_layers
+                return Node(kind, True, 0, merge_layers)
             if name in parent.upper_wh:
                 return None
         if parent.upper_opaque:
@@ -100,7 +100,7 @@ class Resolver:
         low = parent.lower.get(name)
         if low is None:
             return None
-        return Node(low.kind, False, low.layer, low.chain)
+        return Node(low.kind, False, low.layer, low.merge_layers)
 
     def lookup_parent(self, path: str) -> DirState:
         """The state of ``path``'s parent directory; raises ENOENT/ENOTDIR as the kernel would."""
@@ -127,20 +127,19 @@ class Resolver:
     def build_dir_state(self, path: str, node: Node) -> DirState:
         upper: dict[str, int] | None = None
         upper_wh: set[str] = set()
-        upper_inos: dict[str, int] = {}
         opaque = False
-        if node.upper and self.stack.upper is not None:
+        if node.in_upper and self.stack.upper is not None:
             try:
                 ud = read_layer_dir(self.stack.upper.host, path)
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                     raise
             else:
-                upper, upper_wh, opaque, upper_inos = ud.entries, ud.whiteouts, ud.opaque, ud.inos
+                upper, upper_wh, opaque = ud.entries, ud.whiteouts, ud.opaque
         lower_layers: list[int] = []
         scans: list[LayerDir] = []
         if not opaque:
-            for index in node.chain:
+            for index in node.merge_layers:
                 try:
                     ld = read_layer_dir(self.hosts[index], path)
                 except OSError as exc:
@@ -152,7 +151,7 @@ class Resolver:
                 if ld.opaque:
                     break
         return DirState(path, upper, upper_wh, opaque, tuple(lower_layers),
-                        merge_lower(lower_layers, scans), upper_inos)
+                        merge_lower(lower_layers, scans))
 
     def listdir(self, path: str) -> list[str] | None:
         """The merged names of directory ``path`` (no markers, no duplicates), or None if not a dir."""

@@ -52,7 +52,7 @@ class Handle:
     fd: int
     path: str
     ino: int
-    upper: bool
+    on_upper: bool
     flags: int = os.O_RDONLY
 
 
@@ -115,7 +115,7 @@ class UnionFS:
     def _host(self, node: Node) -> HostDir:
         return self.resolver.hosts[node.layer]
 
-    def _lower_has(self, parent: DirState, name: str) -> bool:
+    def _needs_whiteout(self, parent: DirState, name: str) -> bool:
         """Would removing the upper copy of ``name`` let a lower one show through?"""
         return not parent.upper_opaque and name in parent.lower
 
@@ -131,14 +131,14 @@ class UnionFS:
         """Attributes of ``path`` (lstat-like; times in ns).  ENOENT where nothing is visible."""
         with self.lock:
             node = self.resolver.require(path)
-            if node.upper:
+            if node.in_upper:
                 st = self._host(node).lstat(path)
                 return self._upper_attrs(path, node, st, self.inodes.upper_ino(path, st))
             cached = self.cache.get_attrs(path)
             if cached is not None:
                 return cached
             st = self._host(node).lstat(path)
-            merged = node.is_dir and len(node.chain) > 1 and self._merged(path)
+            merged = node.is_dir and len(node.merge_layers) > 1 and self._merged(path)
             attrs = self._attrs(st, self.inodes.ino(node.layer, st.st_ino), 1 if merged else None)
             self.cache.put_attrs(path, attrs)
             return attrs
@@ -158,7 +158,7 @@ class UnionFS:
                 node = self.resolver.child(state, name)
                 if node is None:
                     continue
-                if node.upper:
+                if node.in_upper:
                     upper.append((index, name, node))
                 else:
                     out[index] = self.getattr(join(path, name))
@@ -185,7 +185,7 @@ class UnionFS:
         """The attributes of upper object ``path`` from its ``lstat`` and union inode number (never cached:
         the daemon's own writes change them)."""
         self.inodes.note_links(path, st)
-        merged = node.is_dir and bool(node.chain) and self._merged(path)
+        merged = node.is_dir and bool(node.merge_layers) and self._merged(path)
         return self._attrs(st, ino, 1 if merged else None)
 
     def _merged(self, path: str) -> bool:
@@ -193,7 +193,7 @@ class UnionFS:
         state = self.resolver.dir_state(path)
         if state is None:
             return False
-        return len(state.lower_layers) + (state.upper is not None) > 1
+        return len(state.lower_layers) + (state.upper_kinds is not None) > 1
 
     def fgetattr(self, handle: Handle) -> Attr:
         """Attributes through an open handle (works after the name was unlinked)."""
@@ -216,7 +216,7 @@ class UnionFS:
                 self.resolver.require(path)
                 raise _err(errno.ENOTDIR, path)
             out = []
-            upper = state.upper or {}
+            upper = state.upper_kinds or {}
             for name in state.visible_names():
                 kind = upper.get(name)
                 if kind is None:
@@ -247,12 +247,12 @@ class UnionFS:
 
     # ================================================================== xattrs
     def getxattr(self, path: str, name: str) -> bytes:
-        value = self.xattr(path, name)
+        value = self.xattr_or_none(path, name)
         if value is None:
             raise _err(errno.ENODATA, path)
         return value
 
-    def xattr(self, path: str, name: str) -> bytes | None:
+    def xattr_or_none(self, path: str, name: str) -> bytes | None:
         """:meth:`getxattr`, but None where ``path`` has no such attribute (ENODATA) instead of raising: a
         tree walk asks every entry for ``security.capability``, and most have none."""
         with self.lock:
@@ -260,7 +260,7 @@ class UnionFS:
             host_name = xattr_to_host(name)
             if host_name is None:
                 return None
-            if not node.upper:
+            if not node.in_upper:
                 return self._lower_xattrs(path, node).get(host_name)
             try:
                 return self._host(node).getxattr(path, host_name)
@@ -272,7 +272,7 @@ class UnionFS:
     def listxattr(self, path: str) -> list[str]:
         with self.lock:
             node = self.resolver.require(path)
-            host_names = self._host(node).listxattr(path) if node.upper else self._lower_xattrs(path, node)
+            host_names = self._host(node).listxattr(path) if node.in_upper else self._lower_xattrs(path, node)
             if not host_names:
                 return []
             names = (xattr_from_host(n) for n in host_names)
@@ -317,7 +317,7 @@ class UnionFS:
             host_name = xattr_to_host(name)
             if host_name is None:
                 raise _err(errno.ENODATA, path)
-            if not node.upper:
+            if not node.in_upper:
                 self._host(node).getxattr(path, host_name)  # ENODATA before any copy-up
             self.copy_up(path)
             upper.removexattr(path, host_name)
@@ -463,8 +463,8 @@ class UnionFS:
                 raise _err(errno.EISDIR, path)
             parent_path, name = split(path)
             parent = upper.ensure_dir(parent_path)
-            old = upper.dir.try_lstat(path) if node.upper else None
-            if self._lower_has(parent, name):
+            old = upper.dir.try_lstat(path) if node.in_upper else None
+            if self._needs_whiteout(parent, name):
                 upper.replace_with_whiteout(path, is_dir=False)
                 parent.upper_whiteout(name)
             else:
@@ -489,7 +489,7 @@ class UnionFS:
                 raise _err(errno.ENOTEMPTY, path)
             parent_path, name = split(path)
             parent = upper.ensure_dir(parent_path)
-            if self._lower_has(parent, name):
+            if self._needs_whiteout(parent, name):
                 upper.replace_with_whiteout(path, is_dir=True)
                 parent.upper_whiteout(name)
             else:
@@ -520,7 +520,7 @@ class UnionFS:
             self._check_representable(dst)
             if dst == src:
                 return
-            if dnode is not None and snode.upper and dnode.upper and not snode.is_dir:
+            if dnode is not None and snode.in_upper and dnode.in_upper and not snode.is_dir:
                 sst, dst_st = upper.lstat(src), upper.lstat(dst)
                 if (sst.st_dev, sst.st_ino) == (dst_st.st_dev, dst_st.st_ino):
                     return  # two names of one file: rename(2) does nothing
@@ -536,23 +536,23 @@ class UnionFS:
             # the kernel's order: type mismatches (the VFS), then EXDEV (overlayfs), then ENOTEMPTY
             if snode.is_dir:
                 sstate = self.resolver.dir_state(src)
-                if not snode.upper or (sstate is not None and sstate.lower_layers):
+                if not snode.in_upper or (sstate is not None and sstate.lower_layers):
                     raise _err(errno.EXDEV, src)
             if dnode is not None and dnode.is_dir and self.resolver.listdir(dst):
                 raise _err(errno.ENOTEMPTY, dst)
             sparent_path, sname = split(src)
             if writer.format is WhiteoutFormat.OCI and len(os.fsencode(WH_PREFIX + sname)) > NAME_MAX \
-                    and self._lower_has(self.resolver.lookup_parent(src), sname):
+                    and self._needs_whiteout(self.resolver.lookup_parent(src), sname):
                 raise _err(errno.ENAMETOOLONG, src)  # its whiteout could not be written: change nothing
             sparent = layer.ensure_dir(sparent_path)
             snode = self.copy_up(src)
             dparent = layer.ensure_dir(split(dst)[0])
-            src_needs_wh = self._lower_has(sparent, sname)
-            dst_lower = self._lower_has(dparent, dname)
+            src_needs_wh = self._needs_whiteout(sparent, sname)
+            dst_lower = self._needs_whiteout(dparent, dname)
             # Clear what the upper holds at dst: an (empty-looking) upper dir with only whiteouts inside,
             # a whiteout of either format.
             dst_upper = upper.try_lstat(dst)
-            if dnode is not None and dnode.is_dir and dnode.upper:
+            if dnode is not None and dnode.is_dir and dnode.in_upper:
                 tmp = join(WORK_SUBDIR, copyup.temp_name("rm"))
                 upper.rename(dst, tmp, dst_dir=work)
                 copyup.remove_tree(work, tmp)
@@ -600,15 +600,15 @@ class UnionFS:
         for path, node in ((a, anode), (b, bnode)):
             if node.is_dir:
                 state = self.resolver.dir_state(path)
-                if not node.upper or (state is not None and state.lower_layers):
+                if not node.in_upper or (state is not None and state.lower_layers):
                     raise _err(errno.EXDEV, path)
         aparent = layer.ensure_dir(split(a)[0])
         bparent = layer.ensure_dir(split(b)[0])
         anode, bnode = self.copy_up(a), self.copy_up(b)
         # a directory moving onto a name a lower layer has must hide that lower copy
-        if anode.is_dir and self._lower_has(bparent, split(b)[1]):
+        if anode.is_dir and self._needs_whiteout(bparent, split(b)[1]):
             writer.mark_opaque(upper, a)
-        if bnode.is_dir and self._lower_has(aparent, split(a)[1]):
+        if bnode.is_dir and self._needs_whiteout(aparent, split(a)[1]):
             writer.mark_opaque(upper, b)
         upper.rename(a, b, RENAME_EXCHANGE)
         aparent.upper_set(split(a)[1], bnode.kind)
@@ -690,12 +690,12 @@ class UnionFS:
             fd = host.open(path, host_flags)
             try:
                 st = os.fstat(fd)
-                ino = self.inodes.upper_ino(path, st) if node.upper else self.inodes.ino(node.layer, st.st_ino)
+                ino = self.inodes.upper_ino(path, st) if node.in_upper else self.inodes.ino(node.layer, st.st_ino)
             except BaseException:
                 os.close(fd)
                 raise
-            handle = Handle(fd, path, ino, node.upper, host_flags)
-            if not node.upper and node.kind == stat_mod.S_IFREG and self.upper is not None:
+            handle = Handle(fd, path, ino, node.in_upper, host_flags)
+            if not node.in_upper and node.kind == stat_mod.S_IFREG and self.upper is not None:
                 self._lower_handles.setdefault(path, set()).add(fd)
                 self._handles_by_fd[fd] = handle
             return handle
@@ -712,7 +712,7 @@ class UnionFS:
                 os.dup2(new, fd)
             finally:
                 os.close(new)
-            handle.upper = True
+            handle.on_upper = True
 
     def read(self, handle: Handle, size: int, offset: int) -> bytes:
         return os.pread(handle.fd, size, offset)
@@ -736,12 +736,12 @@ class UnionFS:
 
     def release(self, handle: Handle) -> None:
         """Close the handle; a file written through one name has its other names' kernel caches dropped."""
-        if not handle.upper and handle.path in self._lower_handles:
+        if not handle.on_upper and handle.path in self._lower_handles:
             with self.lock:
                 self._lower_handles.get(handle.path, set()).discard(handle.fd)
                 self._handles_by_fd.pop(handle.fd, None)
         try:
-            if handle.upper and self.inodes.links:
+            if handle.on_upper and self.inodes.links:
                 st = os.fstat(handle.fd)
                 if st.st_nlink > 1:
                     with self.lock:

@@ -85,7 +85,7 @@ class Upper:
         xattr), except a lower hard link, which copy-up breaks (as the kernel's ``index=off`` does).
         """
         node = self.resolver.require(path)
-        if node.upper:
+        if node.in_upper:
             return node
         parent_path, name = split(path)
         parent = self.ensure_dir(parent_path)
@@ -118,25 +118,25 @@ class Upper:
         parent.upper_set(name, node.kind)
         own = self.cache.peek_dir(path)
         if own is not None:
-            own.upper = {}
+            own.upper_kinds = {}
         self.cache.drop_attrs(path)
         # st_nlink may change with the copy (a merged dir reports 1, a broken hard link its own count)
         self.notify(path)
-        return Node(node.kind, True, 0, node.chain)
+        return Node(node.kind, True, 0, node.merge_layers)
 
     def ensure_dir(self, path: str) -> DirState:
         """Copy up directory ``path`` and its parents as needed; returns its (updated) state.  ENOTDIR."""
         node = self.resolver.require(path)
         if not node.is_dir:
             raise path_error(errno.ENOTDIR, path)
-        if not node.upper:
+        if not node.in_upper:
             if path:
                 self.ensure_dir(split(path)[0])
             self.copy_up(path)
         state = self.resolver.dir_state(path)
         assert state is not None  # a visible directory has a state
-        if state.upper is None:
-            state.upper = {}
+        if state.upper_kinds is None:
+            state.upper_kinds = {}
         return state
 
     # ================================================================== whiteouts and removal
