@@ -17,15 +17,15 @@ import ctypes
 import errno
 import fcntl
 import os
+import platform
 import stat as stat_mod
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_OPENAT2 = 437
-_SYS_RENAMEAT2 = 316
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
@@ -41,7 +41,6 @@ class _OpenHow(ctypes.Structure):
 
 
 _libc.syscall.restype = ctypes.c_long
-_have_openat2 = True
 
 
 def _openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
@@ -67,6 +66,32 @@ def _probe_openat2() -> bool:
 
 
 _have_openat2 = _probe_openat2()
+
+
+_RENAMEAT2_SYSCALL = {"x86_64": 316, "i386": 353, "i686": 353, "aarch64": 276, "riscv64": 276,
+                      "loongarch64": 276, "armv7l": 382, "armv8l": 382, "ppc64le": 357, "ppc64": 357,
+                      "s390x": 347, "mips64": 5311}
+"""renameat2's system call number by ``uname -m``, for a C library without the wrapper (glibc < 2.28)."""
+
+
+def _syscall_renameat2(sfd: int, src: bytes, dfd: int, dst: bytes, flags: int) -> int:
+    number = _RENAMEAT2_SYSCALL.get(platform.machine())
+    if number is None:
+        ctypes.set_errno(errno.ENOSYS)
+        return -1
+    return int(_libc.syscall(number, ctypes.c_int(sfd), src, ctypes.c_int(dfd), dst, ctypes.c_uint(flags)))
+
+
+def _libc_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    func = getattr(_libc, "renameat2", None)  # glibc >= 2.28, musl >= 1.2.3
+    if func is None:
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func  # type: ignore[no-any-return]
+
+
+_renameat2: Callable[[int, bytes, int, bytes, int], int] = _libc_renameat2() or _syscall_renameat2
 
 
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -440,8 +465,7 @@ class HostDir:
             if flags == 0:
                 os.rename(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd)
                 return
-            rc = _libc.syscall(_SYS_RENAMEAT2, ctypes.c_int(sfd), os.fsencode(sn), ctypes.c_int(dfd),
-                               os.fsencode(dn), ctypes.c_uint(flags))
+            rc = _renameat2(sfd, os.fsencode(sn), dfd, os.fsencode(dn), flags)
             if rc < 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), dst)
