@@ -14,6 +14,7 @@ from support.layers import FIXED_MTIME_NS, Device, Dir, Fifo, File, Hardlink, Sy
 from unitkit import Env, assert_errno, create_file, read_all, staging_entries, visible_tree, write_file, xattr
 
 from unionfs.fs import copyup
+from unionfs.fs.fsio import HostDir
 from unionfs.fs.union import UnionFS
 
 PRIVATE = {
@@ -287,7 +288,7 @@ def test_a_crash_mid_copy_is_invisible_and_cleaned_at_the_next_mount(mkenv: Call
     env = mkenv([{"f": lower_file(data)}])
     fs = env.open()
     _fail_midway(monkeypatch)
-    monkeypatch.setattr(copyup, "remove_tree", lambda host, rel: None)
+    monkeypatch.setattr(HostDir, "remove_tree", lambda self, rel: None)
     with pytest.raises(OSError):
         fs.open("f", os.O_WRONLY)
     monkeypatch.undo()

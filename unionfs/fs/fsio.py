@@ -22,7 +22,7 @@ import stat as stat_mod
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_OPENAT2 = 437
@@ -395,6 +395,36 @@ class HostDir:
         parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             os.rmdir(name, dir_fd=pfd)
+
+    def remove_tree(self, rel: str) -> None:
+        """Remove ``rel`` (a file or a whole tree; nothing where it is missing) without following symlinks,
+        depth first without recursion.  Directories the caller owns but cannot write (mode 0555 in a layer)
+        are made writable first where the caller is not root."""
+        st = self.try_lstat(rel)
+        if st is None:
+            return
+        if not stat_mod.S_ISDIR(st.st_mode):
+            self.unlink(rel)
+            return
+        stack = [(rel, False)]
+        while stack:
+            path, listed = stack.pop()
+            if listed:
+                self.rmdir(path)
+                continue
+            if os.geteuid() != 0:
+                with suppress(OSError):
+                    self.chmod(path, 0o700)
+            stack.append((path, True))
+            for name, kind, _ino in self.scandir(path):
+                child = join(path, name)
+                if kind == stat_mod.S_IFDIR:
+                    stack.append((child, False))
+                else:
+                    try:
+                        self.unlink(child)
+                    except IsADirectoryError:
+                        stack.append((child, False))
 
     def truncate(self, rel: str, length: int) -> None:
         """truncate(2) of regular file ``rel`` (EINVAL for anything else, as truncate(2) answers).

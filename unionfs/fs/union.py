@@ -555,7 +555,7 @@ class UnionFS:
             if dnode is not None and dnode.is_dir and dnode.in_upper:
                 tmp = join(WORK_SUBDIR, copyup.temp_name("rm"))
                 upper.rename(dst, tmp, dst_dir=work)
-                copyup.remove_tree(work, tmp)
+                work.remove_tree(tmp)
                 dst_upper = None
             if snode.is_dir and dst_lower:
                 writer.mark_opaque(upper, src)

@@ -110,7 +110,7 @@ class Upper:
         try:
             copyup.publish(work, tmp, self.dir, path)
         except BaseException:
-            copyup.remove_tree(work, tmp)
+            work.remove_tree(tmp)
             raise
         # the parent's times stay as they were: a copy-up is not a change of the directory
         self.dir.utime(parent_path, (parent_times.st_atime_ns, parent_times.st_mtime_ns))
@@ -150,7 +150,7 @@ class Upper:
                 work.rename(tmp, path, RENAME_NOREPLACE, dst_dir=upper)
             elif is_dir:
                 work.rename(tmp, path, RENAME_EXCHANGE, dst_dir=upper)
-                copyup.remove_tree(work, tmp)
+                work.remove_tree(tmp)
             else:
                 work.rename(tmp, path, dst_dir=upper)
             return
@@ -166,7 +166,7 @@ class Upper:
         if is_dir:
             tmp = join(WORK_SUBDIR, copyup.temp_name("rm"))
             self.dir.rename(path, tmp, dst_dir=self.work)
-            copyup.remove_tree(self.work, tmp)
+            self.work.remove_tree(tmp)
         else:
             self.dir.unlink(path)
 
@@ -210,7 +210,7 @@ class Upper:
             else:
                 work.rename(tmp, path, RENAME_NOREPLACE, dst_dir=upper)
         except BaseException:
-            copyup.remove_tree(work, tmp)
+            work.remove_tree(tmp)
             raise
         if writer.format is WhiteoutFormat.OCI:
             writer.remove_whiteout(path)
