@@ -129,11 +129,6 @@ def check_mountpoint(mountpoint: str) -> str:
 
 # -- checks before anything is started ----------------------------------------------------------------------
 
-def check_supported(config: MountConfig) -> None:
-    """Refuse what the parser accepts but the core cannot honour (MountError), so that nothing is ever
-    silently ignored.  Everything the parser accepts is honoured today."""
-
-
 def id_map(config: MountConfig) -> IdMap | None:
     """The core's owner mapping for ``config`` (None when owners pass unchanged)."""
     if not config.maps_ids:
@@ -170,7 +165,6 @@ def mount(config: MountConfig) -> int:
     Raises :class:`MountError` when the mount cannot be made; nothing is then mounted, and nothing has been
     written to the layers unless the failure came from the core or libfuse after the checks.
     """
-    check_supported(config)
     check_mountpoint(config.mountpoint)
     _raise_file_limit()
     stack = open_stack(config)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from unionfs.fs.attr import Attr
+
 _SONAMES = {"mfusepy": "libfuse3.so.3", "fuse": "libfuse.so.2"}
 
 
@@ -51,11 +53,7 @@ LIBFUSE_MAJOR: int = int(getattr(_module, "fuse_version_major", 2))
 FUSE_READDIR_PLUS = 1
 FUSE_FILL_DIR_PLUS = 2
 _c_stat: Any = _module.c_stat
-_set_st_attrs: Any = _module.set_st_attrs
 _STAT_SIZE = ctypes.sizeof(_c_stat)
-PACKED_STAT_KEY = "\0stat"
-"""Where :meth:`UnionFUSE.fgetattr` keeps the packed ``struct stat`` of an attribute dict it was given, so
-that a dict the core caches (lower objects never change) is converted to C only once."""
 _PLUS_CHUNK = 16
 """Entries whose attributes a READDIRPLUS reply reads at a time: about what one reply holds, so that a big
 directory served in many replies does not read attributes that the next reply would read again."""
@@ -104,7 +102,7 @@ def _copy_out(data: bytes, buf: Any, size: int) -> int:
 class UnionFUSE(FUSE):  # type: ignore[misc]
     """The binding's FUSE class with the libfuse3 callbacks that drop arguments fixed: ``rename`` keeps its
     RENAME_* flags and ``truncate`` keeps the file handle of an ``ftruncate``; ``getattr`` reuses a packed
-    ``struct stat`` per cached attribute dict; every callback runs under a kept thread state
+    ``struct stat`` per attribute record (:func:`pack_stat`); every callback runs under a kept thread state
     (:func:`adopt_thread`)."""
 
     def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -128,17 +126,8 @@ class UnionFUSE(FUSE):  # type: ignore[misc]
     def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
         fh = fip.contents.fh if fip else None
         attrs = self.operations.getattr(self._decode(path), fh)
-        ctypes.memmove(buf, self._packed(attrs), _STAT_SIZE)
+        ctypes.memmove(buf, pack_stat(attrs), _STAT_SIZE)
         return 0
-
-    @staticmethod
-    def _packed(attrs: dict[str, Any]) -> bytes:
-        packed: bytes | None = attrs.get(PACKED_STAT_KEY)
-        if packed is None:
-            st = _c_stat()
-            _set_st_attrs(st, attrs, use_ns=True)
-            packed = attrs[PACKED_STAT_KEY] = ctypes.string_at(ctypes.addressof(st), _STAT_SIZE)
-        return packed
 
     def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
         """The adapter answers None for "no such attribute", the common answer (a tree walk asks every
@@ -165,7 +154,7 @@ class UnionFUSE(FUSE):  # type: ignore[misc]
         start = offset
         while start < len(entries):
             end = min(start + _PLUS_CHUNK, len(entries))
-            attrs: list[dict[str, Any] | None] = []
+            attrs: list[Attr | None] = []
             first = max(start, 2)  # "." and ".." go without attributes
             if plus and first < end:
                 try:
@@ -178,7 +167,7 @@ class UnionFUSE(FUSE):  # type: ignore[misc]
                     entry_attrs = attrs[index - first]
                     if entry_attrs is None:
                         continue  # gone since the listing was taken
-                    ctypes.memmove(ctypes.addressof(st), self._packed(entry_attrs), _STAT_SIZE)
+                    ctypes.memmove(ctypes.addressof(st), pack_stat(entry_attrs), _STAT_SIZE)
                 else:
                     ctypes.memset(ctypes.addressof(st), 0, _STAT_SIZE)
                     st.st_mode = mode
@@ -194,6 +183,28 @@ class UnionFUSE(FUSE):  # type: ignore[misc]
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fh = fip.contents.fh if fip else None
         return int(self.operations.truncate(self._decode(path), length, fh) or 0)
+
+
+def pack_stat(attr: Attr) -> bytes:
+    """``attr`` as the binding's ``struct stat``, packed once per record and kept in :attr:`Attr.packed` (the
+    core hands a cached lower object's record out again, so its conversion to C is paid once)."""
+    packed = attr.packed
+    if packed is None:
+        st = _c_stat()
+        st.st_mode = attr.st_mode
+        st.st_ino = attr.st_ino
+        st.st_nlink = attr.st_nlink
+        st.st_uid = attr.st_uid
+        st.st_gid = attr.st_gid
+        st.st_rdev = attr.st_rdev
+        st.st_size = attr.st_size
+        st.st_blocks = attr.st_blocks
+        st.st_blksize = attr.st_blksize
+        st.st_atimespec.tv_sec, st.st_atimespec.tv_nsec = divmod(attr.st_atime_ns, 1_000_000_000)
+        st.st_mtimespec.tv_sec, st.st_mtimespec.tv_nsec = divmod(attr.st_mtime_ns, 1_000_000_000)
+        st.st_ctimespec.tv_sec, st.st_ctimespec.tv_nsec = divmod(attr.st_ctime_ns, 1_000_000_000)
+        packed = attr.packed = ctypes.string_at(ctypes.addressof(st), _STAT_SIZE)
+    return packed
 
 
 def request_umask() -> int:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar, cast
 
 from mountd.highlevel.binding import Operations, fuse_get_context, kernel_invalidator, request_umask
 from unionfs.control import ControlServer
+from unionfs.fs.attr import Attr
 from unionfs.fs.union import Handle, UnionFS
 
 log = logging.getLogger("unionfs")
@@ -186,7 +187,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
                 "lowers": [layer.path for layer in stack.lowers],
                 "upper": stack.upper.path if stack.upper else None,
                 "work": stack.work.path if stack.work else None,
-                "whiteout": self.fs.writer.format.value if self.fs.writer else None,
+                "whiteout": self.fs.upper.writer.format.value if self.fs.upper else None,
                 "volatile": self.fs.volatile}
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -202,13 +203,13 @@ class UnionOperations(Operations):  # type: ignore[misc]
 
     # -- attributes -------------------------------------------------------------------------------------------
     @_op
-    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
+    def getattr(self, path: str | None, fh: int | None = None) -> Attr:
         if path is None:
             return self.fs.fgetattr(self._handle(fh or -1))
         return self.fs.getattr(_rel(path))
 
     @_op
-    def attrs_of(self, path: str | None, names: list[str]) -> list[dict[str, Any] | None]:
+    def attrs_of(self, path: str | None, names: list[str]) -> list[Attr | None]:
         """The attributes of entries of directory ``path`` for a listing that carries them (None: gone)."""
         if path is None:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
@@ -236,7 +237,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
             if path is None:
                 raise OSError(errno.EBADF, os.strerror(errno.EBADF))
             rel = _rel(path)
-            ino = self.fs.getattr(rel)["st_ino"]
+            ino = self.fs.getattr(rel).st_ino
             entries = [(".", b".", 0o040000, ino), ("..", b"..", 0o040000, 1)]
             entries.extend((name, os.fsencode(name), kind, child_ino)
                            for name, kind, child_ino in self.fs.readdir(rel))
@@ -247,7 +248,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
     @_op
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
         rel = _rel(path)
-        ino = self.fs.getattr(rel)["st_ino"]
+        ino = self.fs.getattr(rel).st_ino
         entries = [(".", {"st_mode": 0o040000, "st_ino": ino}, 0), ("..", {"st_mode": 0o040000, "st_ino": 1}, 0)]
         entries.extend((name, {"st_mode": kind, "st_ino": ino}, 0) for name, kind, ino in self.fs.readdir(rel))
         return entries
@@ -266,7 +267,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes | None:
         """The value, or None where there is none: :class:`mountd.highlevel.binding.UnionFUSE` answers that with
         ENODATA without an exception on the way (fusepy's own ``getxattr`` is not used)."""
-        return self.fs.xattr(_rel(path), name)
+        return self.fs.xattr_or_none(_rel(path), name)
 
     @_op
     def listxattr(self, path: str) -> list[str]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import os
+import stat
 import threading
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 
 from mountd.highlevel import binding
 from mountd.highlevel.binding import UnionFUSE
+from unionfs.fs.attr import Attr
 
 
 def _fuse() -> Any:
@@ -100,3 +103,20 @@ def test_listxattr_answers_nul_terminated_names_in_the_path_encoding() -> None:
     assert buf.raw[:len(expected)] == expected
     assert fuse._wrapper(fuse.listxattr, b"/f", buf, len(expected) - 1) == -errno.ERANGE
     assert fuse._wrapper(fuse.listxattr, b"/empty", buf, 32) == 0
+
+
+def test_pack_stat_fills_every_field_as_the_binding_would_and_packs_a_record_once() -> None:
+    """The frontend packs the core's :class:`Attr` itself: the same bytes as the binding's own conversion of
+    the same attributes (times in ns), kept in the record's ``packed`` slot and reused."""
+    attr = Attr(stat.S_IFREG | 0o4751, 1 << 50 | 7, 3, 1000, 1001, os.makedev(8, 1), 12345, 24, 4096,
+                1_700_000_000_123_456_789, 1_600_000_000_000_000_001, 1_500_000_000_999_999_999)
+    reference = binding._c_stat()
+    fields = {name: getattr(attr, name) for name in ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid",
+                                                     "st_rdev", "st_size", "st_blocks", "st_blksize")}
+    fields.update(st_atime=attr.st_atime_ns, st_mtime=attr.st_mtime_ns, st_ctime=attr.st_ctime_ns)
+    binding._module.set_st_attrs(reference, fields, use_ns=True)
+    packed = binding.pack_stat(attr)
+    assert packed == ctypes.string_at(ctypes.addressof(reference), ctypes.sizeof(reference))
+    unpacked = binding._c_stat.from_buffer_copy(packed)
+    assert (unpacked.st_mtimespec.tv_sec, unpacked.st_mtimespec.tv_nsec) == (1_600_000_000, 1)
+    assert attr.packed is packed and binding.pack_stat(attr) is packed

@@ -14,6 +14,7 @@ from support.layers import FIXED_MTIME_NS, Device, Dir, Fifo, File, Hardlink, Sy
 from unitkit import Env, assert_errno, create_file, read_all, staging_entries, visible_tree, write_file, xattr
 
 from unionfs.fs import copyup
+from unionfs.fs.fsio import HostDir
 from unionfs.fs.union import UnionFS
 
 PRIVATE = {
@@ -42,13 +43,13 @@ def triggers() -> dict[str, Callable[[UnionFS, str], None]]:
     return {
         "open-wronly": open_write,
         "open-rdwr": open_rdwr,
-        "chmod-same": lambda fs, p: fs.chmod(p, fs.getattr(p)["st_mode"]),
+        "chmod-same": lambda fs, p: fs.chmod(p, fs.getattr(p).st_mode),
         "chown-same": lambda fs, p: fs.chown(p, *OWNER),
         "utimens-omit": lambda fs, p: fs.utimens(p, (1 << 30) - 2, (1 << 30) - 2),
         "setxattr": lambda fs, p: fs.setxattr(p, "user.added", b"1", 0),
         "removexattr": lambda fs, p: fs.removexattr(p, "user.mime"),
         "link-source": lambda fs, p: fs.link(p, p + ".link"),
-        "truncate-same": lambda fs, p: fs.truncate(p, fs.getattr(p)["st_size"]),
+        "truncate-same": lambda fs, p: fs.truncate(p, fs.getattr(p).st_size),
     }
 
 
@@ -80,7 +81,7 @@ def test_copy_up_preserves_data_mode_owner_times_and_user_xattrs(mkenv: Callable
     for name, value in expected.items():
         assert xattr(up, name) == value
     for name in PRIVATE:
-        if name != fs.origin_xattr:
+        if name != fs.inodes.origin_xattr:
             assert name not in host_names, f"private xattr {name} was copied up"
     assert sorted(fs.listxattr("dir/f")) == sorted(expected)
     assert staging_entries(env) == []
@@ -91,14 +92,14 @@ def test_copy_up_drops_private_xattrs_but_records_origin(mkenv: Callable[..., En
     holding the lower's inode number, and it is hidden from listxattr/getxattr through the union."""
     env = mkenv([{"f": lower_file()}])
     fs = env.open()
-    ino = fs.getattr("f")["st_ino"]
+    ino = fs.getattr("f").st_ino
     fs.chmod("f", 0o600)
     up = env.upper / "f"  # type: ignore[operator]
-    assert xattr(up, fs.origin_xattr) == str(ino).encode()
+    assert xattr(up, fs.inodes.origin_xattr) == str(ino).encode()
     assert xattr(up, "trusted.unionfs.origin") in (None, str(ino).encode())
     for name in PRIVATE:
         assert_errno(errno.ENODATA, fs.getxattr, "f", name)
-    assert fs.origin_xattr not in fs.listxattr("f")
+    assert fs.inodes.origin_xattr not in fs.listxattr("f")
     assert fs.getxattr("f", "user.mime") == b"text/plain"
 
 
@@ -108,23 +109,23 @@ def test_st_ino_is_stable_across_copy_up_and_remount(mkenv: Callable[..., Env], 
     open handle, and again after a new UnionFS is built over the same dirs (a remount)."""
     env = mkenv([{"d/f": lower_file(b"abc"), "d/g": "other"}, {"d/below": "b"}])
     fs = env.open()
-    before = fs.getattr("d/f")["st_ino"]
+    before = fs.getattr("d/f").st_ino
     assert before == os.lstat(env.lowers[0] / "d" / "f").st_ino
-    dir_before = fs.getattr("d")["st_ino"]
+    dir_before = fs.getattr("d").st_ino
     triggers()[trigger](fs, "d/f")
     assert os.path.exists(env.upper / "d" / "f")  # type: ignore[operator]
-    assert fs.getattr("d/f")["st_ino"] == before
+    assert fs.getattr("d/f").st_ino == before
     assert dict((n, i) for n, _k, i in fs.readdir("d"))["f"] == before
     handle = fs.open("d/f", os.O_RDONLY)
     try:
         assert handle.ino == before
-        assert fs.fgetattr(handle)["st_ino"] == before
+        assert fs.fgetattr(handle).st_ino == before
     finally:
         fs.release(handle)
-    assert fs.getattr("d")["st_ino"] == dir_before, "the copied-up parent keeps its inode number too"
+    assert fs.getattr("d").st_ino == dir_before, "the copied-up parent keeps its inode number too"
     fs2 = env.remount(fs)
-    assert fs2.getattr("d/f")["st_ino"] == before
-    assert fs2.getattr("d")["st_ino"] == dir_before
+    assert fs2.getattr("d/f").st_ino == before
+    assert fs2.getattr("d").st_ino == dir_before
     assert dict((n, i) for n, _k, i in fs2.readdir("d"))["f"] == before
 
 
@@ -156,7 +157,7 @@ def test_copy_up_keeps_the_parent_directory_times(mkenv: Callable[..., Env]) -> 
     env = mkenv([{"d": Dir({"f": "data"}, mtime_ns=FIXED_MTIME_NS)}])
     fs = env.open()
     fs.chmod("d/f", 0o600)
-    assert fs.getattr("d")["st_mtime"] == FIXED_MTIME_NS
+    assert fs.getattr("d").st_mtime_ns == FIXED_MTIME_NS
 
 
 @pytest.mark.parametrize(("name", "node"), [
@@ -174,12 +175,12 @@ def test_copy_up_of_special_objects(mkenv: Callable[..., Env], name: str, node: 
     fs.chown(name, 5, 6)
     up = env.upper / name  # type: ignore[operator]
     st = os.lstat(up)
-    assert stat.S_IFMT(st.st_mode) == stat.S_IFMT(before["st_mode"])
-    assert stat.S_IMODE(st.st_mode) == stat.S_IMODE(before["st_mode"])
+    assert stat.S_IFMT(st.st_mode) == stat.S_IFMT(before.st_mode)
+    assert stat.S_IMODE(st.st_mode) == stat.S_IMODE(before.st_mode)
     assert (st.st_uid, st.st_gid) == (5, 6)
     assert st.st_mtime_ns == FIXED_MTIME_NS
-    assert st.st_rdev == before["st_rdev"]
-    assert fs.getattr(name)["st_ino"] == before["st_ino"]
+    assert st.st_rdev == before.st_rdev
+    assert fs.getattr(name).st_ino == before.st_ino
     if isinstance(node, Symlink):
         assert os.readlink(up) == "../target" == fs.readlink(name)
     if isinstance(node, Dir):
@@ -207,7 +208,7 @@ def test_open_with_o_trunc_copies_no_data(mkenv: Callable[..., Env], monkeypatch
     monkeypatch.setattr(copyup, "copy_data", lambda s, d, n: (copied.append(n), real(s, d, n)))
     fs.release(fs.open("big", os.O_WRONLY | os.O_TRUNC))
     assert copied in ([], [0])
-    assert fs.getattr("big")["st_size"] == 0
+    assert fs.getattr("big").st_size == 0
     assert (env.lowers[0] / "big").stat().st_size == 100_000
 
 
@@ -302,7 +303,7 @@ def test_failed_copy_up_leaves_no_partial_file(mkenv: Callable[..., Env], monkey
     assert not (env.upper / "d" / "f.link").exists()  # type: ignore[operator]
     assert staging_entries(env) == []
     assert read_all(fs, "d/f") == data
-    assert fs.getattr("d/f")["st_size"] == len(data)
+    assert fs.getattr("d/f").st_size == len(data)
     monkeypatch.undo()
     write_file(fs, "d/f", b"B", flags=os.O_WRONLY)
     assert read_all(fs, "d/f") == b"B" + data[1:]
@@ -316,7 +317,7 @@ def test_a_crash_mid_copy_is_invisible_and_cleaned_at_the_next_mount(mkenv: Call
     env = mkenv([{"f": lower_file(data)}])
     fs = env.open()
     _fail_midway(monkeypatch)
-    monkeypatch.setattr(copyup, "remove_tree", lambda host, rel: None)
+    monkeypatch.setattr(HostDir, "remove_tree", lambda self, rel: None)
     with pytest.raises(OSError):
         fs.open("f", os.O_WRONLY)
     monkeypatch.undo()
@@ -374,14 +375,14 @@ def test_names_sharing_an_inode_number_share_their_data(mkenv: Callable[..., Env
     which makes tar, rsync -H, cp -a and du treat two files as one."""
     env = mkenv([{"a": "shared", "b": Hardlink("a")}])
     fs = env.open()
-    assert fs.getattr("a")["st_ino"] == fs.getattr("b")["st_ino"]
-    assert fs.getattr("a")["st_nlink"] == 2
+    assert fs.getattr("a").st_ino == fs.getattr("b").st_ino
+    assert fs.getattr("a").st_nlink == 2
     write_file(fs, "a", b"CHANGED")
     same_data = read_all(fs, "a") == read_all(fs, "b")
-    same_ino = fs.getattr("a")["st_ino"] == fs.getattr("b")["st_ino"]
+    same_ino = fs.getattr("a").st_ino == fs.getattr("b").st_ino
     assert same_data or not same_ino
     fs2 = env.remount(fs)
-    assert read_all(fs2, "a") == read_all(fs2, "b") or fs2.getattr("a")["st_ino"] != fs2.getattr("b")["st_ino"]
+    assert read_all(fs2, "a") == read_all(fs2, "b") or fs2.getattr("a").st_ino != fs2.getattr("b").st_ino
 
 
 def test_a_read_handle_opened_before_copy_up_sees_later_writes(mkenv: Callable[..., Env]) -> None:
@@ -394,7 +395,7 @@ def test_a_read_handle_opened_before_copy_up_sees_later_writes(mkenv: Callable[.
         assert fs.read(reader, 100, 0) == b"lower data"
         write_file(fs, "f", b"UPPER", flags=os.O_WRONLY)
         assert fs.read(reader, 100, 0) == b"UPPER data"
-        assert fs.fgetattr(reader)["st_ino"] == fs.getattr("f")["st_ino"]
+        assert fs.fgetattr(reader).st_ino == fs.getattr("f").st_ino
     finally:
         fs.release(reader)
     assert read_all(fs, "f") == b"UPPER data"
@@ -413,7 +414,7 @@ def test_copy_up_of_an_upper_object_is_a_no_op(mkenv: Callable[..., Env]) -> Non
     fs = env.open()
     with fs.lock:
         node = fs.copy_up("f")
-    assert node.upper
+    assert node.in_upper
     assert (env.upper / "f").read_bytes() == b"upper"  # type: ignore[operator]
 
 
@@ -423,8 +424,8 @@ def test_created_files_are_not_marked_with_an_origin(mkenv: Callable[..., Env]) 
     fs = env.open()
     create_file(fs, "new", b"n")
     up = env.upper / "new"  # type: ignore[operator]
-    assert xattr(up, fs.origin_xattr) is None
-    assert fs.getattr("new")["st_ino"] == os.lstat(up).st_ino
+    assert xattr(up, fs.inodes.origin_xattr) is None
+    assert fs.getattr("new").st_ino == os.lstat(up).st_ino
 
 
 def test_stage_copy_cleans_up_after_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -315,3 +315,41 @@ def test_children_queries_go_through_one_descriptor_and_never_follow(tmp_path: P
             assert info.value.errno == errno.EINVAL
     finally:
         host.close()
+
+
+@pytest.mark.parametrize("way", ["libc", "syscall"])
+def test_renameat2_flags_through_libc_and_through_this_architectures_syscall_number(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str) -> None:
+    """RENAME_NOREPLACE, RENAME_EXCHANGE and RENAME_WHITEOUT work through the C library's renameat2 and through
+    the system call number listed for this machine's architecture (the path without a libc wrapper)."""
+    if way == "syscall":
+        monkeypatch.setattr(fsio, "_renameat2", fsio._syscall_renameat2)
+    else:
+        assert fsio._renameat2 is not fsio._syscall_renameat2, "this C library has renameat2"
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    host = HostDir(str(tmp_path))
+    try:
+        assert_errno(errno.EEXIST, host.rename, "a", "b", fsio.RENAME_NOREPLACE)
+        host.rename("a", "b", fsio.RENAME_EXCHANGE)
+        assert ((tmp_path / "a").read_text(), (tmp_path / "b").read_text()) == ("b", "a")
+        host.rename("a", "c", fsio.RENAME_WHITEOUT)
+        left = os.lstat(tmp_path / "a")
+        assert stat.S_ISCHR(left.st_mode) and left.st_rdev == 0, "a whiteout is left where the source was"
+        assert (tmp_path / "c").read_text() == "b"
+        assert_errno(errno.EINVAL, host.rename, "c", "d", 1 << 30)
+    finally:
+        host.close()
+
+
+def test_renameat2_without_a_syscall_number_for_the_architecture_is_enosys(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fsio.platform, "machine", lambda: "unknown-arch")
+    monkeypatch.setattr(fsio, "_renameat2", fsio._syscall_renameat2)
+    (tmp_path / "a").write_text("a")
+    host = HostDir(str(tmp_path))
+    try:
+        assert_errno(errno.ENOSYS, host.rename, "a", "b", fsio.RENAME_NOREPLACE)
+    finally:
+        host.close()
+    assert (tmp_path / "a").read_text() == "a"

@@ -52,10 +52,10 @@ def fs(tmp_path: Path):
 def test_the_union_shows_mapped_owners_and_stores_unmapped_ones(fs) -> None:
     union, upper = fs
     attrs = union.getattr("f")
-    assert (attrs["st_uid"], attrs["st_gid"]) == (100007, 200008)
+    assert (attrs.st_uid, attrs.st_gid) == (100007, 200008)
     union.chown("f", 100001, 200002)
     assert (os.lstat(upper / "f").st_uid, os.lstat(upper / "f").st_gid) == (1, 2)
-    assert (union.getattr("f")["st_uid"], union.getattr("f")["st_gid"]) == (100001, 200002)
+    assert (union.getattr("f").st_uid, union.getattr("f").st_gid) == (100001, 200002)
     union.mkdir("d", 0o755, 100003, 200004)
     assert (os.lstat(upper / "d").st_uid, os.lstat(upper / "d").st_gid) == (3, 4)
 
@@ -65,4 +65,4 @@ def test_an_unmapped_caller_creates_objects_owned_by_the_overflow_id(fs) -> None
     union.mkdir("d", 0o755, 0, 0)
     st = os.lstat(upper / "d")
     assert (st.st_uid, st.st_gid) == (OVERFLOW_ID, OVERFLOW_ID)
-    assert (union.getattr("d")["st_uid"], union.getattr("d")["st_gid"]) == (OVERFLOW_ID, OVERFLOW_ID)
+    assert (union.getattr("d").st_uid, union.getattr("d").st_gid) == (OVERFLOW_ID, OVERFLOW_ID)

@@ -11,7 +11,9 @@ import pytest
 from support.layers import Dir, File, Symlink
 from unitkit import Env, assert_errno, names, read_all, visible_tree
 
-from unionfs.fs.cache import DirState, LookupCache, LowerName
+from unionfs.fs.attr import Attr
+from unionfs.fs.cache import LookupCache
+from unionfs.fs.dirstate import DirState, LowerEntry
 from unionfs.fs.lookup import Resolver
 
 
@@ -34,7 +36,7 @@ def test_resolution_over_n_lowers(mkenv: Callable[..., Env], depth: int, with_up
     fs = env.open()
     assert names(fs) == sorted(["d", "shared", *(f"only{i}" for i in range(depth))])
     assert read_all(fs, "shared") == b"layer 0 wins\n"
-    assert stat.S_IMODE(fs.getattr("shared")["st_mode"]) == 0o600
+    assert stat.S_IMODE(fs.getattr("shared").st_mode) == 0o600
     for i in range(depth):
         assert read_all(fs, f"only{i}") == f"only in layer {i}\n".encode()
         assert read_all(fs, f"d/f{i}") == f"d/f{i}\n".encode()
@@ -54,7 +56,7 @@ def test_name_resolves_in_the_highest_layer_that_has_it(mkenv: Callable[..., Env
     fs = env.open()
     for k in range(depth):
         node = fs.resolver.lookup(f"from{k}")
-        assert node is not None and node.layer == k and not node.upper
+        assert node is not None and node.layer == k and not node.in_upper
         assert read_all(fs, f"from{k}") == f"layer {k}\n".encode()
 
 
@@ -62,7 +64,7 @@ def test_a_file_hides_a_directory_below(mkenv: Callable[..., Env]) -> None:
     """A non-directory in a higher layer hides a directory of the same name and its subtree."""
     env = mkenv([{"x": "a file\n"}, {"x/inner": "hidden\n", "x/sub/deep": "hidden\n"}])
     fs = env.open()
-    assert stat.S_ISREG(fs.getattr("x")["st_mode"])
+    assert stat.S_ISREG(fs.getattr("x").st_mode)
     assert read_all(fs, "x") == b"a file\n"
     assert_errno(errno.ENOTDIR, fs.getattr, "x/inner")
     assert_errno(errno.ENOTDIR, fs.readdir, "x")
@@ -71,7 +73,7 @@ def test_a_file_hides_a_directory_below(mkenv: Callable[..., Env]) -> None:
 def test_a_symlink_hides_a_directory_below(mkenv: Callable[..., Env]) -> None:
     env = mkenv([{"x": Symlink("elsewhere")}, {"x/inner": "hidden\n"}])
     fs = env.open()
-    assert stat.S_ISLNK(fs.getattr("x")["st_mode"])
+    assert stat.S_ISLNK(fs.getattr("x").st_mode)
     assert fs.readlink("x") == "elsewhere"
     assert_errno(errno.ENOTDIR, fs.getattr, "x/inner")
 
@@ -81,7 +83,7 @@ def test_a_directory_hides_a_file_below(mkenv: Callable[..., Env]) -> None:
     further down is not merged through the file."""
     env = mkenv([{"x/top": "t\n"}, {"x": "a file\n"}, {"x/bottom": "b\n"}])
     fs = env.open()
-    assert stat.S_ISDIR(fs.getattr("x")["st_mode"])
+    assert stat.S_ISDIR(fs.getattr("x").st_mode)
     assert names(fs, "x") == ["top"]
     assert_errno(errno.ENOENT, fs.getattr, "x/bottom")
 
@@ -105,8 +107,8 @@ def test_merged_directory_metadata_comes_from_its_highest_copy(mkenv: Callable[.
                  {"d": Dir({"b": "b"}, mode=0o755, uid=0, gid=0)}], readonly=True)
     fs = env.open()
     attrs = fs.getattr("d")
-    assert stat.S_IMODE(attrs["st_mode"]) == 0o711
-    assert (attrs["st_uid"], attrs["st_gid"], attrs["st_mtime"]) == (1000, 1001, 5 * 10**9)
+    assert stat.S_IMODE(attrs.st_mode) == 0o711
+    assert (attrs.st_uid, attrs.st_gid, attrs.st_mtime_ns) == (1000, 1001, 5 * 10**9)
     assert names(fs, "d") == ["a", "b"]
 
 
@@ -151,8 +153,8 @@ def test_listing_has_no_duplicates_and_right_types(mkenv: Callable[..., Env]) ->
     kinds = {n: k for n, k, _i in entries}
     assert kinds == {"d": stat.S_IFDIR, "s": stat.S_IFLNK, "x": stat.S_IFREG}
     for name, _kind, ino in entries:
-        assert ino == fs.getattr(name)["st_ino"]
-    assert fs.getattr("x")["st_ino"] == os.lstat(env.lowers[0] / "x").st_ino
+        assert ino == fs.getattr(name).st_ino
+    assert fs.getattr("x").st_ino == os.lstat(env.lowers[0] / "x").st_ino
 
 
 def test_a_merged_directory_reports_nlink_one(mkenv: Callable[..., Env]) -> None:
@@ -160,8 +162,8 @@ def test_a_merged_directory_reports_nlink_one(mkenv: Callable[..., Env]) -> None
     directory from one layer keeps its own count."""
     env = mkenv([{"m/a/x": "1", "one/b/y": "2"}, {"m/c/z": "3"}], readonly=True)
     fs = env.open()
-    assert fs.getattr("m")["st_nlink"] == 1
-    assert fs.getattr("one")["st_nlink"] == os.lstat(env.lowers[0] / "one").st_nlink
+    assert fs.getattr("m").st_nlink == 1
+    assert fs.getattr("one").st_nlink == os.lstat(env.lowers[0] / "one").st_nlink
 
 
 def test_cache_answers_repeat_lookups(mkenv: Callable[..., Env]) -> None:
@@ -196,13 +198,13 @@ def test_resolver_nodes(mkenv: Callable[..., Env]) -> None:
     stack = env.open().stack
     resolver = Resolver(stack, LookupCache())
     root = resolver.lookup("")
-    assert root is not None and root.is_dir and root.upper and root.chain == (1, 2, 3)
+    assert root is not None and root.is_dir and root.in_upper and root.merge_layers == (1, 2, 3)
     u = resolver.lookup("u")
-    assert u is not None and u.upper and u.layer == 0
+    assert u is not None and u.in_upper and u.layer == 0
     d = resolver.lookup("d")
-    assert d is not None and d.upper and d.chain == (1, 2)
+    assert d is not None and d.in_upper and d.merge_layers == (1, 2)
     f = resolver.lookup("f")
-    assert f is not None and not f.upper and f.layer == 1 and f.chain == ()
+    assert f is not None and not f.in_upper and f.layer == 1 and f.merge_layers == ()
     x = resolver.lookup("x")
     assert x is not None and x.layer == 3
     assert sorted(resolver.listdir("d") or []) == ["a", "b", "c"]
@@ -212,7 +214,11 @@ def test_resolver_nodes(mkenv: Callable[..., Env]) -> None:
 # --- LookupCache on its own -------------------------------------------------------------------------------
 
 def _state(path: str, names: tuple[str, ...] = ()) -> DirState:
-    return DirState(path, None, set(), False, (1,), {n: LowerName(stat.S_IFREG, 1, ()) for n in names})
+    return DirState(path, None, set(), False, (1,), {n: LowerEntry(stat.S_IFREG, 1, ()) for n in names})
+
+
+def _attr(ino: int) -> Attr:
+    return Attr(stat.S_IFREG | 0o644, ino, 1, 0, 0, 0, 0, 0, 4096, 0, 0, 0)
 
 
 def test_invalidate_subtree_drops_the_path_and_below_only() -> None:
@@ -220,7 +226,7 @@ def test_invalidate_subtree_drops_the_path_and_below_only() -> None:
     cache = LookupCache()
     for path in ("a", "a/b", "a/b/c", "ab", "b"):
         cache.put_dir(_state(path, ("x",)))
-        cache.put_attrs(path, {"st_ino": 1})
+        cache.put_attrs(path, _attr(1))
     cache.invalidate_subtree("a")
     assert sorted(cache.dirs) == ["ab", "b"]
     assert sorted(cache.attrs) == ["ab", "b"]
@@ -234,8 +240,8 @@ def test_cache_counts_hits_and_misses() -> None:
     cache = LookupCache()
     assert cache.get_dir("d") is None and cache.get_attrs("d") is None
     cache.put_dir(_state("d"))
-    cache.put_attrs("d", {"st_ino": 1})
-    assert cache.get_dir("d") is not None and cache.get_attrs("d") == {"st_ino": 1}
+    cache.put_attrs("d", _attr(7))
+    assert cache.get_dir("d") is not None and cache.get_attrs("d") == _attr(7)
     assert cache.peek_dir("d") is not None
     snap = cache.snapshot()
     assert (snap["hits"], snap["misses"]) == (2, 2)
@@ -247,7 +253,7 @@ def test_cache_stays_within_its_bound() -> None:
     cache = LookupCache(max_entries=10)
     for i in range(20):
         cache.put_dir(_state(f"d{i}", ("x", "y")))
-        cache.put_attrs(f"f{i}", {})
+        cache.put_attrs(f"f{i}", _attr(i))
         assert cache.entries <= 10
     assert cache.stats.evictions > 0
     cache.get_dir("d19")

@@ -3,6 +3,7 @@ format), checked against the kernel overlayfs's semantics (design.md §2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -26,6 +27,7 @@ from unitkit import (
     xattr,
 )
 
+from unionfs.fs.attr import Attr
 from unionfs.fs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE
 from unionfs.fs.union import UnionFS
 
@@ -129,7 +131,7 @@ def test_unlink_lower_file_writes_a_whiteout(union: Callable[..., tuple[Env, Uni
     assert names(fs, "d") == ["f", "sub"]
     assert upper_state(env.upper) == {"a": "wh", "d": "dir", "d/g": "wh"}  # type: ignore[arg-type]
     clean(env)
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert "a" not in names(fs2) and names(fs2, "d") == ["f", "sub"]
 
 
@@ -204,7 +206,7 @@ def test_open_handle_survives_unlink(union: Callable[..., tuple[Env, UnionFS]]) 
     try:
         fs.unlink("a")
         assert fs.read(handle, 100, 0) == b"top a\n"
-        assert fs.fgetattr(handle)["st_size"] == 6
+        assert fs.fgetattr(handle).st_size == 6
     finally:
         fs.release(handle)
 
@@ -272,11 +274,11 @@ def test_mkdir_create_symlink_mknod(union: Callable[..., tuple[Env, UnionFS]]) -
     fs.symlink("../a", "d/sl")
     fs.mknod("d/fifo", stat.S_IFIFO | 0o600, 0)
     attrs = fs.getattr("d/newdir")
-    assert stat.S_ISDIR(attrs["st_mode"]) and stat.S_IMODE(attrs["st_mode"]) == 0o700
-    assert (attrs["st_uid"], attrs["st_gid"]) == (1000, 1000)
+    assert stat.S_ISDIR(attrs.st_mode) and stat.S_IMODE(attrs.st_mode) == 0o700
+    assert (attrs.st_uid, attrs.st_gid) == (1000, 1000)
     assert read_all(fs, "d/newdir/file") == b"content"
     assert fs.readlink("d/sl") == "../a"
-    assert stat.S_ISFIFO(fs.getattr("d/fifo")["st_mode"])
+    assert stat.S_ISFIFO(fs.getattr("d/fifo").st_mode)
     assert names(fs, "d") == ["f", "fifo", "g", "newdir", "sl", "sub"]
     assert upper_state(env.upper) == {  # type: ignore[arg-type]
         "d": "dir", "d/newdir": "dir", "d/newdir/file": "file", "d/sl": "symlink", "d/fifo": "other"}
@@ -399,10 +401,10 @@ def test_create_returns_a_usable_handle(union: Callable[..., tuple[Env, UnionFS]
     try:
         fs.write(handle, b"hello", 0)
         assert fs.read(handle, 10, 0) == b"hello"
-        assert handle.ino == fs.getattr("d/new")["st_ino"]
+        assert handle.ino == fs.getattr("d/new").st_ino
         fs.ftruncate(handle, 2)
         fs.fsync(handle, False)
-        assert fs.fgetattr(handle)["st_size"] == 2
+        assert fs.fgetattr(handle).st_size == 2
     finally:
         fs.release(handle)
     assert read_all(fs, "d/new") == b"he"
@@ -416,12 +418,12 @@ def test_delete_and_recreate_a_file(union: Callable[..., tuple[Env, UnionFS]]) -
     fs.unlink("d/f")
     create_file(fs, "d/f", b"fresh", 0o600)
     assert read_all(fs, "d/f") == b"fresh"
-    assert stat.S_IMODE(fs.getattr("d/f")["st_mode"]) == 0o600
+    assert stat.S_IMODE(fs.getattr("d/f").st_mode) == 0o600
     assert fs.listxattr("d/f") == []
     assert_errno(errno.ENODATA, fs.getxattr, "d/f", "user.old")
     assert upper_state(env.upper) == {"d": "dir", "d/f": "file"}  # type: ignore[arg-type]
     clean(env)
-    assert read_all(env.remount(fs, whiteout=fs.writer.format.value), "d/f") == b"fresh"  # type: ignore[union-attr]
+    assert read_all(env.remount(fs, whiteout=fs.upper.writer.format.value), "d/f") == b"fresh"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("kind", ["symlink", "mkdir", "mknod"])
@@ -432,7 +434,7 @@ def test_delete_a_file_and_recreate_another_type(union: Callable[..., tuple[Env,
     CREATORS[kind](fs, "a")
     attrs = fs.getattr("a")
     expected = {"symlink": stat.S_IFLNK, "mkdir": stat.S_IFDIR, "mknod": stat.S_IFIFO}[kind]
-    assert stat.S_IFMT(attrs["st_mode"]) == expected
+    assert stat.S_IFMT(attrs.st_mode) == expected
     if kind == "mkdir":
         assert names(fs, "a") == []
     assert "a" not in {k for k, v in upper_state(env.upper).items() if v == "wh"}  # type: ignore[arg-type]
@@ -448,12 +450,12 @@ def test_delete_and_recreate_a_directory_makes_it_opaque(union: Callable[..., tu
     fs.mkdir("m", 0o711)
     assert names(fs, "m") == []
     assert_errno(errno.ENOENT, fs.getattr, "m/y")
-    assert stat.S_IMODE(fs.getattr("m")["st_mode"]) == 0o711
+    assert stat.S_IMODE(fs.getattr("m").st_mode) == 0o711
     assert upper_state(env.upper) == {"m": "dir+opaque"}  # type: ignore[arg-type]
     create_file(fs, "m/new", b"n")
     assert names(fs, "m") == ["new"]
     clean(env)
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert names(fs2, "m") == ["new"]
     assert_errno(errno.ENOENT, fs2.getattr, "m/y")
 
@@ -482,11 +484,11 @@ def test_recreated_directory_in_a_nested_lower_dir(union: Callable[..., tuple[En
 def test_rename_lower_file(union: Callable[..., tuple[Env, UnionFS]]) -> None:
     """A lower file renamed: the new name has its data and inode number, the old name is whited out."""
     env, fs = union()
-    ino = fs.getattr("d/f")["st_ino"]
+    ino = fs.getattr("d/f").st_ino
     fs.rename("d/f", "moved")
     assert_errno(errno.ENOENT, fs.getattr, "d/f")
     assert read_all(fs, "moved") == b"top d/f\n"
-    assert fs.getattr("moved")["st_ino"] == ino
+    assert fs.getattr("moved").st_ino == ino
     assert fs.getxattr("moved", "user.old") == b"old"
     assert names(fs, "d") == ["g", "sub"]
     assert upper_state(env.upper) == {"d": "dir", "d/f": "wh", "moved": "file"}  # type: ignore[arg-type]
@@ -572,7 +574,7 @@ def test_rename_upper_dir_onto_an_empty_lower_dir_makes_it_opaque(union: Callabl
     fs.rename("u", "e")
     assert names(fs, "e") == ["inner"]
     assert upper_state(env.upper) == {"e": "dir+opaque", "e/inner": "file"}  # type: ignore[arg-type]
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert names(fs2, "e") == ["inner"]
 
 
@@ -635,14 +637,14 @@ def test_rename_exchange_swaps_two_lower_files(union: Callable[..., tuple[Env, U
     """RENAME_EXCHANGE swaps two names: data and inode numbers travel with the objects, both names stay
     (copied up, no whiteout), and a remount sees the same."""
     env, fs = union()
-    ino_a, ino_b = fs.getattr("a")["st_ino"], fs.getattr("d/g")["st_ino"]
+    ino_a, ino_b = fs.getattr("a").st_ino, fs.getattr("d/g").st_ino
     fs.rename("a", "d/g", RENAME_EXCHANGE)
     assert read_all(fs, "a") == b"bottom d/g\n" and read_all(fs, "d/g") == b"top a\n"
-    assert fs.getattr("a")["st_ino"] == ino_b and fs.getattr("d/g")["st_ino"] == ino_a
+    assert fs.getattr("a").st_ino == ino_b and fs.getattr("d/g").st_ino == ino_a
     assert upper_state(env.upper) == {"a": "file", "d": "dir", "d/g": "file"}  # type: ignore[arg-type]
     clean(env)
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
-    assert read_all(fs2, "a") == b"bottom d/g\n" and fs2.getattr("a")["st_ino"] == ino_b
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
+    assert read_all(fs2, "a") == b"bottom d/g\n" and fs2.getattr("a").st_ino == ino_b
 
 
 def test_rename_exchange_of_an_upper_dir_and_a_lower_file(union: Callable[..., tuple[Env, UnionFS]]) -> None:
@@ -709,19 +711,19 @@ def test_link_a_lower_file(union: Callable[..., tuple[Env, UnionFS]]) -> None:
     """link copies the source up first; both names show the same data, st_ino and nlink 2; a write through
     one name shows through the other."""
     env, fs = union()
-    ino = fs.getattr("b")["st_ino"]
+    ino = fs.getattr("b").st_ino
     fs.link("b", "d/b2")
     for name in ("b", "d/b2"):
         attrs = fs.getattr(name)
-        assert attrs["st_nlink"] == 2
-        assert attrs["st_ino"] == ino
+        assert attrs.st_nlink == 2
+        assert attrs.st_ino == ino
     write_file(fs, "d/b2", b"through the link")
     assert read_all(fs, "b") == b"through the link"
     up = env.upper
     assert up is not None
     assert os.lstat(up / "b").st_ino == os.lstat(up / "d" / "b2").st_ino
     fs.unlink("b")
-    assert fs.getattr("d/b2")["st_nlink"] == 1
+    assert fs.getattr("d/b2").st_nlink == 1
     assert upper_state(up)["b"] == "wh"
     clean(env)
 
@@ -737,8 +739,8 @@ def test_rename_onto_another_name_of_the_same_file_does_nothing(union: Callable[
     fs.link(src, "c")
     fs.rename(src, "c")
     assert {src, "c"} <= set(names(fs))
-    assert fs.getattr(src)["st_nlink"] == 2
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    assert fs.getattr(src).st_nlink == 2
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert {src, "c"} <= set(names(fs2))
     assert upper_state(env.upper)[src] == "file"  # type: ignore[arg-type]
 
@@ -767,15 +769,15 @@ def test_chmod_chown_utimens_truncate(union: Callable[..., tuple[Env, UnionFS]])
     fs.chown("d/f", 123, 456)
     fs.utimens("d/f", 10**9, 2 * 10**9)
     attrs = fs.getattr("d/f")
-    assert stat.S_IMODE(attrs["st_mode"]) == 0o711, "chown clears set-uid (Linux does, for root too)"
-    assert (attrs["st_uid"], attrs["st_gid"]) == (123, 456)
-    assert (attrs["st_atime"], attrs["st_mtime"]) == (10**9, 2 * 10**9)
+    assert stat.S_IMODE(attrs.st_mode) == 0o711, "chown clears set-uid (Linux does, for root too)"
+    assert (attrs.st_uid, attrs.st_gid) == (123, 456)
+    assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (10**9, 2 * 10**9)
     fs.truncate("a", 3)
     assert read_all(fs, "a") == b"top"
     assert_errno(errno.EISDIR, fs.truncate, "d", 0)
     assert_errno(errno.ENOENT, fs.chmod, "missing", 0o600)
     fs.chmod("e", 0o700)
-    assert stat.S_IMODE(fs.getattr("e")["st_mode"]) == 0o700
+    assert stat.S_IMODE(fs.getattr("e").st_mode) == 0o700
     assert names(fs, "e") == []
     clean(env)
 
@@ -786,15 +788,15 @@ def test_utimens_now_and_omit(union: Callable[..., tuple[Env, UnionFS]]) -> None
     before = fs.getattr("a")
     fs.utimens("a", (1 << 30) - 2, 5 * 10**9)
     attrs = fs.getattr("a")
-    assert attrs["st_atime"] == before["st_atime"] and attrs["st_mtime"] == 5 * 10**9
+    assert attrs.st_atime_ns == before.st_atime_ns and attrs.st_mtime_ns == 5 * 10**9
     fs.utimens("a", None, None)
-    assert fs.getattr("a")["st_mtime"] > 5 * 10**9
+    assert fs.getattr("a").st_mtime_ns > 5 * 10**9
 
 
 def test_chmod_of_the_root(union: Callable[..., tuple[Env, UnionFS]]) -> None:
     env, fs = union()
     fs.chmod("", 0o750)
-    assert stat.S_IMODE(fs.getattr("")["st_mode"]) == 0o750
+    assert stat.S_IMODE(fs.getattr("").st_mode) == 0o750
     assert stat.S_IMODE(os.stat(env.upper).st_mode) == 0o750  # type: ignore[arg-type]
 
 
@@ -848,18 +850,18 @@ def test_the_umask_given_applies_unless_the_parent_has_a_default_acl(
     clean(env)
 
 
-def test_xattr_is_getxattr_with_none_for_a_missing_attribute(union: Callable[..., tuple[Env, UnionFS]]) -> None:
-    """``xattr`` answers what ``getxattr`` answers, None where getxattr says ENODATA (lower, upper and
+def test_xattr_or_none_is_getxattr_with_none_for_a_missing_attribute(union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """``xattr_or_none`` answers what ``getxattr`` answers, None where getxattr says ENODATA (lower, upper and
     private names alike); a missing path is still ENOENT."""
     env, fs = union()
-    assert fs.xattr("a", "user.none") is None
-    assert fs.xattr("a", "trusted.unionfs.origin") is None
+    assert fs.xattr_or_none("a", "user.none") is None
+    assert fs.xattr_or_none("a", "trusted.unionfs.origin") is None
     fs.setxattr("a", "user.k", b"v", 0)  # copies "a" up
     assert (env.upper / "a").exists()  # type: ignore[operator]
-    assert fs.xattr("a", "user.k") == fs.getxattr("a", "user.k") == b"v"
-    assert fs.xattr("a", "user.other") is None
+    assert fs.xattr_or_none("a", "user.k") == fs.getxattr("a", "user.k") == b"v"
+    assert fs.xattr_or_none("a", "user.other") is None
     assert_errno(errno.ENODATA, fs.getxattr, "a", "user.other")
-    assert_errno(errno.ENOENT, fs.xattr, "missing", "user.k")
+    assert_errno(errno.ENOENT, fs.xattr_or_none, "missing", "user.k")
 
 
 def test_trusted_overlay_xattrs_are_escaped(union: Callable[..., tuple[Env, UnionFS]]) -> None:
@@ -874,7 +876,7 @@ def test_trusted_overlay_xattrs_are_escaped(union: Callable[..., tuple[Env, Unio
     assert xattr(up, "trusted.overlay.opaque") is None
     assert xattr(up, "trusted.overlay.overlay.opaque") == b"y"
     assert names(fs, "d") == ["f", "g", "sub"]
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert names(fs2, "d") == ["f", "g", "sub"]
     assert fs2.getxattr("d", "trusted.overlay.opaque") == b"y"
     fs2.removexattr("d", "trusted.overlay.opaque")
@@ -946,7 +948,7 @@ def test_every_operation_leaves_workdir_empty(union: Callable[..., tuple[Env, Un
         step()
         clean(env)
     expected = visible_tree(fs)
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
     assert visible_tree(fs2) == expected
     assert_errno(errno.ENOENT, fs2.getattr, "d/sub/x")
     assert names(fs2, "d/sub") == ["x2"]
@@ -1044,7 +1046,7 @@ def test_mknod_of_the_whiteout_device_is_refused(union: Callable[..., tuple[Env,
     assert host_tree(env.upper) == {}  # type: ignore[arg-type]
     assert_errno(errno.EPERM, fs.mknod, "d/wh", stat.S_IFCHR | 0o644, 0)
     fs.mknod("null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    assert fs.getattr("null")["st_rdev"] == os.makedev(1, 3)
+    assert fs.getattr("null").st_rdev == os.makedev(1, 3)
     assert "wh" not in names(fs)
 
 
@@ -1053,21 +1055,21 @@ def test_mknod_of_the_whiteout_device_is_refused(union: Callable[..., tuple[Env,
 def test_renamed_lower_file_keeps_its_inode_number_in_getattr(union: Callable[..., tuple[Env, UnionFS]]) -> None:
     """st_ino follows a copied-up file through a rename and a remount."""
     env, fs = union()
-    ino = fs.getattr("d/f")["st_ino"]
+    ino = fs.getattr("d/f").st_ino
     fs.rename("d/f", "d/sub/renamed")
-    assert fs.getattr("d/sub/renamed")["st_ino"] == ino
-    fs2 = env.remount(fs, whiteout=fs.writer.format.value)  # type: ignore[union-attr]
-    assert fs2.getattr("d/sub/renamed")["st_ino"] == ino
+    assert fs.getattr("d/sub/renamed").st_ino == ino
+    fs2 = env.remount(fs, whiteout=fs.upper.writer.format.value)  # type: ignore[union-attr]
+    assert fs2.getattr("d/sub/renamed").st_ino == ino
 
 
 def test_readdir_inode_of_a_renamed_copied_up_file(union: Callable[..., tuple[Env, UnionFS]]) -> None:
     """readdir's d_ino agrees with getattr's st_ino after a copied-up file is renamed (overlayfs keeps them
     consistent; `find`, `ls -i` and readdirplus rely on it)."""
     _env, fs = union()
-    ino = fs.getattr("d/f")["st_ino"]
+    ino = fs.getattr("d/f").st_ino
     fs.rename("d/f", "renamed")
     listed = {n: i for n, _k, i in fs.readdir("")}
-    assert listed["renamed"] == ino == fs.getattr("renamed")["st_ino"]
+    assert listed["renamed"] == ino == fs.getattr("renamed").st_ino
 
 
 # ============================================================ the cache against a fresh union (property)
@@ -1222,11 +1224,11 @@ def test_new_objects_in_a_setgid_dir_inherit_its_group(union: Callable[..., tupl
     create = fs.create("sg/f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, 1000, 1000)
     fs.release(create)
     fs.mkdir("sg/sub", 0o755, 1000, 1000)
-    assert stat.S_IMODE(fs.getattr("sg")["st_mode"]) == 0o2775
+    assert stat.S_IMODE(fs.getattr("sg").st_mode) == 0o2775
     f, sub = fs.getattr("sg/f"), fs.getattr("sg/sub")
-    assert (f["st_uid"], f["st_gid"]) == (1000, 100)
-    assert (sub["st_uid"], sub["st_gid"]) == (1000, 100)
-    assert sub["st_mode"] & stat.S_ISGID
+    assert (f.st_uid, f.st_gid) == (1000, 100)
+    assert (sub.st_uid, sub.st_gid) == (1000, 100)
+    assert sub.st_mode & stat.S_ISGID
     assert os.lstat(env.upper / "sg" / "f").st_gid == 100  # type: ignore[operator]
 
 
@@ -1332,16 +1334,16 @@ def test_getattr_children_answers_as_getattr_does(union: Callable[..., tuple[Env
         assert sum(a is not None for a in got) == len(wanted) - 3
 
 
-def _no_atime(attrs: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+def _no_atime(attrs: list[Attr | None]) -> list[Attr | None]:
     """Reading a directory to learn whether it is merged may move its atime between two stats."""
-    return [None if a is None else {k: v for k, v in a.items() if k != "st_atime"} for a in attrs]
+    return [None if a is None else dataclasses.replace(a, st_atime_ns=0) for a in attrs]
 
 
 def _join(directory: str, name: str) -> str:
     return f"{directory}/{name}" if directory else name
 
 
-def _getattr_or_none(fs: UnionFS, path: str) -> dict[str, Any] | None:
+def _getattr_or_none(fs: UnionFS, path: str) -> Attr | None:
     try:
         return fs.getattr(path)
     except FileNotFoundError:

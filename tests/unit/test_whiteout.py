@@ -12,6 +12,7 @@ import pytest
 from support.layers import WHITEOUT, Device, Dir, File, build_layer
 from unitkit import Env, assert_errno, create_file, host_tree, is_char00, names, xattr
 
+from unionfs.fs import whiteout
 from unionfs.fs.fsio import HostDir
 from unionfs.fs.whiteout import (
     OPAQUE_MARKER,
@@ -158,7 +159,7 @@ def test_xattr_whiteout_needs_the_x_mark_on_its_directory(tmp_path: Path, prefix
     fs = env.open()
     try:
         assert names(fs, "d") == ["keep", "own", "x"]
-        assert fs.getattr("d/x")["st_size"] == 0
+        assert fs.getattr("d/x").st_size == 0
         assert names(fs, "e") == ["big"]
     finally:
         env.close_all()
@@ -181,7 +182,7 @@ def test_a_real_character_device_is_not_a_whiteout(tmp_path: Path) -> None:
     fs = env.open()
     try:
         attrs = fs.getattr("x")
-        assert stat.S_ISCHR(attrs["st_mode"]) and attrs["st_rdev"] == os.makedev(1, 3)
+        assert stat.S_ISCHR(attrs.st_mode) and attrs.st_rdev == os.makedev(1, 3)
         assert "x" in names(fs)
     finally:
         env.close_all()
@@ -243,7 +244,7 @@ def test_whiteout_in_a_middle_layer_hides_only_what_is_below(tmp_path: Path) -> 
     fs = env.open()
     try:
         assert names(fs, "d") == ["x", "z"]
-        assert fs.getattr("d/x")["st_size"] == len("top x\n")
+        assert fs.getattr("d/x").st_size == len("top x\n")
     finally:
         env.close_all()
 
@@ -368,3 +369,41 @@ def test_remove_whiteout_leaves_real_files_alone(tmp_path: Path, fmt: WhiteoutFo
     finally:
         work.close()
         upper.close()
+
+
+def test_the_marker_classifier_names_every_format(tmp_path: Path) -> None:
+    """One classifier for every reader: marker names, a directory's opaque value, whiteout entries."""
+    assert whiteout.marker_name(".wh..wh..opq") == (True, "")
+    assert whiteout.marker_name(".wh.gone") == (False, "gone")
+    assert whiteout.marker_name("plain") is None
+    assert whiteout.dir_marks(b"y") == (True, False)
+    assert whiteout.dir_marks(b"x") == (False, True)
+    assert whiteout.dir_marks(None) == (False, False)
+    os.mknod(tmp_path / "dev", stat.S_IFCHR, 0)
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "full").write_bytes(b"x")
+    marked = {"trusted.overlay.whiteout"}.__contains__
+    assert whiteout.is_whiteout(os.lstat(tmp_path / "dev"), None)
+    assert whiteout.is_whiteout(os.lstat(tmp_path / "empty"), marked)
+    assert not whiteout.is_whiteout(os.lstat(tmp_path / "empty"), None), "xattr whiteouts only where marked"
+    assert not whiteout.is_whiteout(os.lstat(tmp_path / "full"), marked), "an xattr whiteout is empty"
+    assert not whiteout.is_whiteout(os.lstat(tmp_path / "empty"), set().__contains__)
+
+
+def test_the_opaque_writer_falls_back_to_the_user_namespace_once() -> None:
+    written: list[tuple[str, bytes]] = []
+
+    def setxattr(attr: str, value: bytes) -> None:
+        if attr.startswith("trusted."):
+            raise PermissionError(errno.EPERM, "no trusted xattrs here")
+        written.append((attr, value))
+
+    attr = whiteout.write_opaque_xattr(setxattr)
+    assert attr == "user.overlay.opaque" and written == [("user.overlay.opaque", b"y")]
+    assert whiteout.write_opaque_xattr(setxattr, attr) == attr and len(written) == 2
+
+    def refuses(attr: str, value: bytes) -> None:
+        raise PermissionError(errno.EPERM, "no xattrs at all")
+
+    with pytest.raises(PermissionError):
+        whiteout.write_opaque_xattr(refuses)

@@ -135,7 +135,7 @@ def visible_tree(fs: UnionFS, *, inodes: bool = True, dir_nlink: bool = True,
 
     def one(path: str) -> None:
         attrs = fs.getattr(path)
-        mode = attrs["st_mode"]
+        mode = attrs.st_mode
         kind = stat.S_IFMT(mode)
         if kind == stat.S_IFREG:
             payload: Any = read_all(fs, path)
@@ -145,20 +145,20 @@ def visible_tree(fs: UnionFS, *, inodes: bool = True, dir_nlink: bool = True,
             payload = None
         xattrs = () if kind == stat.S_IFLNK else tuple(
             (name, fs.getxattr(path, name)) for name in sorted(fs.listxattr(path)))
-        row: tuple[Any, ...] = (kind, stat.S_IMODE(mode), attrs["st_uid"], attrs["st_gid"],
-                                None if kind == stat.S_IFDIR else attrs["st_size"], payload, xattrs)
+        row: tuple[Any, ...] = (kind, stat.S_IMODE(mode), attrs.st_uid, attrs.st_gid,
+                                None if kind == stat.S_IFDIR else attrs.st_size, payload, xattrs)
         if dir_nlink or kind != stat.S_IFDIR:
-            row += (attrs["st_nlink"],)
+            row += (attrs.st_nlink,)
         if inodes:
-            row += (attrs["st_ino"],)
+            row += (attrs.st_ino,)
         out[path or "."] = row
         if kind == stat.S_IFDIR:
             for name, dkind, dino in sorted(fs.readdir(path)):
                 child = f"{path}/{name}" if path else name
                 cattrs = fs.getattr(child)
-                assert dkind == stat.S_IFMT(cattrs["st_mode"]), f"readdir type of {child}"
+                assert dkind == stat.S_IFMT(cattrs.st_mode), f"readdir type of {child}"
                 if inodes and readdir_inodes:
-                    assert dino == cattrs["st_ino"], f"readdir ino of {child}"
+                    assert dino == cattrs.st_ino, f"readdir ino of {child}"
                 one(child)
 
     one("")

@@ -10,65 +10,10 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-
-@dataclass(slots=True)
-class LowerName:
-    """A name as the lower layers show it: its type, the top lower layer that holds it and, for a directory,
-    every lower layer whose copy merges into it (top-down, before opacity of the child itself is known)."""
-
-    kind: int
-    layer: int
-    chain: tuple[int, ...]
-    ino: int = 0
-
-
-@dataclass(slots=True)
-class DirState:
-    """Everything needed to resolve names inside one visible directory of the union.
-
-    ``upper`` is None when the upper layer has no copy of the directory; otherwise it maps the upper's
-    entries to their type, with ``upper_wh`` the names whited out there and ``upper_opaque`` its opacity.
-    ``lower`` is the merged table of the lower layers (``lower_layers``) that show through.
-    """
-
-    path: str
-    upper: dict[str, int] | None
-    upper_wh: set[str]
-    upper_opaque: bool
-    lower_layers: tuple[int, ...]
-    lower: dict[str, LowerName]
-    upper_inos: dict[str, int] = field(default_factory=dict)
-    size: int = field(default=0)
-
-    # -- the updates the union makes after it changed the upper layer --------------------------------------
-    def upper_set(self, name: str, kind: int) -> None:
-        if self.upper is None:
-            self.upper = {}
-        self.upper[name] = kind
-        self.upper_inos.pop(name, None)
-        self.upper_wh.discard(name)
-
-    def upper_remove(self, name: str) -> None:
-        if self.upper is not None:
-            self.upper.pop(name, None)
-
-    def upper_whiteout(self, name: str) -> None:
-        if self.upper is None:
-            self.upper = {}
-        self.upper.pop(name, None)
-        self.upper_wh.add(name)
-
-    def visible_names(self) -> list[str]:
-        """The merged listing: upper entries, then lower names not hidden by the upper (no markers)."""
-        upper = self.upper or {}
-        names = list(upper)
-        if not self.upper_opaque:
-            wh = self.upper_wh
-            names.extend(n for n in self.lower if n not in upper and n not in wh)
-        return names
+from unionfs.fs.attr import Attr
+from unionfs.fs.dirstate import DirState
 
 
 @dataclass
@@ -80,16 +25,16 @@ class CacheStats:
 
 
 class LookupCache:
-    """Bounded LRU of directory states and lower attribute dicts.
+    """Bounded LRU of directory states and lower attribute records.
 
-    ``max_entries`` bounds the sum of names held in directory tables plus cached attribute dicts.
+    ``max_entries`` bounds the sum of names held in directory tables plus cached attribute records.
     Not thread-safe: the union serialises access under its lock.
     """
 
     def __init__(self, max_entries: int = 1_000_000) -> None:
         self.max_entries = max_entries
         self.dirs: OrderedDict[str, DirState] = OrderedDict()
-        self.attrs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.attrs: OrderedDict[str, Attr] = OrderedDict()
         self.xattrs: OrderedDict[str, dict[str, bytes]] = OrderedDict()
         """Every xattr of a lower object by path (lower facts never change): a miss is a dict lookup too."""
         self.inos: dict[str, int] = {}
@@ -115,13 +60,13 @@ class LookupCache:
         old = self.dirs.pop(state.path, None)
         if old is not None:
             self.entries -= old.size
-        state.size = 1 + len(state.lower) + len(state.upper or ())
+        state.size = 1 + len(state.lower) + len(state.upper_kinds or ())
         self.dirs[state.path] = state
         self.entries += state.size
         self._shrink()
 
     # -- lower attributes ---------------------------------------------------------------------------------
-    def get_attrs(self, path: str) -> dict[str, Any] | None:
+    def get_attrs(self, path: str) -> Attr | None:
         attrs = self.attrs.get(path)
         if attrs is None:
             self.stats.misses += 1
@@ -130,7 +75,7 @@ class LookupCache:
         self.attrs.move_to_end(path)
         return attrs
 
-    def put_attrs(self, path: str, attrs: dict[str, Any]) -> None:
+    def put_attrs(self, path: str, attrs: Attr) -> None:
         if self.attrs.pop(path, None) is None:
             self.entries += 1
         self.attrs[path] = attrs

@@ -128,27 +128,13 @@ def stage_copy(src: HostDir, rel: str, st: os.stat_result, work: HostDir, tmp: s
                 finally:
                     os.close(fd)
     except BaseException:
-        remove_tree(work, tmp)
+        work.remove_tree(tmp)
         raise
 
 
 def publish(work: HostDir, tmp: str, upper: HostDir, rel: str) -> None:
     """Move a staged object into the upper layer; fails with EEXIST rather than replace anything."""
     work.rename(tmp, rel, RENAME_NOREPLACE, dst_dir=upper)
-
-
-def remove_tree(host: HostDir, rel: str) -> None:
-    """Remove ``rel`` and, for a directory, everything under it (never following symlinks)."""
-    try:
-        st = host.lstat(rel)
-    except FileNotFoundError:
-        return
-    if not stat_mod.S_ISDIR(st.st_mode):
-        host.unlink(rel)
-        return
-    for name, _kind, _ino in host.scandir(rel):
-        remove_tree(host, join(rel, name))
-    host.rmdir(rel)
 
 
 def clean_workdir(work: HostDir, work_rel: str) -> None:
@@ -163,4 +149,4 @@ def clean_workdir(work: HostDir, work_rel: str) -> None:
         work.mkdir(work_rel, 0o700)
         return
     for name, _kind, _ino in work.scandir(work_rel):
-        remove_tree(work, join(work_rel, name))
+        work.remove_tree(join(work_rel, name))

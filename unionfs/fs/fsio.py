@@ -17,16 +17,15 @@ import ctypes
 import errno
 import fcntl
 import os
+import platform
 import stat as stat_mod
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_OPENAT2 = 437
-_SYS_RENAMEAT2 = 316
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
@@ -42,7 +41,6 @@ class _OpenHow(ctypes.Structure):
 
 
 _libc.syscall.restype = ctypes.c_long
-_have_openat2 = True
 
 
 def _openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
@@ -68,6 +66,32 @@ def _probe_openat2() -> bool:
 
 
 _have_openat2 = _probe_openat2()
+
+
+_RENAMEAT2_SYSCALL = {"x86_64": 316, "i386": 353, "i686": 353, "aarch64": 276, "riscv64": 276,
+                      "loongarch64": 276, "armv7l": 382, "armv8l": 382, "ppc64le": 357, "ppc64": 357,
+                      "s390x": 347, "mips64": 5311}
+"""renameat2's system call number by ``uname -m``, for a C library without the wrapper (glibc < 2.28)."""
+
+
+def _syscall_renameat2(sfd: int, src: bytes, dfd: int, dst: bytes, flags: int) -> int:
+    number = _RENAMEAT2_SYSCALL.get(platform.machine())
+    if number is None:
+        ctypes.set_errno(errno.ENOSYS)
+        return -1
+    return int(_libc.syscall(number, ctypes.c_int(sfd), src, ctypes.c_int(dfd), dst, ctypes.c_uint(flags)))
+
+
+def _libc_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    func = getattr(_libc, "renameat2", None)  # glibc >= 2.28, musl >= 1.2.3
+    if func is None:
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func  # type: ignore[no-any-return]
+
+
+_renameat2: Callable[[int, bytes, int, bytes, int], int] = _libc_renameat2() or _syscall_renameat2
 
 
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -114,28 +138,6 @@ def resolve_root(path: str) -> tuple[str, int]:
     if not stat_mod.S_ISDIR(st.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     return real, st.st_dev
-
-
-class Stat(NamedTuple):
-    """The parts of an ``lstat`` result the union uses; a tuple so that it is cheap to keep."""
-
-    mode: int
-    ino: int
-    dev: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    blocks: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-
-
-def to_stat(st: os.stat_result) -> Stat:
-    return Stat(st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
-                st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class HostDir:
@@ -394,6 +396,36 @@ class HostDir:
         with self.dirfd(parent) as pfd:
             os.rmdir(name, dir_fd=pfd)
 
+    def remove_tree(self, rel: str) -> None:
+        """Remove ``rel`` (a file or a whole tree; nothing where it is missing) without following symlinks,
+        depth first without recursion.  Directories the caller owns but cannot write (mode 0555 in a layer)
+        are made writable first where the caller is not root."""
+        st = self.try_lstat(rel)
+        if st is None:
+            return
+        if not stat_mod.S_ISDIR(st.st_mode):
+            self.unlink(rel)
+            return
+        stack = [(rel, False)]
+        while stack:
+            path, listed = stack.pop()
+            if listed:
+                self.rmdir(path)
+                continue
+            if os.geteuid() != 0:
+                with suppress(OSError):
+                    self.chmod(path, 0o700)
+            stack.append((path, True))
+            for name, kind, _ino in self.scandir(path):
+                child = join(path, name)
+                if kind == stat_mod.S_IFDIR:
+                    stack.append((child, False))
+                else:
+                    try:
+                        self.unlink(child)
+                    except IsADirectoryError:
+                        stack.append((child, False))
+
     def truncate(self, rel: str, length: int) -> None:
         """truncate(2) of regular file ``rel`` (EINVAL for anything else, as truncate(2) answers).
 
@@ -463,8 +495,7 @@ class HostDir:
             if flags == 0:
                 os.rename(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd)
                 return
-            rc = _libc.syscall(_SYS_RENAMEAT2, ctypes.c_int(sfd), os.fsencode(sn), ctypes.c_int(dfd),
-                               os.fsencode(dn), ctypes.c_uint(flags))
+            rc = _renameat2(sfd, os.fsencode(sn), dfd, os.fsencode(dn), flags)
             if rc < 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), dst)

@@ -9,15 +9,29 @@ A missing path is ``None``, never an exception.  Host errors other than "not the
 from __future__ import annotations
 
 import errno
+import os
 import stat as stat_mod
 from typing import NamedTuple
 
-from unionfs.fs.cache import DirState, LookupCache, LowerName
+from unionfs.fs.cache import LookupCache
+from unionfs.fs.dirstate import DirState, merge_lower
 from unionfs.fs.fsio import split
 from unionfs.fs.layers import LayerStack
 from unionfs.fs.whiteout import LayerDir, read_layer_dir
 
 S_IFDIR = stat_mod.S_IFDIR
+NAME_MAX = 255
+
+
+def path_error(code: int, path: str) -> OSError:
+    """The error the union raises for union path ``path`` (shown with its leading ``/``)."""
+    return OSError(code, os.strerror(code), "/" + path)
+
+
+def check_name(path: str) -> None:
+    """ENAMETOOLONG where the last component of ``path`` is longer than NAME_MAX bytes."""
+    if len(os.fsencode(split(path)[1])) > NAME_MAX:
+        raise path_error(errno.ENAMETOOLONG, path)
 
 
 class Node(NamedTuple):
@@ -26,9 +40,9 @@ class Node(NamedTuple):
     request makes one, and a tuple is made in a third of a frozen dataclass's time.)"""
 
     kind: int
-    upper: bool
+    in_upper: bool
     layer: int
-    chain: tuple[int, ...]
+    merge_layers: tuple[int, ...]
 
     @property
     def is_dir(self) -> bool:
@@ -55,18 +69,30 @@ class Resolver:
             return None
         return self.child(parent, name)
 
+    def require(self, path: str) -> Node:
+        """The node at ``path``; where nothing is visible ENAMETOOLONG, ENOTDIR (a parent is not a
+        directory) or ENOENT, as the kernel answers."""
+        node = self.lookup(path)
+        if node is None:
+            check_name(path)
+            parent = split(path)[0]
+            if path and self.dir_state(parent) is None and self.lookup(parent) is not None:
+                raise path_error(errno.ENOTDIR, path)
+            raise path_error(errno.ENOENT, path)
+        return node
+
     def child(self, parent: DirState, name: str) -> Node | None:
         """The node ``name`` inside the visible directory ``parent``, or None."""
-        upper = parent.upper
+        upper = parent.upper_kinds
         if upper is not None:
             kind = upper.get(name)
             if kind is not None:
-                chain: tuple[int, ...] = ()
+                merge_layers: tuple[int, ...] = ()
                 if kind == S_IFDIR and not parent.upper_opaque:
                     low = parent.lower.get(name)
                     if low is not None and low.kind == S_IFDIR:
-                        chain = low.chain
-                return Node(kind, True, 0, chain)
+                        merge_layers = low.merge_layers
+                return Node(kind, True, 0, merge_layers)
             if name in parent.upper_wh:
                 return None
         if parent.upper_opaque:
@@ -74,7 +100,7 @@ class Resolver:
         low = parent.lower.get(name)
         if low is None:
             return None
-        return Node(low.kind, False, low.layer, low.chain)
+        return Node(low.kind, False, low.layer, low.merge_layers)
 
     def lookup_parent(self, path: str) -> DirState:
         """The state of ``path``'s parent directory; raises ENOENT/ENOTDIR as the kernel would."""
@@ -101,20 +127,19 @@ class Resolver:
     def build_dir_state(self, path: str, node: Node) -> DirState:
         upper: dict[str, int] | None = None
         upper_wh: set[str] = set()
-        upper_inos: dict[str, int] = {}
         opaque = False
-        if node.upper and self.stack.upper is not None:
+        if node.in_upper and self.stack.upper is not None:
             try:
                 ud = read_layer_dir(self.stack.upper.host, path)
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                     raise
             else:
-                upper, upper_wh, opaque, upper_inos = ud.entries, ud.whiteouts, ud.opaque, ud.inos
+                upper, upper_wh, opaque = ud.entries, ud.whiteouts, ud.opaque
         lower_layers: list[int] = []
         scans: list[LayerDir] = []
         if not opaque:
-            for index in node.chain:
+            for index in node.merge_layers:
                 try:
                     ld = read_layer_dir(self.hosts[index], path)
                 except OSError as exc:
@@ -126,39 +151,9 @@ class Resolver:
                 if ld.opaque:
                     break
         return DirState(path, upper, upper_wh, opaque, tuple(lower_layers),
-                        merge_lower(lower_layers, scans), upper_inos)
+                        merge_lower(lower_layers, scans))
 
     def listdir(self, path: str) -> list[str] | None:
         """The merged names of directory ``path`` (no markers, no duplicates), or None if not a dir."""
         state = self.dir_state(path)
         return None if state is None else state.visible_names()
-
-
-def merge_lower(layers: list[int], scans: list[LayerDir]) -> dict[str, LowerName]:
-    """Merge lower layers' copies of one directory (top-down) into one table.
-
-    A whiteout in layer i hides the name in the layers below i; a non-directory hides everything below
-    it; a directory's chain collects the lower copies that are directories, until something stops it.
-    """
-    merged: dict[str, LowerName] = {}
-    hidden: set[str] = set()
-    closed: set[str] = set()
-    for index, scan in zip(layers, scans, strict=True):
-        for name, kind in scan.entries.items():
-            if name in hidden or name in closed:
-                continue
-            have = merged.get(name)
-            if have is None:
-                merged[name] = LowerName(kind, index, (index,) if kind == S_IFDIR else (), scan.inos[name])
-                if kind != S_IFDIR:
-                    closed.add(name)
-            elif kind == S_IFDIR and have.kind == S_IFDIR:
-                have.chain = (*have.chain, index)
-            else:
-                closed.add(name)
-        for name in scan.whiteouts:
-            if name in merged:
-                closed.add(name)
-            else:
-                hidden.add(name)
-    return merged

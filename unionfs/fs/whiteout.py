@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import stat as stat_mod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -27,6 +29,8 @@ WH_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
 XWHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+KERNEL_OPAQUE_XATTR = "trusted.overlay.opaque"
+USER_OPAQUE_XATTR = "user.overlay.opaque"
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.", "trusted.unionfs.",
                           "user.unionfs.")
 """Overlay-private xattrs: hidden from getxattr/listxattr through the union, never copied up."""
@@ -75,6 +79,53 @@ def is_marker_name(name: str) -> bool:
     return name.startswith(WH_PREFIX)
 
 
+# -- the one classifier of markers: every reader of a layer directory asks these ------------------------------
+
+def dir_marks(opaque_value: bytes | None) -> tuple[bool, bool]:
+    """What a directory's overlay opaque xattr (its first one set, None if none) says: ``(opaque,
+    xwhiteouts)``; ``y`` hides the layers below, ``x`` means its children may be xattr whiteouts."""
+    return opaque_value == b"y", opaque_value == b"x"
+
+
+def marker_name(name: str) -> tuple[bool, str] | None:
+    """An OCI marker name: ``(True, "")`` for the opaque marker ``.wh..wh..opq``, ``(False, NAME)`` for the
+    whiteout ``.wh.NAME``; None for an ordinary name."""
+    if not name.startswith(WH_PREFIX):
+        return None
+    if name == OPAQUE_MARKER:
+        return True, ""
+    return False, name[len(WH_PREFIX):]
+
+
+def needs_lstat(kind: int, *, xwhiteouts: bool) -> bool:
+    """Can an entry whose directory listing says ``kind`` (0: unknown) still be a whiteout?  Only these need
+    :func:`is_whiteout`; every other entry is what its listing says."""
+    return kind == 0 or kind == stat_mod.S_IFCHR or (kind == stat_mod.S_IFREG and xwhiteouts)
+
+
+def is_whiteout(st: os.stat_result, has_xattr: Callable[[str], bool] | None) -> bool:
+    """Is the entry with lstat ``st`` a whiteout: a char 0/0 device, or (where ``has_xattr`` is given: in a
+    directory marked for xattr whiteouts) a zero-size regular file with an overlay whiteout xattr?"""
+    if is_kernel_whiteout(st):
+        return True
+    return has_xattr is not None and stat_mod.S_ISREG(st.st_mode) and st.st_size == 0 and any(
+        has_xattr(a) for a in XWHITEOUT_XATTRS)
+
+
+def write_opaque_xattr(setxattr: Callable[[str, bytes], None], attr: str = KERNEL_OPAQUE_XATTR) -> str:
+    """Mark a directory opaque with ``setxattr(name, value)``: ``trusted.overlay.opaque=y``, or
+    ``user.overlay.opaque=y`` where ``trusted.*`` is refused (EPERM).  Returns the name written, which a
+    caller marking many directories passes back as ``attr``."""
+    try:
+        setxattr(attr, b"y")
+    except PermissionError:
+        if attr == USER_OPAQUE_XATTR:
+            raise
+        attr = USER_OPAQUE_XATTR
+        setxattr(attr, b"y")
+    return attr
+
+
 @dataclass(slots=True)
 class LayerDir:
     """One layer's copy of one directory, as far as the union cares.
@@ -99,32 +150,32 @@ def dir_opaque_value(host: HostDir, rel: str) -> bytes | None:
     return None
 
 
+def _has_xattr(host: HostDir, rel: str, attr: str) -> bool:
+    return host.try_getxattr(rel, attr) is not None
+
+
 def read_layer_dir(host: HostDir, rel: str) -> LayerDir:
     """Scan directory ``rel`` of a layer: its entries, the whiteouts it holds and whether it is opaque.
 
     Raises OSError from the host (ENOENT/ENOTDIR where the directory is gone).
     """
     out = LayerDir()
-    opaque_value = dir_opaque_value(host, rel)
-    out.opaque = opaque_value == b"y"
-    xwhiteouts = opaque_value == b"x"
+    out.opaque, xwhiteouts = dir_marks(dir_opaque_value(host, rel))
     for name, kind, ino in host.scandir(rel):
-        if name.startswith(WH_PREFIX):
-            if name == OPAQUE_MARKER:
+        marker = marker_name(name)
+        if marker is not None:
+            if marker[0]:
                 out.opaque = True
             else:
-                out.whiteouts.add(name[len(WH_PREFIX):])
+                out.whiteouts.add(marker[1])
             continue
-        if kind == 0 or (kind == stat_mod.S_IFREG and xwhiteouts):
+        if needs_lstat(kind, xwhiteouts=xwhiteouts):
+            path = join(rel, name)
             try:
-                st = host.lstat(join(rel, name))
+                st = host.lstat(path)
             except FileNotFoundError:
                 continue
-            if is_kernel_whiteout(st):
-                out.whiteouts.add(name)
-                continue
-            if xwhiteouts and stat_mod.S_ISREG(st.st_mode) and st.st_size == 0 and any(
-                    host.try_getxattr(join(rel, name), a) is not None for a in XWHITEOUT_XATTRS):
+            if is_whiteout(st, functools.partial(_has_xattr, host, path) if xwhiteouts else None):
                 out.whiteouts.add(name)
                 continue
             kind = stat_mod.S_IFMT(st.st_mode)
@@ -165,7 +216,7 @@ class WhiteoutWriter:
     def mark_opaque(self, host: HostDir, rel: str) -> None:
         """Make directory ``rel`` of ``host`` (upper or work) opaque."""
         if self.format is WhiteoutFormat.KERNEL:
-            host.setxattr(rel, "trusted.overlay.opaque", b"y")
+            write_opaque_xattr(lambda attr, value: host.setxattr(rel, attr, value))
         else:
             fd = host.open(join(rel, OPAQUE_MARKER), os.O_WRONLY | os.O_CREAT, 0o000)
             os.close(fd)
@@ -179,9 +230,7 @@ class WhiteoutWriter:
                 st = self.upper.lstat(candidate)
             except OSError:
                 continue
-            if candidate == rel and not (is_kernel_whiteout(st) or (
-                    stat_mod.S_ISREG(st.st_mode) and st.st_size == 0
-                    and any(self.upper.try_getxattr(rel, a) is not None for a in XWHITEOUT_XATTRS))):
+            if candidate == rel and not is_whiteout(st, functools.partial(_has_xattr, self.upper, rel)):
                 continue
             self.upper.unlink(candidate)
             removed = True

@@ -24,9 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from unionfs.fs.cache import LowerName
+from unionfs.fs.dirstate import LowerEntry, merge_lower
 from unionfs.fs.fsio import HostDir, join, split
-from unionfs.fs.lookup import merge_lower
 from unionfs.fs.whiteout import read_layer_dir
 from unionfs.image.commit import union_at
 from unionfs.image.digest import scan
@@ -47,9 +46,9 @@ class UnionView:
 
     def __init__(self, hosts: Sequence[HostDir]) -> None:
         self.hosts = list(hosts)
-        self._tables: dict[str, dict[str, LowerName] | None] = {}
+        self._tables: dict[str, dict[str, LowerEntry] | None] = {}
 
-    def table(self, path: str) -> dict[str, LowerName] | None:
+    def table(self, path: str) -> dict[str, LowerEntry] | None:
         """The merged entries of directory ``path`` (``""`` is the root), or None where the view has no
         directory there."""
         if path in self._tables:
@@ -59,12 +58,12 @@ class UnionView:
             chain = range(len(self.hosts))
         else:
             node = self.lookup(path)
-            chain = node.chain if node is not None and node.kind == S_IFDIR else ()
+            chain = node.merge_layers if node is not None and node.kind == S_IFDIR else ()
         table = self._merge(path, chain) if path == "" or chain else None
         self._tables[path] = table
         return table
 
-    def _merge(self, path: str, chain: Sequence[int]) -> dict[str, LowerName]:
+    def _merge(self, path: str, chain: Sequence[int]) -> dict[str, LowerEntry]:
         layers, scans = [], []
         for index in chain:
             try:
@@ -79,10 +78,10 @@ class UnionView:
                 break
         return merge_lower(layers, scans)
 
-    def lookup(self, path: str) -> LowerName | None:
+    def lookup(self, path: str) -> LowerEntry | None:
         """The visible entry at ``path`` (its kind and top layer), or None."""
         if path == "":
-            return LowerName(S_IFDIR, 0, tuple(range(len(self.hosts))))
+            return LowerEntry(S_IFDIR, 0, tuple(range(len(self.hosts))))
         parent, name = split(path)
         table = self.table(parent)
         return None if table is None else table.get(name)
@@ -107,7 +106,7 @@ def _show(path: str) -> str:
     return "/" + path
 
 
-def _dir_differs(child: Child, path: str, view: UnionView, old: LowerName) -> bool:
+def _dir_differs(child: Child, path: str, view: UnionView, old: LowerEntry) -> bool:
     """True when the upper copy of directory ``path`` has other mode, owner, mtime or xattrs than its top
     lower copy."""
     host = view.hosts[old.layer]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from unionfs.control import ControlClient
 from unionfs.fs.fsio import HostDir, split
+from unionfs.fs.whiteout import KERNEL_OPAQUE_XATTR, write_opaque_xattr
 from unionfs.image import inuse
 from unionfs.image.digest import Entry, Manifest, hash_file, scan
 from unionfs.image.inuse import CONTROL_TIMEOUT
@@ -50,8 +51,6 @@ from unionfs.progress import Progress
 
 MOUNTED_MESSAGE = "upper is mounted by something that cannot be paused (the kernel's overlayfs, or a daemon " \
     "without a control channel); unmount it first"
-OPAQUE_XATTR = "trusted.overlay.opaque"
-USER_OPAQUE_XATTR = "user.overlay.opaque"
 KEEP_BYTES = 256 << 20
 """How much small-file data the read pass keeps for the copy pass (which then need not read it again)."""
 _KIND_BITS = {"fifo": stat_mod.S_IFIFO, "chr": stat_mod.S_IFCHR, "blk": stat_mod.S_IFBLK}
@@ -240,7 +239,7 @@ class _Stager:
         self.progress = progress
         self.dirs: list[Entry] = []
         self.buf = bytearray(1 << 20)
-        self.opaque_xattr = OPAQUE_XATTR
+        self.opaque_xattr = KERNEL_OPAQUE_XATTR
         self.ids = (os.geteuid(), os.getegid())
         """Who owns what this process creates (a file created by us needs no chown to these)."""
 
@@ -336,13 +335,7 @@ class _Stager:
             os.utime(d.fd, ns=(e.atime_ns, e.mtime_ns))
 
     def _mark_opaque(self, d: OpenDir) -> None:
-        try:
-            d.setxattr("", self.opaque_xattr, b"y")
-        except PermissionError:
-            if self.opaque_xattr == USER_OPAQUE_XATTR:
-                raise
-            self.opaque_xattr = USER_OPAQUE_XATTR
-            d.setxattr("", self.opaque_xattr, b"y")
+        self.opaque_xattr = write_opaque_xattr(lambda attr, value: d.setxattr("", attr, value), self.opaque_xattr)
 
 
 # -- the commit ----------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ import fcntl
 import json
 import os
 import re
-import stat as stat_mod
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -405,7 +404,7 @@ class Store:
 
     def discard(self, rel: str) -> None:
         """Remove a staged tree (or anything under the store) completely."""
-        remove_tree(self._host(), rel)
+        self._host().remove_tree(rel)
 
     def publish_layer(self, staging: str, meta: LayerMeta) -> bool:
         """Publish the staged tree ``staging`` as layer ``meta.digest`` and write its json.
@@ -586,7 +585,7 @@ class Store:
             for name, _k, _i in host.scandir(TMP):
                 report.removed_staging.append(name)
                 if not dry_run:
-                    remove_tree(host, join(TMP, name))
+                    host.remove_tree(join(TMP, name))
             for record in self.containers():
                 if not os.path.isdir(record.upper):
                     report.removed_records.append(record.id)
@@ -618,35 +617,4 @@ class Store:
         if host.try_lstat(join(LAYERS, digest)) is not None:
             doomed = join(TMP, f"gc-{digest}-{os.urandom(4).hex()}")
             host.rename(join(LAYERS, digest), doomed)
-            remove_tree(host, doomed)
-
-
-def remove_tree(host: HostDir, rel: str) -> None:
-    """Remove ``rel`` (a file or a whole tree) from ``host`` without following symlinks.  Directories the
-    caller owns but cannot write (mode 0555 in a layer) are made writable first."""
-    st = host.try_lstat(rel)
-    if st is None:
-        return
-    if not stat_mod.S_ISDIR(st.st_mode):
-        host.unlink(rel)
-        return
-    stack = [(rel, False)]
-    while stack:
-        path, listed = stack.pop()
-        if listed:
-            host.rmdir(path)
-            continue
-        if os.geteuid() != 0:
-            with contextlib.suppress(OSError):
-                host.chmod(path, 0o700)
-        stack.append((path, True))
-        for name, kind, _ino in host.scandir(path):
-            child = join(path, name)
-            if kind == stat_mod.S_IFDIR:
-                stack.append((child, False))
-            else:
-                try:
-                    host.unlink(child)
-                except IsADirectoryError:
-                    stack.append((child, False))
-
+            host.remove_tree(doomed)

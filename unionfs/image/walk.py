@@ -22,14 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from unionfs.fs.fsio import HostDir, join
-from unionfs.fs.whiteout import (
-    OPAQUE_MARKER,
-    OPAQUE_XATTRS,
-    WH_PREFIX,
-    XWHITEOUT_XATTRS,
-    is_kernel_whiteout,
-    is_private_xattr,
-)
+from unionfs.fs.whiteout import OPAQUE_XATTRS, dir_marks, is_private_xattr, is_whiteout, marker_name
 
 Xattrs = tuple[tuple[str, bytes], ...]
 """Sorted ``(name, value)`` pairs."""
@@ -218,29 +211,28 @@ def read_dir(d: OpenDir, *, with_xattrs: bool = True) -> Listing:
     while being read is skipped.
     """
     out = Listing()
-    opaque_value = next((v for a in OPAQUE_XATTRS if (v := d.getxattr("", a)) is not None), None)
-    out.opaque = opaque_value == b"y"
-    xwhiteouts = opaque_value == b"x"
+    out.opaque, xwhiteouts = dir_marks(
+        next((v for a in OPAQUE_XATTRS if (v := d.getxattr("", a)) is not None), None))
     for name in sorted(d.names(), key=sort_key):
-        if name.startswith(WH_PREFIX):
-            if name == OPAQUE_MARKER:
+        marker = marker_name(name)
+        if marker is not None:
+            if marker[0]:
                 out.opaque = True
             else:
-                out.whiteouts.add(name[len(WH_PREFIX):])
+                out.whiteouts.add(marker[1])
             continue
         try:
             st = d.lstat(name)
         except FileNotFoundError:
             continue
-        if is_kernel_whiteout(st):
+        if is_whiteout(st, None):
             out.whiteouts.add(name)
             continue
         if stat_mod.S_ISSOCK(st.st_mode):
             out.sockets.append(name)
             continue
         names = d.xattr_names(name) if with_xattrs or xwhiteouts else []
-        if xwhiteouts and stat_mod.S_ISREG(st.st_mode) and st.st_size == 0 and any(
-                a in names for a in XWHITEOUT_XATTRS):
+        if xwhiteouts and is_whiteout(st, names.__contains__):
             out.whiteouts.add(name)
             continue
         xattrs = d.public_xattrs(name, names) if with_xattrs else ()
