@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit import alive, pid_of, sha
+from kit import alive, pid_of, sha, wait_for
 from support.mounts import unionfs_mount
 
 pytestmark = pytest.mark.mounted
@@ -96,7 +96,9 @@ def test_read_only_upper_gives_erofs_and_recovers(tmp_path: Path) -> None:
         mnt.mkdir()
         with unionfs_mount([lower], upper, work, mnt) as m:
             (m / "before").write_bytes(b"before\n")
-            subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+            # close(2) returns before the daemon's RELEASE closes its descriptor: until then the fs is busy
+            assert wait_for(lambda: subprocess.run(["mount", "-o", "remount,ro", str(fs)],
+                                                   stderr=subprocess.DEVNULL).returncode == 0, timeout=5.0)
             try:
                 assert errno_of(lambda: open(m / "f", "ab").close()) == errno.EROFS
                 assert errno_of(lambda: (m / "new").write_bytes(b"x")) == errno.EROFS
