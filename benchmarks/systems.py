@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unionfs.mountinfo import mounts
+
 MOUNT_TIMEOUT_S = 300.0
 PROBE_TIMEOUT_S = 30.0
 DAEMON_EXIT_TIMEOUT_S = 30.0
@@ -352,7 +354,7 @@ def unmount(mnt: Path, daemon_pids: Sequence[int] = ()) -> None:
 def unmount_stale(scratch: Path) -> list[str]:
     """Unmount whatever an interrupted earlier run left mounted under ``scratch``; returns the mountpoints."""
     prefix = str(scratch.resolve()) + "/"
-    stale = [mp for mp in _mountpoints() if mp.startswith(prefix)]
+    stale = [m.mountpoint for m in mounts() if m.mountpoint.startswith(prefix)]
     for mp in sorted(stale, key=len, reverse=True):
         proc = subprocess.run(["umount", mp], capture_output=True, check=False)
         if proc.returncode != 0:
@@ -414,15 +416,6 @@ def _read_status(pid: int) -> dict[str, int]:
                     out[key] = int(parts[0]) * 1024
     except OSError:
         pass
-    return out
-
-
-def _mountpoints() -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            raw = line.split()[4]
-            out.append(raw.encode().decode("unicode_escape"))
     return out
 
 

@@ -41,11 +41,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from mountd.options import MountConfig, fuse_kwargs, unsupported_fuse_options
 from unionfs.fs.idmap import IdMap
 from unionfs.fs.layers import LayerError, LayerStack
+from unionfs.mountinfo import find_mount
 
 log = logging.getLogger("unionfs")
 
@@ -64,47 +64,6 @@ FSTYPE_PREFIX = "fuse.unionfs"
 
 class MountError(Exception):
     """A mount or unmount that cannot be done; ``str()`` is one line meant for the user."""
-
-
-# -- mountinfo ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of ``/proc/self/mountinfo``; ``mountpoint`` is unescaped."""
-
-    mount_id: int
-    device: str
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def _unescape_octal(field: str) -> str:
-    r"""mountinfo writes space, tab, newline and backslash as ``\ooo``."""
-    parts = field.split("\\")
-    out = [parts[0]]
-    for part in parts[1:]:
-        code = part[:3]
-        out.append(chr(int(code, 8)) + part[3:] if len(code) == 3 and code.isdigit() else "\\" + part)
-    return "".join(out)
-
-
-def mounts() -> list[MountEntry]:
-    """The mounts of this mount namespace, in mountinfo order (a later entry is on top of an earlier one)."""
-    entries = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            fields, tail = left.split(" "), right.split(" ")
-            entries.append(MountEntry(int(fields[0]), fields[2], _unescape_octal(fields[4]), tail[0],
-                                      _unescape_octal(tail[1]) if len(tail) > 1 else ""))
-    return entries
-
-
-def find_mount(path: str) -> MountEntry | None:
-    """The topmost mount whose mount point is ``path`` (an absolute, resolved path), or None."""
-    found = [entry for entry in mounts() if entry.mountpoint == path]
-    return found[-1] if found else None
 
 
 def check_mountpoint(mountpoint: str) -> str:

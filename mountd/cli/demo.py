@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from unionfs.mountinfo import find_mount
+
 LAYERS: dict[str, dict[str, str]] = {
     # bottom layer first, as an image is built
     "base": {"etc/os-release": "NAME=demo\nVERSION=1\n", "etc/motd": "welcome to the base layer\n",
@@ -57,14 +59,9 @@ def _show_tree(root: Path) -> None:
 
 def _wait_gone(mnt: Path) -> None:
     for _ in range(100):
-        if not _is_mount(mnt):
+        if find_mount(mnt) is None:
             return
         time.sleep(0.05)
-
-
-def _is_mount(mnt: Path) -> bool:
-    with open("/proc/self/mountinfo") as fh:
-        return any(line.split()[4] == str(mnt) for line in fh)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         _say("done")
         return 0
     finally:
-        if _is_mount(mnt):
+        if find_mount(mnt) is not None:
             subprocess.run(["umount", "-l", str(mnt)], check=False)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from support import layers as L
 from support.differential import Catalog, Recorder, SideResult, compare, run_differential
-from support.mounts import MountError, find_mount, kernel_overlay_mount, unionfs_mount
+from support.mounts import MountError, kernel_overlay_mount, unionfs_mount
 from support.snapshot import NEW, Entry, snapshot, upper_snapshot
+
+from unionfs.mountinfo import find_mount
 
 FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
 

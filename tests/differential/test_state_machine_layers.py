@@ -67,10 +67,12 @@ from hypothesis.stateful import (
 from support import layers as L
 from support import strategies as S
 from support.differential import recent_cutoff
-from support.mounts import KERNEL_AS_PROGRAM, find_mount, kernel_overlay_mount, mount_program, unionfs_mount
+from support.mounts import KERNEL_AS_PROGRAM, kernel_overlay_mount, mount_program, unionfs_mount
 from support.scratch import scratch_area
 from support.snapshot import Snapshot, diff_snapshots, errno_name, snapshot, stat_entry, upper_snapshot
 from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
+from unionfs.mountinfo import find_mount
 
 CI_EXAMPLES = {"kernel": 30, "oci": 15}
 CI_STEPS = 30

@@ -28,7 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from support.mounts import KERNEL_AS_PROGRAM, mount_program, mounts
+from support.mounts import KERNEL_AS_PROGRAM, mount_program
+
+from unionfs.mountinfo import mounts
 
 BASE_KEY = "bookworm-minbase-gcc-v1"
 """Names the cached base tarball; change it whenever ``build_base_tarball`` makes something different."""

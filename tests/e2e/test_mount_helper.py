@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.mounts import find_mount, unmount
+from support.mounts import unmount
+
+from unionfs.mountinfo import find_mount
 
 pytestmark = pytest.mark.e2e
 

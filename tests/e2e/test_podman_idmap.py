@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import StoragePool
 from e2e_support import BASE_IMAGE, Storage
-from support.mounts import mounts
+
+from unionfs.mountinfo import mounts
 
 pytestmark = pytest.mark.e2e
 

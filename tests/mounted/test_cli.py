@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.mounts import mount_program, mounts
+from support.mounts import mount_program
 
 from mountd.lifecycle import daemon_pid
+from unionfs.mountinfo import mounts
 
 pytestmark = pytest.mark.mounted
 

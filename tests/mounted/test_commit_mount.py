@@ -24,11 +24,12 @@ import pytest
 from hypothesis import given, settings
 from support.image_specs import layer_specs
 from support.layers import WHITEOUT, Dir, Fifo, File, Hardlink, Symlink, build_layer
-from support.mounts import find_mount, kernel_overlay_mount, unionfs_mount, unmount
+from support.mounts import kernel_overlay_mount, unionfs_mount, unmount
 from support.snapshot import Snapshot, diff_snapshots, snapshot
 
 from unionfs.image.commit import commit_upper, import_dir
 from unionfs.image.store import Store
+from unionfs.mountinfo import find_mount
 
 pytestmark = pytest.mark.mounted
 

@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from support.mounts import MountError, find_mount, unionfs_mount
+from support.mounts import MountError, unionfs_mount
 
 from mountd.lifecycle import daemon_pid
+from unionfs.mountinfo import find_mount
 
 STRESS_SCALE_ENV = "UNIONFS_STRESS_SCALE"
 

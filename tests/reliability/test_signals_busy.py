@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 from kit import alive, expect_exit, killable_mount, lazy_unmount, pid_of, wait_for
-from support.mounts import find_mount, mount_program, unionfs_mount
+from support.mounts import mount_program, unionfs_mount
+
+from unionfs.mountinfo import find_mount
 
 pytestmark = pytest.mark.mounted
 

@@ -24,8 +24,9 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from unionfs.mountinfo import find_mount
 
 MOUNT_PROG_ENV = "UNIONFS_MOUNT_PROG"
 EXTRA_OPTIONS_ENV = "UNIONFS_TEST_OPTIONS"
@@ -50,51 +51,6 @@ def mount_program() -> str:
     if prog:
         return prog
     return str(Path(sys.prefix) / "bin" / "unionfs-mount")
-
-
-# --- mountinfo -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class MountInfo:
-    """One line of ``/proc/self/mountinfo``."""
-
-    mount_id: int
-    mountpoint: str
-    fstype: str
-    source: str
-    super_options: str
-
-
-def _unescape(field: str) -> str:
-    r"""mountinfo escapes space, tab, newline and backslash as ``\ooo``."""
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1:i + 4]
-        if field[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mounts() -> list[MountInfo]:
-    """All mounts of this process's mount namespace, in mountinfo order (later = on top)."""
-    result = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            lf, rf = left.split(" "), right.split(" ")
-            result.append(MountInfo(mount_id=int(lf[0]), mountpoint=_unescape(lf[4]), fstype=rf[0],
-                                    source=_unescape(rf[1]), super_options=rf[2] if len(rf) > 2 else ""))
-    return result
-
-
-def find_mount(mnt: Path) -> MountInfo | None:
-    """The topmost mount at ``mnt`` (an absolute path), or None."""
-    found = [m for m in mounts() if m.mountpoint == str(mnt)]
-    return found[-1] if found else None
 
 
 def _wait(predicate: Callable[[], bool], timeout: float) -> bool:

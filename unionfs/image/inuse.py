@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from unionfs.control import ControlClient
 from unionfs.fs.fsio import HostDir
+from unionfs.mountinfo import mounts, unescape
 
 CONTROL_TIMEOUT = 5.0
 """How long a daemon may take to answer ``info`` before its command line is read instead."""
@@ -48,44 +49,6 @@ class UnionMount:
         if self.pid is None:
             return f"a unionfs daemon (workdir {self.work} is locked)"
         return f"{self.mountpoint or 'a mount being made'} (process {self.pid})"
-
-
-@dataclass(frozen=True)
-class MountLine:
-    """The parts of one ``/proc/self/mountinfo`` line used here."""
-
-    mountpoint: str
-    fstype: str
-    source: str
-    super_options: str
-
-
-def _unescape_octal(text: str) -> str:
-    r"""mountinfo writes space, tab, newline, backslash (and, in overlay options, comma) as ``\ooo``."""
-    out, i = [], 0
-    while i < len(text):
-        code = text[i + 1:i + 4]
-        if text[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
-def mountinfo(path: str = "/proc/self/mountinfo") -> list[MountLine]:
-    """Every mount of this mount namespace, in mountinfo order (a later line is on top)."""
-    lines = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for raw in f:
-            left, _, right = raw.rstrip("\n").partition(" - ")
-            lf, rf = left.split(" "), right.split(" ")
-            if len(lf) < 5 or len(rf) < 2:
-                continue
-            lines.append(MountLine(_unescape_octal(lf[4]), rf[0], _unescape_octal(rf[1]),
-                                   rf[2] if len(rf) > 2 else ""))
-    return lines
 
 
 def split_options(text: str) -> dict[str, str]:
@@ -141,10 +104,10 @@ def _real(path: str, cwd: str = "/") -> str:
 def kernel_mounts() -> list[UnionMount]:
     """The kernel overlayfs mounts, with their dirs from the super options."""
     out = []
-    for line in mountinfo():
+    for line in mounts():
         if line.fstype != "overlay":
             continue
-        opts = {k: _unescape_octal(v) for k, v in split_options(line.super_options).items()}
+        opts = {k: unescape(v) for k, v in split_options(line.super_options).items()}
         out.append(UnionMount(line.mountpoint, line.fstype, tuple(split_lowerdir(opts.get("lowerdir", ""))),
                               opts.get("upperdir"), opts.get("workdir")))
     return out
@@ -255,7 +218,7 @@ def mount_at(path: str) -> UnionMount | None:
     found is returned with no dirs.
     """
     real = os.path.realpath(path)
-    lines = [m for m in mountinfo() if m.mountpoint == real]
+    lines = [m for m in mounts() if m.mountpoint == real]
     if not lines:
         return None
     top = lines[-1]
@@ -314,7 +277,7 @@ def users_of_upper(upper: str, *, work: str | None = None) -> list[UnionMount]:
     real = os.path.realpath(upper)
     users = [m for m in kernel_mounts() if m.upper and os.path.realpath(m.upper) == real]
     # unionfs daemons say which upper they serve on their control channel
-    for line in mountinfo():
+    for line in mounts():
         if line.fstype in FUSE_TYPES or line.fstype.startswith("fuse."):
             served = _ask_daemon(line.mountpoint, line.fstype)
             if served is not None and served.upper and os.path.realpath(served.upper) == real:
