@@ -53,7 +53,8 @@ FUSE_DEFAULTS: Final[Mapping[str, FuseValue]] = MappingProxyType({
     "subtype": "unionfs",
     "use_ino": True,
     # Lower layers never change and upper changes go through the daemon, whose replies keep the kernel
-    # informed: long kernel-side caching makes repeat lookups and stats never reach Python (design.md §3).
+    # informed: long kernel-side caching makes repeat lookups and stats never reach Python
+    # (docs/architecture.md, "The hot path").
     "attr_timeout": 3600,
     "entry_timeout": 3600,
     "negative_timeout": 3600,

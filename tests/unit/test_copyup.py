@@ -370,9 +370,9 @@ def test_copy_up_never_changes_a_lower_hard_link(mkenv: Callable[..., Env]) -> N
 
 def test_names_sharing_an_inode_number_share_their_data(mkenv: Callable[..., Env]) -> None:
     """After one name of a lower hard-linked pair is written, either the link survived (both names show the
-    new data, design.md's aim) or the names report different inode numbers (the kernel without index=on
-    stops using the lower's st_ino for a hard-linked lower). Never the same st_ino for different data,
-    which makes tar, rsync -H, cp -a and du treat two files as one."""
+    new data) or the names report different inode numbers (the kernel without index=on stops using the
+    lower's st_ino for a hard-linked lower). Never the same st_ino for different data, which makes tar,
+    rsync -H, cp -a and du treat two files as one."""
     env = mkenv([{"a": "shared", "b": Hardlink("a")}])
     fs = env.open()
     assert fs.getattr("a").st_ino == fs.getattr("b").st_ino

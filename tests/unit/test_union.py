@@ -1,5 +1,5 @@
 """UnionFS operations without FUSE: visible results, errnos, and what lands in the upper dir (either whiteout
-format), checked against the kernel overlayfs's semantics (design.md §2)."""
+format), checked against the kernel overlayfs's semantics (docs/architecture.md, "Semantics in brief")."""
 
 from __future__ import annotations
 

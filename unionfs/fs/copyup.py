@@ -1,8 +1,8 @@
 """Atomic copy-up: a lower object is rebuilt in the work dir, then renamed into the upper layer.
 
-Order (design.md §2): parents first; data, then owner, mode, times, then xattrs other than overlay-private
-ones; the finished object is renamed into place, so a crash leaves either nothing or the whole copy, never a
-half-copied file in the upper layer.  The work dir is emptied at mount (:func:`clean_workdir`).
+Order (docs/architecture.md, "Semantics in brief"): parents first; data, then owner, mode, times, then xattrs
+other than overlay-private ones; the finished object is renamed into place, so a crash leaves either nothing or
+the whole copy, never a half-copied file in the upper layer.  The work dir is emptied at mount (:func:`clean_workdir`).
 """
 
 from __future__ import annotations

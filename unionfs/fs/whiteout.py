@@ -1,6 +1,6 @@
 """Whiteouts and opaque directories: read every format, write the one chosen at mount.
 
-Formats read (design.md §2):
+Formats read (docs/architecture.md, "Semantics in brief"):
 
 * whiteout: a character device 0/0 (kernel); a ``.wh.NAME`` file (OCI/AUFS); a zero-size regular file with
   xattr ``trusted.overlay.whiteout`` / ``user.overlay.whiteout`` inside a directory whose ``overlay.opaque``

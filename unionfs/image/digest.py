@@ -1,4 +1,4 @@
-"""Content digests of layer trees: xxh3-128 over a canonical, sorted walk (design.md §4).
+"""Content digests of layer trees: xxh3-128 over a canonical, sorted walk (docs/architecture.md, "The layer store").
 
 A layer tree is read as an overlay reads it (every whiteout and opaque format, see :mod:`unionfs.image.walk`)
 and turned into a :class:`Manifest`: one normalised :class:`Entry` per path, in canonical order (depth

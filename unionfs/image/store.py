@@ -1,4 +1,4 @@
-"""The layer store: content-addressed layers and named images (design.md §4).
+"""The layer store: content-addressed layers and named images (docs/architecture.md, "The layer store").
 
 Layout under the store root::
 
