@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal, TypeAlias
 
+from unionfs.mountopts import split_lowerdir, split_options, unescape
+
 FuseValue: TypeAlias = bool | int | float | str
 """A FUSE option value: ``True`` for a flag, else the value of ``name=value``."""
 
@@ -384,47 +386,6 @@ def _apply_flag(state: _State, flag: str) -> None:
         state.single_threaded = True
 
 
-def split_options(text: str) -> list[str]:
-    """Split one ``-o`` argument at commas, except escaped ones (``\\,``) and those inside double quotes
-    (an SELinux ``context="…:c1,c2"``, as the kernel reads it); other escapes stay for later."""
-    return [part for part in _split_unescaped(text, ",") if part]
-
-
-def _split_unescaped(text: str, sep: str) -> list[str]:
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    chars = iter(text)
-    for char in chars:
-        if char == "\\":
-            following = next(chars, "")
-            current.append(following if following == sep == "," else char + following)
-        elif char == '"' and sep == ",":
-            quoted = not quoted
-            current.append(char)
-        elif char == sep and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-def unescape(text: str) -> str:
-    """Drop each escaping backslash: ``a\\:b`` -> ``a:b``, ``a\\\\b`` -> ``a\\b``."""
-    out: list[str] = []
-    chars = iter(text)
-    for char in chars:
-        out.append(next(chars, "") if char == "\\" else char)
-    return "".join(out)
-
-
-def escape_path(path: str) -> str:
-    """The inverse of the parser for one directory name: escape backslashes, colons, commas and quotes."""
-    return "".join("\\" + char if char in '\\:,"' else char for char in path)
-
-
 def _apply_option(state: _State, option: str) -> None:
     name, has_value, raw = option.partition("=")
     handler = _UNION_OPTIONS.get(name)
@@ -465,10 +426,10 @@ def _no_value(name: str, raw: str | None) -> None:
 
 
 def _opt_lowerdir(state: _State, raw: str | None) -> None:
-    parts = _split_unescaped(_need("lowerdir", raw), ":")
+    parts = split_lowerdir(_need("lowerdir", raw))
     if any(part == "" for part in parts):
         raise OptionError("lowerdir: empty directory name (data-only '::' layers are not supported)")
-    state.lowers = tuple(unescape(part) for part in parts)
+    state.lowers = tuple(parts)
 
 
 def _opt_upperdir(state: _State, raw: str | None) -> None:

@@ -21,8 +21,8 @@ from typing import Any
 from unionfs import progress as progress_mod
 from unionfs.image import changes as changes_mod
 from unionfs.image import commit as commit_mod
-from unionfs.image.inuse import split_lowerdir
 from unionfs.image.store import ContainerRecord, Image, Store, StoreError, container_id, default_root, now, short
+from unionfs.mountopts import split_lowerdir
 from unionfs.progress import human_bytes
 
 PROG = "unionfs"
@@ -169,7 +169,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     """``diff UPPER|MOUNTPOINT``: A/C/D lines — like ``docker diff``."""
     lowerdirs = None
     if args.lowerdir is not None:
-        lowerdirs = split_lowerdir(args.lowerdir)
+        lowerdirs = [d for d in split_lowerdir(args.lowerdir) if d]
     with _store(args, writable=False) as store:
         source = changes_mod.diff_source(store, args.path, base_image=args.base, lowerdirs=lowerdirs)
     found = changes_mod.diff_paths(source)

@@ -18,6 +18,7 @@ from typing import Any
 from mountd.cli import images as cli_images
 from mountd.cli import stats as cli_stats
 from unionfs import __version__
+from unionfs.mountopts import escape_path
 
 PROG = "unionfs"
 EXIT_FAILURE = 1
@@ -37,8 +38,6 @@ def mount_argv(args: argparse.Namespace) -> list[str]:
     The ``-o`` lists come first and the named flags after them, so ``--lower``/``--upper``/``--work`` win
     over the same option inside ``-o``.
     """
-    from mountd.options import escape_path
-
     opts: list[str] = list(args.options)
     if args.lower:
         opts.append("lowerdir=" + ":".join(escape_path(d) for d in args.lower))

@@ -22,13 +22,13 @@ from mountd.options import (
     MountConfig,
     OptionError,
     Request,
-    escape_path,
     fuse_kwargs,
     help_text,
     parse_argv,
     parse_mappings,
     unsupported_fuse_options,
 )
+from unionfs.mountopts import escape_path
 
 RW = "lowerdir=/l1:/l2,upperdir=/u,workdir=/w"
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from unionfs.control import ControlClient
 from unionfs.fs.fsio import HostDir
 from unionfs.mountinfo import mounts, unescape
+from unionfs.mountopts import escape_path, option_values, split_lowerdir
+from unionfs.mountopts import unescape as unescape_path
 
 CONTROL_TIMEOUT = 5.0
 """How long a daemon may take to answer ``info`` before its command line is read instead."""
@@ -51,52 +53,6 @@ class UnionMount:
         return f"{self.mountpoint or 'a mount being made'} (process {self.pid})"
 
 
-def split_options(text: str) -> dict[str, str]:
-    r"""``a=1,b,c=x\,y`` → ``{"a": "1", "b": "", "c": "x,y"}``: commas split, a backslash escapes the next
-    character (the fuse-overlayfs convention).  ``lowerdir`` keeps its ``\:`` escapes for
-    :func:`split_lowerdir`."""
-    out: dict[str, str] = {}
-    current: list[str] = []
-    i = 0
-    items = []
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            current.append(text[i:i + 2] if text[i + 1] == ":" else text[i + 1])
-            i += 2
-            continue
-        if c == ",":
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(c)
-        i += 1
-    items.append("".join(current))
-    for item in items:
-        if item:
-            key, _, value = item.partition("=")
-            out[key] = value
-    return out
-
-
-def split_lowerdir(value: str) -> list[str]:
-    r"""``A:B\:C`` → ``["A", "B:C"]`` (top-down)."""
-    parts, current, i = [], [], 0
-    while i < len(value):
-        if value[i] == "\\" and i + 1 < len(value):
-            current.append(value[i + 1])
-            i += 2
-            continue
-        if value[i] == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(value[i])
-        i += 1
-    parts.append("".join(current))
-    return [p for p in parts if p]
-
-
 def _real(path: str, cwd: str = "/") -> str:
     return os.path.realpath(os.path.join(cwd, path))
 
@@ -107,8 +63,9 @@ def kernel_mounts() -> list[UnionMount]:
     for line in mounts():
         if line.fstype != "overlay":
             continue
-        opts = {k: unescape(v) for k, v in split_options(line.super_options).items()}
-        out.append(UnionMount(line.mountpoint, line.fstype, tuple(split_lowerdir(opts.get("lowerdir", ""))),
+        opts = {k: unescape(v) for k, v in option_values(line.super_options).items()}
+        out.append(UnionMount(line.mountpoint, line.fstype,
+                              tuple(p for p in split_lowerdir(opts.get("lowerdir", "")) if p),
                               opts.get("upperdir"), opts.get("workdir")))
     return out
 
@@ -166,13 +123,13 @@ def _parse_argv(argv: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
     for arg in args:
         flag, eq, inline = arg.partition("=")
         if arg == "-o":
-            opts.update(split_options(next(args, "")))
+            opts.update(option_values(next(args, "")))
         elif arg.startswith("-o"):
-            opts.update(split_options(arg[2:]))
+            opts.update(option_values(arg[2:]))
         elif flag == "--lower":
             lowers.append(inline if eq else next(args, ""))
         elif flag in named:
-            opts[named[flag]] = inline if eq else next(args, "")
+            opts[named[flag]] = escape_path(inline if eq else next(args, ""))  # as -o values are
         elif not arg.startswith("-"):
             positional.append(arg)
     return opts, lowers, positional
@@ -181,11 +138,11 @@ def _parse_argv(argv: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
 def _daemon_mount(pid: int, argv: list[str]) -> UnionMount | None:
     """The union a process with a mount command line serves, or None if it names no lower dirs."""
     opts, lowers, positional = _parse_argv(argv)
-    lowers = lowers or split_lowerdir(opts.get("lowerdir", ""))
+    lowers = lowers or [p for p in split_lowerdir(opts.get("lowerdir", "")) if p]
     if not lowers or not positional:
         return None
     cwd = _launch_dir(pid)
-    upper, work = opts.get("upperdir"), opts.get("workdir")
+    upper, work = (unescape_path(opts[k]) if opts.get(k) else None for k in ("upperdir", "workdir"))
     return UnionMount(_real(positional[-1], cwd), "fuse", tuple(_real(p, cwd) for p in lowers),
                       _real(upper, cwd) if upper else None, _real(work, cwd) if work else None, pid)
 
