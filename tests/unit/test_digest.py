@@ -204,9 +204,10 @@ def test_scan_counts(tmp_path: Path) -> None:
         m = scan(host)
     finally:
         host.close()
-    assert (m.files, m.links, m.symlinks, m.specials, m.whiteouts, m.opaque_dirs) == (5, 1, 1, 3, 2, 1)
-    assert m.dirs == 8  # root, etc, bin, lib, dev, run, var, var/cache
-    assert m.size == len(b"root:x:0:0\n") + 6 + 5004 + 2 + 1
+    c = m.counts
+    assert (c.files, c.links, c.symlinks, c.specials, c.whiteouts, c.opaque_dirs) == (5, 1, 1, 3, 2, 1)
+    assert c.dirs == 8  # root, etc, bin, lib, dev, run, var, var/cache
+    assert c.size == len(b"root:x:0:0\n") + 6 + 5004 + 2 + 1
     assert [e.path for e in m.entries] == sorted((e.path for e in m.entries),
                                                  key=lambda p: [os.fsencode(c) for c in p.split("/")])
 

@@ -371,7 +371,7 @@ def _stage_and_publish(store: Store, src: str, manifest: Manifest, meta: LayerMe
     staging = store.new_staging()
     published = False
     try:
-        progress.phase("copying", files=len(manifest.entries), nbytes=manifest.size)
+        progress.phase("copying", files=len(manifest.entries), nbytes=manifest.counts.size)
         src_host = HostDir(src)
         dst_host = HostDir(os.path.join(store.root, staging))
         try:
@@ -408,7 +408,7 @@ def commit_tree(store: Store, src: str, *, image: str, base: Base, comment: str 
         config = (changes or ConfigChanges()).apply(base.config)
         result = Image(image, (*base.layers, manifest.digest), (*base.history, entry), config, now())
         store.put_image(result)
-    return CommitResult(manifest.digest, result, new_layer, manifest.files, manifest.size,
+    return CommitResult(manifest.digest, result, new_layer, manifest.counts.files, manifest.counts.size,
                         len(manifest.entries), tuple(manifest.sockets), time.monotonic() - started)
 
 

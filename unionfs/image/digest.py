@@ -116,16 +116,12 @@ def _frame(parts: list[bytes]) -> bytes:
     return struct.pack(f"<{len(parts) + 1}I", len(parts), *map(len, parts)) + b"".join(parts)
 
 
-@dataclass(slots=True)
-class Manifest:
-    """A layer tree read and normalised: its entries in canonical order, its digest and its counts.
+@dataclass(frozen=True, kw_only=True)
+class LayerCounts:
+    """What a layer holds, by kind of entry: a manifest has them, a layer's metadata keeps them.  ``size``
+    counts the data bytes of regular files, each hard-link group once (a ``link`` entry adds nothing)."""
 
-    ``size`` counts the data bytes of regular files, each hard-link group once.  ``overlay_only`` lists
-    paths that carry an overlay redirect or metacopy xattr (they cannot stand alone in a layer).
-    """
-
-    entries: list[Entry] = field(default_factory=list)
-    digest: str = ""
+    size: int = 0
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
@@ -133,28 +129,36 @@ class Manifest:
     whiteouts: int = 0
     opaque_dirs: int = 0
     links: int = 0
-    size: int = 0
+
+    @classmethod
+    def of(cls, entries: Iterable[Entry]) -> LayerCounts:
+        counts = dict.fromkeys(("size", "files", "dirs", "symlinks", "specials", "whiteouts", "opaque_dirs",
+                                "links"), 0)
+        plural = {"file": "files", "dir": "dirs", "symlink": "symlinks", "whiteout": "whiteouts", "link": "links"}
+        for entry in entries:
+            counts[plural.get(entry.kind, "specials")] += 1
+            if entry.kind == "file":
+                counts["size"] += entry.size
+            elif entry.kind == "dir":
+                counts["opaque_dirs"] += entry.opaque
+        return cls(**counts)
+
+
+@dataclass(slots=True)
+class Manifest:
+    """A layer tree read and normalised: its entries in canonical order, its digest and its counts.
+
+    ``overlay_only`` lists paths that carry an overlay redirect or metacopy xattr (they cannot stand alone in
+    a layer).
+    """
+
+    entries: list[Entry] = field(default_factory=list)
+    digest: str = ""
+    counts: LayerCounts = field(default_factory=LayerCounts)
     sockets: list[str] = field(default_factory=list)
     overlay_only: list[str] = field(default_factory=list)
     data: dict[str, bytes] = field(default_factory=dict)
     """The contents of small files read while hashing (see :func:`scan`'s ``keep``), by path."""
-
-    def count(self, entry: Entry) -> None:
-        kind = entry.kind
-        if kind == "file":
-            self.files += 1
-            self.size += entry.size
-        elif kind == "dir":
-            self.dirs += 1
-            self.opaque_dirs += entry.opaque
-        elif kind == "symlink":
-            self.symlinks += 1
-        elif kind == "whiteout":
-            self.whiteouts += 1
-        elif kind == "link":
-            self.links += 1
-        else:
-            self.specials += 1
 
 
 def digest_entries(entries: Iterable[Entry]) -> str:
@@ -278,6 +282,7 @@ class _Walker:
                 else:
                     self._emit(self._leaf(dirs.get(parent), path, child))
         self.manifest.digest = digest_entries(self.manifest.entries)
+        self.manifest.counts = LayerCounts.of(self.manifest.entries)
         return self.manifest
 
     def _dir(self, dirs: DirCache, path: str, child: Child,
@@ -326,7 +331,6 @@ class _Walker:
 
     def _emit(self, entry: Entry) -> None:
         self.manifest.entries.append(entry)
-        self.manifest.count(entry)
         if self.progress is not None:
             self.progress(1, entry.size)
 

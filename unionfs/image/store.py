@@ -50,7 +50,7 @@ import xxhash
 
 from unionfs.fs.fsio import HostDir, join
 from unionfs.image import inuse
-from unionfs.image.digest import DIGEST_ALGORITHM, Manifest, scan
+from unionfs.image.digest import DIGEST_ALGORITHM, LayerCounts, Manifest, scan
 
 STORE_ENV = "UNIONFS_STORE"
 LAYERS = "layers"
@@ -101,7 +101,7 @@ def short(digest: str) -> str:
 # -- records ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class LayerMeta:
+class LayerMeta(LayerCounts):
     """What ``layers/<digest>.json`` holds.  ``parent`` is the layer below it in the image it was first
     committed for (a layer shared by images with different bases keeps the first one); ``size`` counts
     file data bytes, each hard-link group once."""
@@ -111,23 +111,13 @@ class LayerMeta:
     created: str = ""
     created_by: str = ""
     comment: str = ""
-    size: int = 0
-    files: int = 0
-    dirs: int = 0
-    symlinks: int = 0
-    specials: int = 0
-    whiteouts: int = 0
-    opaque_dirs: int = 0
-    links: int = 0
     algorithm: str = DIGEST_ALGORITHM
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, *, parent: str | None, created_by: str,
                       comment: str) -> LayerMeta:
-        m = manifest
-        return cls(digest=m.digest, parent=parent, created=now(), created_by=created_by, comment=comment,
-                   size=m.size, files=m.files, dirs=m.dirs, symlinks=m.symlinks, specials=m.specials,
-                   whiteouts=m.whiteouts, opaque_dirs=m.opaque_dirs, links=m.links)
+        return cls(digest=manifest.digest, parent=parent, created=now(), created_by=created_by,
+                   comment=comment, **asdict(manifest.counts))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LayerMeta:
