@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mountd.cli.exits import EXIT_FAILURE, error
 from unionfs.mountinfo import find_mount
 
 LAYERS: dict[str, dict[str, str]] = {
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="build the demo in this directory and keep it")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
-        print("demo: error: needs root (FUSE allow_other and the kernel's overlayfs)", file=sys.stderr)
-        return 1
+        error("demo", "needs root (FUSE allow_other and the kernel's overlayfs)")
+        return EXIT_FAILURE
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="unionfs-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     mnt = root / "merged"

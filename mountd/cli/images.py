@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from mountd.cli.exits import EXIT_FAILURE, error
 from unionfs import progress as progress_mod
 from unionfs.image import changes as changes_mod
 from unionfs.image import commit as commit_mod
@@ -26,15 +27,9 @@ from unionfs.mountopts import split_lowerdir
 from unionfs.progress import human_bytes
 
 PROG = "unionfs"
-EXIT_FAILURE = 1
 USER_ERRORS = (StoreError, commit_mod.CommitError, changes_mod.ChangesError)
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def error(message: object) -> None:
-    """The one-line error for the user on stderr."""
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
 def _print_json(data: Any) -> None:
@@ -64,10 +59,10 @@ def guarded(handler: Handler) -> Handler:
         try:
             return handler(args)
         except USER_ERRORS as exc:
-            error(exc)
+            error(PROG, exc)
             return EXIT_FAILURE
         except KeyboardInterrupt:
-            error("interrupted")
+            error(PROG, "interrupted")
             return 130
     run.__doc__ = handler.__doc__
     return run
@@ -230,7 +225,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{len(report.removed_layers)} layers, {human_bytes(report.freed_bytes)} "
               f"{'to free' if args.dry_run else 'freed'}; {len(report.broken)} problems")
     if report.broken:
-        error(f"the store has {len(report.broken)} problems (listed above)")
+        error(PROG, f"the store has {len(report.broken)} problems (listed above)")
         return EXIT_FAILURE
     return 0
 

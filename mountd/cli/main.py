@@ -2,10 +2,10 @@
 
 Subcommands: ``mount`` and ``umount`` here, the image commands from :mod:`mountd.cli.images`; each is an
 argparse subparser whose ``func`` takes the parsed arguments and returns the exit status.  Exit status:
-0 done; 1 failed (one line on stderr, ``unionfs: error: …``); 2 a wrong command line.
+0 done; 1 failed (one line on stderr, ``unionfs: error: …``); 2 a wrong command line (:mod:`mountd.cli.exits`).
 
-This module is part of the core package, which never imports FUSE: the mount daemon (:mod:`mountd`) is
-imported inside the handlers that need it.
+The mount machinery (:mod:`mountd.cli.mount`) is imported inside the handlers that mount, so that the image
+commands start without it.
 """
 
 from __future__ import annotations
@@ -17,17 +17,11 @@ from typing import Any
 
 from mountd.cli import images as cli_images
 from mountd.cli import stats as cli_stats
+from mountd.cli.exits import EXIT_FAILURE, EXIT_USAGE, error
 from unionfs import __version__
 from unionfs.mountopts import escape_path
 
 PROG = "unionfs"
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
-def error(message: object) -> None:
-    """The one-line error for the user on stderr."""
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
 # -- mount --------------------------------------------------------------------------------------------------
@@ -61,7 +55,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     try:
         cli_images.prepare_image_mount(args)  # the image's layers become --lower, an upper is chosen
     except cli_images.USER_ERRORS as exc:
-        error(exc)
+        error(PROG, exc)
         return EXIT_FAILURE
     status = _mount(args)
     if status != 0:
@@ -76,7 +70,7 @@ def _mount(args: argparse.Namespace) -> int:
     try:
         config = parse_argv(mount_argv(args))
     except OptionError as exc:
-        error(exc)
+        error(PROG, exc)
         return EXIT_USAGE
     assert isinstance(config, MountConfig)  # no -h/-V can reach here: argparse handled them
     return run_mount(config, prog=PROG)
@@ -112,7 +106,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     try:
         unmount(args.mountpoint, timeout=args.timeout)
     except MountError as exc:
-        error(exc)
+        error(PROG, exc)
         return EXIT_FAILURE
     return 0
 

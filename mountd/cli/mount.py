@@ -12,12 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from mountd import lifecycle
+from mountd.cli.exits import EXIT_FAILURE, EXIT_USAGE, error
 from mountd.options import MountConfig, OptionError, Request, help_text, parse_argv
 from unionfs import __version__
 
 PROG = "unionfs-mount"
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 log = logging.getLogger("unionfs")
 
@@ -31,23 +30,17 @@ def version_line() -> str:
     return f"{PROG} {__version__} (binding {BINDING_NAME}, libfuse {LIBFUSE_MAJOR})"
 
 
-def error(message: object, *, prog: str = PROG) -> None:
-    """Write the one-line error for the user."""
-    text = " ".join(str(message).split())
-    print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
-
-
 def run_mount(config: MountConfig, *, prog: str = PROG) -> int:
     """Mount ``config`` as the command-line programs do: log setup, one-line errors, exit status."""
     lifecycle.configure_logging(debug=config.debug)
     try:
         return lifecycle.mount(config)
     except lifecycle.MountError as exc:
-        error(exc, prog=prog)
+        error(prog, exc)
         return EXIT_FAILURE
     except Exception as exc:  # a bug: one line, the traceback with -d
         log.debug("internal error", exc_info=True)
-        error(f"internal error: {type(exc).__name__}: {exc}", prog=prog)
+        error(prog, f"internal error: {type(exc).__name__}: {exc}")
         return EXIT_FAILURE
 
 
@@ -57,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parsed = parse_argv(args)
     except OptionError as exc:
-        error(exc)
+        error(PROG, exc)
         return EXIT_USAGE
     if parsed is Request.HELP:
         print(help_text(PROG), end="")

@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from mountd.cli.exits import EXIT_FAILURE, error
 from unionfs.control import ControlClient
 
 
@@ -16,12 +17,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         with ControlClient(args.mountpoint, timeout=10.0) as client:
             answer = client.request("stats")
     except OSError as exc:
-        print(f"unionfs: error: {args.mountpoint}: no unionfs daemon answers there ({exc.strerror or exc})",
-              file=sys.stderr)
-        return 1
+        error("unionfs", f"{args.mountpoint}: no unionfs daemon answers there ({exc.strerror or exc})")
+        return EXIT_FAILURE
     if not answer.get("ok"):
-        print(f"unionfs: error: {answer.get('error', 'the daemon refused')}", file=sys.stderr)
-        return 1
+        error("unionfs", answer.get("error", "the daemon refused"))
+        return EXIT_FAILURE
     answer.pop("ok")
     if args.json:
         json.dump(answer, sys.stdout, indent=2, sort_keys=True)
