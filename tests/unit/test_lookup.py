@@ -196,7 +196,7 @@ def test_resolver_nodes(mkenv: Callable[..., Env]) -> None:
     upper=True; a merged directory chains the lower layers holding it, top-down."""
     env = mkenv([{"d/a": "a", "f": "f"}, {"d/b": "b"}, {"x": "x"}], upper={"u": "u", "d/c": "c"})
     stack = env.open().stack
-    resolver = Resolver(stack, LookupCache())
+    resolver = Resolver.of_stack(stack, LookupCache())
     root = resolver.lookup("")
     assert root is not None and root.is_dir and root.in_upper and root.merge_layers == (1, 2, 3)
     u = resolver.lookup("u")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_mod
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from unionfs.fs.cache import LookupCache
 from unionfs.fs.dirstate import DirState, merge_lower
-from unionfs.fs.fsio import split
+from unionfs.fs.fsio import HostDir, split
 from unionfs.fs.layers import LayerStack
 from unionfs.fs.whiteout import LayerDir, read_layer_dir
 
@@ -50,13 +51,29 @@ class Node(NamedTuple):
 
 
 class Resolver:
-    """Resolves paths against a :class:`LayerStack` through a :class:`LookupCache`."""
+    """Resolves paths against layer directories through a :class:`LookupCache`.
 
-    def __init__(self, stack: LayerStack, cache: LookupCache) -> None:
-        self.stack = stack
+    ``hosts`` maps each layer index to its directory; ``upper`` is the upper layer's (index 0) where the union
+    has one; ``lowers`` are the lower indices, top-down.  :meth:`of_stack` makes the resolver of a mount,
+    :meth:`of_lowers` one of read-only layers alone (what an overlay of them shows).
+    """
+
+    def __init__(self, hosts: Mapping[int, HostDir], cache: LookupCache, *, upper: HostDir | None,
+                 lowers: tuple[int, ...]) -> None:
         self.cache = cache
-        self.hosts = {layer.index: layer.host for layer in stack.layers}
-        self.root = Node(S_IFDIR, stack.upper is not None, 0, stack.lower_indices)
+        self.hosts = dict(hosts)
+        self.upper = upper
+        self.root = Node(S_IFDIR, upper is not None, 0, lowers)
+
+    @classmethod
+    def of_stack(cls, stack: LayerStack, cache: LookupCache) -> Resolver:
+        return cls({layer.index: layer.host for layer in stack.layers}, cache,
+                   upper=stack.upper.host if stack.upper else None, lowers=stack.lower_indices)
+
+    @classmethod
+    def of_lowers(cls, hosts: Sequence[HostDir], cache: LookupCache) -> Resolver:
+        """The layers ``hosts`` alone, top-down, numbered from 0, with no upper layer."""
+        return cls(dict(enumerate(hosts)), cache, upper=None, lowers=tuple(range(len(hosts))))
 
     # -- nodes --------------------------------------------------------------------------------------------
     def lookup(self, path: str) -> Node | None:
@@ -128,9 +145,9 @@ class Resolver:
         upper: dict[str, int] | None = None
         upper_wh: set[str] = set()
         opaque = False
-        if node.in_upper and self.stack.upper is not None:
+        if node.in_upper and self.upper is not None:
             try:
-                ud = read_layer_dir(self.stack.upper.host, path)
+                ud = read_layer_dir(self.upper, path)
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                     raise

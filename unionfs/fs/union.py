@@ -77,7 +77,7 @@ class UnionFS:
         self.volatile = volatile
         self.idmap = idmap if idmap is not None and not idmap.identity else None
         self.cache = LookupCache(cache_entries)
-        self.resolver = Resolver(stack, self.cache)
+        self.resolver = Resolver.of_stack(stack, self.cache)
         self.lock = threading.RLock()
         self.gate = WriteGate()
         self.counters: dict[str, int] = {}

@@ -17,16 +17,16 @@ is visible).  ``efficiency = 1 - wasted / total`` (1.0 for an image without data
 
 from __future__ import annotations
 
-import errno
 import os
 import stat as stat_mod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from unionfs.fs.dirstate import LowerEntry, merge_lower
+from unionfs.fs.cache import LookupCache
+from unionfs.fs.dirstate import LowerEntry
 from unionfs.fs.fsio import HostDir, join, split
-from unionfs.fs.whiteout import read_layer_dir
+from unionfs.fs.lookup import Node, Resolver
 from unionfs.image.commit import union_at
 from unionfs.image.digest import scan
 from unionfs.image.store import Image, Store, StoreError, short
@@ -41,50 +41,22 @@ class ChangesError(Exception):
 
 class UnionView:
     """What an overlay of ``hosts`` (top-down, ``hosts[0]`` the top) shows, read lazily a directory at a
-    time and kept (the layers must not change while the view is used).  Layer numbers are indices into
-    ``hosts``."""
+    time through the union's own resolver (:class:`unionfs.fs.lookup.Resolver`) and kept in its cache (the
+    layers must not change while the view is used).  Layer numbers are indices into ``hosts``."""
 
     def __init__(self, hosts: Sequence[HostDir]) -> None:
         self.hosts = list(hosts)
-        self._tables: dict[str, dict[str, LowerEntry] | None] = {}
+        self.resolver = Resolver.of_lowers(self.hosts, LookupCache())
 
     def table(self, path: str) -> dict[str, LowerEntry] | None:
         """The merged entries of directory ``path`` (``""`` is the root), or None where the view has no
         directory there."""
-        if path in self._tables:
-            return self._tables[path]
-        chain: Sequence[int]
-        if path == "":
-            chain = range(len(self.hosts))
-        else:
-            node = self.lookup(path)
-            chain = node.merge_layers if node is not None and node.kind == S_IFDIR else ()
-        table = self._merge(path, chain) if path == "" or chain else None
-        self._tables[path] = table
-        return table
+        state = self.resolver.dir_state(path)
+        return None if state is None else state.lower
 
-    def _merge(self, path: str, chain: Sequence[int]) -> dict[str, LowerEntry]:
-        layers, scans = [], []
-        for index in chain:
-            try:
-                scanned = read_layer_dir(self.hosts[index], path)
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                    continue
-                raise
-            layers.append(index)
-            scans.append(scanned)
-            if scanned.opaque:
-                break
-        return merge_lower(layers, scans)
-
-    def lookup(self, path: str) -> LowerEntry | None:
-        """The visible entry at ``path`` (its kind and top layer), or None."""
-        if path == "":
-            return LowerEntry(S_IFDIR, 0, tuple(range(len(self.hosts))))
-        parent, name = split(path)
-        table = self.table(parent)
-        return None if table is None else table.get(name)
+    def lookup(self, path: str) -> Node | None:
+        """The visible node at ``path`` (its kind and top layer), or None."""
+        return self.resolver.lookup(path)
 
 
 # -- diff ----------------------------------------------------------------------------------------------------
