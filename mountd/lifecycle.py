@@ -43,7 +43,6 @@ import time
 from collections.abc import Iterator
 
 from mountd.options import MountConfig, fuse_kwargs, unsupported_fuse_options
-from unionfs.fs.idmap import IdMap
 from unionfs.fs.layers import LayerError, LayerStack
 from unionfs.mountinfo import find_mount
 
@@ -87,17 +86,6 @@ def check_mountpoint(mountpoint: str) -> str:
 
 
 # -- checks before anything is started ----------------------------------------------------------------------
-
-def id_map(config: MountConfig) -> IdMap | None:
-    """The core's owner mapping for ``config`` (None when owners pass unchanged)."""
-    if not config.maps_ids:
-        return None
-    squash_uid = 0 if config.squash_to_root else config.squash_to_uid
-    squash_gid = 0 if config.squash_to_root else config.squash_to_gid
-    return IdMap(uids=tuple((m.container_id, m.host_id, m.size) for m in config.uid_mappings),
-                 gids=tuple((m.container_id, m.host_id, m.size) for m in config.gid_mappings),
-                 squash_uid=squash_uid, squash_gid=squash_gid)
-
 
 def open_stack(config: MountConfig) -> LayerStack:
     """Validate and open the layers (MountError with LayerStack's one-line message).
@@ -348,7 +336,7 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
     for name in unsupported_fuse_options(config, libfuse_major=LIBFUSE_MAJOR):
         log.warning("option %s is not available with libfuse %d: ignored", name, LIBFUSE_MAJOR)
     try:
-        fs = UnionFS(stack, whiteout=config.whiteout, volatile=config.volatile, idmap=id_map(config),
+        fs = UnionFS(stack, whiteout=config.whiteout, volatile=config.volatile, idmap=config.id_map(),
                      cache_entries=config.cache_entries)
     except (OSError, ValueError) as exc:
         stack.close()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal, TypeAlias
 
+from unionfs.fs.idmap import IdMap, IdRange
 from unionfs.mountopts import split_lowerdir, split_options, unescape
 
 FuseValue: TypeAlias = bool | int | float | str
@@ -166,28 +167,6 @@ UNSUPPORTED_KEYS: Final[Mapping[str, str]] = MappingProxyType({
 # -- the config ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class IdMapping:
-    """One range of a ``uidmapping=``/``gidmapping=`` option (fuse-overlayfs syntax ``CONTAINERID:HOSTID:SIZE``).
-
-    The layers store ``container_id + i``; the mount shows ``host_id + i``, for ``0 <= i < size``.
-    """
-
-    container_id: int
-    host_id: int
-    size: int
-
-    def to_host(self, stored: int) -> int | None:
-        """The id the mount shows for ``stored`` (an id in the layers), or ``None`` outside this range."""
-        offset = stored - self.container_id
-        return self.host_id + offset if 0 <= offset < self.size else None
-
-    def to_container(self, shown: int) -> int | None:
-        """The id stored in the layers for ``shown`` (an id of a caller), or ``None`` outside this range."""
-        offset = shown - self.host_id
-        return self.container_id + offset if 0 <= offset < self.size else None
-
-
-@dataclass(frozen=True)
 class MountConfig:
     """Everything a mount needs, validated.  Paths are absolute (made so against the caller's cwd) but not
     resolved: symlinks are followed by :meth:`unionfs.fs.layers.LayerStack.open`, which also checks them.
@@ -213,8 +192,8 @@ class MountConfig:
     acl: bool = True
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
-    uid_mappings: tuple[IdMapping, ...] = ()
-    gid_mappings: tuple[IdMapping, ...] = ()
+    uid_mappings: tuple[IdRange, ...] = ()
+    gid_mappings: tuple[IdRange, ...] = ()
     squash_to_root: bool = False
     squash_to_uid: int | None = None
     squash_to_gid: int | None = None
@@ -226,6 +205,14 @@ class MountConfig:
         """True when owners are mapped or squashed (the core has to translate uids and gids)."""
         return bool(self.uid_mappings or self.gid_mappings or self.squash_to_root
                     or self.squash_to_uid is not None or self.squash_to_gid is not None)
+
+    def id_map(self) -> IdMap | None:
+        """The core's owner mapping (None when owners pass unchanged)."""
+        if not self.maps_ids:
+            return None
+        squash_uid = 0 if self.squash_to_root else self.squash_to_uid
+        squash_gid = 0 if self.squash_to_root else self.squash_to_gid
+        return IdMap(uids=self.uid_mappings, gids=self.gid_mappings, squash_uid=squash_uid, squash_gid=squash_gid)
 
 
 def fuse_kwargs(config: MountConfig, *, libfuse_major: int, euid: int | None = None,
@@ -307,8 +294,8 @@ class _State:
     acl: bool = True
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
-    uid_mappings: tuple[IdMapping, ...] = ()
-    gid_mappings: tuple[IdMapping, ...] = ()
+    uid_mappings: tuple[IdRange, ...] = ()
+    gid_mappings: tuple[IdRange, ...] = ()
     squash_to_root: bool = False
     squash_to_uid: int | None = None
     squash_to_gid: int | None = None
@@ -573,7 +560,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_State, str | None], None]]] = Mapp
 """Options the union itself interprets."""
 
 
-def parse_mappings(name: str, text: str) -> tuple[IdMapping, ...]:
+def parse_mappings(name: str, text: str) -> tuple[IdRange, ...]:
     """Parse ``CONTAINERID:HOSTID:SIZE[:CONTAINERID:HOSTID:SIZE…]`` (fuse-overlayfs' syntax).
 
     Raises :class:`OptionError` for a malformed list, a zero size, ids beyond 32 bits, or two ranges that
@@ -584,7 +571,7 @@ def parse_mappings(name: str, text: str) -> tuple[IdMapping, ...]:
     if not fields or len(fields) % 3 or not all(field.isdigit() for field in fields):
         raise OptionError(f"{name}={text}: expected CONTAINERID:HOSTID:SIZE[:CONTAINERID:HOSTID:SIZE…]")
     numbers = [int(field) for field in fields]
-    mappings = tuple(IdMapping(*numbers[i:i + 3]) for i in range(0, len(numbers), 3))
+    mappings = tuple(IdRange(*numbers[i:i + 3]) for i in range(0, len(numbers), 3))
     for mapping in mappings:
         if mapping.size == 0:
             raise OptionError(f"{name}={text}: a range of size 0")

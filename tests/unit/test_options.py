@@ -18,7 +18,6 @@ from mountd.options import (
     IGNORED_KEYS,
     ROOT_FUSE_DEFAULTS,
     UNSUPPORTED_KEYS,
-    IdMapping,
     MountConfig,
     OptionError,
     Request,
@@ -28,6 +27,7 @@ from mountd.options import (
     parse_mappings,
     unsupported_fuse_options,
 )
+from unionfs.fs.idmap import IdMap, IdRange
 from unionfs.mountopts import escape_path
 
 RW = "lowerdir=/l1:/l2,upperdir=/u,workdir=/w"
@@ -277,18 +277,19 @@ def test_timeout_sets_the_three_kernel_cache_times() -> None:
 
 def test_mappings_in_fuse_overlayfs_syntax() -> None:
     config = parse("-o", RW + ",uidmapping=0:1000:1:1:100000:65536,gidmapping=0:2000:10", "/m")
-    assert config.uid_mappings == (IdMapping(0, 1000, 1), IdMapping(1, 100000, 65536))
-    assert config.gid_mappings == (IdMapping(0, 2000, 10),)
+    assert config.uid_mappings == (IdRange(0, 1000, 1), IdRange(1, 100000, 65536))
+    assert config.gid_mappings == (IdRange(0, 2000, 10),)
     assert config.maps_ids
 
 
-def test_mapping_translates_both_ways() -> None:
-    mapping = IdMapping(container_id=1, host_id=100000, size=65536)
-    assert mapping.to_host(1) == 100000
-    assert mapping.to_host(65536) == 165535
-    assert mapping.to_host(0) is None and mapping.to_host(65537) is None
-    assert mapping.to_container(100000) == 1
-    assert mapping.to_container(99999) is None
+def test_the_config_gives_the_core_one_id_map() -> None:
+    """The parsed ranges are the core's own :class:`IdRange`; squash_to_root squashes both ids to 0."""
+    config = parse("-o", RW + ",uidmapping=1:100000:65536,squash_to_root", "/m")
+    idmap = config.id_map()
+    assert idmap == IdMap(uids=(IdRange(1, 100000, 65536),), gids=(), squash_uid=0, squash_gid=0)
+    mapped = parse("-o", RW + ",uidmapping=1:100000:65536", "/m").id_map()
+    assert mapped is not None and mapped.shown(1, 7) == (100000, 7) and mapped.stored(165535, 7) == (65536, 7)
+    assert parse("-o", RW, "/m").id_map() is None
 
 
 @pytest.mark.parametrize(("text", "problem"), [

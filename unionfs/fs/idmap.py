@@ -12,19 +12,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 OVERFLOW_ID = 65534
-Range = tuple[int, int, int]
 
 
-def _to_shown(ranges: Sequence[Range], stored: int) -> int:
+class IdRange(NamedTuple):
+    """One range of a ``uidmapping=``/``gidmapping=`` option (fuse-overlayfs syntax ``CONTAINERID:HOSTID:SIZE``):
+    the layers store ``container_id + i``, the mount shows ``host_id + i``, for ``0 <= i < size``."""
+
+    container_id: int
+    host_id: int
+    size: int
+
+
+def _to_shown(ranges: Sequence[IdRange], stored: int) -> int:
     for container, host, size in ranges:
         if container <= stored < container + size:
             return host + stored - container
     return OVERFLOW_ID
 
 
-def _to_stored(ranges: Sequence[Range], shown: int) -> int:
+def _to_stored(ranges: Sequence[IdRange], shown: int) -> int:
     for container, host, size in ranges:
         if host <= shown < host + size:
             return container + shown - host
@@ -36,8 +45,8 @@ class IdMap:
     """``uids``/``gids``: mapping ranges (empty: ids pass unchanged); ``squash_uid``/``squash_gid``: the one
     owner every object is shown with (None: no squashing)."""
 
-    uids: tuple[Range, ...] = ()
-    gids: tuple[Range, ...] = ()
+    uids: tuple[IdRange, ...] = ()
+    gids: tuple[IdRange, ...] = ()
     squash_uid: int | None = None
     squash_gid: int | None = None
 
