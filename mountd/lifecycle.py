@@ -26,16 +26,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
 import logging
 import logging.handlers
 import os
 import resource
 import select
 import signal
-import socket
 import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -43,6 +40,7 @@ import time
 from collections.abc import Iterator
 
 from mountd.options import MountConfig, fuse_kwargs, unsupported_fuse_options
+from unionfs.control import daemon_pid
 from unionfs.fs.layers import LayerError, LayerStack
 from unionfs.mountinfo import find_mount
 
@@ -243,14 +241,10 @@ class _Readiness:
 
     def __init__(self, mountpoint: str, status_fd: int | None) -> None:
         self.mountpoint = mountpoint
-        # Resolved now, before the mount exists: from ``ready`` (inside libfuse's init) any look at the
-        # mountpoint would wait for init itself to finish.
-        self._registry_address = _registry_name(mountpoint)
         self.status_fd = status_fd
         self.is_ready = False
         self._stderr_log: int | None = None
         self._lock = threading.Lock()
-        self._registry: _DaemonRegistry | None = None
 
     def capture_stderr(self) -> None:
         """Send fd 2 to a memory file until ready, so that a failure can quote what libfuse said there."""
@@ -262,7 +256,6 @@ class _Readiness:
             if self.is_ready:
                 return
             self.is_ready = True
-        self._registry = _DaemonRegistry.start(self._registry_address, self.mountpoint)
         log.info("mounted %s (pid %d)", self.mountpoint, os.getpid())
         if self.status_fd is None:
             return
@@ -289,11 +282,6 @@ class _Readiness:
         text = os.pread(self._stderr_log, 65536, 0).decode(errors="replace")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         return lines[-1] if lines else ""
-
-    def close(self) -> None:
-        if self._registry is not None:
-            self._registry.close()
-            self._registry = None
 
     def _send(self, line: str) -> None:
         if self.status_fd is None:
@@ -360,7 +348,6 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
         if not readiness.is_ready:
             raise MountError(f"libfuse returned without mounting '{config.mountpoint}'")
     finally:
-        readiness.close()
         fs.close()
     log.info("unmounted %s", config.mountpoint)
     return 0
@@ -386,64 +373,6 @@ def configure_logging(*, debug: bool) -> None:
 
 
 # -- finding the daemon of a mount --------------------------------------------------------------------------
-
-class _DaemonRegistry:
-    """An abstract unix socket named after the mountpoint, listened on by its daemon.
-
-    It vanishes with the process (no stale files), a second daemon for the same mountpoint cannot bind it,
-    and a client learns the daemon's pid from ``SO_PEERCRED`` (see :func:`daemon_pid`).  Connections are
-    accepted and closed at once by a daemon thread.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    @classmethod
-    def start(cls, address: bytes, mountpoint: str) -> _DaemonRegistry | None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(address)
-            sock.listen(16)
-        except OSError as exc:
-            log.warning("cannot register the daemon of %s: %s", mountpoint, exc)
-            sock.close()
-            return None
-        registry = cls(sock)
-        threading.Thread(target=registry._accept, name="unionfs-registry", daemon=True).start()
-        return registry
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-
-
-def _registry_name(mountpoint: str) -> bytes:
-    digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:40]
-    return b"\0unionfs-mount/" + digest.encode()
-
-
-def daemon_pid(mountpoint: str) -> int | None:
-    """The pid of the daemon serving ``mountpoint``, or None when no daemon of ours serves it (visible from
-    this network namespace)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-        sock.settimeout(5.0)
-        try:
-            sock.connect(_registry_name(mountpoint))
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        except OSError:
-            return None
-    pid, _, _ = struct.unpack("3i", creds)
-    return pid if pid > 0 else None
-
 
 # -- unmount ------------------------------------------------------------------------------------------------
 

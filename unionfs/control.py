@@ -6,7 +6,8 @@ Commands: ``stats`` (cache counters, per-operation counts and latency), ``info``
 that connection closes, so a crashed client never leaves a mount frozen).
 
 The socket lives in a root-only runtime dir (``/run/unionfs`` as root, ``$XDG_RUNTIME_DIR/unionfs`` or
-``/tmp/unionfs-UID`` otherwise), named after a hash of the mountpoint's real path; mode 0600.
+``/tmp/unionfs-UID`` otherwise), named after a hash of the mountpoint's real path; mode 0600.  It is the one
+socket of a daemon: :func:`daemon_pid` answers "which process serves this mountpoint" from it too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -115,6 +117,20 @@ class ControlServer:
         finally:
             if paused:
                 self._resume()
+
+
+def daemon_pid(mountpoint: str, *, timeout: float = 5.0) -> int | None:
+    """The pid of the daemon whose control socket serves ``mountpoint`` (the ``SO_PEERCRED`` of a connection
+    to it: the process that listens), or None when no daemon of ours listens there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(socket_path(mountpoint))
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid, _, _ = struct.unpack("3i", creds)
+    return pid if pid > 0 else None
 
 
 class ControlClient:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from support.mounts import mount_program
 
-from mountd.lifecycle import daemon_pid
+from unionfs.control import daemon_pid
 from unionfs.mountinfo import mounts
 
 pytestmark = pytest.mark.mounted

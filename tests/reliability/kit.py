@@ -18,7 +18,7 @@ from pathlib import Path
 
 from support.mounts import MountError, unionfs_mount
 
-from mountd.lifecycle import daemon_pid
+from unionfs.control import daemon_pid
 from unionfs.mountinfo import find_mount
 
 STRESS_SCALE_ENV = "UNIONFS_STRESS_SCALE"

@@ -3,6 +3,7 @@ the pausing client goes away."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -94,3 +95,18 @@ def test_no_daemon_is_a_clear_oserror(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(control, "runtime_dir", lambda: str(tmp_path / "run"))
     with pytest.raises(OSError):
         ControlClient(str(tmp_path / "nothing-mounted"))
+
+
+def test_daemon_pid_is_the_process_listening_on_the_control_socket(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``daemon_pid`` reads the listener's pid from the control socket (SO_PEERCRED); None where none listens."""
+    monkeypatch.setattr(control, "runtime_dir", lambda: str(tmp_path / "run"))
+    mnt = str(tmp_path / "mnt")
+    assert control.daemon_pid(mnt) is None
+    server = control.ControlServer(mnt, {}, pause=lambda: True, resume=lambda: None)
+    server.start()
+    try:
+        assert control.daemon_pid(mnt) == os.getpid()
+    finally:
+        server.stop()
+    assert control.daemon_pid(mnt) is None
