@@ -43,7 +43,7 @@ class OptionError(ValueError):
     """A command line that cannot be accepted; ``str()`` is one line meant for the user."""
 
 
-class Request(enum.Enum):
+class Action(enum.Enum):
     """What the command line asks for when it is not a mount."""
 
     HELP = "help"
@@ -277,7 +277,7 @@ def _escape(value: FuseValue) -> FuseValue:
 # -- the command line ---------------------------------------------------------------------------------------
 
 @dataclass
-class _State:
+class _Parsed:
     """The mutable state of one parse; frozen into a :class:`MountConfig` at the end."""
 
     positionals: list[str] = field(default_factory=list)
@@ -303,17 +303,17 @@ class _State:
     ignored: list[str] = field(default_factory=list)
 
 
-def parse_argv(argv: Sequence[str], *, cwd: str | None = None) -> MountConfig | Request:
+def parse_argv(argv: Sequence[str], *, cwd: str | None = None) -> MountConfig | Action:
     """Parse the arguments after the program name.  Raises :class:`OptionError` on bad input.
 
-    Returns :attr:`Request.HELP` or :attr:`Request.VERSION` when ``-h``/``-V`` appear anywhere (help wins,
+    Returns :attr:`Action.HELP` or :attr:`Action.VERSION` when ``-h``/``-V`` appear anywhere (help wins,
     and either wins over errors elsewhere on the line), else the config.  Relative paths are made absolute
     against ``cwd`` (default: the current directory).
     """
-    request = _request(argv)
-    if request is not None:
-        return request
-    state = _State()
+    action = _action(argv)
+    if action is not None:
+        return action
+    state = _Parsed()
     for kind, value in _tokens(argv):
         if kind == "flag":
             _apply_flag(state, value)
@@ -325,8 +325,8 @@ def parse_argv(argv: Sequence[str], *, cwd: str | None = None) -> MountConfig | 
     return _freeze(state, cwd if cwd is not None else os.getcwd())
 
 
-def _request(argv: Sequence[str]) -> Request | None:
-    found: set[Request] = set()
+def _action(argv: Sequence[str]) -> Action | None:
+    found: set[Action] = set()
     args = iter(argv)
     for arg in args:
         if arg == "--":
@@ -334,10 +334,10 @@ def _request(argv: Sequence[str]) -> Request | None:
         if arg == "-o":
             next(args, None)
         elif arg in ("-h", "--help"):
-            found.add(Request.HELP)
+            found.add(Action.HELP)
         elif arg in ("-V", "--version"):
-            found.add(Request.VERSION)
-    return Request.HELP if Request.HELP in found else (Request.VERSION if found else None)
+            found.add(Action.VERSION)
+    return Action.HELP if Action.HELP in found else (Action.VERSION if found else None)
 
 
 def _tokens(argv: Sequence[str]) -> Iterator[tuple[str, str]]:
@@ -363,7 +363,7 @@ def _tokens(argv: Sequence[str]) -> Iterator[tuple[str, str]]:
             yield "positional", arg
 
 
-def _apply_flag(state: _State, flag: str) -> None:
+def _apply_flag(state: _Parsed, flag: str) -> None:
     if flag == "-f":
         state.foreground = True
     elif flag == "-d":
@@ -373,7 +373,7 @@ def _apply_flag(state: _State, flag: str) -> None:
         state.single_threaded = True
 
 
-def _apply_option(state: _State, option: str) -> None:
+def _apply_option(state: _Parsed, option: str) -> None:
     name, has_value, raw = option.partition("=")
     handler = _UNION_OPTIONS.get(name)
     if handler is not None:
@@ -412,18 +412,18 @@ def _no_value(name: str, raw: str | None) -> None:
         raise OptionError(f"option '{name}' takes no value")
 
 
-def _opt_lowerdir(state: _State, raw: str | None) -> None:
+def _opt_lowerdir(state: _Parsed, raw: str | None) -> None:
     parts = split_lowerdir(_need("lowerdir", raw))
     if any(part == "" for part in parts):
         raise OptionError("lowerdir: empty directory name (data-only '::' layers are not supported)")
     state.lowers = tuple(parts)
 
 
-def _opt_upperdir(state: _State, raw: str | None) -> None:
+def _opt_upperdir(state: _Parsed, raw: str | None) -> None:
     state.upper = _nonempty_path("upperdir", raw)
 
 
-def _opt_workdir(state: _State, raw: str | None) -> None:
+def _opt_workdir(state: _Parsed, raw: str | None) -> None:
     state.work = _nonempty_path("workdir", raw)
 
 
@@ -434,23 +434,23 @@ def _nonempty_path(name: str, raw: str | None) -> str:
     return path
 
 
-def _opt_ro(state: _State, raw: str | None) -> None:
+def _opt_ro(state: _Parsed, raw: str | None) -> None:
     _no_value("ro", raw)
     state.ro = True
 
 
-def _opt_rw(state: _State, raw: str | None) -> None:
+def _opt_rw(state: _Parsed, raw: str | None) -> None:
     _no_value("rw", raw)
     state.ro = False
 
 
-def _opt_writeback_cache(state: _State, raw: str | None) -> None:
+def _opt_writeback_cache(state: _Parsed, raw: str | None) -> None:
     """The kernel's writeback cache (libfuse 3): writes are gathered in the page cache and sent in large
     requests; ``writeback_cache=0`` switches it off."""
     state.writeback_cache = True if raw is None else _zero_one("writeback_cache", raw) == 1
 
 
-def _opt_readdirplus(state: _State, raw: str | None) -> None:
+def _opt_readdirplus(state: _Parsed, raw: str | None) -> None:
     """Attributes sent with directory listings (libfuse 3): ``1`` (the default) with every reply of a listing,
     ``auto`` as the kernel decides (with a directory's first reply, later ones only after lookups in it:
     libfuse's own default), ``0`` never (the kernel looks up each entry on its own)."""
@@ -461,43 +461,43 @@ def _opt_readdirplus(state: _State, raw: str | None) -> None:
     state.readdirplus = mode
 
 
-def _opt_cache_entries(state: _State, raw: str | None) -> None:
+def _opt_cache_entries(state: _Parsed, raw: str | None) -> None:
     """The lookup cache's bound, in entries (merged directories, attributes, xattrs, inode numbers): what
     bounds the daemon's memory on a big tree; least recently used entries go first."""
     state.cache_entries = _count("cache_entries", _need("cache_entries", raw), minimum=1000)
 
 
-def _opt_writeback(state: _State, raw: str | None) -> None:
+def _opt_writeback(state: _Parsed, raw: str | None) -> None:
     """fuse-overlayfs' spelling: ``writeback=0|1``."""
     state.writeback_cache = _zero_one("writeback", _need("writeback", raw)) == 1
 
 
-def _opt_volatile(state: _State, raw: str | None) -> None:
+def _opt_volatile(state: _Parsed, raw: str | None) -> None:
     _no_value("volatile", raw)
     state.volatile = True
 
 
-def _opt_noacl(state: _State, raw: str | None) -> None:
+def _opt_noacl(state: _Parsed, raw: str | None) -> None:
     """POSIX ACLs of the layers not enforced by the kernel on the mount (as fuse-overlayfs's ``noacl``):
     permissions then follow the mode bits alone."""
     _no_value("noacl", raw)
     state.acl = False
 
 
-def _opt_fsync(state: _State, raw: str | None) -> None:
+def _opt_fsync(state: _Parsed, raw: str | None) -> None:
     state.volatile = _zero_one("fsync", raw) == 0
 
 
-def _opt_threaded(state: _State, raw: str | None) -> None:
+def _opt_threaded(state: _Parsed, raw: str | None) -> None:
     state.single_threaded = _zero_one("threaded", raw) == 0
 
 
-def _opt_debug(state: _State, raw: str | None) -> None:
+def _opt_debug(state: _Parsed, raw: str | None) -> None:
     _no_value("debug", raw)
     _apply_flag(state, "-d")
 
 
-def _opt_whiteout(state: _State, raw: str | None) -> None:
+def _opt_whiteout(state: _Parsed, raw: str | None) -> None:
     value = unescape(_need("whiteout", raw))
     for fmt in WHITEOUT_FORMATS:
         if value == fmt:
@@ -506,35 +506,35 @@ def _opt_whiteout(state: _State, raw: str | None) -> None:
     raise OptionError(f"whiteout={value}: expected one of {', '.join(WHITEOUT_FORMATS)}")
 
 
-def _opt_timeout(state: _State, raw: str | None) -> None:
+def _opt_timeout(state: _Parsed, raw: str | None) -> None:
     """fuse-overlayfs' ``timeout=`` sets how long the kernel caches entries and attributes."""
     seconds = _seconds("timeout", unescape(_need("timeout", raw)))
     for name in ("attr_timeout", "entry_timeout", "negative_timeout"):
         state.fuse[name] = seconds
 
 
-def _opt_uidmapping(state: _State, raw: str | None) -> None:
+def _opt_uidmapping(state: _Parsed, raw: str | None) -> None:
     state.uid_mappings = parse_mappings("uidmapping", _need("uidmapping", raw))
 
 
-def _opt_gidmapping(state: _State, raw: str | None) -> None:
+def _opt_gidmapping(state: _Parsed, raw: str | None) -> None:
     state.gid_mappings = parse_mappings("gidmapping", _need("gidmapping", raw))
 
 
-def _opt_squash_to_root(state: _State, raw: str | None) -> None:
+def _opt_squash_to_root(state: _Parsed, raw: str | None) -> None:
     _no_value("squash_to_root", raw)
     state.squash_to_root = True
 
 
-def _opt_squash_to_uid(state: _State, raw: str | None) -> None:
+def _opt_squash_to_uid(state: _Parsed, raw: str | None) -> None:
     state.squash_to_uid = _id("squash_to_uid", _need("squash_to_uid", raw))
 
 
-def _opt_squash_to_gid(state: _State, raw: str | None) -> None:
+def _opt_squash_to_gid(state: _Parsed, raw: str | None) -> None:
     state.squash_to_gid = _id("squash_to_gid", _need("squash_to_gid", raw))
 
 
-_UNION_OPTIONS: Final[Mapping[str, Callable[[_State, str | None], None]]] = MappingProxyType({
+_UNION_OPTIONS: Final[Mapping[str, Callable[[_Parsed, str | None], None]]] = MappingProxyType({
     "lowerdir": _opt_lowerdir,
     "upperdir": _opt_upperdir,
     "workdir": _opt_workdir,
@@ -627,7 +627,7 @@ def _zero_one(name: str, raw: str | None) -> int:
 
 # -- freezing -----------------------------------------------------------------------------------------------
 
-def _freeze(state: _State, cwd: str) -> MountConfig:
+def _freeze(state: _Parsed, cwd: str) -> MountConfig:
     if not state.positionals:
         raise OptionError("missing MOUNTPOINT")
     if len(state.positionals) > 2:

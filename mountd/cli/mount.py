@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from mountd import lifecycle
 from mountd.cli.exits import EXIT_FAILURE, EXIT_USAGE, error
-from mountd.options import MountConfig, OptionError, Request, help_text, parse_argv
+from mountd.options import Action, MountConfig, OptionError, help_text, parse_argv
 from unionfs import __version__
 
 PROG = "unionfs-mount"
@@ -52,10 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OptionError as exc:
         error(PROG, exc)
         return EXIT_USAGE
-    if parsed is Request.HELP:
+    if parsed is Action.HELP:
         print(help_text(PROG), end="")
         return 0
-    if parsed is Request.VERSION:
+    if parsed is Action.VERSION:
         print(version_line())
         return 0
     return run_mount(parsed)

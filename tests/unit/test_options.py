@@ -18,9 +18,9 @@ from mountd.options import (
     IGNORED_KEYS,
     ROOT_FUSE_DEFAULTS,
     UNSUPPORTED_KEYS,
+    Action,
     MountConfig,
     OptionError,
-    Request,
     fuse_kwargs,
     help_text,
     parse_argv,
@@ -106,12 +106,12 @@ def test_config_is_frozen() -> None:
 
 @pytest.mark.parametrize("argv", [["-h"], ["--help"], ["/m", "-o", "bogus", "-h"], ["-V", "-h"]])
 def test_help_wins_over_everything(argv: list[str]) -> None:
-    assert parse_argv(argv) is Request.HELP
+    assert parse_argv(argv) is Action.HELP
 
 
 @pytest.mark.parametrize("argv", [["-V"], ["--version"], ["-o", "nonsense", "--version"]])
 def test_version(argv: list[str]) -> None:
-    assert parse_argv(argv) is Request.VERSION
+    assert parse_argv(argv) is Action.VERSION
 
 
 @pytest.mark.parametrize(("argv", "message"), [

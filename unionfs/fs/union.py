@@ -163,7 +163,7 @@ class UnionFS:
                 else:
                     out[index] = self.getattr(join(path, name))
             if upper:
-                upper_dir = self.resolver.hosts[0]
+                upper_dir = self.resolver.hosts[0]  # layer 0: the upper layer, where these nodes are
                 stats = upper_dir.lstat_children(path, [name for _, name, _ in upper])
                 unknown = [(i, name) for (i, name, _), st in zip(upper, stats, strict=True)
                            if st is not None and self.cache.get_ino(join(path, name)) is None]
@@ -226,7 +226,7 @@ class UnionFS:
                 child = join(path, name)
                 ino = self.cache.get_ino(child)
                 if ino is None:
-                    ino = self.inodes.upper_ino(child, self.resolver.hosts[0].lstat(child))
+                    ino = self.inodes.upper_ino(child, self.resolver.hosts[0].lstat(child))  # layer 0: upper
                 out.append((name, kind, ino))
             return out
 
