@@ -97,10 +97,15 @@ def marker_name(name: str) -> tuple[bool, str] | None:
     return False, name[len(WH_PREFIX):]
 
 
-def needs_lstat(kind: int, *, xwhiteouts: bool) -> bool:
-    """Can an entry whose directory listing says ``kind`` (0: unknown) still be a whiteout?  Only these need
-    :func:`is_whiteout`; every other entry is what its listing says."""
-    return kind == 0 or kind == stat_mod.S_IFCHR or (kind == stat_mod.S_IFREG and xwhiteouts)
+_SUSPECT_KINDS = frozenset({0, stat_mod.S_IFCHR})
+_SUSPECT_KINDS_XWHITEOUTS = _SUSPECT_KINDS | {stat_mod.S_IFREG}
+
+
+def suspect_kinds(*, xwhiteouts: bool) -> frozenset[int]:
+    """The kinds a directory listing reports (0: unknown) of entries that may still be whiteouts, in a
+    directory marked for xattr whiteouts or not: only those need :func:`is_whiteout`; every other entry is
+    what its listing says."""
+    return _SUSPECT_KINDS_XWHITEOUTS if xwhiteouts else _SUSPECT_KINDS
 
 
 def is_whiteout(st: os.stat_result, has_xattr: Callable[[str], bool] | None) -> bool:
@@ -161,15 +166,16 @@ def read_layer_dir(host: HostDir, rel: str) -> LayerDir:
     """
     out = LayerDir()
     out.opaque, xwhiteouts = dir_marks(dir_opaque_value(host, rel))
+    suspect = suspect_kinds(xwhiteouts=xwhiteouts)
     for name, kind, ino in host.scandir(rel):
-        marker = marker_name(name)
+        marker = marker_name(name) if name.startswith(WH_PREFIX) else None  # (most names are not markers)
         if marker is not None:
             if marker[0]:
                 out.opaque = True
             else:
                 out.whiteouts.add(marker[1])
             continue
-        if needs_lstat(kind, xwhiteouts=xwhiteouts):
+        if kind in suspect:
             path = join(rel, name)
             try:
                 st = host.lstat(path)
