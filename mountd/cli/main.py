@@ -17,6 +17,7 @@ from typing import Any
 
 from mountd.cli import images as cli_images
 from mountd.cli import stats as cli_stats
+from mountd.cli import transfer as cli_transfer
 from unionfs import __version__
 
 PROG = "unionfs"
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mount(sub)
     _add_umount(sub)
     cli_images.add_commands(sub)
+    cli_transfer.add_commands(sub)
     cli_stats.add_command(sub)
     return parser
 
