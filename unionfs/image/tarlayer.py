@@ -169,8 +169,22 @@ def clean_name(raw: str) -> str:
     return "/".join(parts)
 
 
+def mtime_ns(m: tarfile.TarInfo) -> int:
+    """A member's mtime in nanoseconds: exact from a PAX ``mtime`` record (``SECONDS[.FRACTION]``), else the
+    header's whole seconds."""
+    text = m.pax_headers.get("mtime")
+    if text:
+        whole, _, frac = text.partition(".")
+        with contextlib.suppress(ValueError):
+            sign = -1 if whole.startswith("-") else 1
+            return int(whole) * 1_000_000_000 + sign * int((frac + "000000000")[:9] or "0")
+    return int(m.mtime) * 1_000_000_000
+
+
 @dataclass
 class _Dir:
+    """A directory's attributes, set when the extraction is over (mtime in ns)."""
+
     mode: int = 0o755
     uid: int = 0
     gid: int = 0
@@ -362,7 +376,7 @@ class Extractor:
         for attr in ("trusted.overlay.opaque", "user.overlay.opaque"):
             if xattrs.get(attr) == b"y":
                 opaque = True
-        return _Dir(stat_mod.S_IMODE(m.mode), m.uid, m.gid, int(m.mtime), xattrs, opaque)
+        return _Dir(stat_mod.S_IMODE(m.mode), m.uid, m.gid, mtime_ns(m), xattrs, opaque)
 
     def _attrs_fd(self, fd: int, m: tarfile.TarInfo, path: str) -> None:
         if (m.uid, m.gid) != self.ids:
@@ -371,7 +385,8 @@ class Extractor:
         for attr, value in self._xattrs(m).items():  # after chown: it clears security.capability
             if not is_private_xattr(attr):
                 self._setxattr(f"/proc/self/fd/{fd}", attr, value, path, follow=True)
-        os.utime(fd, (int(m.mtime), int(m.mtime)))
+        ns = mtime_ns(m)
+        os.utime(fd, ns=(ns, ns))
 
     def _attrs_path(self, path: str, m: tarfile.TarInfo, *, symlink: bool) -> None:
         self.dest.chown(path, m.uid, m.gid)
@@ -383,8 +398,8 @@ class Extractor:
                     self.dest.setxattr(path, attr, value)
                 except OSError as exc:
                     self._xattr_error(exc, attr, path)
-        mtime = int(m.mtime) * 1_000_000_000
-        self.dest.utime(path, (mtime, mtime))
+        ns = mtime_ns(m)
+        self.dest.utime(path, (ns, ns))
 
     def _setxattr(self, target: str, attr: str, value: bytes, path: str, *, follow: bool) -> None:
         try:
@@ -401,9 +416,8 @@ class Extractor:
     def _finish_dirs(self) -> None:
         for path in sorted(self.dirs, key=lambda p: p.count("/") + (p != ""), reverse=True):
             attrs = self.dirs[path]
-            if path:
-                self.dest.chown(path, attrs.uid, attrs.gid)
-                self.dest.chmod(path, attrs.mode)
+            self.dest.chown(path, attrs.uid, attrs.gid)
+            self.dest.chmod(path, attrs.mode)
             for attr, value in attrs.xattrs.items():
                 if not is_private_xattr(attr):
                     try:
@@ -412,9 +426,7 @@ class Extractor:
                         self._xattr_error(exc, attr, path)
             if attrs.opaque:
                 self._mark_opaque(path)
-            if path:
-                ns = attrs.mtime * 1_000_000_000
-                self.dest.utime(path, (ns, ns))
+            self.dest.utime(path, (attrs.mtime, attrs.mtime))
 
     def _mark_opaque(self, path: str) -> None:
         try:
