@@ -230,7 +230,7 @@ class Extractor:
                 for member in tar:
                     self._member(tar, member, dirs)
             except tarfile.TarError as exc:
-                raise LayerError(f"broken tar ({exc})") from None
+                raise LayerError(f"broken or truncated tar ({exc})") from None
             except EOFError:
                 raise LayerError("the tar is truncated") from None
             finally:
