@@ -79,9 +79,11 @@ def _digest(path: Path) -> str:
 
 def tree(root: Path, *, mtimes: bool = True) -> dict[str, tuple[object, ...]]:
     """Every path below ``root`` (the root itself excluded: its attributes are the container tool's) →
-    (type, mode, uid, gid, size or content digest, link target, device, xattrs, hard-link group, mtime)."""
+    (type, mode, uid, gid, size or content digest, link target, device, xattrs, hard-link group, mtime).
+    The hard-link group is the first path of the visible paths sharing the inode (None when it is alone:
+    a link count that counts a deleted name is not compared)."""
     out: dict[str, tuple[object, ...]] = {}
-    inodes: dict[int, str] = {}
+    inodes: dict[int, list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(dirnames + filenames):
@@ -100,12 +102,15 @@ def tree(root: Path, *, mtimes: bool = True) -> dict[str, tuple[object, ...]]:
                 xattrs = tuple(sorted((a, os.getxattr(path, a, follow_symlinks=False))
                                       for a in os.listxattr(path, follow_symlinks=False)
                                       if not a.startswith(("trusted.overlay.", "user.overlay."))))
-            group = None
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                group = inodes.setdefault(st.st_ino, rel)
+                inodes.setdefault(st.st_ino, []).append(rel)
             mtime = st.st_mtime_ns if mtimes and not stat.S_ISDIR(st.st_mode) else None
             out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, content, target, rdev, xattrs,
-                        group, mtime)
+                        None, mtime)
+    for group in inodes.values():
+        if len(group) > 1:
+            for rel in group:
+                out[rel] = (*out[rel][:8], min(group), out[rel][9])
     return out
 
 
@@ -191,8 +196,8 @@ def write_layout(path: Path, spec: LayoutSpec, tag: str = "t") -> None:
     layers = []
     for i, blob in enumerate(spec.blobs):
         digest, size = spec.declared[i] if spec.declared else (sha(blob), len(blob))
-        if i not in spec.skip_blobs:
-            (path / "blobs" / "sha256" / sha(blob)[7:]).write_bytes(blob)
+        if i not in spec.skip_blobs:  # stored under the name the manifest gives it
+            (path / "blobs" / "sha256" / digest[7:]).write_bytes(blob)
         media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if blob[:2] == b"\x1f\x8b" else "")
         layers.append({"mediaType": media, "digest": digest, "size": size})
     diff_ids = spec.diff_ids if spec.diff_ids is not None else [
@@ -249,6 +254,7 @@ def tiny_rootfs(root: Path) -> None:
         (root / d).mkdir(parents=True, exist_ok=True)
     shutil.copy(BUSYBOX, root / "bin" / "busybox")
     os.symlink("busybox", root / "bin" / "sh")
+    os.symlink("busybox", root / "bin" / "echo")
     (root / "etc" / "a").write_text("a\n")
     os.link(root / "etc" / "a", root / "etc" / "a2")
     os.setxattr(root / "etc" / "a", "user.k", b"v")
