@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.images)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tools() -> None:
     missing = missing_tools()
     if missing or os.geteuid() != 0:
