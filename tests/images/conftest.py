@@ -3,8 +3,6 @@ podman with a small image built once per module, and mounts of store images thro
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -13,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from images_support import Podman, missing_tools, run, tiny_rootfs
-from support.mounts import unionfs_mount
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -35,24 +32,6 @@ def tools() -> None:
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
     return tmp_path / "store"
-
-
-def image_layers(store: Path, name: str) -> list[Path]:
-    """The layer dirs of image ``name``, top first, each once (as ``unionfs mount IMAGE`` stacks them)."""
-    data = json.loads((store / "images" / f"{name}.json").read_text())
-    seen: list[str] = []
-    for digest in reversed(data["layers"]):
-        if digest not in seen:
-            seen.append(digest)
-    return [store / "layers" / d for d in seen]
-
-
-@contextlib.contextmanager
-def mounted_image(store: Path, name: str, mnt: Path) -> Iterator[Path]:
-    """The image read-only through the unionfs mount program; always unmounted."""
-    mnt.mkdir(exist_ok=True)
-    with unionfs_mount(image_layers(store, name), None, None, mnt) as root:
-        yield root
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from support.mounts import unionfs_mount
+
 UNIONFS = str(Path(sys.executable).with_name("unionfs"))
 TIMEOUT = 300
 BUSYBOX = "/bin/busybox"
@@ -270,6 +272,26 @@ def tiny_rootfs(root: Path) -> None:
     long_dir = root / ("d" * 120)
     long_dir.mkdir()
     (long_dir / ("f" * 120)).write_text("long\n")
+
+
+# -- mounts ------------------------------------------------------------------------------------------------
+
+def image_layers(store: Path, name: str) -> list[Path]:
+    """The layer dirs of image ``name``, top first, each once (as ``unionfs mount IMAGE`` stacks them)."""
+    data = json.loads((store / "images" / f"{name}.json").read_text())
+    seen: list[str] = []
+    for digest in reversed(data["layers"]):
+        if digest not in seen:
+            seen.append(digest)
+    return [store / "layers" / d for d in seen]
+
+
+@contextlib.contextmanager
+def mounted_image(store: Path, name: str, mnt: Path) -> Iterator[Path]:
+    """The image read-only through the unionfs mount program; always unmounted."""
+    mnt.mkdir(exist_ok=True)
+    with unionfs_mount(image_layers(store, name), None, None, mnt) as root:
+        yield root
 
 
 # -- registry ----------------------------------------------------------------------------------------------

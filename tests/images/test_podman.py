@@ -9,8 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import mounted_image
-from images_support import Podman, ok, run, tiny_rootfs, tree, tree_diff
+from images_support import Podman, mounted_image, ok, run, tiny_rootfs, tree, tree_diff
 from support.layers import WHITEOUT, Dir, build_layer
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import mounted_image
-from images_support import ok, registry, run, tree, tree_diff, unionfs
+from images_support import mounted_image, ok, registry, run, tree, tree_diff, unionfs
 from support.layers import WHITEOUT, File, Hardlink, build_layer
 
 

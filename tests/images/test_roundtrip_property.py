@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from conftest import mounted_image
 from hypothesis import given, settings
+from images_support import mounted_image
 from support.layers import Node, build_layer
 from support.snapshot import diff_snapshots, snapshot
 from support.strategies import layer_stacks
