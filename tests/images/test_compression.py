@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from images_support import LayoutSpec, member, mounted_image, ok, run, sha, tar_bytes, tree, tree_diff, unionfs
+from images_support import member, mounted_image, ok, run, sha, tar_bytes, tree, tree_diff, unionfs
 from support.layers import File, build_layer
 
 
