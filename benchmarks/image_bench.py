@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             env = {**os.environ, "UNIONFS_STORE": str(store)}
             if rep == 0:  # a committed copy: no kept blobs, every layer exported
                 mnt_src = top / "flat"
-                sh(["tar", "-C", str(top), "--one-top-level=flat", "-xf", tarball, "--numeric-owner"])
+                mnt_src.mkdir()
+                sh(["tar", "-C", str(mnt_src), "-xf", tarball, "--numeric-owner"])
                 sh([UNIONFS, "import-dir", str(mnt_src), "--image", "committed"], env)
                 shutil.rmtree(mnt_src)
                 first_store = store

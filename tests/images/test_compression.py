@@ -90,3 +90,18 @@ def test_the_platform_is_chosen_from_an_index(tools: None, store: Path, tmp_path
     missing = unionfs(store, "pull", ref, "--image", "x", "--platform", "linux/s390x")
     assert missing.code == 1 and "no image for platform linux/s390x" in missing.err
     assert "linux/amd64" in missing.err and "linux/arm64" in missing.err
+
+
+def test_gc_removes_the_blobs_of_removed_images(image: str, store: Path, tmp_path: Path) -> None:
+    ok(store, "push", image, f"oci:{tmp_path / 'layout'}:t")
+    ok(store, "pull", f"oci:{tmp_path / 'layout'}:t", "--image", "back")
+    kept = sorted(p.name for p in (store / "blobs" / "sha256").iterdir())
+    assert len(kept) == 3  # the layer as pulled, its config and manifest
+    out = json.loads(ok(store, "gc", "--json"))
+    assert out["removed_blobs"] == [] and sorted(p.name for p in (store / "blobs" / "sha256").iterdir()) == kept
+    ok(store, "rmi", "back")  # the layer is the original's too (same tree): everything stays
+    assert json.loads(ok(store, "gc", "--json"))["removed_blobs"] == []
+    ok(store, "rmi", image)
+    out = json.loads(ok(store, "gc", "--json"))
+    assert sorted(out["removed_blobs"]) == sorted(f"sha256:{n}" for n in kept)
+    assert list((store / "blobs" / "sha256").iterdir()) == [] and list((store / "oci" / "images").iterdir()) == []
