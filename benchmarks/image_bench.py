@@ -9,10 +9,10 @@ layers, as registries serve them).  Then, interleaved over ``--reps`` rounds (me
 
 * pull: ``unionfs pull oci:LAYOUT`` into an empty store — ``skopeo copy oci:LAYOUT containers-storage:…``
   into an empty private storage — ``umoci unpack`` of the layout into an empty bundle;
-* push: ``unionfs push`` of the pulled image to a new OCI layout (kept blobs, gzip), with
-  ``--compression gzip`` forced on a committed copy (every layer exported and compressed) and with
-  ``--compression none`` — ``podman save`` (docker-archive, uncompressed) and ``podman save --format
-  oci-dir`` of the same image;
+* push: ``unionfs push`` of the pulled image to a new OCI layout (the kept gzip blobs are copied), and of
+  the same tree committed with ``import-dir`` into a store of its own (no kept blobs: the layer is exported
+  as a canonical tar) with ``--compression gzip`` and ``none`` — ``podman save`` (docker-archive,
+  uncompressed) and ``podman save --format oci-dir`` (gzip) of the same image;
 * memory: peak RSS of ``unionfs pull`` of a layout holding one 1 GiB file in one layer.
 
 Every command runs as a child process and is timed by wall clock; data is flushed (untimed) before each
@@ -120,19 +120,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     shutil.rmtree(top / f"bundle-{rep}")
                 results.setdefault(f"pull: {system}", []).append(seconds)
             env = {**os.environ, "UNIONFS_STORE": str(store)}
-            if rep == 0:  # a committed copy: no kept blobs, every layer exported
+            if rep == 0:  # a committed copy in a store of its own: no kept blobs, every layer exported
                 mnt_src = top / "flat"
                 mnt_src.mkdir()
                 sh(["tar", "-C", str(mnt_src), "-xf", tarball, "--numeric-owner"])
-                sh([UNIONFS, "import-dir", str(mnt_src), "--image", "committed"], env)
+                sh([UNIONFS, "import-dir", str(mnt_src), "--image", "committed"],
+                   {**os.environ, "UNIONFS_STORE": str(top / "commit-store")})
                 shutil.rmtree(mnt_src)
                 first_store = store
             env = {**os.environ, "UNIONFS_STORE": str(first_store)}
+            cenv = {**os.environ, "UNIONFS_STORE": str(top / "commit-store")}
             pushes = [("unionfs push (as pulled)", [UNIONFS, "push", "bench", f"oci:{top}/out-a:{rep}"], env),
-                      ("unionfs push --compression gzip", [UNIONFS, "push", "committed", f"oci:{top}/out-b:{rep}",
-                                                           "--compression", "gzip"], env),
-                      ("unionfs push --compression none", [UNIONFS, "push", "committed", f"oci:{top}/out-c:{rep}",
-                                                           "--compression", "none"], env),
+                      ("unionfs push (committed, gzip)", [UNIONFS, "push", "committed", f"oci:{top}/out-b:{rep}",
+                                                          "--compression", "gzip"], cenv),
+                      ("unionfs push (committed, none)", [UNIONFS, "push", "committed", f"oci:{top}/out-c:{rep}",
+                                                          "--compression", "none"], cenv),
                       ("podman save (docker-archive)", ["podman", "save", "-o", f"{top}/save-{rep}.tar",
                                                         "localhost/bench:1"], source.env),
                       ("podman save --format oci-dir", ["podman", "save", "--format", "oci-dir", "-o",

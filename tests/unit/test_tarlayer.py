@@ -179,3 +179,30 @@ def test_whiteout_of_a_name_the_layer_holds_is_dropped(tmp_path: Path) -> None:
     assert os.getxattr(dst / "d", "trusted.overlay.opaque") == b"y"
     assert (dst / "f").read_text() == "x" and (dst / "g").read_text() == "new"
     assert sorted(os.listdir(dst)) == ["d", "f", "g"]
+
+
+def test_parallel_gzip_bytes_do_not_depend_on_the_thread_count() -> None:
+    payload = os.urandom(1 << 20) + bytes(3 << 20) + b"tail"
+    outputs = []
+    for workers in (1, 2, 3):
+        sink = io.BytesIO()
+        packer = blobio.ParallelGzip(sink, workers=workers)  # type: ignore[arg-type]
+        for i in range(0, len(payload), 300_000):
+            packer.write(payload[i:i + 300_000])
+        packer.finish()
+        outputs.append(sink.getvalue())
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert gzip.decompress(outputs[0]) == payload
+    assert len(outputs[0]) < len(payload) // 3
+
+
+def test_prefetched_reader_hands_on_data_and_errors() -> None:
+    data = os.urandom(5 << 20)
+    ahead = blobio.Prefetched(io.BytesIO(data), depth=2)
+    assert ahead.read(1000) == data[:1000]
+    ahead.finish()
+    broken = blobio.Prefetched(blobio.DigestReader(io.BytesIO(data), size=100))  # type: ignore[arg-type]
+    with pytest.raises(blobio.BlobError, match="bigger than its declared size"):
+        while broken.read(1 << 16):
+            pass
+    broken.stop()

@@ -223,7 +223,7 @@ class ArchiveDestination:
     def has_blob(self, digest: str) -> bool:
         return digest in self.blobs
 
-    def put_blob(self, path: str, digest: str, size: int) -> None:
+    def put_blob(self, path: str, digest: str, size: int, *, movable: bool = False) -> None:
         if digest in self.blobs:
             return
         with open(path, "rb") as src:  # a file of the store (kept blob or staged export)

@@ -6,23 +6,29 @@ blob longer or shorter than its descriptor says and hashes what it passes on) �
 reader.  A push writes through the mirror image: tar writer → :class:`DigestWriter` (diff_id) →
 compressor (:func:`compressor`) → :class:`DigestWriter` (blob digest) → a file.
 
-Compression is stdlib ``gzip`` (written with a fixed header: no name, mtime 0, level :data:`GZIP_LEVEL`, so
-the same tar gives the same blob everywhere) and ``zstandard`` (imported when first needed).  Errors are
+Compression is gzip through stdlib ``zlib`` (written as :class:`ParallelGzip`: a fixed header, level
+:data:`GZIP_LEVEL`, blocks of :data:`GZIP_BLOCK`, so the same tar gives the same blob everywhere) and
+``zstandard`` (imported when first needed).  Errors are
 :class:`BlobError` with one line for the user.
 """
 
 from __future__ import annotations
 
-import gzip
+import concurrent.futures
 import hashlib
 import io
+import os
+import queue
+import struct
+import threading
 import zlib
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 CHUNK = 1 << 20
-GZIP_LEVEL = 6
-"""Part of what a written blob's bytes are: changing it changes every exported digest."""
+GZIP_LEVEL = 1
+GZIP_BLOCK = 1 << 20
+"""Both are part of what a written blob's bytes are: changing one changes every exported digest."""
 ZSTD_LEVEL = 3
 
 COMPRESSIONS = ("gzip", "zstd", "none")
@@ -119,6 +125,9 @@ class DigestWriter(io.RawIOBase):
 
     def writable(self) -> bool:
         return True
+
+    def tell(self) -> int:
+        return self.count
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -254,6 +263,68 @@ def decompressed(raw: BinaryIO, *, what: str = "layer") -> tuple[BinaryIO, str]:
     return peeked, kind  # type: ignore[return-value]
 
 
+def _deflate(block: bytes, zdict: bytes, final: bool) -> bytes:
+    """One block of a parallel gzip stream: raw deflate primed with the previous 32 KiB of input, ended with
+    a sync flush (byte-aligned, not final) or, for the last block, the final flush."""
+    if zdict:
+        c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, zdict)
+    else:
+        c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY)
+    return c.compress(block) + c.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
+
+
+class ParallelGzip(io.RawIOBase):
+    """A gzip stream compressed in :data:`GZIP_BLOCK` blocks on several threads, as pigz does: each block
+    is deflated with the 32 KiB before it as its dictionary, so the output is one valid gzip member whose
+    bytes depend on the data, the level and the block size only — never on the number of threads.  The
+    header is fixed (no name, mtime 0, OS unknown).  Call :meth:`finish` for the last block and the trailer
+    (``sink`` stays open)."""
+
+    def __init__(self, sink: BinaryIO, *, workers: int | None = None) -> None:
+        super().__init__()
+        self.sink = sink
+        count = workers or min(4, os.cpu_count() or 1)
+        self.pool = concurrent.futures.ThreadPoolExecutor(count)
+        self.window = 2 * count
+        self.pending: list[Any] = []
+        self.buf = bytearray()
+        self.zdict = b""
+        self.crc = 0
+        self.size = 0
+        sink.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.crc = zlib.crc32(view, self.crc)
+        self.size += len(view)
+        self.buf += view
+        while len(self.buf) >= GZIP_BLOCK:
+            block = bytes(self.buf[:GZIP_BLOCK])
+            del self.buf[:GZIP_BLOCK]
+            self._submit(block, final=False)
+        return len(view)
+
+    def _submit(self, block: bytes, *, final: bool) -> None:
+        self.pending.append(self.pool.submit(_deflate, block, self.zdict, final))
+        self.zdict = block[-32768:]
+        while len(self.pending) > self.window:
+            self.sink.write(self.pending.pop(0).result())
+
+    def finish(self) -> None:
+        try:
+            self._submit(bytes(self.buf), final=True)
+            self.buf.clear()
+            for future in self.pending:
+                self.sink.write(future.result())
+            self.pending.clear()
+            self.sink.write(struct.pack("<II", self.crc & 0xFFFFFFFF, self.size & 0xFFFFFFFF))
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _Compressor(io.RawIOBase):
     def __init__(self, sink: BinaryIO, compression: str) -> None:
         super().__init__()
@@ -261,7 +332,7 @@ class _Compressor(io.RawIOBase):
         self.compression = compression
         self.inner: Any
         if compression == "gzip":
-            self.inner = gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=GZIP_LEVEL, mtime=0)
+            self.inner = ParallelGzip(sink)
         elif compression == "zstd":
             cctx = _zstd().ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False, write_content_size=False)
             self.inner = cctx.stream_writer(sink, closefd=False)
@@ -282,7 +353,7 @@ class _Compressor(io.RawIOBase):
     def finish(self) -> None:
         """Write the compressor's trailer (the sink stays open)."""
         if self.compression == "gzip":
-            self.inner.close()
+            self.inner.finish()
         elif self.compression == "zstd":
             self.inner.flush(_zstd().FLUSH_FRAME)
 
@@ -290,3 +361,108 @@ class _Compressor(io.RawIOBase):
 def compressor(sink: BinaryIO, compression: str) -> _Compressor:
     """A writer that compresses into ``sink``; call ``finish()`` when done (``sink`` is not closed)."""
     return _Compressor(sink, compression)
+
+
+class Pipelined(io.RawIOBase):
+    """Hands what is written to ``sink`` on another thread (at most ``depth`` chunks queued), so that
+    compressing and hashing (both release the GIL) overlap with producing the data.  :meth:`finish` waits
+    for the thread and raises what it raised."""
+
+    def __init__(self, sink: Any, *, depth: int = 4) -> None:
+        super().__init__()
+        self.sink = sink
+        self.queue: queue.Queue[bytes | None] = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.sink.write(chunk)
+                except BaseException as exc:  # handed to the writer in write()/finish()
+                    self.error = exc
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self.error is not None:
+            raise self.error
+        chunk = bytes(data)
+        self.queue.put(chunk)
+        return len(chunk)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class Prefetched(io.RawIOBase):
+    """Reads ``source`` to its end on another thread, ``depth`` chunks ahead of the reader, so that
+    decompressing and hashing (both release the GIL) overlap with what the reader does with the data.
+    An error of the thread is raised to the reader where the data ends; :meth:`finish` reads on to the end
+    of ``source`` (so that everything is hashed), waits for the thread and raises its error; :meth:`stop`
+    makes the thread give up (after a failure of the reader)."""
+
+    def __init__(self, source: Any, *, depth: int = 8) -> None:
+        super().__init__()
+        self.source = source
+        self.queue: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
+        self.stopped = threading.Event()
+        self.pending = memoryview(b"")
+        self.ended = False
+        self.thread = threading.Thread(target=self._run, name="blob-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                chunk = self.source.read(CHUNK)
+                if not chunk:
+                    break
+                self._put(chunk)
+            self._put(None)
+        except BaseException as exc:  # handed to the reader
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if not self.pending:
+            if self.ended:
+                return 0
+            item = self.queue.get()
+            if item is None:
+                self.ended = True
+                return 0
+            if isinstance(item, BaseException):
+                self.ended = True
+                raise item
+            self.pending = memoryview(item)
+        n = min(len(view), len(self.pending))
+        view[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def finish(self) -> None:
+        while self.readinto(bytearray(CHUNK)):
+            pass
+        self.thread.join()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()

@@ -9,6 +9,7 @@ push writes each blob in ``blobs/sha256/`` under a temporary name and renames it
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -141,14 +142,32 @@ class LayoutDestination:
                 self.host.unlink(tmp)
             raise
 
-    def put_blob(self, path: str, digest: str, size: int) -> None:
+    def put_blob(self, path: str, digest: str, size: int, *, movable: bool = False) -> None:
         if self.has_blob(digest):
+            return
+        if movable and self._move(path, digest):
             return
 
         def copy(f: BinaryIO) -> None:
             with open(path, "rb") as src:  # a file of the store (kept blob or staged export)
                 shutil.copyfileobj(src, f, 1 << 20)
         self._install(copy, digest)
+
+    def _move(self, path: str, digest: str) -> bool:
+        """Take the staged file ``path`` by a rename into ``blobs/sha256/`` (False across filesystems)."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self.host.dirfd(BLOBS) as dfd:
+            try:
+                os.rename(path, check_digest(digest), dst_dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno == errno.EXDEV:
+                    return False
+                raise
+        return True
 
     def put_bytes(self, data: bytes, digest: str) -> None:
         if not self.has_blob(digest):

@@ -15,12 +15,13 @@ the store already has (same xxh3) is not stored twice.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import time
 from dataclasses import dataclass
 
 from unionfs.fs.fsio import HostDir
-from unionfs.image.blobio import BlobError, DigestReader, decompressed
+from unionfs.image.blobio import CHUNK, BlobError, DigestReader, Prefetched, decompressed
 from unionfs.image.digest import scan
 from unionfs.image.oci import (
     LAYER_TYPES,
@@ -77,10 +78,13 @@ def _stage_layer(store: Store, records: OciRecords, source: Source, ref: LayerRe
                              progress=lambda n: progress.advance(0, n))
         inner, compression = decompressed(outer, what=ref.name)  # type: ignore[arg-type]
         tar = DigestReader(inner, what=f"{ref.name} (uncompressed tar)")
+        ahead = Prefetched(tar)  # reading, decompressing and hashing run beside the unpacking
         host = HostDir(tree_path)
         try:
-            Extractor(host).run(tar)  # type: ignore[arg-type]
+            Extractor(host).run(io.BufferedReader(ahead, CHUNK))  # type: ignore[arg-type]
+            ahead.finish()
         finally:
+            ahead.stop()
             host.close()
         actual_diff_id = tar.finish()
         if actual_diff_id != diff_id:

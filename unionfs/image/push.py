@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from unionfs.image.blobio import DigestWriter, compressor
+from unionfs.image.blobio import DigestWriter, Pipelined, compressor
 from unionfs.image.oci import (
     LAYER_TYPES,
     MT_OCI_CONFIG,
@@ -65,9 +65,18 @@ def export_layer(store: Store, records: OciRecords, layer: str, compression: str
     try:
         with f:
             blob = DigestWriter(f, progress=lambda n: progress.advance(0, n))  # type: ignore[arg-type]
+            if compression == "none":  # the blob is the tar
+                export(store.layer_path(layer), blob, clamp=clamp)  # type: ignore[arg-type]
+                return LayerForm(blob.digest, blob.digest, blob.count, LAYER_TYPES["none"], "none"), rel
             packer = compressor(blob, compression)  # type: ignore[arg-type]
-            tar = DigestWriter(packer)  # type: ignore[arg-type]
-            export(store.layer_path(layer), tar, clamp=clamp)  # type: ignore[arg-type]
+            # gzip compresses on a thread pool of its own; zstd runs on a thread beside the tar writer
+            pipe = Pipelined(packer) if compression == "zstd" else None
+            tar = DigestWriter(pipe or packer)  # type: ignore[arg-type]
+            try:
+                export(store.layer_path(layer), tar, clamp=clamp)  # type: ignore[arg-type]
+            finally:
+                if pipe is not None:
+                    pipe.finish()
             packer.finish()
     except BaseException:
         with contextlib.suppress(OSError):
@@ -101,6 +110,7 @@ def push(store: Store, name: str, dest: Destination, *, compression: str | None 
                     if (compression is None or kept.compression == compression) and records.has_blob(kept.digest):
                         form = kept
                 form = form or records.kept_form(layer, compression)
+                movable = form is None
                 if form is not None:
                     reused += 1
                     path = records.blob_path(form.digest)
@@ -110,7 +120,7 @@ def push(store: Store, name: str, dest: Destination, *, compression: str | None 
                     staged.append(rel)
                     path = os.path.join(store.root, rel)
                 if not dest.has_blob(form.digest):
-                    dest.put_blob(path, form.digest, form.size)
+                    dest.put_blob(path, form.digest, form.size, movable=movable)
                 forms.append(form)
                 progress.advance(1, 0)
             config, manifest = _documents(records, record, image, forms, clamp)

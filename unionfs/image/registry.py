@@ -251,7 +251,7 @@ class RegistryDestination:
     def has_blob(self, digest: str) -> bool:
         return self.client.has_blob(digest)
 
-    def put_blob(self, path: str, digest: str, size: int) -> None:
+    def put_blob(self, path: str, digest: str, size: int, *, movable: bool = False) -> None:
         with open(path, "rb") as f:  # a file of the store (kept blob or staged export)
             self.client.upload(f, digest, size)
 

@@ -98,14 +98,16 @@ class _FileReader:
 
 
 def write_tar(layer: HostDir, out: BinaryIO, *, clamp: int | None = None) -> int:
-    """Write the canonical tar of the layer tree ``layer`` to ``out``; return the number of entries.
+    """Write the canonical tar of the layer tree ``layer`` to ``out`` (a writer with ``tell()``, written
+    strictly in order); return the number of entries.
 
     Raises OSError from the host (ESTALE where a file changed size while it was written).
     """
     manifest = scan(layer, content=False)
     count = 0
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding=_TAR_ENCODING,
-                      errors="surrogateescape", bufsize=CHUNK) as tar, DirCache(layer) as dirs:
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, encoding=_TAR_ENCODING,
+                      errors="surrogateescape") as tar, DirCache(layer) as dirs:
+        tar.copybufsize = CHUNK  # type: ignore[attr-defined]
         for entry in manifest.entries:
             path, kind = entry.path, entry.kind
             if kind == "whiteout":

@@ -67,8 +67,9 @@ class Source(Protocol):
 
 class Destination(Protocol):
     def has_blob(self, digest: str) -> bool: ...
-    def put_blob(self, path: str, digest: str, size: int) -> None:
-        """Store the blob in host file ``path`` (the caller keeps or removes the file)."""
+    def put_blob(self, path: str, digest: str, size: int, *, movable: bool = False) -> None:
+        """Store the blob in host file ``path``; ``movable``: the file is a staged copy that the
+        destination may take by renaming it (else it is left as it is)."""
 
     def put_bytes(self, data: bytes, digest: str) -> None: ...
     def put_manifest(self, data: bytes, digest: str, manifest: Manifest) -> None: ...
