@@ -33,6 +33,8 @@ def test_a_podman_image_pulled_mounts_as_podman_shows_it(podman: Podman, store: 
     assert "etc/a2" not in actual and "usr/share/doc/x" not in actual and "usr/share/doc/new/f" in actual
     assert ("security.capability", bytes.fromhex("0100000200200000000000000000000000000000")) in actual["bin/ping"][7]
     assert actual["etc/sub"][2:4] == (12, 34) and actual["bin/ping"][1] == 0o4755
+    verify = json.loads(ok(store, "gc", "--dry-run", "--verify", "--json"))  # every layer is named by its digest
+    assert verify["broken"] == [] and verify["removed_layers"] == []
 
 
 def test_pulling_the_same_image_twice_stores_it_once(podman: Podman, store: Path, tmp_path: Path) -> None:
@@ -81,6 +83,10 @@ def test_a_pushed_image_is_read_by_skopeo_umoci_and_podman(app_image: str, podma
     out = podman("run", "--rm", "localhost/app:v1").stdout
     assert out == "hello-from-unionfs\n"
     podman("rmi", "localhost/app:v1")
+    back = json.loads(ok(store, "pull", f"docker-archive:{archive}", "--image", "back", "--json"))
+    assert back["config"] == pushed["config"]  # the same layers: the same diff_ids and config
+    with mounted_image(store, "back", tmp_path / "mnt2") as mnt:
+        assert tree_diff(mounted, tree(mnt, mtimes=False)) == []
 
 
 def test_an_image_pulled_and_pushed_unchanged_keeps_every_digest(podman: Podman, store: Path,
@@ -90,9 +96,12 @@ def test_an_image_pulled_and_pushed_unchanged_keeps_every_digest(podman: Podman,
     pushed = json.loads(ok(store, "push", "tiny", f"oci-archive:{tmp_path / 'out.tar'}", "--json"))
     assert pushed["manifest"] == pulled["manifest"] and pushed["config"] == pulled["config"]
     assert pushed["reused"] == 2
+    from_archive = json.loads(ok(store, "pull", f"oci-archive:{tmp_path / 'out.tar'}", "--image", "x", "--json"))
+    assert from_archive["manifest"] == pulled["manifest"] and from_archive["downloaded"] == 0
     inspect = json.loads(run(["skopeo", "inspect", f"oci-archive:{tmp_path / 'out.tar'}"]).stdout)
     original = json.loads(run(["skopeo", "inspect", f"oci:{tmp_path / 'saved'}"]).stdout)
     assert inspect["Layers"] == original["Layers"] and inspect["Digest"] == original["Digest"]
+    ok(store, "rmi", "x")
     images = json.loads(ok(store, "images", "--json"))
     assert [i["digest"] for i in images] == [pulled["manifest"]]
     ok(store, "tag", "tiny", "tiny:copy")

@@ -80,8 +80,9 @@ def _stage_layer(store: Store, records: OciRecords, source: Source, ref: LayerRe
         tar = DigestReader(inner, what=f"{ref.name} (uncompressed tar)")
         ahead = Prefetched(tar)  # reading, decompressing and hashing run beside the unpacking
         host = HostDir(tree_path)
+        extractor = Extractor(host)
         try:
-            Extractor(host).run(io.BufferedReader(ahead, CHUNK))  # type: ignore[arg-type]
+            extractor.run(io.BufferedReader(ahead, CHUNK))  # type: ignore[arg-type]
             ahead.finish()
         finally:
             ahead.stop()
@@ -97,7 +98,7 @@ def _stage_layer(store: Store, records: OciRecords, source: Source, ref: LayerRe
     staged.form = LayerForm(diff_id, blob_digest, outer.count, media_type, compression)
     host = HostDir(tree_path)
     try:
-        manifest = scan(host)
+        manifest = scan(host, known=extractor.hashes)  # file contents were hashed as they were written
     finally:
         host.close()
     staged.layer = manifest.digest

@@ -36,6 +36,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import xxhash
+
 from unionfs.fs.fsio import HostDir, join, split
 from unionfs.fs.whiteout import OPAQUE_MARKER, WH_PREFIX, is_private_xattr
 from unionfs.image.digest import Entry, scan
@@ -216,6 +218,9 @@ class Extractor:
         self.dirs: dict[str, _Dir] = {"": _Dir()}
         self.stats = ExtractStats()
         self.ids = (os.geteuid(), os.getegid())
+        self.hashes: dict[int, tuple[int, str]] = {}
+        """inode → (size, xxh3-128) of every file written: what :func:`unionfs.image.digest.scan` takes as
+        ``known``, so that the tree is not read again to be digested."""
         self.opaque_xattr = OPAQUE_XATTR
         self.buf = bytearray(CHUNK)
 
@@ -355,15 +360,18 @@ class Extractor:
             raise LayerError(f"cannot read {m.name!r}")
         left = m.size
         view = memoryview(self.buf)
+        h = xxhash.xxh3_128()
         while left > 0:
             n = src.readinto(view[:min(CHUNK, left)])  # type: ignore[attr-defined]
             if not n:
                 raise LayerError(f"the tar is truncated inside {m.name!r}")
+            h.update(view[:n])
             done = 0
             while done < n:
                 done += os.write(fd, view[done:n])
             left -= n
             self.stats.nbytes += n
+        self.hashes[os.fstat(fd).st_ino] = (m.size, h.hexdigest())
 
     @staticmethod
     def _xattrs(m: tarfile.TarInfo) -> dict[str, bytes]:
