@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 from unionfs.fs.fsio import join
 from unionfs.image.blobio import check_digest
-from unionfs.image.store import TMP, Store, StoreError, check_name, remove_tree
+from unionfs.image.store import TMP, Store, StoreError, check_name
 
 BLOBS = "blobs/sha256"
 OCI = "oci"
@@ -204,7 +204,7 @@ class OciRecords:
                 continue
             removed.append(digest)
             if not dry_run:
-                remove_tree(host, join(BLOBS, name))
+                host.remove_tree(join(BLOBS, name))
                 with contextlib.suppress(FileNotFoundError):
                     host.unlink(join(OCI_BLOBS, name + ".json"))
         return sorted(removed)

@@ -39,14 +39,19 @@ from typing import BinaryIO
 import xxhash
 
 from unionfs.fs.fsio import HostDir, join, split
-from unionfs.fs.whiteout import OPAQUE_MARKER, WH_PREFIX, is_private_xattr
+from unionfs.fs.whiteout import (
+    KERNEL_OPAQUE_XATTR,
+    OPAQUE_MARKER,
+    OPAQUE_XATTRS,
+    WH_PREFIX,
+    is_private_xattr,
+    write_opaque_xattr,
+)
 from unionfs.image.digest import Entry, scan
 from unionfs.image.walk import DirCache
 
 CHUNK = 1 << 20
 XATTR_PREFIX = "SCHILY.xattr."
-OPAQUE_XATTR = "trusted.overlay.opaque"
-USER_OPAQUE_XATTR = "user.overlay.opaque"
 MARKER_MODE = 0o644
 _TAR_ENCODING = "utf-8"
 
@@ -221,7 +226,7 @@ class Extractor:
         self.hashes: dict[int, tuple[int, str]] = {}
         """inode → (size, xxh3-128) of every file written: what :func:`unionfs.image.digest.scan` takes as
         ``known``, so that the tree is not read again to be digested."""
-        self.opaque_xattr = OPAQUE_XATTR
+        self.opaque_xattr = KERNEL_OPAQUE_XATTR
         self.buf = bytearray(CHUNK)
 
     def run(self, stream: BinaryIO) -> ExtractStats:
@@ -383,9 +388,8 @@ class Extractor:
 
     def _dir_attrs(self, m: tarfile.TarInfo, opaque: bool) -> _Dir:
         xattrs = self._xattrs(m)
-        for attr in ("trusted.overlay.opaque", "user.overlay.opaque"):
-            if xattrs.get(attr) == b"y":
-                opaque = True
+        if any(xattrs.get(attr) == b"y" for attr in OPAQUE_XATTRS):  # a tar written from an overlay upper
+            opaque = True
         return _Dir(stat_mod.S_IMODE(m.mode), m.uid, m.gid, mtime_ns(m), xattrs, opaque)
 
     def _attrs_fd(self, fd: int, m: tarfile.TarInfo, path: str) -> None:
@@ -439,14 +443,8 @@ class Extractor:
             self.dest.utime(path, (attrs.mtime, attrs.mtime))
 
     def _mark_opaque(self, path: str) -> None:
-        try:
-            self.dest.setxattr(path, self.opaque_xattr, b"y")
-        except PermissionError:
-            if self.opaque_xattr == USER_OPAQUE_XATTR:
-                raise
-            self.opaque_xattr = USER_OPAQUE_XATTR
-            self.dest.setxattr(path, self.opaque_xattr, b"y")
-
+        self.opaque_xattr = write_opaque_xattr(lambda attr, value: self.dest.setxattr(path, attr, value),
+                                               self.opaque_xattr)
 
 def extract(stream: BinaryIO, dest: str) -> ExtractStats:
     """Extract the layer tar read from ``stream`` into the empty directory at host path ``dest``."""
