@@ -107,3 +107,20 @@ def test_an_image_pulled_and_pushed_unchanged_keeps_every_digest(podman: Podman,
     ok(store, "tag", "tiny", "tiny:copy")
     assert {i["name"]: i["digest"] for i in json.loads(ok(store, "images", "--json"))} == \
         {"tiny": pulled["manifest"], "tiny:copy": pulled["manifest"]}
+
+
+def test_an_image_pushed_with_another_compression_keeps_its_config(podman: Podman, store: Path,
+                                                                    tmp_path: Path) -> None:
+    podman("save", "--format", "oci-dir", "-o", str(tmp_path / "saved"), "localhost/tiny:2")
+    pulled = json.loads(ok(store, "pull", f"oci:{tmp_path / 'saved'}", "--image", "tiny", "--json"))
+    pushed = json.loads(ok(store, "push", "tiny", f"oci:{tmp_path / 'z'}:z", "--compression", "zstd", "--json"))
+    assert pushed["reused"] == 0 and pushed["manifest"] != pulled["manifest"]
+
+    def config(layout: Path, digest: str) -> dict[str, object]:
+        loaded: dict[str, object] = json.loads((layout / "blobs" / "sha256" / digest[7:]).read_bytes())
+        return loaded
+    original, rewritten = config(tmp_path / "saved", pulled["config"]), config(tmp_path / "z", pushed["config"])
+    assert rewritten["history"] == original["history"] and rewritten["config"] == original["config"]
+    assert rewritten["rootfs"] != original["rootfs"]
+    out = podman("run", "--rm", f"oci:{tmp_path / 'z'}:z").stdout
+    assert out == "hello from tiny\n"

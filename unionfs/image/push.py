@@ -10,9 +10,10 @@ Per layer, in order:
   there.  The canonical tar, a fixed gzip header and canonical JSON make a second push of the same image give
   the same digests.
 
-The config is the original one (kept from the pull) when the diff_ids are unchanged, else built from the
-image (:func:`unionfs.image.oci.build_config`; times clamped to ``SOURCE_DATE_EPOCH`` when set).  The
-manifest and config are kept in the store and recorded, so ``unionfs images`` shows the manifest digest.
+The config is the original one (kept from the pull) while the image is unchanged — with new diff_ids
+where its layers are sent as other tars (another compression) —, else built from the image
+(:func:`unionfs.image.oci.build_config`; times clamped to ``SOURCE_DATE_EPOCH`` when set).  The manifest
+and config are kept in the store and recorded, so ``unionfs images`` shows the manifest digest.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from unionfs.image.oci import (
     Manifest,
     build_config,
     build_manifest,
+    canonical_json,
     digest_of,
     load_json,
 )
@@ -148,10 +150,14 @@ def _documents(records: OciRecords, record: ImageRecord | None, image: Image, fo
     """The config and manifest to push: the recorded ones where they still describe these layers (the same
     diff_ids, for the config; the same blobs and an OCI manifest, for the manifest), else new ones."""
     config = None
-    if record is not None and [f.diff_id for f in record.layers] == [f.diff_id for f in forms] \
-            and records.has_blob(record.config):
+    if record is not None and records.has_blob(record.config):
         config = records.read_blob(record.config)
-        if tuple(forms) == record.layers and records.has_blob(record.manifest):
+        if [f.diff_id for f in record.layers] != [f.diff_id for f in forms]:
+            # the same image in other tars (another compression): the original config, new diff_ids
+            doc = load_json(config, "config")
+            doc["rootfs"] = {"type": "layers", "diff_ids": [f.diff_id for f in forms]}
+            config = canonical_json(doc)
+        elif tuple(forms) == record.layers and records.has_blob(record.manifest):
             manifest = records.read_blob(record.manifest)
             if load_json(manifest, "manifest").get("mediaType") == MT_OCI_MANIFEST:
                 return config, manifest
