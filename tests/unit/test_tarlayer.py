@@ -206,3 +206,16 @@ def test_prefetched_reader_hands_on_data_and_errors() -> None:
         while broken.read(1 << 16):
             pass
     broken.stop()
+
+
+def test_an_oversized_extended_header_is_refused(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("f")
+        info.pax_headers = {"comment": "x" * (tarlayer.MAX_EXTENDED_HEADER + 10)}
+        tar.addfile(info, io.BytesIO(b""))
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    with pytest.raises(tarlayer.LayerError, match="extended tar header"):
+        tarlayer.extract(io.BytesIO(buf.getvalue()), str(dst))
+    assert os.listdir(dst) == []

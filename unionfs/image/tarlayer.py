@@ -190,6 +190,28 @@ def mtime_ns(m: tarfile.TarInfo) -> int:
     return int(m.mtime) * 1_000_000_000
 
 
+MAX_EXTENDED_HEADER = 1 << 20
+"""The largest PAX or GNU long-name record read (tarfile holds one whole in memory)."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A member whose extended header records are refused beyond :data:`MAX_EXTENDED_HEADER`, so that a
+    hostile tar cannot make the reader hold an arbitrarily large header in memory."""
+
+    def _bound(self) -> None:
+        if self.size > MAX_EXTENDED_HEADER:
+            raise LayerError(f"refused: an extended tar header of {self.size} bytes "
+                             f"(at most {MAX_EXTENDED_HEADER})")
+
+    def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        self._bound()
+        return super()._proc_pax(tarfile)  # type: ignore[misc, no-any-return]
+
+    def _proc_gnulong(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        self._bound()
+        return super()._proc_gnulong(tarfile)  # type: ignore[misc, no-any-return]
+
+
 @dataclass
 class _Dir:
     """A directory's attributes, set when the extraction is over (mtime in ns)."""
@@ -234,7 +256,7 @@ class Extractor:
         stream is read up to the tar's end-of-archive marker; the caller drains and checks the rest."""
         try:
             tar = tarfile.open(fileobj=stream, mode="r|", encoding=_TAR_ENCODING,  # noqa: SIM115 - closed below
-                               errors="surrogateescape", bufsize=CHUNK)
+                               errors="surrogateescape", bufsize=CHUNK, tarinfo=_BoundedTarInfo)
         except tarfile.ReadError as exc:
             raise LayerError(f"not a tar archive ({exc})") from None
         with DirCache(self.dest) as dirs:
