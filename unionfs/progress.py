@@ -37,8 +37,9 @@ class TerminalProgress(Progress):
     """``LABEL  N[/TOTAL] files  X[/Y] MiB`` on one line of a terminal, redrawn at most ``hz`` times a
     second."""
 
-    def __init__(self, stream: TextIO, *, hz: float = 10.0) -> None:
+    def __init__(self, stream: TextIO, *, hz: float = 10.0, unit: str = "files") -> None:
         self.stream = stream
+        self.unit = unit
         self.interval = 1.0 / hz
         self.label = ""
         self.total_files: int | None = None
@@ -65,7 +66,7 @@ class TerminalProgress(Progress):
         size = human_bytes(self.nbytes)
         if self.total_bytes is not None:
             size += f"/{human_bytes(self.total_bytes)}"
-        return f"{self.label}  {count} files  {size}"
+        return f"{self.label}  {count} {self.unit}  {size}"
 
     def _draw(self) -> None:
         self._last = time.monotonic()
@@ -82,10 +83,11 @@ class TerminalProgress(Progress):
             self._width = 0
 
 
-def for_stream(stream: TextIO) -> Progress:
-    """A terminal progress line on ``stream`` when it is a terminal, else the silent one."""
+def for_stream(stream: TextIO, *, unit: str = "files") -> Progress:
+    """A terminal progress line on ``stream`` when it is a terminal, else the silent one; ``unit`` names
+    what the count counts (files, layers)."""
     try:
         tty = stream.isatty()
     except (AttributeError, ValueError):
         tty = False
-    return TerminalProgress(stream) if tty else Progress()
+    return TerminalProgress(stream, unit=unit) if tty else Progress()

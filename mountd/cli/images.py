@@ -50,15 +50,15 @@ def _store(args: argparse.Namespace, *, writable: bool) -> Store:
     return Store(args.store or default_root(), writable=writable)
 
 
-def guarded(handler: Handler) -> Handler:
-    """Turns the user errors of the image modules into one line on stderr and exit status 1."""
+def guarded(handler: Handler, errors: tuple[type[Exception], ...] = USER_ERRORS) -> Handler:
+    """Turns the user errors of the image modules (``errors``) into one line on stderr and exit status 1."""
     def run(args: argparse.Namespace) -> int:
         # names in a layer are bytes: print them as they are, even where they are not UTF-8
         if isinstance(sys.stdout, io.TextIOWrapper):
             sys.stdout.reconfigure(errors="surrogateescape")
         try:
             return handler(args)
-        except USER_ERRORS as exc:
+        except errors as exc:
             error(PROG, exc)
             return EXIT_FAILURE
         except KeyboardInterrupt:
@@ -125,15 +125,18 @@ def _image_size(store: Store, image: Image) -> int:
 
 def cmd_images(args: argparse.Namespace) -> int:
     """``images``: name, id, layers, size, created — like ``docker image ls``."""
+    from mountd.cli.transfer import manifest_digests
+
     with _store(args, writable=False) as store:
         images = [(img, _image_size(store, img)) for img in store.images()]
+        digests = manifest_digests(store)
     if args.json:
         _print_json([{"name": img.name, "id": img.id, "layers": len(img.layers), "size": size,
-                      "created": img.created} for img, size in images])
+                      "created": img.created, "digest": digests.get(img.name)} for img, size in images])
         return 0
-    rows = [["NAME", "ID", "LAYERS", "SIZE", "CREATED"]]
-    rows += [[img.name, short(img.id), str(len(img.layers)), human_bytes(size), img.created]
-             for img, size in images]
+    rows = [["NAME", "ID", "DIGEST", "LAYERS", "SIZE", "CREATED"]]
+    rows += [[img.name, short(img.id), digests.get(img.name, "-"), str(len(img.layers)), human_bytes(size),
+              img.created] for img, size in images]
     _table(rows)
     return 0
 
@@ -208,10 +211,14 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     """``gc``: remove unused layers and leftovers; report damage (exit 1 when there is any)."""
+    from unionfs.image.ocistore import OciRecords
+
     with _store(args, writable=True) as store:
         report = store.gc(dry_run=args.dry_run, verify=args.verify)
+        with store.locked(exclusive=True):
+            blobs = OciRecords(store).gc(dry_run=args.dry_run)
     if args.json:
-        _print_json(report.to_json())
+        _print_json({**report.to_json(), "removed_blobs": blobs})
     else:
         verb = "would remove" if args.dry_run else "removed"
         for digest in report.removed_layers:
@@ -220,6 +227,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print(f"{verb} staging leftover tmp/{name}")
         for cid in report.removed_records:
             print(f"{verb} record of a gone upper {cid}")
+        for digest in blobs:
+            print(f"{verb} blob {digest}")
         for line in report.broken:
             print(f"broken: {line}")
         print(f"{len(report.removed_layers)} layers, {human_bytes(report.freed_bytes)} "

@@ -17,6 +17,7 @@ from typing import Any
 
 from mountd.cli import images as cli_images
 from mountd.cli import stats as cli_stats
+from mountd.cli import transfer as cli_transfer
 from mountd.cli.exits import EXIT_FAILURE, EXIT_USAGE, error
 from unionfs import __version__
 from unionfs.mountopts import escape_path
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mount(sub)
     _add_umount(sub)
     cli_images.add_commands(sub)
+    cli_transfer.add_commands(sub)
     cli_stats.add_command(sub)
     return parser
 

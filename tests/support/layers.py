@@ -200,8 +200,8 @@ def _build_dir(tree: _Tree, path: Path, fmt: WhiteoutFormat, hardlinks: list[tup
             child = File(data=child)
         if isinstance(child, File):
             target.write_bytes(_b(child.data))
-            _set_xattrs(target, child.xattrs)
             _set_owner_mode(target, uid=child.uid, gid=child.gid, mode=child.mode)
+            _set_xattrs(target, child.xattrs)  # after chown, which clears security.capability
             _set_times(target, child.mtime_ns)
         elif isinstance(child, Symlink):
             os.symlink(child.target, target)

@@ -70,20 +70,21 @@ def test_images(two_images: tuple[str, str], capsys: pytest.CaptureFixture[str])
     code, out, _ = run(capsys, "images")
     assert code == 0
     assert out.splitlines() == [
-        "NAME    ID             LAYERS   SIZE      CREATED",
-        f"app:1   {ids['app:1'][:12]}   2        3.5 KiB   {NOW}",
-        f"base    {ids['base'][:12]}   1        3.5 KiB   {NOW}",
+        "NAME    ID             DIGEST   LAYERS   SIZE      CREATED",
+        f"app:1   {ids['app:1'][:12]}   -        2        3.5 KiB   {NOW}",
+        f"base    {ids['base'][:12]}   -        1        3.5 KiB   {NOW}",
     ]
     code, out, _ = run(capsys, "images", "--json")
     assert json.loads(out) == [
-        {"name": "app:1", "id": ids["app:1"], "layers": 2, "size": 1500 + 2048 + 8, "created": NOW},
-        {"name": "base", "id": ids["base"], "layers": 1, "size": 1500 + 2048, "created": NOW},
+        {"name": "app:1", "id": ids["app:1"], "layers": 2, "size": 1500 + 2048 + 8, "created": NOW,
+         "digest": None},
+        {"name": "base", "id": ids["base"], "layers": 1, "size": 1500 + 2048, "created": NOW, "digest": None},
     ]
 
 
 def test_images_of_an_empty_store(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "images", "--json") == (0, "[]\n", "")
-    assert run(capsys, "images")[1] == "NAME   ID   LAYERS   SIZE   CREATED\n"
+    assert run(capsys, "images")[1] == "NAME   ID   DIGEST   LAYERS   SIZE   CREATED\n"
 
 
 def test_history(two_images: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,7 +140,7 @@ def test_rmi_and_gc(two_images: tuple[str, str], capsys: pytest.CaptureFixture[s
     assert code == 0 and out.startswith("removed app:1 (")
     code, out, _ = run(capsys, "gc", "--dry-run", "--json")
     assert json.loads(out) == {"removed_layers": [d2], "removed_staging": [], "removed_records": [],
-                               "freed_bytes": 8, "broken": []}
+                               "freed_bytes": 8, "broken": [], "removed_blobs": []}
     code, out, _ = run(capsys, "gc")
     assert (code, out) == (0, f"removed layer {d2[:12]}\n1 layers, 8 B freed; 0 problems\n")
 

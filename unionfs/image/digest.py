@@ -37,7 +37,7 @@ import errno
 import os
 import stat as stat_mod
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import xxhash
@@ -250,7 +250,9 @@ def entry_from_stat(path: str, st: os.stat_result, xattrs: Xattrs, *, content: s
 class _Walker:
     """The canonical walk of one tree (depth first, names by bytes), without recursion."""
 
-    def __init__(self, host: HostDir, *, content: bool, progress: Progress | None, keep: int) -> None:
+    def __init__(self, host: HostDir, *, content: bool, progress: Progress | None, keep: int,
+                 known: Mapping[int, tuple[int, str]] | None = None) -> None:
+        self.known = known or {}
         self.host = host
         self.dev = host.dev
         self.content = content
@@ -310,6 +312,9 @@ class _Walker:
             self.groups[key] = path
         if stat_mod.S_ISREG(st.st_mode):
             digest = ""
+            hit = self.known.get(st.st_ino)
+            if hit is not None and hit[0] == st.st_size:
+                return entry_from_stat(path, st, child.xattrs, content=hit[1])
             if self.content:
                 fd = d.open(child.name, os.O_RDONLY)
                 try:
@@ -335,7 +340,8 @@ class _Walker:
             self.progress(1, entry.size)
 
 
-def scan(host: HostDir, *, content: bool = True, progress: Progress | None = None, keep: int = 0) -> Manifest:
+def scan(host: HostDir, *, content: bool = True, progress: Progress | None = None, keep: int = 0,
+         known: Mapping[int, tuple[int, str]] | None = None) -> Manifest:
     """Read the layer tree under ``host`` into a :class:`Manifest` (entries, digest, counts).
 
     ``content=False`` skips reading file data (``Entry.content`` stays empty and the digest is then
@@ -343,9 +349,11 @@ def scan(host: HostDir, *, content: bool = True, progress: Progress | None = Non
     another filesystem is mounted inside the tree (a layer is one directory tree, never a set of mounts);
     ESTALE where a file changed size while it was read.  ``keep`` bytes of the data of small files (up to
     :data:`KEEP_FILE_MAX` each) are kept in :attr:`Manifest.data`, exactly as hashed, so that a copy can be
-    written without reading them again.
+    written without reading them again.  ``known`` maps inode numbers of files whose content hash the
+    caller computed while writing them (a tree it owns and nothing else changes) to ``(size, hash)``: those
+    files are not read again.
     """
-    return _Walker(host, content=content, progress=progress, keep=keep).run()
+    return _Walker(host, content=content, progress=progress, keep=keep, known=known).run()
 
 
 def layer_digest(path: str) -> str:
