@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := fuse3 libfuse3-3 libfuse2 fuse-overlayfs attr strace kmod fio dbench podman buildah runc debootstrap
+APT_PACKAGES := fuse3 libfuse3-3 libfuse2 fuse-overlayfs attr strace kmod fio dbench podman buildah runc debootstrap busybox-static
 HYPOTHESIS_PROFILE ?= ci
 export HYPOTHESIS_PROFILE
 

@@ -144,23 +144,32 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    """``history IMAGE``: per layer, newest first: digest, created, created_by, size, comment."""
+    """``history IMAGE``: per layer (and per config-only build step), newest first: digest, created,
+    created_by, size, comment."""
     with _store(args, writable=False) as store:
         image = store.image(args.image)
-        history = {h.layer: h for h in image.history}
         lines: list[dict[str, Any]] = []
-        for digest in reversed(image.layers):
-            meta = store.layer(digest)
-            h = history.get(digest)
-            lines.append({"layer": digest, "created": h.created if h else meta.created,
-                          "created_by": h.created_by if h else meta.created_by,
-                          "comment": h.comment if h else meta.comment, "size": meta.size})
+        layered = [h for h in image.history if not h.empty_layer]
+        if [h.layer for h in layered] == list(image.layers):  # one line per step, config-only ones too
+            for h in reversed(image.history):
+                size = 0 if h.empty_layer else store.layer(h.layer).size
+                line = {"layer": "" if h.empty_layer else h.layer, "created": h.created,
+                        "created_by": h.created_by, "comment": h.comment, "size": size}
+                lines.append({**line, "empty_layer": True} if h.empty_layer else line)
+        else:
+            history = {h.layer: h for h in layered}
+            for digest in reversed(image.layers):
+                meta = store.layer(digest)
+                known = history.get(digest)
+                lines.append({"layer": digest, "created": known.created if known else meta.created,
+                              "created_by": known.created_by if known else meta.created_by,
+                              "comment": known.comment if known else meta.comment, "size": meta.size})
     if args.json:
         _print_json(lines)
         return 0
     rows = [["LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
-    rows += [[short(h["layer"]), h["created"], h["created_by"], human_bytes(h["size"]), h["comment"]]
-             for h in lines]
+    rows += [[short(h["layer"]) if h["layer"] else "<none>", h["created"], h["created_by"], human_bytes(h["size"]),
+              h["comment"]] for h in lines]
     _table(rows)
     return 0
 

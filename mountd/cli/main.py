@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from mountd.cli import build as cli_build
 from mountd.cli import images as cli_images
 from mountd.cli import stats as cli_stats
 from unionfs import __version__
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_umount(sub)
     cli_images.add_commands(sub)
     cli_stats.add_command(sub)
+    cli_build.add_command(sub)
     return parser
 
 
