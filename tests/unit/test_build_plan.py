@@ -17,7 +17,7 @@ ARG TAG
 ARG LATE=no
 WORKDIR $HOME_DIR
 WORKDIR app
-COPY --chmod=755 tool "${HOME_DIR}/bin/"
+COPY --chmod=755 tool ${HOME_DIR}/bin/
 RUN make $LATE
 ENV LATE=env-wins
 USER nobody:nogroup
