@@ -191,7 +191,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """``inspect IMAGE``: per layer changes, bytes and waste; the efficiency score — like ``dive``."""
+    """``inspect IMAGE``: per layer changes, bytes and waste; the efficiency score — like ``dive``.  With
+    ``--ci``: dive's CI rules (:mod:`mountd.cli.inspect_ci`)."""
+    if args.ci:
+        from mountd.cli import inspect_ci
+
+        with _store(args, writable=False) as store:
+            return inspect_ci.run(args, store, store.image(args.image))
     with _store(args, writable=False) as store:
         report = changes_mod.inspect_image(store, store.image(args.image))
     if args.json:
@@ -360,6 +366,9 @@ def add_commands(sub: Any) -> None:
 
     p = add("inspect", cmd_inspect, "per-layer changes, wasted bytes and efficiency of an image")
     p.add_argument("image", metavar="IMAGE")
+    from mountd.cli import inspect_ci
+
+    inspect_ci.add_arguments(p)
 
     p = add("rmi", cmd_rmi, "remove images (layers stay until gc)", listing=False)
     p.add_argument("images", nargs="+", metavar="IMAGE")
