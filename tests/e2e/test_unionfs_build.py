@@ -221,6 +221,16 @@ def test_chroot_isolation_runs_the_steps(build_store: BuildStore, tmp_path: Path
         assert not (mnt / "proc").exists()
 
 
+def test_workdir_creates_a_missing_directory_only(build_store: BuildStore, tmp_path: Path) -> None:
+    ctx = cache_context(tmp_path)
+    (ctx / "Containerfile").write_text("FROM bb\nWORKDIR /made/here\nWORKDIR /tmp\nCMD [\"sh\"]\n")
+    events = build_store.build_events(ctx, "-t", "workdirs")
+    steps = [e for e in events if e["event"] == "step"]
+    assert [bool(e["layer"]) for e in steps[1:]] == [True, False, False]
+    with build_store.mounted("workdirs") as mnt:
+        assert (mnt / "made" / "here").is_dir()
+
+
 # -- failures: a clear error, the store as it was -------------------------------------------------------------------
 
 @pytest.mark.parametrize(("containerfile", "message"), [
