@@ -21,7 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import xxhash
@@ -55,7 +55,7 @@ class State:
 
     layers: tuple[str, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
-    config: ImageConfig = ImageConfig()
+    config: ImageConfig = field(default_factory=ImageConfig)
 
     def image(self, name: str = "") -> Image:
         return Image(name, self.layers, self.history, self.config, now())
@@ -92,6 +92,9 @@ class BuildCache:
             with contextlib.suppress(FileExistsError):
                 host.mkdir(sub, 0o755)
         self._lock_fd = host.open(LOCK, os.O_RDWR)
+        # inheritable on purpose: a mount daemon forked by a step closes every inherited descriptor, so it never
+        # keeps the build's lock (and gc waiting) after the build has gone
+        os.set_inheritable(self._lock_fd, True)
         fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
         self.store.write_json(join(BUILDS, self.build_id + ".json"),
                               {"id": self.build_id, "pid": os.getpid(), "started": now(), "done": False})
