@@ -208,10 +208,11 @@ class Builder:
             key = step_key(key, step, content)
             hit = None if self.options.no_cache else cache.lookup(key)
             if hit is not None:
+                made = hit.layers[-1] if len(hit.layers) > len(state.layers) else None
                 state = hit
                 result.cached += 1
                 self.reporter.cached(state.id)
-                self.reporter.finished(state.id, time.monotonic() - began, layer=None, new_layer=False)
+                self.reporter.finished(state.id, time.monotonic() - began, layer=made, new_layer=False)
                 continue
             top = state.layers[-1] if state.layers else ""
             layer: str | None = None
