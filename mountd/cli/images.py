@@ -229,7 +229,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     """``gc``: remove unused layers and leftovers; report damage (exit 1 when there is any)."""
     with _store(args, writable=True) as store:
-        report = store.gc(dry_run=args.dry_run, verify=args.verify)
+        report = store.gc(dry_run=args.dry_run, verify=args.verify, build_cache=args.build_cache)
     if args.json:
         _print_json(report.to_json())
     else:
@@ -240,6 +240,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print(f"{verb} staging leftover tmp/{name}")
         for cid in report.removed_records:
             print(f"{verb} record of a gone upper {cid}")
+        if report.removed_cache:
+            print(f"{verb} {len(report.removed_cache)} build cache entries")
         for line in report.broken:
             print(f"broken: {line}")
         print(f"{len(report.removed_layers)} layers, {human_bytes(report.freed_bytes)} "
@@ -376,6 +378,8 @@ def add_commands(sub: Any) -> None:
     p = add("gc", cmd_gc, "remove layers no image uses and leftovers of interrupted commits")
     p.add_argument("--dry-run", action="store_true", help="report only")
     p.add_argument("--verify", action="store_true", help="also re-digest every layer (reads all data)")
+    p.add_argument("--build-cache", action="store_true",
+                   help="also drop the step cache of unionfs build (and the layers only it kept)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

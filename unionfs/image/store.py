@@ -607,10 +607,11 @@ class Store:
         prefix = os.path.realpath(os.path.join(self.root, LAYERS))
         return {os.path.relpath(p, prefix).split("/")[0] for p in inuse.paths_in_use(prefix)}
 
-    def build_cache(self) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    def build_cache(self, *, drop_all: bool = False) -> tuple[dict[str, list[str]], list[str], list[str]]:
         """The step cache as ``gc`` sees it: layers of each entry made or claimed by a finished build (by
-        entry), the entries of abandoned builds, and the records of abandoned builds.  Only meaningful under
-        the exclusive lock (a running build holds the shared lock from start to end)."""
+        entry), the entries to remove (of abandoned builds; every entry with ``drop_all``), and the build
+        records to remove (abandoned builds, and finished ones no entry names).  Only meaningful under the
+        exclusive lock (a running build holds the shared lock from start to end)."""
         if self.host is None or self.host.try_lstat(CACHE) is None:
             return {}, [], []
         done, abandoned_builds = set(), []
@@ -627,23 +628,27 @@ class Store:
                     abandoned_builds.append(name)
         kept: dict[str, list[str]] = {}
         abandoned = []
+        named: set[str] = set()
         for name, _k, _i in self.host.scandir(CACHE):
             try:
                 entry = self._read_json(join(CACHE, name))
             except (OSError, ValueError):
                 abandoned.append(name)
                 continue
-            if entry.get("build") in done:
+            if entry.get("build") in done and not drop_all:
                 kept[name] = [str(d) for d in entry.get("layers", ())]
+                named.add(str(entry.get("build")))
             else:
                 abandoned.append(name)
+        # a finished build no entry names any more is history: its record goes too
+        abandoned_builds += [f"{build}.json" for build in sorted(done - named)]
         return kept, abandoned, abandoned_builds
 
-    def used_layers(self) -> set[str]:
+    def used_layers(self, *, drop_build_cache: bool = False) -> set[str]:
         """Layers some image, some live container record, some running mount or the step cache of a
-        finished build uses."""
+        finished build uses (not the step cache with ``drop_build_cache``)."""
         used = self.layers_in_use()
-        for layers in self.build_cache()[0].values():
+        for layers in self.build_cache(drop_all=drop_build_cache)[0].values():
             used.update(layers)
         for image in self.images():
             used.update(image.layers)
@@ -652,15 +657,16 @@ class Store:
                 used.update(record.layers)
         return used
 
-    def gc(self, *, dry_run: bool = False, verify: bool = False) -> GcReport:
-        """Remove layers no image, live container record or running mount uses, staging leftovers, trees
-        without json and records of uppers that are gone; report damage.  Holds the store lock
+    def gc(self, *, dry_run: bool = False, verify: bool = False, build_cache: bool = False) -> GcReport:
+        """Remove layers no image, live container record, running mount or finished build's step cache uses,
+        staging leftovers, trees without json, records of uppers that are gone and the step cache of
+        abandoned builds (``build_cache``: the whole step cache); report damage.  Holds the store lock
         exclusively."""
         report = GcReport()
         host = self._host()
         with self.locked(exclusive=True):
             report.broken = self.check(verify=verify)
-            used = self.used_layers()
+            used = self.used_layers(drop_build_cache=build_cache)
             for name, _k, _i in host.scandir(TMP):
                 report.removed_staging.append(name)
                 if not dry_run:
@@ -670,7 +676,7 @@ class Store:
                     report.removed_records.append(record.id)
                     if not dry_run:
                         host.unlink(join(CONTAINERS, record.id + ".json"))
-            _kept, abandoned, abandoned_builds = self.build_cache()
+            _kept, abandoned, abandoned_builds = self.build_cache(drop_all=build_cache)
             report.removed_cache = sorted(name[:-5] for name in abandoned)
             if not dry_run:
                 for name in abandoned:

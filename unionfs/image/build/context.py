@@ -149,7 +149,8 @@ class Context:
         """The context paths ``source`` names (a glob may name several, sorted); ContextError when it names
         nothing, leaves the context, or goes through a symlink that points outside it."""
         clean = posixpath.normpath("/" + source).lstrip("/")
-        if source.startswith("..") or posixpath.normpath(source).startswith(".."):
+        lexical = posixpath.normpath(source)
+        if lexical == ".." or lexical.startswith("../"):
             raise ContextError(f"{source}: outside the build context")
         found = [self._follow(rel, source) for rel in self._glob(clean)] if clean else [""]
         out = []
