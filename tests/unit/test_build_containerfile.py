@@ -46,6 +46,8 @@ def test_escape_directive_changes_the_continuation_character() -> None:
     ("FROM bb\nSHELL /bin/bash\n", "Containerfile:2: SHELL: needs a JSON array"),
     ("FROM bb\nLABEL novalue\n", "Containerfile:2: LABEL: needs KEY=VALUE"),
     ("# nothing\n", "Containerfile:1: no FROM instruction"),
+    ("FROM bb\nRUN <<EOF\necho\nEOF\n", "Containerfile:2: RUN: here-documents"),
+    ("FROM bb\nHEALTHCHECK NONE\n", "Containerfile:2: unknown instruction 'HEALTHCHECK'"),
     ("# escape=x\nFROM bb\n", "Containerfile:1: invalid escape character"),
 ])
 def test_malformed_files_name_the_line(text: str, message: str) -> None:

@@ -169,6 +169,8 @@ def _check(ins: Instruction, path: str) -> None:
     if k in ("RUN", "CMD", "ENTRYPOINT"):
         if ins.exec_form is None and not args:
             fail("needs a command")
+        if ins.exec_form is None and args.startswith("<<"):
+            fail("here-documents (RUN <<EOF) are not supported")
         if k == "RUN" and ins.exec_form == ():
             fail("needs a command")
     elif k == "SHELL":
