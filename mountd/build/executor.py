@@ -33,6 +33,7 @@ from unionfs.image.build.copy import Ownership, copy_sources
 from unionfs.image.build.plan import SCRATCH, Plan, PlanError, Step, base_name, plan
 from unionfs.image.commit import CommitError, base_from_image, commit_layer
 from unionfs.image.store import HistoryEntry, ImageConfig, Store, StoreError, check_name, now, short
+from unionfs.progress import Progress
 
 DEFAULT_FILES = ("Containerfile", "Dockerfile")
 
@@ -76,6 +77,10 @@ class Reporter:
 
     def failed_output(self, data: bytes) -> None:
         """The kept output of a failed RUN."""
+
+    def progress(self) -> Progress:
+        """Where a step's commit reports its progress (silent here)."""
+        return Progress()
 
 
 @dataclass
@@ -274,7 +279,7 @@ class Builder:
             with _no_interrupts():
                 try:
                     done = commit_layer(self.store, upper, parent=state.layers[-1] if state.layers else None,
-                                        created_by=step.text)
+                                        created_by=step.text, progress=self.reporter.progress())
                 except (CommitError, StoreError) as exc:
                     raise BuildError(f"{self._where(cf, step)}: cannot commit: {exc}") from None
             return done.digest, done.new_layer
@@ -323,11 +328,12 @@ class Builder:
                 groups = tuple(rootfs.supplementary_groups(host, user)) if user and not user.isdigit() else ()
                 cwd = config.workdir or "/"
                 rootfs.makedirs(host, rootfs.resolve(host, cwd))
+                home = rootfs.home_of(host, uid) or ("/root" if uid == 0 else "/")
             except (rootfs.RootfsError, OSError) as exc:
                 raise BuildError(f"{self._where(cf, step)}: {exc}") from None
         env = list(step.run_env)
         if not any(e.startswith("HOME=") for e in env):
-            env.append("HOME=/root" if uid == 0 else "HOME=/")
+            env.append(f"HOME={home}")
         if not any(e.startswith("HOSTNAME=") for e in env):
             env.append("HOSTNAME=unionfs-build")
         name = "unionfs-" + os.path.basename(os.path.dirname(bundle))

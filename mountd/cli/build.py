@@ -20,6 +20,7 @@ from mountd.build.executor import Builder, BuildError, BuildOptions, BuildResult
 from mountd.build.runtime import default_isolation, isolation_available
 from unionfs.image.build.plan import Plan, Step
 from unionfs.image.store import Store, StoreError, default_root, short
+from unionfs.progress import Progress, for_stream
 
 PROG = "unionfs"
 EXIT_FAILURE = 1
@@ -56,6 +57,9 @@ class TextReporter(Reporter):
     def failed_output(self, data: bytes) -> None:
         sys.stderr.buffer.write(data)
         sys.stderr.flush()
+
+    def progress(self) -> Progress:
+        return Progress() if self.quiet else for_stream(sys.stderr)
 
 
 class JsonReporter(Reporter):

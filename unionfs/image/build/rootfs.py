@@ -117,6 +117,15 @@ def user_ids(root: HostDir, spec: str, *, what: str = "USER") -> tuple[int, int]
     return uid, groups[group][0]
 
 
+def home_of(root: HostDir, uid: int) -> str | None:
+    """The home directory ``/etc/passwd`` gives the user ``uid``, or None."""
+    for line in _read(root, "etc/passwd").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 6 and fields[2] == str(uid) and fields[5].startswith("/"):
+            return fields[5]
+    return None
+
+
 def supplementary_groups(root: HostDir, user: str) -> list[int]:
     """The groups of ``/etc/group`` that list ``user`` (a name) as a member."""
     out = []
