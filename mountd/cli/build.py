@@ -5,7 +5,7 @@ hit, ``--> ID (S s)`` after each step, ``COMMIT NAME`` and the image id last.  `
 id (and a failed RUN's output); ``--json`` one JSON object a line on stdout (``step`` events, then ``done``
 or ``error``), RUN output on stderr.  Exit status 0, 1 on a failed build (one line on stderr, with the file
 and line of the step), 130 on Ctrl-C (the running step stopped, its mount gone, the store's images as they
-were).
+were); SIGTERM and SIGHUP stop it the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -66,7 +67,7 @@ class JsonReporter(Reporter):
     """One JSON object a line: a ``step`` event when each step is over."""
 
     def __init__(self) -> None:
-        self.run_output = sys.stderr.fileno()
+        self.run_output = 2  # RUN output to stderr: stdout carries only the events
         self.current: dict[str, Any] = {}
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -107,15 +108,29 @@ def _build_args(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     """``build [-f FILE] [-t NAME]... [--build-arg K=V]... [--no-cache] [--quiet] [--json] CONTEXT``"""
+    # SIGTERM and SIGHUP stop a build as Ctrl-C does: the running step is cleaned up
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _build(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _build(args: argparse.Namespace) -> int:
     reporter: Reporter = JsonReporter() if args.json else TextReporter(quiet=args.quiet)
     isolation = args.isolation or default_isolation()
     try:
         if not isolation_available(isolation):
             raise BuildError(f"--isolation {isolation}: {'runc' if isolation == 'oci' else 'unshare'} is not "
                              "installed")
-        if isolation == "chroot" and not args.json and not args.isolation:
+        if isolation == "chroot" and not args.isolation:
             reporter.warn("runc is not installed: RUN steps run with unshare + chroot (no seccomp filter, "
                           "no capability drop, the host's cgroup)")
         options = BuildOptions(context=args.context, file=args.file, tags=tuple(args.tag),
