@@ -257,12 +257,13 @@ class Builder:
     def _layer_step(self, cf: Containerfile, step: Step, ctx: Context, state: State) -> tuple[str | None, bool]:
         """Run a step on a mounted union and commit its upper: (the layer, whether it is new to the store);
         no layer where a WORKDIR step changed nothing."""
-        staging = self.store.new_staging("build")
+        with _no_interrupts():
+            staging = self.store.new_staging("build")
         scratch = os.path.join(self.store.root, staging)
         upper, work, mnt, bundle = (os.path.join(scratch, d) for d in ("upper", "work", "mnt", "bundle"))
-        for d in (upper, work, mnt, bundle):
-            os.mkdir(d, 0o755 if d != work else 0o700)
         try:
+            for d in (upper, work, mnt, bundle):
+                os.mkdir(d, 0o755 if d != work else 0o700)
             lowers = [self.store.layer_path(d) for d in state.image().mount_layers()]
             if not lowers:
                 lowers = [os.path.join(scratch, "empty")]
@@ -300,22 +301,25 @@ class Builder:
         except OptionError as exc:
             raise BuildError(f"cannot mount the step's union: {exc}") from None
         assert isinstance(config, MountConfig)
-        with _no_interrupts():
-            try:
-                lifecycle.mount(config)
-            except lifecycle.MountError as exc:
-                raise BuildError(f"cannot mount the step's union: {exc}") from None
-            pid = lifecycle.daemon_pid(mnt)
+        mounted, pid = False, None
         try:
+            with _no_interrupts():  # a Ctrl-C here is raised once the mount is recorded, so it is undone below
+                try:
+                    lifecycle.mount(config)
+                except lifecycle.MountError as exc:
+                    raise BuildError(f"cannot mount the step's union: {exc}") from None
+                mounted = True
+                pid = lifecycle.daemon_pid(mnt)
             yield
         finally:
-            with _no_interrupts():
-                try:
-                    lifecycle.unmount(mnt)
-                finally:
-                    if pid is not None:
-                        with contextlib.suppress(ChildProcessError):
-                            os.waitpid(pid, 0)
+            if mounted:
+                with _no_interrupts():
+                    try:
+                        lifecycle.unmount(mnt)
+                    finally:
+                        if pid is not None:
+                            with contextlib.suppress(ChildProcessError):
+                                os.waitpid(pid, 0)
 
     def _run(self, cf: Containerfile, step: Step, mnt: str, bundle: str) -> None:
         from mountd.build.runtime import Container, Process, RuntimeFailure, describe_status
@@ -350,9 +354,10 @@ class Builder:
                                        stderr=out)
             except RuntimeFailure as exc:
                 raise BuildError(f"{self._where(cf, step)}: {exc}") from None
-            finally:
+            except BaseException:  # Ctrl-C, SIGTERM: the container goes before its root is unmounted
                 with _no_interrupts():
                     container.stop()
+                raise
             if status != 0:
                 if kept is not None:
                     kept.seek(0)
