@@ -142,23 +142,32 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    """``history IMAGE``: per layer, newest first: digest, created, created_by, size, comment."""
+    """``history IMAGE``: per layer (and per config-only build step), newest first: digest, created,
+    created_by, size, comment."""
     with _store(args, writable=False) as store:
         image = store.image(args.image)
-        history = {h.layer: h for h in image.history}
         lines: list[dict[str, Any]] = []
-        for digest in reversed(image.layers):
-            meta = store.layer(digest)
-            h = history.get(digest)
-            lines.append({"layer": digest, "created": h.created if h else meta.created,
-                          "created_by": h.created_by if h else meta.created_by,
-                          "comment": h.comment if h else meta.comment, "size": meta.size})
+        layered = [h for h in image.history if not h.empty_layer]
+        if [h.layer for h in layered] == list(image.layers):  # one line per step, config-only ones too
+            for h in reversed(image.history):
+                size = 0 if h.empty_layer else store.layer(h.layer).size
+                line = {"layer": "" if h.empty_layer else h.layer, "created": h.created,
+                        "created_by": h.created_by, "comment": h.comment, "size": size}
+                lines.append({**line, "empty_layer": True} if h.empty_layer else line)
+        else:
+            history = {h.layer: h for h in layered}
+            for digest in reversed(image.layers):
+                meta = store.layer(digest)
+                known = history.get(digest)
+                lines.append({"layer": digest, "created": known.created if known else meta.created,
+                              "created_by": known.created_by if known else meta.created_by,
+                              "comment": known.comment if known else meta.comment, "size": meta.size})
     if args.json:
         _print_json(lines)
         return 0
     rows = [["LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
-    rows += [[short(h["layer"]), h["created"], h["created_by"], human_bytes(h["size"]), h["comment"]]
-             for h in lines]
+    rows += [[short(h["layer"]) if h["layer"] else "<none>", h["created"], h["created_by"], human_bytes(h["size"]),
+              h["comment"]] for h in lines]
     _table(rows)
     return 0
 
@@ -180,7 +189,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """``inspect IMAGE``: per layer changes, bytes and waste; the efficiency score — like ``dive``."""
+    """``inspect IMAGE``: per layer changes, bytes and waste; the efficiency score — like ``dive``.  With
+    ``--ci``: dive's CI rules (:mod:`mountd.cli.inspect_ci`)."""
+    if args.ci:
+        from mountd.cli import inspect_ci
+
+        with _store(args, writable=False) as store:
+            return inspect_ci.run(args, store, store.image(args.image))
     with _store(args, writable=False) as store:
         report = changes_mod.inspect_image(store, store.image(args.image))
     if args.json:
@@ -214,7 +229,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from unionfs.image.ocistore import OciRecords
 
     with _store(args, writable=True) as store:
-        report = store.gc(dry_run=args.dry_run, verify=args.verify)
+        report = store.gc(dry_run=args.dry_run, verify=args.verify, build_cache=args.build_cache)
         with store.locked(exclusive=True):
             blobs = OciRecords(store).gc(dry_run=args.dry_run)
     if args.json:
@@ -229,6 +244,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print(f"{verb} record of a gone upper {cid}")
         for digest in blobs:
             print(f"{verb} blob {digest}")
+        if report.removed_cache:
+            print(f"{verb} {len(report.removed_cache)} build cache entries")
         for line in report.broken:
             print(f"broken: {line}")
         print(f"{len(report.removed_layers)} layers, {human_bytes(report.freed_bytes)} "
@@ -355,6 +372,9 @@ def add_commands(sub: Any) -> None:
 
     p = add("inspect", cmd_inspect, "per-layer changes, wasted bytes and efficiency of an image")
     p.add_argument("image", metavar="IMAGE")
+    from mountd.cli import inspect_ci
+
+    inspect_ci.add_arguments(p)
 
     p = add("rmi", cmd_rmi, "remove images (layers stay until gc)", listing=False)
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -362,6 +382,8 @@ def add_commands(sub: Any) -> None:
     p = add("gc", cmd_gc, "remove layers no image uses and leftovers of interrupted commits")
     p.add_argument("--dry-run", action="store_true", help="report only")
     p.add_argument("--verify", action="store_true", help="also re-digest every layer (reads all data)")
+    p.add_argument("--build-cache", action="store_true",
+                   help="also drop the step cache of unionfs build (and the layers only it kept)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

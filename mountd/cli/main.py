@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from mountd.cli import build as cli_build
 from mountd.cli import images as cli_images
 from mountd.cli import stats as cli_stats
 from mountd.cli import transfer as cli_transfer
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_images.add_commands(sub)
     cli_transfer.add_commands(sub)
     cli_stats.add_command(sub)
+    cli_build.add_command(sub)
     return parser
 
 

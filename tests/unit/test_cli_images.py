@@ -140,7 +140,7 @@ def test_rmi_and_gc(two_images: tuple[str, str], capsys: pytest.CaptureFixture[s
     assert code == 0 and out.startswith("removed app:1 (")
     code, out, _ = run(capsys, "gc", "--dry-run", "--json")
     assert json.loads(out) == {"removed_layers": [d2], "removed_staging": [], "removed_records": [],
-                               "freed_bytes": 8, "broken": [], "removed_blobs": []}
+                               "removed_cache": [], "freed_bytes": 8, "broken": [], "removed_blobs": []}
     code, out, _ = run(capsys, "gc")
     assert (code, out) == (0, f"removed layer {d2[:12]}\n1 layers, 8 B freed; 0 problems\n")
 

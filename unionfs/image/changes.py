@@ -203,7 +203,7 @@ def inspect_image(store: Store, image: Image) -> Inspection:
                 raise StoreError(f"image {image.name!r}: layer {short(digest)} is missing")
             hosts.append(HostDir(store.layer_path(digest)))
         top = UnionView(list(reversed(hosts)))
-        history = {h.layer: h for h in image.history}
+        history = {h.layer: h for h in image.history if not h.empty_layer}
         for i, (digest, host) in enumerate(zip(image.layers, hosts, strict=True)):
             changes = [c for c in diff(host, UnionView(list(reversed(hosts[:i])))) if not c.implied]
             wasted, paths = _wasted(host, len(hosts) - 1 - i, top)

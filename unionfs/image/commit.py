@@ -217,8 +217,10 @@ def base_for_upper(store: Store, upper: str) -> Base | None:
 
 
 def _history(store: Store, layers: Sequence[str], known: Sequence[HistoryEntry]) -> tuple[HistoryEntry, ...]:
-    """One history entry per layer: the image's own where it has them, else from layer metadata."""
-    if len(known) == len(layers) and all(h.layer == d for h, d in zip(known, layers, strict=True)):
+    """One history entry per layer (plus the image's config-only entries): the image's own where it has them,
+    else from layer metadata."""
+    layered = [h for h in known if not h.empty_layer]
+    if len(layered) == len(layers) and all(h.layer == d for h, d in zip(layered, layers, strict=True)):
         return tuple(known)
     out = []
     for digest in layers:
@@ -386,6 +388,33 @@ def _stage_and_publish(store: Store, src: str, manifest: Manifest, meta: LayerMe
         if not published:
             store.discard(staging)
     return published
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """A committed layer: its digest, whether data was written, what it holds, how long it took."""
+
+    digest: str
+    new_layer: bool
+    manifest: Manifest
+    seconds: float
+
+
+def commit_layer(store: Store, src: str, *, parent: str | None, created_by: str = "", comment: str = "",
+                 progress: Progress | None = None, what: str = "upper") -> LayerResult:
+    """Commit the still directory ``src`` (a real path the caller checked: an upper no mount uses any more)
+    as a layer of the store and nothing else: no image is written (``unionfs build`` records its steps
+    itself).  The caller may hold the store lock (shared) through its own handle; this takes it too."""
+    progress = progress or Progress()
+    started = time.monotonic()
+    with store.locked():
+        manifest = _read(src, what, progress)
+        meta = LayerMeta.from_manifest(manifest, parent=parent, created_by=created_by, comment=comment)
+        try:
+            new_layer = _stage_and_publish(store, src, manifest, meta, progress)
+        finally:
+            progress.done()
+    return LayerResult(manifest.digest, new_layer, manifest, time.monotonic() - started)
 
 
 def commit_tree(store: Store, src: str, *, image: str, base: Base, comment: str = "", created_by: str = "",

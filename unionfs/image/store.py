@@ -12,6 +12,10 @@ Layout under the store root::
     containers/<id>.json    a mount made from an image (:class:`ContainerRecord`): its upper, work and base
                             layers, so that ``diff``/``commit`` of that upper know what it sits on
     containers/<id>/        the fresh upper and work dirs of such a mount when the user gave none
+    cache/<key>.json        ``unionfs build``'s step cache: the image state (layers, history, config) a step
+                            with that cache key made, and the build that made it (:mod:`unionfs.image.build.cache`)
+    builds/<id>.json        a build: started, and ``done`` once it finished; a build that never finished
+                            (failed, interrupted, killed) is *abandoned*, and ``gc`` drops its cache entries
     tmp/                    staging: layer trees being built, json being written
     lock                    flock: shared by writers (commit, import, mount), exclusive for gc
 
@@ -43,8 +47,8 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar
 
 import xxhash
 
@@ -58,6 +62,8 @@ IMAGES = "images"
 CONTAINERS = "containers"
 TMP = "tmp"
 LOCK = "lock"
+CACHE = "cache"
+BUILDS = "builds"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(:[A-Za-z0-9._-]{1,128})?")
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}")
@@ -134,6 +140,9 @@ class HistoryEntry:
     created: str = ""
     created_by: str = ""
     comment: str = ""
+    empty_layer: bool = False
+    """A step that changed only the config (ENV, CMD, LABEL, …): ``layer`` is the layer below it, and the
+    entry is not one of the image's layers (OCI's ``empty_layer``)."""
 
 
 @dataclass(frozen=True)
@@ -144,16 +153,41 @@ class ImageConfig:
     env: tuple[str, ...] = ()
     workdir: str = ""
     labels: tuple[tuple[str, str], ...] = ()
+    entrypoint: tuple[str, ...] = ()
+    user: str = ""
+    exposed_ports: tuple[str, ...] = ()
+    stop_signal: str = ""
+    shell: tuple[str, ...] = ()
+    """``SHELL`` of a build (empty: ``/bin/sh -c``)."""
+
+    _OPTIONAL: ClassVar[tuple[str, ...]] = ("entrypoint", "user", "exposed_ports", "stop_signal", "shell")
+    """Written only when set, so that the json (and the id) of an image that does not use them is unchanged."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"cmd": list(self.cmd), "env": list(self.env), "workdir": self.workdir,
-                "labels": dict(self.labels)}
+        out: dict[str, Any] = {"cmd": list(self.cmd), "env": list(self.env), "workdir": self.workdir,
+                               "labels": dict(self.labels)}
+        for name in self._OPTIONAL:
+            value = getattr(self, name)
+            if value:
+                out[name] = list(value) if isinstance(value, tuple) else value
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ImageConfig:
         return cls(cmd=tuple(data.get("cmd", ())), env=tuple(data.get("env", ())),
                    workdir=str(data.get("workdir", "")),
-                   labels=tuple(sorted(dict(data.get("labels", {})).items())))
+                   labels=tuple(sorted(dict(data.get("labels", {})).items())),
+                   entrypoint=tuple(data.get("entrypoint", ())), user=str(data.get("user", "")),
+                   exposed_ports=tuple(data.get("exposed_ports", ())),
+                   stop_signal=str(data.get("stop_signal", "")), shell=tuple(data.get("shell", ())))
+
+    def env_dict(self) -> dict[str, str]:
+        """The environment as a mapping (a later entry for the same name wins)."""
+        out: dict[str, str] = {}
+        for item in self.env:
+            key, _, value = item.partition("=")
+            out[key] = value
+        return out
 
     def merged(self, *, cmd: Sequence[str] | None = None, env: Sequence[str] = (), workdir: str | None = None,
                labels: Sequence[tuple[str, str]] = ()) -> ImageConfig:
@@ -165,9 +199,9 @@ class ImageConfig:
             new_env = [e for e in new_env if e.partition("=")[0] != key] + [item]
         new_labels = dict(self.labels)
         new_labels.update(labels)
-        return ImageConfig(cmd=tuple(cmd) if cmd is not None else self.cmd, env=tuple(new_env),
-                           workdir=self.workdir if workdir is None else workdir,
-                           labels=tuple(sorted(new_labels.items())))
+        return replace(self, cmd=tuple(cmd) if cmd is not None else self.cmd, env=tuple(new_env),
+                       workdir=self.workdir if workdir is None else workdir,
+                       labels=tuple(sorted(new_labels.items())))
 
 
 @dataclass(frozen=True)
@@ -245,6 +279,8 @@ class GcReport:
     removed_layers: list[str] = field(default_factory=list)
     removed_staging: list[str] = field(default_factory=list)
     removed_records: list[str] = field(default_factory=list)
+    removed_cache: list[str] = field(default_factory=list)
+    """Step-cache entries of abandoned builds (their layers go too when nothing else uses them)."""
     freed_bytes: int = 0
     broken: list[str] = field(default_factory=list)
 
@@ -348,6 +384,14 @@ class Store:
                 host.unlink(tmp)
             raise
         self._fsync_dir(os.path.dirname(rel))
+
+    def read_json(self, rel: str) -> dict[str, Any]:
+        """A json record under the store (OSError, ValueError where it is missing or unreadable)."""
+        return self._read_json(rel)
+
+    def write_json(self, rel: str, data: dict[str, Any]) -> None:
+        """Atomically write a json record under the store (its directory must exist)."""
+        self._write_json(rel, data)
 
     def _fsync_dir(self, rel: str) -> None:
         fd = self._host().open(rel, os.O_RDONLY | os.O_DIRECTORY)
@@ -553,9 +597,49 @@ class Store:
         prefix = os.path.realpath(os.path.join(self.root, LAYERS))
         return {os.path.relpath(p, prefix).split("/")[0] for p in inuse.paths_in_use(prefix)}
 
-    def used_layers(self) -> set[str]:
-        """Layers some image, some live container record or some running mount uses."""
+    def build_cache(self, *, drop_all: bool = False) -> tuple[dict[str, list[str]], list[str], list[str]]:
+        """The step cache as ``gc`` sees it: layers of each entry made or claimed by a finished build (by
+        entry), the entries to remove (of abandoned builds; every entry with ``drop_all``), and the build
+        records to remove (abandoned builds, and finished ones no entry names).  Only meaningful under the
+        exclusive lock (a running build holds the shared lock from start to end)."""
+        if self.host is None or self.host.try_lstat(CACHE) is None:
+            return {}, [], []
+        done, abandoned_builds = set(), []
+        if self.host.try_lstat(BUILDS) is not None:
+            for name, _k, _i in self.host.scandir(BUILDS):
+                try:
+                    record = self._read_json(join(BUILDS, name))
+                except (OSError, ValueError):
+                    abandoned_builds.append(name)
+                    continue
+                if record.get("done"):
+                    done.add(str(record.get("id")))
+                else:
+                    abandoned_builds.append(name)
+        kept: dict[str, list[str]] = {}
+        abandoned = []
+        named: set[str] = set()
+        for name, _k, _i in self.host.scandir(CACHE):
+            try:
+                entry = self._read_json(join(CACHE, name))
+            except (OSError, ValueError):
+                abandoned.append(name)
+                continue
+            if entry.get("build") in done and not drop_all:
+                kept[name] = [str(d) for d in entry.get("layers", ())]
+                named.add(str(entry.get("build")))
+            else:
+                abandoned.append(name)
+        # a finished build no entry names any more is history: its record goes too
+        abandoned_builds += [f"{build}.json" for build in sorted(done - named)]
+        return kept, abandoned, abandoned_builds
+
+    def used_layers(self, *, drop_build_cache: bool = False) -> set[str]:
+        """Layers some image, some live container record, some running mount or the step cache of a
+        finished build uses (not the step cache with ``drop_build_cache``)."""
         used = self.layers_in_use()
+        for layers in self.build_cache(drop_all=drop_build_cache)[0].values():
+            used.update(layers)
         for image in self.images():
             used.update(image.layers)
         for record in self.containers():
@@ -563,15 +647,16 @@ class Store:
                 used.update(record.layers)
         return used
 
-    def gc(self, *, dry_run: bool = False, verify: bool = False) -> GcReport:
-        """Remove layers no image, live container record or running mount uses, staging leftovers, trees
-        without json and records of uppers that are gone; report damage.  Holds the store lock
+    def gc(self, *, dry_run: bool = False, verify: bool = False, build_cache: bool = False) -> GcReport:
+        """Remove layers no image, live container record, running mount or finished build's step cache uses,
+        staging leftovers, trees without json, records of uppers that are gone and the step cache of
+        abandoned builds (``build_cache``: the whole step cache); report damage.  Holds the store lock
         exclusively."""
         report = GcReport()
         host = self._host()
         with self.locked(exclusive=True):
             report.broken = self.check(verify=verify)
-            used = self.used_layers()
+            used = self.used_layers(drop_build_cache=build_cache)
             for name, _k, _i in host.scandir(TMP):
                 report.removed_staging.append(name)
                 if not dry_run:
@@ -581,6 +666,13 @@ class Store:
                     report.removed_records.append(record.id)
                     if not dry_run:
                         host.unlink(join(CONTAINERS, record.id + ".json"))
+            _kept, abandoned, abandoned_builds = self.build_cache(drop_all=build_cache)
+            report.removed_cache = sorted(name[:-5] for name in abandoned)
+            if not dry_run:
+                for name in abandoned:
+                    host.unlink(join(CACHE, name))
+                for name in abandoned_builds:
+                    host.unlink(join(BUILDS, name))
             for name, _k, _i in host.scandir(LAYERS):
                 digest = name[:-5] if name.endswith(".json") else name
                 if not _DIGEST_RE.fullmatch(digest) or digest in used or digest in report.removed_layers:
