@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from support.differential import Catalog, Recorder, Scenario, assert_same_as_kernel, run_differential
 from support.layers import WHITEOUT, Dir, File, Hardlink
+from support.mounts import frontend
 from support.scratch import private_tmpfs
 from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
@@ -30,10 +31,13 @@ where the state machine runs: the upper filesystem decides some details (see ``s
 XFAIL: dict[tuple[str, str], str] = {}
 
 
-def known_divergence(reason: str, *, on: tuple[str, ...] = FILESYSTEMS) -> object:
-    """Decorator for a scenario the core does not pass yet (on the filesystems ``on``): record why; the test
-    is then strict-xfail there."""
+def known_divergence(reason: str, *, on: tuple[str, ...] = FILESYSTEMS,
+                     frontends: tuple[str, ...] | None = None) -> object:
+    """Decorator for a scenario the core does not pass yet (on the filesystems ``on``, and only on the
+    ``frontends`` named, if given): record why; the test is then strict-xfail there."""
     def mark(scenario: Scenario) -> Scenario:
+        if frontends is not None and frontend() not in frontends:
+            return scenario
         for fs in on:
             XFAIL[(scenario.name, fs)] = reason
         return scenario
@@ -88,7 +92,8 @@ def _fstat(fd: int) -> tuple[int, ...]:
     return (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size)
 
 
-@known_divergence("fstat of an open file whose name is gone answers ESTALE; the kernel answers (nlink 0)")
+@known_divergence("fstat of an open file whose name is gone answers ESTALE; the kernel answers (nlink 0)",
+                  frontends=("fusepy",))
 @CASES.scenario({"d/f": "lower f\n", "g": "lower g\n"})
 def fstat_of_an_open_file_whose_name_is_gone(r: Recorder) -> None:
     """fstat on open files after their names were removed — a new file, a copied-up lower file in a dir
