@@ -259,9 +259,8 @@ class Dispatcher:
         handle = self._open_handle_of(nodeid)
         if handle is None:
             raise OSError(errno.ENOENT if path is None else errno.ESTALE, os.strerror(errno.ENOENT))
-        attrs = self.fs.fgetattr(handle)
-        # a lower file whose name is gone: the kernel's overlayfs counts no link left
-        return attrs, (None if handle.upper else 0)
+        # as the kernel's overlayfs: what the open file's own inode says (a lower file keeps its links)
+        return self.fs.fgetattr(handle), None
 
     def op_getattr(self, request: Request) -> bytes:
         attrs, nlink = self._attrs_of(request.nodeid)
