@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,6 +113,26 @@ def fstat_of_an_open_file_whose_name_is_gone(r: Recorder) -> None:
         for fd in fds.values():
             os.close(fd)
     r.listdir("ls .")
+
+
+def _links_and_ctime_moved(path: str, before: os.stat_result) -> tuple[int, bool]:
+    st = os.lstat(path)
+    return st.st_nlink, st.st_ctime_ns != before.st_ctime_ns
+
+
+@CASES.scenario({"other": "other data\n"})
+def rename_onto_one_name_of_a_hard_link_updates_the_other_name(r: Recorder) -> None:
+    """After a rename replaces one name of a hard-linked file, the other name shows one link less and a new
+    ctime at once (the kernel must not keep the attributes it cached for that name)."""
+    r.write("create a", "a", b"linked\n")
+    r.call("link a b", os.link, "a", "b")
+    r.stat("stat b (2 links)", "b")
+    before = os.lstat("b")
+    time.sleep(0.02)
+    r.call("rename other onto a", os.rename, "other", "a")
+    r.value("b: links, ctime moved", _links_and_ctime_moved, "b", before)
+    r.read("read a", "a")
+    r.read("read b", "b")
 
 
 @CASES.scenario({"empty": "", "full": "data", "longer": "abc"})
