@@ -23,6 +23,7 @@ from typing import Any
 
 from mountd.lowlevel import abi
 from mountd.lowlevel.nodes import NodeTable
+from mountd.lowlevel.passthrough import Passthrough, Stale
 from mountd.lowlevel.session import Request, Session
 from mountd.service import MountService
 from unionfs.fs.fsio import RENAME_EXCHANGE
@@ -59,6 +60,8 @@ class Settings:
     readdirplus: str = "1"
     posix_acl: bool = False
     max_write: int = 1 << 20
+    passthrough: bool = False
+    max_stack_depth: int = 1
 
 
 def _name(body: bytes, start: int = 0) -> tuple[str, int]:
@@ -71,7 +74,7 @@ class Dispatcher:
     """The protocol frontend's request handlers for one mount."""
 
     def __init__(self, fs: UnionFS, service: MountService, session: Session, settings: Settings, *,
-                 on_init: Callable[[], None] | None = None) -> None:
+                 on_init: Callable[[], None] | None = None, passthrough: Passthrough | None = None) -> None:
         self.fs = fs
         self.service = service
         self.session = session
@@ -85,7 +88,10 @@ class Dispatcher:
         self._dir_handles = itertools.count(1)
         self._listings: dict[int, list[tuple[str, bytes, int, int]]] = {}
         self._listings_lock = threading.Lock()
-        self._fh_nodes: dict[int, int] = {}
+        self._fh_nodes: dict[int, tuple[int, bool]] = {}
+        """Open file -> (its node, whether it has a passthrough backing)."""
+        self.passthrough = passthrough if passthrough is not None else Passthrough(
+            session.fd, enabled=False, reason="off")
         self._posix_acl = False
         self._handlers: dict[int, Callable[[Request], Any]] = {
             abi.INIT: self.op_init, abi.LOOKUP: self.op_lookup, abi.FORGET: self.op_forget,
@@ -201,6 +207,8 @@ class Dispatcher:
             wanted |= abi.WRITEBACK_CACHE
         if settings.posix_acl:
             wanted |= abi.POSIX_ACL | abi.DONT_MASK
+        if self.passthrough.enabled and not settings.writeback_cache:
+            wanted |= abi.PASSTHROUGH  # the kernel drops it silently next to the writeback cache
         return wanted
 
     def op_init(self, request: Request) -> Any:
@@ -212,9 +220,13 @@ class Dispatcher:
         max_write = self.settings.max_write if flags & abi.MAX_PAGES else min(self.settings.max_write, 128 << 10)
         self.negotiated = abi.Negotiated(minor, flags, max_write, max_readahead)
         self._posix_acl = bool(flags & abi.POSIX_ACL)
+        if self.passthrough.enabled and not flags & abi.PASSTHROUGH:
+            self.passthrough.disable("writeback_cache is on" if self.settings.writeback_cache
+                                     else "the kernel does not offer it (6.9 or later needed)")
         log.debug("INIT: protocol 7.%d, offered %#x, using %#x", minor, offered, flags)
         reply = abi.init_reply(minor=minor, max_readahead=max_readahead, flags=flags, max_write=max_write,
-                               max_pages=max(1, max_write // 4096))
+                               max_pages=max(1, max_write // 4096),
+                               max_stack_depth=self.settings.max_stack_depth if flags & abi.PASSTHROUGH else 0)
         self.session.reply(request.unique, reply)
         if self.on_init is not None:
             # after the reply: the kernel has the answer before anyone is told the mount works
@@ -435,19 +447,36 @@ class Dispatcher:
             self.nodes.move(request.nodeid, old, newdir, new)
 
     # -- files ------------------------------------------------------------------------------------------------
-    def _track(self, nodeid: int, handle: Handle) -> int:
+    def _opened(self, nodeid: int, handle: Handle) -> bytes:
+        """Register an open file of ``nodeid``; the ``fuse_open_out`` that answers its open.  A regular file
+        gets a passthrough backing where that is on; ESTALE (after giving the name a new node) where the
+        node's backing is still the lower copy of a file that now lives in the upper layer."""
+        backing_id = 0
+        if self.passthrough.enabled and stat_mod.S_ISREG(os.fstat(handle.fd).st_mode):
+            try:
+                backing_id = self.passthrough.attach(nodeid, handle.fd, upper=handle.upper)
+            except Stale:
+                self.fs.release(handle)
+                node = self.nodes.get(nodeid)
+                if node.parent is not None:
+                    self.nodes.detach(node.parent, node.name)
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE)) from None
+            except BaseException:
+                self.fs.release(handle)
+                raise
         fh = self.service.track(handle)
-        self._fh_nodes[fh] = nodeid
+        self._fh_nodes[fh] = (nodeid, backing_id != 0)
         self.nodes.opened(nodeid, fh)
-        return fh
+        if backing_id:
+            return abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH, backing_id)
+        return abi.OPEN_OUT.pack(fh, self._fopen(), 0)
 
     def op_open(self, request: Request) -> bytes:
         flags, _ = abi.OPEN_IN.unpack_from(request.body, 0)
         path = self._path(request.nodeid)
         self.service.wait_invalidations()
         handle = self.fs.open(path, self._open_flags(flags))
-        fh = self._track(request.nodeid, handle)
-        return abi.OPEN_OUT.pack(fh, self._fopen(), 0)
+        return self._opened(request.nodeid, handle)
 
     def op_create(self, request: Request) -> list[bytes]:
         flags, mode, umask, _ = abi.CREATE_IN.unpack_from(request.body, 0)
@@ -460,8 +489,12 @@ class Dispatcher:
             self.fs.release(handle)
             raise
         nodeid = self.nodes.remember(request.nodeid, name)
-        fh = self._track(nodeid, handle)
-        return [self._entry(nodeid, attrs), abi.OPEN_OUT.pack(fh, self._fopen(), 0)]
+        try:
+            opened = self._opened(nodeid, handle)
+        except BaseException:
+            self.nodes.forget(nodeid, 1)
+            raise
+        return [self._entry(nodeid, attrs), opened]
 
     def op_read(self, request: Request) -> bytes:
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
@@ -480,7 +513,9 @@ class Dispatcher:
     def op_release(self, request: Request) -> None:
         fh, _, _, _ = abi.RELEASE_IN.unpack_from(request.body, 0)
         self.service.release(fh)
-        nodeid = self._fh_nodes.pop(fh, request.nodeid)
+        nodeid, backed = self._fh_nodes.pop(fh, (request.nodeid, False))
+        if backed:
+            self.passthrough.detach(nodeid)
         self.nodes.closed(nodeid, fh)
 
     def op_fsync(self, request: Request) -> None:

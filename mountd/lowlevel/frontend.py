@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Mapping
 from mountd.lowlevel import abi
 from mountd.lowlevel import mount as devmount
 from mountd.lowlevel.dispatch import Dispatcher, Settings
+from mountd.lowlevel.passthrough import Passthrough
+from mountd.lowlevel.passthrough import stack_depth as stack_depth
 from mountd.lowlevel.session import Session
 from mountd.options import FuseValue
 from mountd.service import MountService
@@ -33,7 +35,7 @@ class FrontendError(Exception):
 
 
 def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, readdirplus: str,
-                  posix_acl: bool) -> Settings:
+                  posix_acl: bool, passthrough: bool = False, max_stack_depth: int = 1) -> Settings:
     """The protocol settings for the FUSE options of a mount (``fuse_kwargs``)."""
     def seconds(name: str) -> float:
         value = kwargs.get(name, 0)
@@ -42,7 +44,8 @@ def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, rea
     return Settings(entry_timeout=seconds("entry_timeout"), attr_timeout=seconds("attr_timeout"),
                     negative_timeout=seconds("negative_timeout"), kernel_cache=bool(kwargs.get("kernel_cache")),
                     direct_io=bool(kwargs.get("direct_io")), writeback_cache=writeback_cache,
-                    readdirplus=readdirplus, posix_acl=posix_acl, max_write=MAX_WRITE)
+                    readdirplus=readdirplus, posix_acl=posix_acl, max_write=MAX_WRITE,
+                    passthrough=passthrough, max_stack_depth=max_stack_depth)
 
 
 def mount_request(mountpoint: str, kwargs: Mapping[str, FuseValue]) -> devmount.MountRequest:
@@ -91,7 +94,14 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
             log.exception("control socket unavailable; the mount works without it")
         ready()
 
-    dispatcher = Dispatcher(fs, service, session, settings)
+    if not settings.passthrough:
+        passthrough = Passthrough(fd, enabled=False, reason="passthrough=off")
+    elif os.geteuid() != 0:
+        passthrough = Passthrough(fd, enabled=False, reason="needs root (CAP_SYS_ADMIN)")
+    else:
+        passthrough = Passthrough(fd, enabled=True)
+    dispatcher = Dispatcher(fs, service, session, settings, passthrough=passthrough)
+    service.extra_stats["passthrough"] = passthrough.snapshot
     session.dispatcher = dispatcher
     service.extra_stats["session"] = lambda: {**session.counters, "nodes": len(dispatcher.nodes),
                                               "spin_window_us": session.spin_window_ns // 1000}

@@ -1,0 +1,117 @@
+"""FUSE passthrough (kernel 6.9+, protocol 7.40, init-namespace CAP_SYS_ADMIN): reads, writes and mmap of
+an open regular file go from the kernel straight to a backing file the daemon registered.
+
+One backing file per node, shared by every open of it and closed with the last release (the kernel refuses
+two different backing files for one inode).  The kernel reopens the backing file with the flags of the
+user's open and the daemon's credentials, so a lower file is only ever registered from a read-only open:
+a write open has been copied up by the core before, and its backing is the upper file.
+
+When a node still has a lower backing open (someone reads it) and an open now resolves to the upper copy
+(a copy-up happened meanwhile), that open cannot share the node: :class:`Stale` tells the dispatcher to
+give the name a new node id and answer ESTALE, so that the kernel looks the name up again and opens the
+new node on the upper file.  The old readers keep the lower backing until they close it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+import threading
+from dataclasses import dataclass
+
+from mountd.lowlevel import abi
+
+OVERLAYFS_MAGIC = 0x794C7630
+
+
+class Stale(Exception):
+    """The node's lower backing is in use and the file now lives in the upper layer."""
+
+
+@dataclass
+class _Backing:
+    backing_id: int
+    upper: bool
+    users: int
+
+
+def fs_type(fd: int) -> int | None:
+    """``f_type`` of the filesystem of descriptor ``fd`` (``fstatfs``), or None."""
+    buf = ctypes.create_string_buffer(256)
+    if ctypes.CDLL(None, use_errno=True).fstatfs(fd, buf) != 0:
+        return None
+    return int(struct.unpack_from("=l", buf.raw)[0])
+
+
+def stack_depth(fds: list[int]) -> int:
+    """``max_stack_depth`` for backing files on the filesystems of these directory descriptors: 2 when one
+    of them is an overlayfs (the backing files are stacked themselves: nothing may stack on this mount
+    then), else 1 (the kernel's overlayfs may still stack on this mount)."""
+    return 2 if any(fs_type(fd) == OVERLAYFS_MAGIC for fd in fds) else 1
+
+
+class Passthrough:
+    """The backing files of one mount's device ``fd``.  ``enabled`` False: every call is a no-op."""
+
+    def __init__(self, fd: int, *, enabled: bool, reason: str = "") -> None:
+        self.fd = fd
+        self.enabled = enabled
+        self.reason = reason
+        self._by_node: dict[int, _Backing] = {}
+        self._lock = threading.Lock()
+        self.opened = 0
+        self.stale_retries = 0
+
+    def disable(self, reason: str) -> None:
+        self.enabled = False
+        self.reason = reason
+
+    def attach(self, nodeid: int, host_fd: int, *, upper: bool) -> int:
+        """The backing id for an open of node ``nodeid`` whose host descriptor is ``host_fd``; 0 when
+        passthrough is off (the open is then served by READ/WRITE requests).  Raises :class:`Stale` (see the
+        module doc) or OSError from the kernel."""
+        if not self.enabled:
+            return 0
+        with self._lock:
+            backing = self._by_node.get(nodeid)
+            if backing is not None:
+                if backing.upper != upper:
+                    self.stale_retries += 1
+                    raise Stale
+                backing.users += 1
+                return backing.backing_id
+            arg = bytearray(abi.BACKING_MAP.pack(host_fd, 0, 0))
+            try:
+                backing_id: int = fcntl.ioctl(self.fd, abi.FUSE_DEV_IOC_BACKING_OPEN, arg, True)
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EINVAL):
+                    self.disable(f"the kernel refused a backing file ({os.strerror(exc.errno or 0)})")
+                    return 0
+                raise
+            backing_id = int(backing_id)
+            self._by_node[nodeid] = _Backing(backing_id, upper, 1)
+            self.opened += 1
+            return backing_id
+
+    def detach(self, nodeid: int) -> None:
+        """One open of ``nodeid`` that got a backing id was released; the last one closes the backing."""
+        with self._lock:
+            backing = self._by_node.get(nodeid)
+            if backing is None:
+                return
+            backing.users -= 1
+            if backing.users > 0:
+                return
+            del self._by_node[nodeid]
+        # an error: the connection is gone, and the kernel dropped the backing with everything else
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(self.fd, abi.FUSE_DEV_IOC_BACKING_CLOSE, struct.pack("<I", backing.backing_id))
+
+    def snapshot(self) -> dict[str, object]:
+        """For ``unionfs stats``."""
+        return {"enabled": self.enabled, "reason": self.reason, "backing_files": len(self._by_node),
+                "backing_opens": self.opened, "stale_retries": self.stale_retries}
