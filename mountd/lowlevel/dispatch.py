@@ -88,8 +88,8 @@ class Dispatcher:
         self._dir_handles = itertools.count(1)
         self._listings: dict[int, list[tuple[str, bytes, int, int]]] = {}
         self._listings_lock = threading.Lock()
-        self._fh_nodes: dict[int, tuple[int, bool]] = {}
-        """Open file -> (its node, whether it has a passthrough backing)."""
+        self._fh_nodes: dict[int, tuple[int, bool | None]] = {}
+        """Open file -> (its node, whether it has a passthrough backing; None: not a regular file)."""
         self.passthrough = passthrough if passthrough is not None else Passthrough(
             session.fd, enabled=False, reason="off")
         self._posix_acl = False
@@ -177,6 +177,7 @@ class Dispatcher:
         return flags
 
     def _fopen(self) -> int:
+        """The open flags of a file in page-cache mode."""
         flags = 0
         if self.settings.kernel_cache:
             flags |= abi.FOPEN_KEEP_CACHE
@@ -452,7 +453,8 @@ class Dispatcher:
         gets a passthrough backing where that is on; ESTALE (after giving the name a new node) where the
         node's backing is still the lower copy of a file that now lives in the upper layer."""
         backing_id = 0
-        if self.passthrough.enabled and stat_mod.S_ISREG(os.fstat(handle.fd).st_mode):
+        regular = stat_mod.S_ISREG(os.fstat(handle.fd).st_mode)
+        if regular:
             try:
                 backing_id = self.passthrough.attach(nodeid, handle.fd, upper=handle.upper)
             except Stale:
@@ -465,7 +467,7 @@ class Dispatcher:
                 self.fs.release(handle)
                 raise
         fh = self.service.track(handle)
-        self._fh_nodes[fh] = (nodeid, backing_id != 0)
+        self._fh_nodes[fh] = (nodeid, backing_id != 0 if regular else None)
         self.nodes.opened(nodeid, fh)
         if backing_id:
             return abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH, backing_id)
@@ -513,9 +515,9 @@ class Dispatcher:
     def op_release(self, request: Request) -> None:
         fh, _, _, _ = abi.RELEASE_IN.unpack_from(request.body, 0)
         self.service.release(fh)
-        nodeid, backed = self._fh_nodes.pop(fh, (request.nodeid, False))
-        if backed:
-            self.passthrough.detach(nodeid)
+        nodeid, backed = self._fh_nodes.pop(fh, (request.nodeid, None))
+        if backed is not None:
+            self.passthrough.detach(nodeid, backed=backed)
         self.nodes.closed(nodeid, fh)
 
     def op_fsync(self, request: Request) -> None:

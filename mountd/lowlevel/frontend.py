@@ -99,7 +99,7 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
     elif os.geteuid() != 0:
         passthrough = Passthrough(fd, enabled=False, reason="needs root (CAP_SYS_ADMIN)")
     else:
-        passthrough = Passthrough(fd, enabled=True)
+        passthrough = Passthrough(fd, enabled=True, lower=fs.upper is None)
     dispatcher = Dispatcher(fs, service, session, settings, passthrough=passthrough)
     service.extra_stats["passthrough"] = passthrough.snapshot
     session.dispatcher = dispatcher

@@ -2,14 +2,18 @@
 an open regular file go from the kernel straight to a backing file the daemon registered.
 
 One backing file per node, shared by every open of it and closed with the last release (the kernel refuses
-two different backing files for one inode).  The kernel reopens the backing file with the flags of the
-user's open and the daemon's credentials, so a lower file is only ever registered from a read-only open:
-a write open has been copied up by the core before, and its backing is the upper file.
+two different backing files for one inode, and a passthrough open next to a page-cache open of the same
+inode).  The kernel reopens the backing file with the flags of the user's open and the daemon's
+credentials: a write open has been copied up by the core before, so its backing is the upper file.
 
-When a node still has a lower backing open (someone reads it) and an open now resolves to the upper copy
-(a copy-up happened meanwhile), that open cannot share the node: :class:`Stale` tells the dispatcher to
-give the name a new node id and answer ESTALE, so that the kernel looks the name up again and opens the
-new node on the upper file.  The old readers keep the lower backing until they close it.
+Which opens pass through: every open of an upper file, and opens of lower files only on a read-only mount.
+On a writable mount a lower file may be copied up while it is open for reading, and the kernel's overlayfs
+then reads the upper copy through the old descriptor; a kernel-held lower backing would keep reading the
+old data.  So lower files of a writable mount are read through the daemon (which moves such descriptors to
+the upper copy) and the kernel's page cache.  While a node has such page-cache opens, later opens of it
+stay in that mode too; while it has a passthrough open, later opens share its backing.  An open that
+resolves to the upper copy of a node whose backing is still a lower file raises :class:`Stale`: the
+dispatcher gives the name a new node id and answers ESTALE, and the kernel looks the name up again.
 """
 
 from __future__ import annotations
@@ -57,11 +61,15 @@ def stack_depth(fds: list[int]) -> int:
 class Passthrough:
     """The backing files of one mount's device ``fd``.  ``enabled`` False: every call is a no-op."""
 
-    def __init__(self, fd: int, *, enabled: bool, reason: str = "") -> None:
+    def __init__(self, fd: int, *, enabled: bool, reason: str = "", lower: bool = False) -> None:
         self.fd = fd
         self.enabled = enabled
         self.reason = reason
+        self.lower = lower
+        """Lower files pass through too (a read-only mount: nothing is ever copied up)."""
         self._by_node: dict[int, _Backing] = {}
+        self._cached: dict[int, int] = {}
+        """Nodes with opens in page-cache mode (no backing) -> how many."""
         self._lock = threading.Lock()
         self.opened = 0
         self.stale_retries = 0
@@ -71,12 +79,14 @@ class Passthrough:
         self.reason = reason
 
     def attach(self, nodeid: int, host_fd: int, *, upper: bool) -> int:
-        """The backing id for an open of node ``nodeid`` whose host descriptor is ``host_fd``; 0 when
-        passthrough is off (the open is then served by READ/WRITE requests).  Raises :class:`Stale` (see the
-        module doc) or OSError from the kernel."""
-        if not self.enabled:
-            return 0
+        """The backing id for an open of regular file node ``nodeid`` whose host descriptor is ``host_fd``;
+        0 for an open in page-cache mode (served by READ/WRITE requests).  Every call is to be matched by
+        one :meth:`detach` with ``backed`` = (the result != 0).  Raises :class:`Stale` (see the module doc)
+        or OSError from the kernel."""
         with self._lock:
+            if not self.enabled or self._cached.get(nodeid) or not (upper or self.lower):
+                self._cached[nodeid] = self._cached.get(nodeid, 0) + 1
+                return 0
             backing = self._by_node.get(nodeid)
             if backing is not None:
                 if backing.upper != upper:
@@ -88,8 +98,10 @@ class Passthrough:
             try:
                 backing_id: int = fcntl.ioctl(self.fd, abi.FUSE_DEV_IOC_BACKING_OPEN, arg, True)
             except OSError as exc:
-                if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EINVAL):
-                    self.disable(f"the kernel refused a backing file ({os.strerror(exc.errno or 0)})")
+                if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EINVAL, errno.ELOOP):
+                    self.enabled = False
+                    self.reason = f"the kernel refused a backing file ({os.strerror(exc.errno or 0)})"
+                    self._cached[nodeid] = self._cached.get(nodeid, 0) + 1
                     return 0
                 raise
             backing_id = int(backing_id)
@@ -97,9 +109,17 @@ class Passthrough:
             self.opened += 1
             return backing_id
 
-    def detach(self, nodeid: int) -> None:
-        """One open of ``nodeid`` that got a backing id was released; the last one closes the backing."""
+    def detach(self, nodeid: int, *, backed: bool) -> None:
+        """One open of ``nodeid`` was released (``backed``: it had a backing id); the last one closes the
+        backing."""
         with self._lock:
+            if not backed:
+                left = self._cached.get(nodeid, 0) - 1
+                if left > 0:
+                    self._cached[nodeid] = left
+                else:
+                    self._cached.pop(nodeid, None)
+                return
             backing = self._by_node.get(nodeid)
             if backing is None:
                 return
@@ -113,5 +133,6 @@ class Passthrough:
 
     def snapshot(self) -> dict[str, object]:
         """For ``unionfs stats``."""
-        return {"enabled": self.enabled, "reason": self.reason, "backing_files": len(self._by_node),
+        return {"enabled": self.enabled, "reason": self.reason, "lower_files": self.lower,
+                "backing_files": len(self._by_node), "page_cache_nodes": len(self._cached),
                 "backing_opens": self.opened, "stale_retries": self.stale_retries}
