@@ -120,15 +120,19 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
         stopping: list[bool] = []
 
         def stop() -> None:
+            # as libfuse's handlers: detach the mount (users of a busy one keep it until they leave, and
+            # get ENOTCONN once the daemon is gone) and leave the loop
             if not stopping:
                 stopping.append(True)
                 with contextlib.suppress(OSError):
                     devmount.unmount(mountpoint, lazy=True)
+                session.stop()
 
         with _stop_on_signals(stop):
             session.run()
     finally:
         service.close()
+        session.close()
         os.close(fd)
 
 

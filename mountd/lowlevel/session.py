@@ -18,6 +18,7 @@ inode lock, which a request in flight may hold).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -80,6 +81,9 @@ class Session:
         self._threads: list[threading.Thread] = []
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._poller.register(self._wake_r, select.POLLIN)
+        self.stopping = False
         self.spin_window_ns = SPIN_START_NS
         self.counters = {"requests": 0, "spin_hits": 0, "spin_misses": 0, "sleeps": 0, "to_workers": 0,
                          "interrupted": 0}
@@ -116,9 +120,11 @@ class Session:
             try:
                 size = os.readv(self.fd, [view])
             except BlockingIOError:
-                if not block:
+                if not block or self.stopping:
                     return None
                 self._poller.poll()
+                if self.stopping:
+                    return None
                 continue
             except InterruptedError:
                 continue
@@ -131,8 +137,18 @@ class Session:
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = abi.IN_HEADER.unpack_from(view, 0)
             return Request(opcode, unique, nodeid, uid, gid, pid, bytes(view[abi.IN_HEADER.size:size]))
 
+    def stop(self) -> None:
+        """End :meth:`run` soon (safe from a signal handler): the loop leaves at its next wake-up."""
+        self.stopping = True
+        with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+            os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
     def run(self) -> None:
-        """Read and answer requests until the connection ends (unmount, abort)."""
+        """Read and answer requests until the connection ends (unmount, abort) or :meth:`stop`."""
         assert self.dispatcher is not None
         os.set_blocking(self.fd, False)
         for index in range(self.workers):
@@ -172,6 +188,8 @@ class Session:
                     counters["spin_misses"] += 1
                     self.spin_window_ns = max(SPIN_MIN_NS, self.spin_window_ns // 2)
             if request is None:
+                if self.stopping:
+                    return
                 counters["sleeps"] += 1
                 try:
                     request = self.read_one(block=True)
@@ -179,6 +197,8 @@ class Session:
                     if exc.errno == errno.ENODEV:
                         return
                     raise
+                if request is None:
+                    return  # stopped
             assert request is not None
             counters["requests"] += 1
             if request.opcode == abi.INTERRUPT:
