@@ -514,11 +514,13 @@ class Dispatcher:
 
     def op_release(self, request: Request) -> None:
         fh, _, _, _ = abi.RELEASE_IN.unpack_from(request.body, 0)
-        self.service.release(fh)
+        # forget the handle number before its descriptor is closed: a concurrent open may get the same
+        # number as soon as it is
         nodeid, backed = self._fh_nodes.pop(fh, (request.nodeid, None))
+        self.nodes.closed(nodeid, fh)
+        self.service.release(fh)
         if backed is not None:
             self.passthrough.detach(nodeid, backed=backed)
-        self.nodes.closed(nodeid, fh)
 
     def op_fsync(self, request: Request) -> None:
         fh, flags, _ = abi.FSYNC_IN.unpack_from(request.body, 0)
