@@ -102,6 +102,11 @@ class MountService:
         self._invalidations = pending
         self.fs.invalidate = post
 
+    @property
+    def invalidations_pending(self) -> bool:
+        """Are invalidations queued and not yet sent?"""
+        return self._unsent > 0
+
     def wait_invalidations(self, timeout: float | None = None) -> None:
         """Wait (at most ``timeout``, default :data:`INVALIDATION_WAIT`) until every queued invalidation was
         sent: an open after a write through another name of a hard link then reads the new data."""

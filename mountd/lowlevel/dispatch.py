@@ -126,6 +126,10 @@ class Dispatcher:
             failed = 0
             if opcode in NO_REPLY or result is REPLIED:
                 return
+            if self.service.invalidations_pending and opcode not in QUICK_OPCODES:
+                # a change through one name of a hard link reaches the kernel's caches of the other names
+                # before the caller sees it done (bounded: never from the reader, which must stay free)
+                self.service.wait_invalidations()
             if result is None:
                 self.session.reply(request.unique)
             elif isinstance(result, list):
