@@ -94,7 +94,7 @@ MIN_READ_BUFFER: Final = 8192
 # -- layouts ------------------------------------------------------------------------------------------------
 IN_HEADER: Final = struct.Struct("<IIQQIIIHH")      # len opcode unique nodeid uid gid pid total_extlen pad
 OUT_HEADER: Final = struct.Struct("<IiQ")           # len error unique
-ATTR: Final = struct.Struct("<6Q10I")
+ATTR: Final = struct.Struct("<3Q3q10I")             # ino size blocks, signed times, nsec ×3, mode …
 ENTRY_OUT_HEAD: Final = struct.Struct("<QQQQII")    # nodeid generation entry_valid attr_valid (nsec ×2)
 ATTR_OUT_HEAD: Final = struct.Struct("<QII")        # attr_valid attr_valid_nsec dummy
 INIT_IN: Final = struct.Struct("<IIII")             # major minor max_readahead flags
@@ -108,7 +108,7 @@ MKNOD_IN: Final = struct.Struct("<IIII")            # mode rdev umask padding
 RENAME_IN: Final = struct.Struct("<Q")              # newdir
 RENAME2_IN: Final = struct.Struct("<QII")           # newdir flags padding
 LINK_IN: Final = struct.Struct("<Q")                # oldnodeid
-SETATTR_IN: Final = struct.Struct("<IIQQQQQQIIIIIIII")
+SETATTR_IN: Final = struct.Struct("<IIQQQqqqIIIIIIII")  # times are signed (before 1970)
 GETATTR_IN: Final = struct.Struct("<IIQ")           # getattr_flags dummy fh
 READ_IN: Final = struct.Struct("<QQIIQII")          # fh offset size read_flags lock_owner flags padding
 WRITE_IN: Final = struct.Struct("<QQIIQII")

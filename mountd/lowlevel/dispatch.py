@@ -38,9 +38,11 @@ _PLUS_CHUNK = 16
 QUICK_OPCODES = frozenset({
     abi.LOOKUP, abi.GETATTR, abi.GETXATTR, abi.LISTXATTR, abi.READLINK, abi.STATFS, abi.ACCESS, abi.FORGET,
     abi.BATCH_FORGET, abi.OPENDIR, abi.READDIR, abi.READDIRPLUS, abi.RELEASEDIR, abi.FLUSH, abi.INIT,
-    abi.DESTROY, abi.FSYNCDIR,
+    abi.DESTROY, abi.FSYNCDIR, abi.RELEASE,
 })
-"""Answered by the reader itself: they read cached or small state and never wait for a copy-up's data."""
+"""Answered by the reader itself: they read cached or small state and never wait for a copy-up's data.
+RELEASE is one of them: ``close(2)`` returns before the kernel sends it, and until it is answered the
+daemon holds the host file open (a remount read-only of the upper filesystem would see it busy)."""
 
 NO_REPLY = frozenset({abi.FORGET, abi.BATCH_FORGET})
 REPLIED: Any = object()
