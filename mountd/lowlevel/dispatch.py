@@ -454,7 +454,7 @@ class Dispatcher:
             self.nodes.move(request.nodeid, old, newdir, new)
 
     # -- files ------------------------------------------------------------------------------------------------
-    def _opened(self, nodeid: int, handle: Handle) -> bytes:
+    def _opened(self, nodeid: int, handle: Handle, flags: int) -> bytes:
         """Register an open file of ``nodeid``; the ``fuse_open_out`` that answers its open.  A regular file
         gets a passthrough backing where that is on; ESTALE (after giving the name a new node) where the
         node's backing is still the lower copy of a file that now lives in the upper layer."""
@@ -476,7 +476,12 @@ class Dispatcher:
         self._fh_nodes[fh] = (nodeid, backing_id != 0 if regular else None)
         self.nodes.opened(nodeid, fh)
         if backing_id:
-            return abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH, backing_id)
+            open_flags = abi.FOPEN_PASSTHROUGH
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                # a writer's data comes through the daemon (DIRECT_IO overrides PASSTHROUGH for read and
+                # write; mmap still maps the backing file): a pause for a commit must be able to hold it
+                open_flags |= abi.FOPEN_DIRECT_IO
+            return abi.OPEN_OUT.pack(fh, open_flags, backing_id)
         return abi.OPEN_OUT.pack(fh, self._fopen(), 0)
 
     def op_open(self, request: Request) -> bytes:
@@ -484,7 +489,7 @@ class Dispatcher:
         path = self._path(request.nodeid)
         self.service.wait_invalidations()
         handle = self.fs.open(path, self._open_flags(flags))
-        return self._opened(request.nodeid, handle)
+        return self._opened(request.nodeid, handle, flags)
 
     def op_create(self, request: Request) -> list[bytes]:
         flags, mode, umask, _ = abi.CREATE_IN.unpack_from(request.body, 0)
@@ -498,7 +503,7 @@ class Dispatcher:
             raise
         nodeid = self.nodes.remember(request.nodeid, name)
         try:
-            opened = self._opened(nodeid, handle)
+            opened = self._opened(nodeid, handle, flags)
         except BaseException:
             self.nodes.forget(nodeid, 1)
             raise
