@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
+
+from unionfs.fs.attr import Attr
 
 KERNEL_MAJOR: Final = 7
 KERNEL_MINOR: Final = 45
@@ -135,16 +137,21 @@ ENTRY_OUT_SIZE: Final = ENTRY_OUT_HEAD.size + ATTR.size
 DIRENTPLUS_HEAD_SIZE: Final = ENTRY_OUT_SIZE + DIRENT_HEAD.size
 
 
-def pack_attr(attrs: dict[str, Any], *, nlink: int | None = None) -> bytes:
-    """``fuse_attr`` from the core's attribute dict (``st_*`` keys, times in ns) — the ONE place that reads
-    it.  ``nlink`` overrides ``st_nlink`` (an open file whose name is gone has none left)."""
-    atime, mtime, ctime = attrs["st_atime"], attrs["st_mtime"], attrs["st_ctime"]
-    return ATTR.pack(attrs["st_ino"], attrs["st_size"], attrs["st_blocks"],
-                     atime // 1_000_000_000, mtime // 1_000_000_000, ctime // 1_000_000_000,
-                     atime % 1_000_000_000, mtime % 1_000_000_000, ctime % 1_000_000_000,
-                     attrs["st_mode"], attrs["st_nlink"] if nlink is None else nlink,
-                     attrs["st_uid"] & 0xFFFFFFFF, attrs["st_gid"] & 0xFFFFFFFF, attrs["st_rdev"] & 0xFFFFFFFF,
-                     attrs.get("st_blksize", 4096), 0)
+def pack_attr(attr: Attr, *, nlink: int | None = None) -> bytes:
+    """``fuse_attr`` from the core's attribute record — the ONE place that reads it.  The packed form is kept
+    in the record's ``packed`` slot (a cached lower record is packed once).  ``nlink`` overrides ``st_nlink``."""
+    if nlink is None and attr.packed is not None and len(attr.packed) == ATTR.size:
+        return attr.packed
+    atime, mtime, ctime = attr.st_atime_ns, attr.st_mtime_ns, attr.st_ctime_ns
+    packed = ATTR.pack(attr.st_ino, attr.st_size, attr.st_blocks,
+                       atime // 1_000_000_000, mtime // 1_000_000_000, ctime // 1_000_000_000,
+                       atime % 1_000_000_000, mtime % 1_000_000_000, ctime % 1_000_000_000,
+                       attr.st_mode, attr.st_nlink if nlink is None else nlink,
+                       attr.st_uid & 0xFFFFFFFF, attr.st_gid & 0xFFFFFFFF, attr.st_rdev & 0xFFFFFFFF,
+                       attr.st_blksize or 4096, 0)
+    if nlink is None:
+        attr.packed = packed
+    return packed
 
 
 def dirent(ino: int, offset: int, kind: int, name: bytes) -> bytes:

@@ -26,6 +26,7 @@ from mountd.lowlevel.nodes import NodeTable
 from mountd.lowlevel.passthrough import Passthrough, Stale
 from mountd.lowlevel.session import Request, Session
 from mountd.service import MountService
+from unionfs.fs.attr import Attr
 from unionfs.fs.fsio import RENAME_EXCHANGE
 from unionfs.fs.union import UTIME_NOW, UTIME_OMIT, Handle, UnionFS
 
@@ -158,12 +159,12 @@ class Dispatcher:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         return path
 
-    def _entry(self, nodeid: int, attrs: dict[str, Any]) -> bytes:
+    def _entry(self, nodeid: int, attrs: Attr) -> bytes:
         ev, evn = self._entry_valid
         av, avn = self._attr_valid
         return abi.ENTRY_OUT_HEAD.pack(nodeid, 0, ev, av, evn, avn) + abi.pack_attr(attrs)
 
-    def _attr_out(self, attrs: dict[str, Any], *, nlink: int | None = None) -> bytes:
+    def _attr_out(self, attrs: Attr, *, nlink: int | None = None) -> bytes:
         av, avn = self._attr_valid
         return abi.ATTR_OUT_HEAD.pack(av, avn, 0) + abi.pack_attr(attrs, nlink=nlink)
 
@@ -197,7 +198,7 @@ class Dispatcher:
         best: Handle | None = None
         for fh in list(node.open_fhs):
             handle = self.service.handles.get(fh)
-            if handle is not None and (best is None or (handle.upper and not best.upper)):
+            if handle is not None and (best is None or (handle.on_upper and not best.on_upper)):
                 best = handle
         return best
 
@@ -266,7 +267,7 @@ class Dispatcher:
             offset += abi.FORGET_ONE.size
             self.nodes.forget(nodeid, n)
 
-    def _attrs_of(self, nodeid: int) -> tuple[dict[str, Any], int | None]:
+    def _attrs_of(self, nodeid: int) -> tuple[Attr, int | None]:
         """(attributes, nlink override) of a node: by its path, or through an open file once it has none."""
         path = self.nodes.path(nodeid)
         if path is not None:
@@ -306,7 +307,7 @@ class Dispatcher:
             if valid & (abi.FATTR_UID | abi.FATTR_GID):
                 self.fs.chown(path, new_uid, new_gid)
             if valid & abi.FATTR_SIZE:
-                if handle is not None and handle.upper:
+                if handle is not None and handle.on_upper:
                     self.fs.ftruncate(handle, size)
                 else:
                     self.fs.truncate(path, size)
@@ -325,7 +326,7 @@ class Dispatcher:
         futimens), as on the kernel's overlayfs; a lower file can no longer be copied up (ENOENT)."""
         if handle is None:
             handle = self._open_handle_of(nodeid)
-        if handle is None or not handle.upper:
+        if handle is None or not handle.on_upper:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         fd = handle.fd
         if valid & abi.FATTR_MODE:
@@ -363,7 +364,7 @@ class Dispatcher:
     def op_getxattr(self, request: Request) -> bytes:
         size, _ = abi.GETXATTR_IN.unpack_from(request.body, 0)
         name, _ = _name(request.body, abi.GETXATTR_IN.size)
-        value = self.fs.xattr(self._path(request.nodeid), name)
+        value = self.fs.xattr_or_none(self._path(request.nodeid), name)
         if value is None:
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
         return self._sized(value, size)
@@ -462,7 +463,7 @@ class Dispatcher:
         regular = stat_mod.S_ISREG(os.fstat(handle.fd).st_mode)
         if regular:
             try:
-                backing_id = self.passthrough.attach(nodeid, handle.fd, upper=handle.upper)
+                backing_id = self.passthrough.attach(nodeid, handle.fd, upper=handle.on_upper)
             except Stale:
                 self.fs.release(handle)
                 node = self.nodes.get(nodeid)
@@ -562,7 +563,7 @@ class Dispatcher:
             entries = self._listings.get(fh) if offset else None
         if entries is None:
             path = self._path(nodeid)
-            ino = self.fs.getattr(path)["st_ino"]
+            ino = self.fs.getattr(path).st_ino
             entries = [(".", b".", stat_mod.S_IFDIR, ino), ("..", b"..", stat_mod.S_IFDIR, 1)]
             entries.extend((name, os.fsencode(name), kind, child_ino)
                            for name, kind, child_ino in self.fs.readdir(path))
@@ -612,7 +613,7 @@ class Dispatcher:
                 if attrs is None:
                     continue  # gone since the listing was taken
                 nodeid = self.nodes.remember(request.nodeid, name)
-                out.append(self._entry(nodeid, attrs) + abi.dirent(attrs["st_ino"], i + 1, attrs["st_mode"],
+                out.append(self._entry(nodeid, attrs) + abi.dirent(attrs.st_ino, i + 1, attrs.st_mode,
                                                                     encoded))
                 used += need
             index = end

@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from mountd.lowlevel import abi
+from unionfs.fs.attr import Attr
 
 
 @pytest.mark.parametrize(("layout", "size"), [
@@ -27,12 +28,13 @@ def test_entry_and_direntplus_sizes() -> None:
     assert abi.ATTR_OUT_HEAD.size + abi.ATTR.size == 104
 
 
-def test_pack_attr_splits_nanoseconds_and_keeps_every_field() -> None:
-    attrs = {"st_ino": 7, "st_size": 10, "st_blocks": 8, "st_atime": 1_500_000_001, "st_mtime": 2_000_000_002,
-             "st_ctime": 3_999_999_999, "st_mode": 0o100644, "st_nlink": 2, "st_uid": 1000, "st_gid": 100,
-             "st_rdev": 0, "st_blksize": 4096}
+def test_pack_attr_splits_nanoseconds_keeps_every_field_and_signed_times() -> None:
+    attrs = Attr(st_mode=0o100644, st_ino=7, st_nlink=2, st_uid=1000, st_gid=100, st_rdev=0, st_size=10,
+                 st_blocks=8, st_blksize=4096, st_atime_ns=1_500_000_001, st_mtime_ns=2_000_000_002,
+                 st_ctime_ns=-1)
     fields = abi.ATTR.unpack(abi.pack_attr(attrs))
-    assert fields == (7, 10, 8, 1, 2, 3, 500_000_001, 2, 999_999_999, 0o100644, 2, 1000, 100, 0, 4096, 0)
+    assert fields == (7, 10, 8, 1, 2, -1, 500_000_001, 2, 999_999_999, 0o100644, 2, 1000, 100, 0, 4096, 0)
+    assert attrs.packed is not None  # kept in the record's slot for the next reply
     assert abi.ATTR.unpack(abi.pack_attr(attrs, nlink=0))[10] == 0
 
 
