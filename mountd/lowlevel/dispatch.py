@@ -457,13 +457,14 @@ class Dispatcher:
     # -- files ------------------------------------------------------------------------------------------------
     def _opened(self, nodeid: int, handle: Handle, flags: int) -> bytes:
         """Register an open file of ``nodeid``; the ``fuse_open_out`` that answers its open.  A regular file
-        gets a passthrough backing where that is on; ESTALE (after giving the name a new node) where the
-        node's backing is still the lower copy of a file that now lives in the upper layer."""
+        gets a passthrough backing where :class:`Passthrough` says so; ESTALE (after giving the name a new
+        node) where the open cannot share the node's backing."""
         backing_id = 0
         regular = stat_mod.S_ISREG(os.fstat(handle.fd).st_mode)
         if regular:
             try:
-                backing_id = self.passthrough.attach(nodeid, handle.fd, upper=handle.on_upper)
+                backing_id = self.passthrough.attach(nodeid, handle.fd, upper=handle.on_upper,
+                                                     write=flags & os.O_ACCMODE != os.O_RDONLY)
             except Stale:
                 self.fs.release(handle)
                 node = self.nodes.get(nodeid)
@@ -477,17 +478,21 @@ class Dispatcher:
         self._fh_nodes[fh] = (nodeid, backing_id != 0 if regular else None)
         self.nodes.opened(nodeid, fh)
         if backing_id:
-            open_flags = abi.FOPEN_PASSTHROUGH
             if flags & os.O_ACCMODE != os.O_RDONLY:
-                # a writer's data comes through the daemon (DIRECT_IO overrides PASSTHROUGH for read and
-                # write; mmap still maps the backing file): a pause for a commit must be able to hold it
-                open_flags |= abi.FOPEN_DIRECT_IO
-            return abi.OPEN_OUT.pack(fh, open_flags, backing_id)
+                # a writer sharing a reader's backing: its data through the daemon (DIRECT_IO overrides
+                # PASSTHROUGH for read and write, mmap maps the backing)
+                return abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH | abi.FOPEN_DIRECT_IO, backing_id)
+            return abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH, backing_id)
         return abi.OPEN_OUT.pack(fh, self._fopen(), 0)
 
     def op_open(self, request: Request) -> bytes:
         flags, _ = abi.OPEN_IN.unpack_from(request.body, 0)
-        path = self._path(request.nodeid)
+        path = self.nodes.path(request.nodeid)
+        if path is None:
+            # the name got a new node (see _opened) while this open was on its way: ESTALE makes the
+            # kernel look the name up again
+            self.nodes.get(request.nodeid)
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
         self.service.wait_invalidations()
         handle = self.fs.open(path, self._open_flags(flags))
         return self._opened(request.nodeid, handle, flags)
@@ -515,9 +520,16 @@ class Dispatcher:
         return self.fs.read(self.service.handle(fh), size, offset)
 
     def op_write(self, request: Request) -> bytes:
-        fh, offset, size, _, _, _, _ = abi.WRITE_IN.unpack_from(request.body, 0)
+        fh, offset, size, write_flags, _, _, _ = abi.WRITE_IN.unpack_from(request.body, 0)
         data = request.body[abi.WRITE_IN.size:abi.WRITE_IN.size + size]
-        written = self.fs.write(self.service.handle(fh), data, offset)
+        handle = self.service.handle(fh)
+        if write_flags & abi.WRITE_KILL_SUIDGID:
+            # a direct write by a caller without CAP_FSETID: the kernel left the set-id bits to us
+            mode = os.fstat(handle.fd).st_mode
+            kill = stat_mod.S_ISUID | (stat_mod.S_ISGID if mode & stat_mod.S_IXGRP else 0)
+            if mode & kill:
+                os.fchmod(handle.fd, stat_mod.S_IMODE(mode) & ~kill)
+        written = self.fs.write(handle, data, offset)
         return abi.WRITE_OUT.pack(written, 0)
 
     def op_flush(self, request: Request) -> None:

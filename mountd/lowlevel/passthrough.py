@@ -6,14 +6,19 @@ two different backing files for one inode, and a passthrough open next to a page
 inode).  The kernel reopens the backing file with the flags of the user's open and the daemon's
 credentials: a write open has been copied up by the core before, so its backing is the upper file.
 
-Which opens pass through: every open of an upper file, and opens of lower files only on a read-only mount.
+Which opens pass through: read-only opens of upper files, and of lower files only on a read-only mount.
+Write opens send their data through the daemon, so that a pause for a commit holds it: in page-cache mode
+(the kernel clears set-id bits itself, ``file_remove_privs``), or, where the node has a passthrough open
+already, sharing its backing with ``FOPEN_DIRECT_IO`` (then the daemon clears them on a write flagged
+``FUSE_WRITE_KILL_SUIDGID``).
 On a writable mount a lower file may be copied up while it is open for reading, and the kernel's overlayfs
 then reads the upper copy through the old descriptor; a kernel-held lower backing would keep reading the
 old data.  So lower files of a writable mount are read through the daemon (which moves such descriptors to
 the upper copy) and the kernel's page cache.  While a node has such page-cache opens, later opens of it
 stay in that mode too; while it has a passthrough open, later opens share its backing.  An open that
-resolves to the upper copy of a node whose backing is still a lower file raises :class:`Stale`: the
-dispatcher gives the name a new node id and answers ESTALE, and the kernel looks the name up again.
+resolves to the upper copy of a node whose backing is still a lower file (a read-only mount has no upper
+copies, so this is a safety net) raises :class:`Stale`: the dispatcher gives the name a new node id and
+answers ESTALE, and the kernel looks the name up again.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ OVERLAYFS_MAGIC = 0x794C7630
 
 
 class Stale(Exception):
-    """The node's lower backing is in use and the file now lives in the upper layer."""
+    """The open cannot share the node's passthrough backing (see the module doc)."""
 
 
 @dataclass
@@ -78,13 +83,14 @@ class Passthrough:
         self.enabled = False
         self.reason = reason
 
-    def attach(self, nodeid: int, host_fd: int, *, upper: bool) -> int:
+    def attach(self, nodeid: int, host_fd: int, *, upper: bool, write: bool = False) -> int:
         """The backing id for an open of regular file node ``nodeid`` whose host descriptor is ``host_fd``;
         0 for an open in page-cache mode (served by READ/WRITE requests).  Every call is to be matched by
         one :meth:`detach` with ``backed`` = (the result != 0).  Raises :class:`Stale` (see the module doc)
         or OSError from the kernel."""
         with self._lock:
-            if not self.enabled or self._cached.get(nodeid) or not (upper or self.lower):
+            shared = write and nodeid in self._by_node and self._by_node[nodeid].upper == upper
+            if not self.enabled or (write and not shared) or self._cached.get(nodeid) or not (upper or self.lower):
                 self._cached[nodeid] = self._cached.get(nodeid, 0) + 1
                 return 0
             backing = self._by_node.get(nodeid)
