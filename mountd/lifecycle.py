@@ -38,11 +38,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from mountd.options import MountConfig, fuse_kwargs, unsupported_fuse_options
+from mountd.options import FRONTENDS, MountConfig, fuse_kwargs, unsupported_fuse_options
 from unionfs.control import daemon_pid
 from unionfs.fs.layers import LayerError, LayerStack
 from unionfs.mountinfo import find_mount
+
+if TYPE_CHECKING:
+    from unionfs.fs.union import UnionFS
 
 log = logging.getLogger("unionfs")
 
@@ -310,19 +314,33 @@ def _quiet_after_ready() -> None:
     root.addHandler(syslog)
 
 
+DEFAULT_FRONTEND = "fusepy"
+FRONTEND_ENV = "UNIONFS_FRONTEND"
+
+
+def frontend_of(config: MountConfig) -> str:
+    """The ONE place that picks the frontend: ``-o frontend=``, else ``$UNIONFS_FRONTEND``, else
+    :data:`DEFAULT_FRONTEND`.  Raises MountError for an unknown name in the environment."""
+    name = config.frontend or os.environ.get(FRONTEND_ENV) or DEFAULT_FRONTEND
+    if name not in FRONTENDS:
+        raise MountError(f"{FRONTEND_ENV}={name}: expected one of {', '.join(FRONTENDS)}")
+    return name
+
+
 def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
-    """Build the union on ``stack`` and run libfuse until the mount ends; return 0.
+    """Build the union on ``stack`` and serve it through the chosen frontend until the mount ends; return 0.
 
     Raises :class:`MountError` when the union or the mount cannot be set up (before ready).  The union is
     closed on the way out in every case.
     """
-    from mountd.highlevel.binding import LIBFUSE_MAJOR, UnionFUSE  # FUSE only in the process that serves
-    from mountd.highlevel.operations import UnionOperations
     from unionfs.fs.union import UnionFS
 
     os.umask(0)
-    for name in unsupported_fuse_options(config, libfuse_major=LIBFUSE_MAJOR):
-        log.warning("option %s is not available with libfuse %d: ignored", name, LIBFUSE_MAJOR)
+    try:
+        frontend = frontend_of(config)
+    except MountError:
+        stack.close()
+        raise
     try:
         fs = UnionFS(stack, whiteout=config.whiteout, volatile=config.volatile, idmap=config.id_map(),
                      cache_entries=config.cache_entries)
@@ -330,27 +348,59 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
         stack.close()
         raise MountError(_describe(exc)) from None
     try:
-        kwargs = fuse_kwargs(config, libfuse_major=LIBFUSE_MAJOR)
-        # ACLs are enforced where the kernel checks permissions anyway, and not through an owner mapping
-        # (the ids inside an ACL would need mapping too)
-        posix_acl = config.acl and bool(kwargs.get("default_permissions")) and fs.idmap is None
-        ops = UnionOperations(fs, on_ready=readiness.ready, mountpoint=config.mountpoint,
-                              writeback_cache=config.writeback_cache, readdirplus=config.readdirplus,
-                              posix_acl=posix_acl)
-        log.debug("FUSE options: %s", kwargs)
-        try:
-            UnionFUSE(ops, config.mountpoint, **kwargs)
-        except RuntimeError as exc:
-            if not readiness.is_ready:
-                raise MountError(f"libfuse could not mount '{config.mountpoint}' (error {exc})") from None
-            # libfuse leaves its loop with an error code when a signal ended it: that is a normal end
-            log.debug("the FUSE loop ended: %s", exc)
-        if not readiness.is_ready:
-            raise MountError(f"libfuse returned without mounting '{config.mountpoint}'")
+        if frontend == "lowlevel":
+            _serve_lowlevel(config, fs, readiness)
+        else:
+            _serve_fusepy(config, fs, readiness)
     finally:
         fs.close()
     log.info("unmounted %s", config.mountpoint)
     return 0
+
+
+def _serve_lowlevel(config: MountConfig, fs: UnionFS, readiness: _Readiness) -> None:
+    from mountd.lowlevel import frontend
+
+    kwargs = fuse_kwargs(config, libfuse_major=3)
+    posix_acl = config.acl and bool(kwargs.get("default_permissions")) and fs.idmap is None
+    settings = frontend.settings_from(kwargs, writeback_cache=config.writeback_cache,
+                                      readdirplus=config.readdirplus, posix_acl=posix_acl,
+                                      passthrough=config.passthrough,
+                                      max_stack_depth=frontend.stack_depth([layer.host.fd
+                                                                            for layer in fs.stack.layers]))
+    log.debug("FUSE options: %s", kwargs)
+    try:
+        frontend.serve(fs, mountpoint=config.mountpoint, kwargs=kwargs, settings=settings,
+                       ready=readiness.ready)
+    except frontend.FrontendError as exc:
+        raise MountError(str(exc)) from None
+    if not readiness.is_ready:
+        raise MountError(f"the kernel ended the mount of '{config.mountpoint}' before it was ready")
+
+
+def _serve_fusepy(config: MountConfig, fs: UnionFS, readiness: _Readiness) -> None:
+    from mountd.highlevel.binding import LIBFUSE_MAJOR, UnionFUSE  # FUSE only in the process that serves
+    from mountd.highlevel.operations import UnionOperations
+
+    for name in unsupported_fuse_options(config, libfuse_major=LIBFUSE_MAJOR):
+        log.warning("option %s is not available with libfuse %d: ignored", name, LIBFUSE_MAJOR)
+    kwargs = fuse_kwargs(config, libfuse_major=LIBFUSE_MAJOR)
+    # ACLs are enforced where the kernel checks permissions anyway, and not through an owner mapping
+    # (the ids inside an ACL would need mapping too)
+    posix_acl = config.acl and bool(kwargs.get("default_permissions")) and fs.idmap is None
+    ops = UnionOperations(fs, on_ready=readiness.ready, mountpoint=config.mountpoint,
+                          writeback_cache=config.writeback_cache, readdirplus=config.readdirplus,
+                          posix_acl=posix_acl)
+    log.debug("FUSE options: %s", kwargs)
+    try:
+        UnionFUSE(ops, config.mountpoint, **kwargs)
+    except RuntimeError as exc:
+        if not readiness.is_ready:
+            raise MountError(f"libfuse could not mount '{config.mountpoint}' (error {exc})") from None
+        # libfuse leaves its loop with an error code when a signal ended it: that is a normal end
+        log.debug("the FUSE loop ended: %s", exc)
+    if not readiness.is_ready:
+        raise MountError(f"libfuse returned without mounting '{config.mountpoint}'")
 
 
 def _describe(exc: OSError | ValueError) -> str:

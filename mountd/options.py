@@ -33,6 +33,8 @@ FuseValue: TypeAlias = bool | int | float | str
 
 Whiteout: TypeAlias = Literal["auto", "kernel", "oci"]
 ReaddirPlus: TypeAlias = Literal["0", "1", "auto"]
+Frontend: TypeAlias = Literal["lowlevel", "fusepy"]
+FRONTENDS: Final[tuple[Frontend, ...]] = ("lowlevel", "fusepy")
 WHITEOUT_FORMATS: Final[tuple[Whiteout, ...]] = ("auto", "kernel", "oci")
 
 MAX_ID: Final = 2**32 - 2
@@ -192,6 +194,8 @@ class MountConfig:
     acl: bool = True
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
+    frontend: Frontend | None = None
+    passthrough: bool = True
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
     squash_to_root: bool = False
@@ -294,6 +298,8 @@ class _Parsed:
     acl: bool = True
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
+    frontend: Frontend | None = None
+    passthrough: bool = True
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
     squash_to_root: bool = False
@@ -506,6 +512,26 @@ def _opt_whiteout(state: _Parsed, raw: str | None) -> None:
     raise OptionError(f"whiteout={value}: expected one of {', '.join(WHITEOUT_FORMATS)}")
 
 
+def _opt_frontend(state: _Parsed, raw: str | None) -> None:
+    """Which frontend serves the mount: ``lowlevel`` (the daemon speaks /dev/fuse itself) or ``fusepy``
+    (libfuse's high-level API through mfusepy).  Unset: ``$UNIONFS_FRONTEND``, else the default."""
+    value = unescape(_need("frontend", raw))
+    for name in FRONTENDS:
+        if value == name:
+            state.frontend = name
+            return
+    raise OptionError(f"frontend={value}: expected one of {', '.join(FRONTENDS)}")
+
+
+def _opt_passthrough(state: _Parsed, raw: str | None) -> None:
+    """Reads and writes of regular files passed straight to the backing file by the kernel (protocol
+    frontend, root, kernel 6.9+): ``passthrough=off`` (or 0) switches it off."""
+    value = unescape(_need("passthrough", raw))
+    if value not in ("on", "off", "1", "0"):
+        raise OptionError(f"passthrough={value}: expected on or off")
+    state.passthrough = value in ("on", "1")
+
+
 def _opt_timeout(state: _Parsed, raw: str | None) -> None:
     """fuse-overlayfs' ``timeout=`` sets how long the kernel caches entries and attributes."""
     seconds = _seconds("timeout", unescape(_need("timeout", raw)))
@@ -551,6 +577,8 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_Parsed, str | None], None]]] = Map
     "debug": _opt_debug,
     "whiteout": _opt_whiteout,
     "timeout": _opt_timeout,
+    "frontend": _opt_frontend,
+    "passthrough": _opt_passthrough,
     "uidmapping": _opt_uidmapping,
     "gidmapping": _opt_gidmapping,
     "squash_to_root": _opt_squash_to_root,
@@ -660,6 +688,8 @@ def _freeze(state: _Parsed, cwd: str) -> MountConfig:
         acl=state.acl,
         cache_entries=state.cache_entries,
         whiteout=state.whiteout,
+        frontend=state.frontend,
+        passthrough=state.passthrough,
         uid_mappings=state.uid_mappings,
         gid_mappings=state.gid_mappings,
         squash_to_root=state.squash_to_root,
@@ -707,6 +737,9 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   whiteout=auto|kernel|oci   whiteout format written (auto: kernel's when the daemon may mknod)
   uidmapping=CONTAINERID:HOSTID:SIZE[:…], gidmapping=…   map owners between the layers and the mount
   squash_to_root, squash_to_uid=N, squash_to_gid=N       show every file as owned by root / N
+  frontend=lowlevel|fusepy   who speaks to the kernel: the daemon itself on /dev/fuse, or libfuse's
+                     high-level API (default: $UNIONFS_FRONTEND, else fusepy)
+  passthrough=on|off file reads/writes straight to the backing file (lowlevel frontend, root, kernel 6.9+)
   timeout=SECONDS    kernel cache time for entries and attributes (sets the three *_timeout options)
   threaded=0|1, debug
 

@@ -10,14 +10,12 @@ import functools
 import itertools
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from mountd.highlevel.binding import Operations, fuse_get_context, kernel_invalidator, request_umask
-from unionfs.control import ControlServer
+from mountd.service import MountService
 from unionfs.fs.attr import Attr
 from unionfs.fs.union import Handle, UnionFS
 
@@ -44,12 +42,7 @@ def _op(fn: _F) -> _F:
             log.exception("unexpected error in %s%r", name, args)
             raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
         finally:
-            counts = self.op_stats.get(name)
-            if counts is None:
-                counts = self.op_stats[name] = [0, 0, 0]
-            counts[0] += 1
-            counts[1] += time.perf_counter_ns() - start
-            counts[2] += failed
+            self.service.count(name, time.perf_counter_ns() - start, failed)
 
     return cast(_F, wrapper)
 
@@ -60,10 +53,6 @@ FUSE_CAP_DONT_MASK = 1 << 6
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 FUSE_CAP_POSIX_ACL = 1 << 19
 FMODE_EXEC = 0x20
-PAUSE_TIMEOUT = 30.0
-"""How long a pause waits for the writes in flight before it gives up (the mount is never left paused)."""
-INVALIDATION_WAIT = 1.0
-"""How long an open waits for the kernel invalidations earlier requests queued (see :meth:`open`)."""
 
 
 def _rel(path: str) -> str:
@@ -84,20 +73,13 @@ class UnionOperations(Operations):  # type: ignore[misc]
         self.readdirplus = readdirplus
         self.on_ready = on_ready
         self.mountpoint = mountpoint
-        self.handles: dict[int, Handle] = {}
+        self.service = MountService(fs, mountpoint=mountpoint, frontend="fusepy")
+        self.handles: dict[int, Handle] = self.service.handles
         self.listings: dict[int, list[tuple[str, bytes, int, int]]] = {}
         """Listings of open directories by handle (libfuse 3 reads a big directory in several calls)."""
         self._dir_handles = itertools.count(1)
-        self.op_stats: dict[str, list[int]] = {}
+        self.op_stats: dict[str, list[int]] = self.service.op_stats
         """Per operation: [calls, total ns, errors]; read by ``unionfs stats``."""
-        self.control: ControlServer | None = None
-        if mountpoint is not None:
-            self.control = ControlServer(mountpoint, {"stats": self._stats, "info": self._info},
-                                         pause=lambda: fs.pause(PAUSE_TIMEOUT), resume=fs.resume)
-        self._invalidations: queue.SimpleQueue[str | None] | None = None
-        self._unsent = 0
-        """Invalidations queued and not yet sent to the kernel (under :attr:`_sent`)."""
-        self._sent = threading.Condition()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def init_with_config(self, conn: Any, config: Any) -> None:
@@ -129,12 +111,10 @@ class UnionOperations(Operations):  # type: ignore[misc]
             invalidate = kernel_invalidator()
             if invalidate is not None:
                 self._start_invalidator(invalidate)
-            if self.control is not None:
-                try:
-                    self.control.start()
-                except OSError:
-                    log.exception("control socket unavailable; the mount works without it")
-                    self.control = None
+            try:
+                self.service.start_control()
+            except OSError:
+                log.exception("control socket unavailable; the mount works without it")
         except Exception:
             log.exception("starting the mount's helpers failed")
         finally:
@@ -142,64 +122,19 @@ class UnionOperations(Operations):  # type: ignore[misc]
                 self.on_ready()
 
     def destroy(self, path: str) -> None:
-        if self.control is not None:
-            self.control.stop()
-        if self._invalidations is not None:
-            self._invalidations.put(None)
-        for handle in list(self.handles.values()):
-            self.fs.release(handle)
-        self.handles.clear()
+        self.service.close()
 
     def _start_invalidator(self, invalidate: Callable[[str], None]) -> None:
-        """Kernel cache invalidations (other names of a hard-linked file) are sent from their own thread,
-        after the request that caused them: sent from inside it, one could wait on a page lock held by a
-        request that waits for a worker thread."""
-        pending: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-
-        def run() -> None:
-            while (rel := pending.get()) is not None:
-                try:
-                    invalidate("/" + rel)
-                finally:
-                    with self._sent:
-                        self._unsent -= 1
-                        self._sent.notify_all()
-
-        def post(rel: str) -> None:
-            with self._sent:
-                self._unsent += 1
-            pending.put(rel)
-
-        threading.Thread(target=run, name="unionfs-invalidate", daemon=True).start()
-        self._invalidations = pending
-        self.fs.invalidate = post
-
-    def _stats(self, request: dict[str, Any]) -> dict[str, Any]:
-        ops = {name: {"calls": c, "errors": e, "total_ms": round(ns / 1e6, 3),
-                      "avg_us": round(ns / c / 1e3, 2) if c else 0.0}
-               for name, (c, ns, e) in sorted(self.op_stats.items())}
-        return {"cache": self.fs.cache.snapshot(), "operations": ops, "open_files": len(self.handles),
-                "paused": self.fs.gate.paused}
-
-    def _info(self, request: dict[str, Any]) -> dict[str, Any]:
-        stack = self.fs.stack
-        return {"pid": os.getpid(), "mountpoint": self.mountpoint,
-                "lowers": [layer.path for layer in stack.lowers],
-                "upper": stack.upper.path if stack.upper else None,
-                "work": stack.work.path if stack.work else None,
-                "whiteout": self.fs.upper.writer.format.value if self.fs.upper else None,
-                "volatile": self.fs.volatile}
+        """Kernel cache invalidations go out from their own thread (:meth:`MountService.start_invalidator`);
+        ``invalidate`` takes a FUSE path ("/" + the union path)."""
+        self.service.start_invalidator(lambda rel: invalidate("/" + rel))
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _handle(self, fh: int) -> Handle:
-        handle = self.handles.get(fh)
-        if handle is None:
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        return handle
+        return self.service.handle(fh)
 
     def _track(self, handle: Handle) -> int:
-        self.handles[handle.fd] = handle
-        return handle.fd
+        return self.service.track(handle)
 
     # -- attributes -------------------------------------------------------------------------------------------
     @_op
@@ -371,11 +306,9 @@ class UnionOperations(Operations):  # type: ignore[misc]
     @_op
     def open(self, path: str, flags: int) -> int:
         """Open; first the invalidations earlier requests queued reach the kernel (at most
-        :data:`INVALIDATION_WAIT`): after a write through one name of a hard link, an open of another name
-        then reads the new data and size, not what the kernel had cached for that name."""
-        if self._unsent:
-            with self._sent:
-                self._sent.wait_for(lambda: self._unsent == 0, timeout=INVALIDATION_WAIT)
+        :data:`mountd.service.INVALIDATION_WAIT`): after a write through one name of a hard link, an open of
+        another name then reads the new data and size, not what the kernel had cached for that name."""
+        self.service.wait_invalidations()
         return self._track(self.fs.open(_rel(path), self._flags(flags)))
 
     @_op
@@ -393,9 +326,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
 
     @_op
     def release(self, path: str | None, fh: int) -> int:
-        handle = self.handles.pop(fh, None)
-        if handle is not None:
-            self.fs.release(handle)
+        self.service.release(fh)
         return 0
 
     @_op

@@ -37,12 +37,23 @@ KERNEL_AS_PROGRAM = "kernel"
 KERNEL_OPTIONS: tuple[str, ...] = ("redirect_dir=off", "index=off", "metacopy=off", "xino=off")
 """Pinned so the oracle does not depend on the kernel's build-time defaults (these are Debian's)."""
 
+FRONTEND_ENV = "UNIONFS_FRONTEND"
+"""Read by the daemon itself: which frontend serves mounts made without ``-o frontend=`` (``lowlevel`` or
+``fusepy``), so that ``UNIONFS_FRONTEND=lowlevel pytest tests/mounted`` runs a suite on that frontend."""
+
 MOUNT_TIMEOUT = 20.0
 UNMOUNT_TIMEOUT = 10.0
 
 
 class MountError(RuntimeError):
     """A mount could not be made or removed; the message carries the program's output."""
+
+
+def frontend() -> str:
+    """The frontend mounts of the program under test use (``$UNIONFS_FRONTEND``, else the daemon's default)."""
+    from mountd.lifecycle import DEFAULT_FRONTEND
+
+    return os.environ.get(FRONTEND_ENV) or DEFAULT_FRONTEND
 
 
 def mount_program() -> str:

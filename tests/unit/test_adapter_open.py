@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 from unitkit import Env
 
-from mountd.highlevel import operations
+from mountd import service
 from mountd.highlevel.operations import UnionOperations
 
 
@@ -44,7 +44,7 @@ def test_the_wait_is_bounded(mkenv: Callable[..., Env], monkeypatch: pytest.Monk
     ops = UnionOperations(env.open())
     stuck = threading.Event()
     ops._start_invalidator(lambda path: stuck.wait(10))
-    monkeypatch.setattr(operations, "INVALIDATION_WAIT", 0.3)
+    monkeypatch.setattr(service, "INVALIDATION_WAIT", 0.3)
     try:
         ops.fs.invalidate("f")
         start = time.monotonic()

@@ -551,6 +551,7 @@ class UnionFS:
             # Clear what the upper holds at dst: an (empty-looking) upper dir with only whiteouts inside,
             # a whiteout of either format.
             dst_upper = upper.try_lstat(dst)
+            replaced = dst_upper if dnode is not None and dnode.in_upper and not dnode.is_dir else None
             if dnode is not None and dnode.is_dir and dnode.in_upper:
                 tmp = join(WORK_SUBDIR, copyup.temp_name("rm"))
                 upper.rename(dst, tmp, dst_dir=work)
@@ -580,6 +581,10 @@ class UnionFS:
             dparent.upper_set(dname, snode.kind)
             self.cache.invalidate_subtree(src)
             self.cache.invalidate_subtree(dst)
+            if replaced is not None and replaced.st_nlink > 1:
+                # the replaced file lost a link (and its ctime moved): its other names' caches are stale
+                self.inodes.forget_name(dst, replaced)
+                self.inodes.invalidate_other_names(dst, replaced)
 
     def _exchange(self, a: str, b: str) -> None:
         """renameat2(RENAME_EXCHANGE): swap two existing names.  Both are copied up first (a directory must

@@ -1,0 +1,633 @@
+"""Every opcode the kernel sends -> one :class:`unionfs.fs.union.UnionFS` call -> the reply.
+
+The errno rules are those of the fusepy frontend: an ``OSError`` from the core is answered with its errno,
+any other exception is logged with its traceback and answered with EIO.  Optional operations this daemon
+does not implement (locks, ioctl, poll, bmap, lseek, copy_file_range, statx, tmpfile, syncfs) answer ENOSYS,
+after which the kernel does them itself or stops asking.
+
+Node ids exist only here and in :mod:`mountd.lowlevel.nodes`; the core is called with union paths.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat as stat_mod
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mountd.lowlevel import abi
+from mountd.lowlevel.nodes import NodeTable
+from mountd.lowlevel.passthrough import Passthrough, Stale
+from mountd.lowlevel.session import Request, Session
+from mountd.service import MountService
+from unionfs.fs.attr import Attr
+from unionfs.fs.fsio import RENAME_EXCHANGE
+from unionfs.fs.union import UTIME_NOW, UTIME_OMIT, Handle, UnionFS
+
+log = logging.getLogger("unionfs")
+
+FMODE_EXEC = 0x20
+_PLUS_CHUNK = 16
+"""Entries whose attributes a READDIRPLUS reply reads at a time (about what one reply holds)."""
+
+QUICK_OPCODES = frozenset({
+    abi.LOOKUP, abi.GETATTR, abi.GETXATTR, abi.LISTXATTR, abi.READLINK, abi.STATFS, abi.ACCESS, abi.FORGET,
+    abi.BATCH_FORGET, abi.OPENDIR, abi.READDIR, abi.READDIRPLUS, abi.RELEASEDIR, abi.FLUSH, abi.INIT,
+    abi.DESTROY, abi.FSYNCDIR, abi.RELEASE,
+})
+"""Answered by the reader itself: they read cached or small state and never wait for a copy-up's data.
+RELEASE is one of them: ``close(2)`` returns before the kernel sends it, and until it is answered the
+daemon holds the host file open (a remount read-only of the upper filesystem would see it busy)."""
+
+NO_REPLY = frozenset({abi.FORGET, abi.BATCH_FORGET})
+REPLIED: Any = object()
+"""Returned by a handler that wrote its reply itself."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the mount options decide for the protocol frontend."""
+
+    entry_timeout: float = 3600.0
+    attr_timeout: float = 3600.0
+    negative_timeout: float = 3600.0
+    kernel_cache: bool = True
+    direct_io: bool = False
+    writeback_cache: bool = False
+    readdirplus: str = "1"
+    posix_acl: bool = False
+    max_write: int = 1 << 20
+    passthrough: bool = False
+    max_stack_depth: int = 1
+
+
+def _name(body: bytes, start: int = 0) -> tuple[str, int]:
+    """The NUL-terminated name at ``start`` and the offset after its NUL."""
+    end = body.index(b"\0", start)
+    return os.fsdecode(body[start:end]), end + 1
+
+
+class Dispatcher:
+    """The protocol frontend's request handlers for one mount."""
+
+    def __init__(self, fs: UnionFS, service: MountService, session: Session, settings: Settings, *,
+                 on_init: Callable[[], None] | None = None, passthrough: Passthrough | None = None) -> None:
+        self.fs = fs
+        self.service = service
+        self.session = session
+        self.settings = settings
+        self.nodes = NodeTable()
+        self.on_init = on_init
+        self.negotiated: abi.Negotiated | None = None
+        self._entry_valid = abi.split_seconds(settings.entry_timeout)
+        self._attr_valid = abi.split_seconds(settings.attr_timeout)
+        self._negative_valid = abi.split_seconds(settings.negative_timeout)
+        self._dir_handles = itertools.count(1)
+        self._listings: dict[int, list[tuple[str, bytes, int, int]]] = {}
+        self._listings_lock = threading.Lock()
+        self._fh_nodes: dict[int, tuple[int, bool | None]] = {}
+        """Open file -> (its node, whether it has a passthrough backing; None: not a regular file)."""
+        self.passthrough = passthrough if passthrough is not None else Passthrough(
+            session.fd, enabled=False, reason="off")
+        self._posix_acl = False
+        self._handlers: dict[int, Callable[[Request], Any]] = {
+            abi.INIT: self.op_init, abi.LOOKUP: self.op_lookup, abi.FORGET: self.op_forget,
+            abi.BATCH_FORGET: self.op_batch_forget, abi.GETATTR: self.op_getattr, abi.SETATTR: self.op_setattr,
+            abi.READLINK: self.op_readlink, abi.SYMLINK: self.op_symlink, abi.MKNOD: self.op_mknod,
+            abi.MKDIR: self.op_mkdir, abi.UNLINK: self.op_unlink, abi.RMDIR: self.op_rmdir,
+            abi.RENAME: self.op_rename, abi.RENAME2: self.op_rename2, abi.LINK: self.op_link,
+            abi.OPEN: self.op_open, abi.READ: self.op_read, abi.WRITE: self.op_write,
+            abi.STATFS: self.op_statfs, abi.RELEASE: self.op_release, abi.FSYNC: self.op_fsync,
+            abi.SETXATTR: self.op_setxattr, abi.GETXATTR: self.op_getxattr, abi.LISTXATTR: self.op_listxattr,
+            abi.REMOVEXATTR: self.op_removexattr, abi.FLUSH: self.op_flush, abi.OPENDIR: self.op_opendir,
+            abi.READDIR: self.op_readdir, abi.READDIRPLUS: self.op_readdirplus,
+            abi.RELEASEDIR: self.op_releasedir, abi.FSYNCDIR: self.op_empty, abi.ACCESS: self.op_access,
+            abi.CREATE: self.op_create, abi.FALLOCATE: self.op_fallocate, abi.DESTROY: self.op_empty,
+        }
+
+    # -- the session's two questions ----------------------------------------------------------------------
+    def is_quick(self, request: Request) -> bool:
+        return request.opcode in QUICK_OPCODES
+
+    def handle(self, request: Request) -> None:
+        """Answer one request (FORGETs get no answer)."""
+        opcode = request.opcode
+        handler = self._handlers.get(opcode)
+        start = time.perf_counter_ns()
+        failed = 1
+        try:
+            if handler is None:
+                self.session.reply_error(request.unique, errno.ENOSYS)
+                return
+            result = handler(request)
+            failed = 0
+            if opcode in NO_REPLY or result is REPLIED:
+                return
+            if self.service.invalidations_pending and opcode not in QUICK_OPCODES:
+                # a change through one name of a hard link reaches the kernel's caches of the other names
+                # before the caller sees it done (bounded: never from the reader, which must stay free)
+                self.service.wait_invalidations()
+            if result is None:
+                self.session.reply(request.unique)
+            elif isinstance(result, list):
+                self.session.reply(request.unique, *result)
+            else:
+                self.session.reply(request.unique, result)
+        except OSError as exc:
+            code = exc.errno if isinstance(exc.errno, int) and 0 < exc.errno < 4096 else errno.EIO
+            if opcode not in NO_REPLY:
+                self.session.reply_error(request.unique, code)
+        except Exception:
+            log.exception("unexpected error in %s", abi.OPCODE_NAMES.get(opcode, opcode))
+            if opcode not in NO_REPLY:
+                self.session.reply_error(request.unique, errno.EIO)
+        finally:
+            self.service.count(abi.OPCODE_NAMES.get(opcode, str(opcode)), time.perf_counter_ns() - start, failed)
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def _path(self, nodeid: int) -> str:
+        """The union path of a node; ENOENT when its name is gone."""
+        path = self.nodes.path(nodeid)
+        if path is None:
+            self.nodes.get(nodeid)  # ESTALE for an unknown node
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return path
+
+    def _entry(self, nodeid: int, attrs: Attr) -> bytes:
+        ev, evn = self._entry_valid
+        av, avn = self._attr_valid
+        return abi.ENTRY_OUT_HEAD.pack(nodeid, 0, ev, av, evn, avn) + abi.pack_attr(attrs)
+
+    def _attr_out(self, attrs: Attr, *, nlink: int | None = None) -> bytes:
+        av, avn = self._attr_valid
+        return abi.ATTR_OUT_HEAD.pack(av, avn, 0) + abi.pack_attr(attrs, nlink=nlink)
+
+    def _new_entry(self, parent: int, name: str, path: str) -> bytes:
+        """The entry reply for a name just created (or linked) at ``path``; counts the kernel's lookup."""
+        attrs = self.fs.getattr(path)
+        return self._entry(self.nodes.remember(parent, name), attrs)
+
+    def _umask(self, umask: int) -> int:
+        """The caller's umask where the kernel left it to us (POSIX ACLs on), else 0 (applied already)."""
+        return umask if self._posix_acl else 0
+
+    def _open_flags(self, flags: int) -> int:
+        flags &= ~FMODE_EXEC  # the kernel's internal bit for execve's open: openat2 refuses it
+        if self.settings.writeback_cache and (flags & os.O_ACCMODE) == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR  # the kernel reads through it to fill pages
+        return flags
+
+    def _fopen(self) -> int:
+        """The open flags of a file in page-cache mode."""
+        flags = 0
+        if self.settings.kernel_cache:
+            flags |= abi.FOPEN_KEEP_CACHE
+        if self.settings.direct_io:
+            flags |= abi.FOPEN_DIRECT_IO
+        return flags
+
+    def _open_handle_of(self, nodeid: int) -> Handle | None:
+        """An open file of node ``nodeid`` (a writable one first), for a node whose name is gone."""
+        node = self.nodes.get(nodeid)
+        best: Handle | None = None
+        for fh in list(node.open_fhs):
+            handle = self.service.handles.get(fh)
+            if handle is not None and (best is None or (handle.on_upper and not best.on_upper)):
+                best = handle
+        return best
+
+    # -- INIT -------------------------------------------------------------------------------------------------
+    def wanted_flags(self) -> int:
+        settings = self.settings
+        wanted = (abi.ASYNC_READ | abi.ATOMIC_O_TRUNC | abi.BIG_WRITES | abi.MAX_PAGES | abi.AUTO_INVAL_DATA
+                  | abi.PARALLEL_DIROPS | abi.CACHE_SYMLINKS)
+        if settings.readdirplus != "0":
+            wanted |= abi.DO_READDIRPLUS
+            if settings.readdirplus == "auto":
+                wanted |= abi.READDIRPLUS_AUTO
+        if settings.writeback_cache:
+            wanted |= abi.WRITEBACK_CACHE
+        if settings.posix_acl:
+            wanted |= abi.POSIX_ACL | abi.DONT_MASK
+        if self.passthrough.enabled and not settings.writeback_cache:
+            wanted |= abi.PASSTHROUGH  # the kernel drops it silently next to the writeback cache
+        return wanted
+
+    def op_init(self, request: Request) -> Any:
+        major, minor, max_readahead, offered = abi.parse_init(request.body)
+        if major != abi.KERNEL_MAJOR or minor < abi.MIN_MINOR:
+            raise OSError(errno.EPROTO, f"FUSE protocol {major}.{minor} is too old (7.{abi.MIN_MINOR} needed)")
+        minor = min(minor, abi.KERNEL_MINOR)
+        flags = abi.negotiate(offered, self.wanted_flags())
+        max_write = self.settings.max_write if flags & abi.MAX_PAGES else min(self.settings.max_write, 128 << 10)
+        self.negotiated = abi.Negotiated(minor, flags, max_write, max_readahead)
+        self._posix_acl = bool(flags & abi.POSIX_ACL)
+        if self.passthrough.enabled and not flags & abi.PASSTHROUGH:
+            self.passthrough.disable("writeback_cache is on" if self.settings.writeback_cache
+                                     else "the kernel does not offer it (6.9 or later needed)")
+        log.debug("INIT: protocol 7.%d, offered %#x, using %#x", minor, offered, flags)
+        reply = abi.init_reply(minor=minor, max_readahead=max_readahead, flags=flags, max_write=max_write,
+                               max_pages=max(1, max_write // 4096),
+                               max_stack_depth=self.settings.max_stack_depth if flags & abi.PASSTHROUGH else 0)
+        self.session.reply(request.unique, reply)
+        if self.on_init is not None:
+            # after the reply: the kernel has the answer before anyone is told the mount works
+            callback, self.on_init = self.on_init, None
+            callback()
+        return REPLIED
+
+    # -- lookups and attributes -------------------------------------------------------------------------------
+    def op_lookup(self, request: Request) -> bytes:
+        name, _ = _name(request.body)
+        path = self.nodes.child_path(request.nodeid, name)
+        try:
+            attrs = self.fs.getattr(path)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and self.settings.negative_timeout > 0:
+                ev, evn = self._negative_valid
+                return abi.ENTRY_OUT_HEAD.pack(0, 0, ev, 0, evn, 0) + bytes(abi.ATTR.size)
+            raise
+        return self._entry(self.nodes.remember(request.nodeid, name), attrs)
+
+    def op_forget(self, request: Request) -> None:
+        (count,) = abi.FORGET_IN.unpack_from(request.body, 0)
+        self.nodes.forget(request.nodeid, count)
+
+    def op_batch_forget(self, request: Request) -> None:
+        count, _ = abi.BATCH_FORGET_IN.unpack_from(request.body, 0)
+        offset = abi.BATCH_FORGET_IN.size
+        for _ in range(count):
+            nodeid, n = abi.FORGET_ONE.unpack_from(request.body, offset)
+            offset += abi.FORGET_ONE.size
+            self.nodes.forget(nodeid, n)
+
+    def _attrs_of(self, nodeid: int) -> tuple[Attr, int | None]:
+        """(attributes, nlink override) of a node: by its path, or through an open file once it has none."""
+        path = self.nodes.path(nodeid)
+        if path is not None:
+            try:
+                return self.fs.getattr(path), None
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        handle = self._open_handle_of(nodeid)
+        if handle is None:
+            raise OSError(errno.ENOENT if path is None else errno.ESTALE, os.strerror(errno.ENOENT))
+        # as the kernel's overlayfs: what the open file's own inode says (a lower file keeps its links)
+        return self.fs.fgetattr(handle), None
+
+    def op_getattr(self, request: Request) -> bytes:
+        attrs, nlink = self._attrs_of(request.nodeid)
+        return self._attr_out(attrs, nlink=nlink)
+
+    def op_setattr(self, request: Request) -> bytes:
+        (valid, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid, gid,
+         _) = abi.SETATTR_IN.unpack_from(request.body, 0)
+        path = self.nodes.path(request.nodeid)
+        handle = self.service.handles.get(fh) if valid & abi.FATTR_FH else None
+        a_ns: int | None = UTIME_OMIT
+        m_ns: int | None = UTIME_OMIT
+        if valid & abi.FATTR_ATIME:
+            a_ns = UTIME_NOW if valid & abi.FATTR_ATIME_NOW else atime * 1_000_000_000 + atimensec
+        if valid & abi.FATTR_MTIME:
+            m_ns = UTIME_NOW if valid & abi.FATTR_MTIME_NOW else mtime * 1_000_000_000 + mtimensec
+        new_uid = uid if valid & abi.FATTR_UID else -1
+        new_gid = gid if valid & abi.FATTR_GID else -1
+        if path is None:
+            self._setattr_gone(request.nodeid, handle, valid, mode, new_uid, new_gid, size, a_ns, m_ns)
+        else:
+            if valid & abi.FATTR_MODE:
+                self.fs.chmod(path, mode)
+            if valid & (abi.FATTR_UID | abi.FATTR_GID):
+                self.fs.chown(path, new_uid, new_gid)
+            if valid & abi.FATTR_SIZE:
+                if handle is not None and handle.on_upper:
+                    self.fs.ftruncate(handle, size)
+                else:
+                    self.fs.truncate(path, size)
+            if valid & (abi.FATTR_ATIME | abi.FATTR_MTIME):
+                self.fs.utimens(path, a_ns, m_ns)
+            if not valid & (abi.FATTR_MODE | abi.FATTR_UID | abi.FATTR_GID | abi.FATTR_SIZE | abi.FATTR_ATIME
+                            | abi.FATTR_MTIME):
+                # chown(f, -1, -1) and the like: the kernel's overlayfs copies up on every setattr
+                self.fs.chown(path, -1, -1)
+        attrs, nlink = self._attrs_of(request.nodeid)
+        return self._attr_out(attrs, nlink=nlink)
+
+    def _setattr_gone(self, nodeid: int, handle: Handle | None, valid: int, mode: int, uid: int, gid: int,
+                      size: int, a_ns: int | None, m_ns: int | None) -> None:
+        """SETATTR of a node whose name is gone: through its open upper file (fchmod, fchown, ftruncate,
+        futimens), as on the kernel's overlayfs; a lower file can no longer be copied up (ENOENT)."""
+        if handle is None:
+            handle = self._open_handle_of(nodeid)
+        if handle is None or not handle.on_upper:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        fd = handle.fd
+        if valid & abi.FATTR_MODE:
+            os.fchmod(fd, stat_mod.S_IMODE(mode))
+        if valid & (abi.FATTR_UID | abi.FATTR_GID):
+            if self.fs.idmap is not None:
+                uid, gid = self.fs.idmap.stored(uid, gid)
+            os.fchown(fd, uid, gid)
+        if valid & abi.FATTR_SIZE:
+            self.fs.ftruncate(handle, size)
+        if valid & (abi.FATTR_ATIME | abi.FATTR_MTIME):
+            st = os.fstat(fd)
+            now = time.time_ns()
+
+            def pick(value: int | None, current: int) -> int:
+                if value is None or value == UTIME_NOW:
+                    return now
+                return current if value == UTIME_OMIT else value
+
+            os.utime(fd, ns=(pick(a_ns, st.st_atime_ns), pick(m_ns, st.st_mtime_ns)))
+
+    def op_readlink(self, request: Request) -> bytes:
+        return os.fsencode(self.fs.readlink(self._path(request.nodeid)))
+
+    def op_statfs(self, request: Request) -> bytes:
+        sv = self.fs.statfs()
+        return abi.STATFS_OUT.pack(sv["f_blocks"], sv["f_bfree"], sv["f_bavail"], sv["f_files"], sv["f_ffree"],
+                                   sv["f_bsize"], sv["f_namemax"], sv["f_frsize"], 0)
+
+    def op_access(self, request: Request) -> None:
+        mask, _ = abi.ACCESS_IN.unpack_from(request.body, 0)
+        self.fs.access(self._path(request.nodeid), mask)
+
+    # -- xattrs -----------------------------------------------------------------------------------------------
+    def op_getxattr(self, request: Request) -> bytes:
+        size, _ = abi.GETXATTR_IN.unpack_from(request.body, 0)
+        name, _ = _name(request.body, abi.GETXATTR_IN.size)
+        value = self.fs.xattr_or_none(self._path(request.nodeid), name)
+        if value is None:
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        return self._sized(value, size)
+
+    def op_listxattr(self, request: Request) -> bytes:
+        size, _ = abi.GETXATTR_IN.unpack_from(request.body, 0)
+        names = self.fs.listxattr(self._path(request.nodeid))
+        return self._sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
+
+    @staticmethod
+    def _sized(data: bytes, size: int) -> bytes:
+        """Answer a request with a buffer of ``size`` bytes: the length alone when ``size`` is 0, ERANGE when
+        ``data`` does not fit, else ``data``."""
+        if size == 0:
+            return abi.GETXATTR_OUT.pack(len(data), 0)
+        if len(data) > size:
+            raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
+        return data
+
+    def op_setxattr(self, request: Request) -> None:
+        size, flags = abi.SETXATTR_IN.unpack_from(request.body, 0)
+        name, end = _name(request.body, abi.SETXATTR_IN.size)
+        self.fs.setxattr(self._path(request.nodeid), name, request.body[end:end + size], flags)
+
+    def op_removexattr(self, request: Request) -> None:
+        name, _ = _name(request.body)
+        self.fs.removexattr(self._path(request.nodeid), name)
+
+    # -- namespace --------------------------------------------------------------------------------------------
+    def op_mknod(self, request: Request) -> bytes:
+        mode, rdev, umask, _ = abi.MKNOD_IN.unpack_from(request.body, 0)
+        name, _ = _name(request.body, abi.MKNOD_IN.size)
+        path = self.nodes.child_path(request.nodeid, name)
+        self.fs.mknod(path, mode, rdev, request.uid, request.gid, self._umask(umask))
+        return self._new_entry(request.nodeid, name, path)
+
+    def op_mkdir(self, request: Request) -> bytes:
+        mode, umask = abi.MKDIR_IN.unpack_from(request.body, 0)
+        name, _ = _name(request.body, abi.MKDIR_IN.size)
+        path = self.nodes.child_path(request.nodeid, name)
+        self.fs.mkdir(path, mode, request.uid, request.gid, self._umask(umask))
+        return self._new_entry(request.nodeid, name, path)
+
+    def op_symlink(self, request: Request) -> bytes:
+        name, end = _name(request.body)
+        target, _ = _name(request.body, end)
+        path = self.nodes.child_path(request.nodeid, name)
+        self.fs.symlink(target, path, request.uid, request.gid)
+        return self._new_entry(request.nodeid, name, path)
+
+    def op_link(self, request: Request) -> bytes:
+        (old,) = abi.LINK_IN.unpack_from(request.body, 0)
+        name, _ = _name(request.body, abi.LINK_IN.size)
+        src = self._path(old)
+        path = self.nodes.child_path(request.nodeid, name)
+        self.fs.link(src, path)
+        return self._new_entry(request.nodeid, name, path)
+
+    def op_unlink(self, request: Request) -> None:
+        name, _ = _name(request.body)
+        self.fs.unlink(self.nodes.child_path(request.nodeid, name))
+        self.nodes.detach(request.nodeid, name)
+
+    def op_rmdir(self, request: Request) -> None:
+        name, _ = _name(request.body)
+        self.fs.rmdir(self.nodes.child_path(request.nodeid, name))
+        self.nodes.detach(request.nodeid, name)
+
+    def op_rename(self, request: Request) -> None:
+        (newdir,) = abi.RENAME_IN.unpack_from(request.body, 0)
+        self._rename(request, newdir, 0, abi.RENAME_IN.size)
+
+    def op_rename2(self, request: Request) -> None:
+        newdir, flags, _ = abi.RENAME2_IN.unpack_from(request.body, 0)
+        self._rename(request, newdir, flags, abi.RENAME2_IN.size)
+
+    def _rename(self, request: Request, newdir: int, flags: int, start: int) -> None:
+        old, end = _name(request.body, start)
+        new, _ = _name(request.body, end)
+        src = self.nodes.child_path(request.nodeid, old)
+        dst = self.nodes.child_path(newdir, new)
+        self.fs.rename(src, dst, flags)
+        if flags & RENAME_EXCHANGE:
+            self.nodes.exchange(request.nodeid, old, newdir, new)
+            return
+        if src != dst:
+            self.nodes.detach(newdir, new)
+            self.nodes.move(request.nodeid, old, newdir, new)
+
+    # -- files ------------------------------------------------------------------------------------------------
+    def _opened(self, nodeid: int, handle: Handle, flags: int) -> bytes:
+        """Register an open file of ``nodeid``; the ``fuse_open_out`` that answers its open.  A regular file
+        gets a passthrough backing where :class:`Passthrough` says so; ESTALE (after giving the name a new
+        node) where the open cannot share the node's backing."""
+        backing_id = 0
+        regular = stat_mod.S_ISREG(os.fstat(handle.fd).st_mode)
+        if regular:
+            try:
+                backing_id = self.passthrough.attach(nodeid, handle.fd, upper=handle.on_upper,
+                                                     write=flags & os.O_ACCMODE != os.O_RDONLY)
+            except Stale:
+                self.fs.release(handle)
+                node = self.nodes.get(nodeid)
+                if node.parent is not None:
+                    self.nodes.detach(node.parent, node.name)
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE)) from None
+            except BaseException:
+                self.fs.release(handle)
+                raise
+        fh = self.service.track(handle)
+        self._fh_nodes[fh] = (nodeid, backing_id != 0 if regular else None)
+        self.nodes.opened(nodeid, fh)
+        if backing_id:
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                # a writer sharing a reader's backing: its data through the daemon (DIRECT_IO overrides
+                # PASSTHROUGH for read and write, mmap maps the backing)
+                return abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH | abi.FOPEN_DIRECT_IO, backing_id)
+            return abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH, backing_id)
+        return abi.OPEN_OUT.pack(fh, self._fopen(), 0)
+
+    def op_open(self, request: Request) -> bytes:
+        flags, _ = abi.OPEN_IN.unpack_from(request.body, 0)
+        path = self.nodes.path(request.nodeid)
+        if path is None:
+            # the name got a new node (see _opened) while this open was on its way: ESTALE makes the
+            # kernel look the name up again
+            self.nodes.get(request.nodeid)
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        self.service.wait_invalidations()
+        handle = self.fs.open(path, self._open_flags(flags))
+        return self._opened(request.nodeid, handle, flags)
+
+    def op_create(self, request: Request) -> list[bytes]:
+        flags, mode, umask, _ = abi.CREATE_IN.unpack_from(request.body, 0)
+        name, _ = _name(request.body, abi.CREATE_IN.size)
+        path = self.nodes.child_path(request.nodeid, name)
+        handle = self.fs.create(path, self._open_flags(flags), mode, request.uid, request.gid, self._umask(umask))
+        try:
+            attrs = self.fs.getattr(path)
+        except BaseException:
+            self.fs.release(handle)
+            raise
+        nodeid = self.nodes.remember(request.nodeid, name)
+        try:
+            opened = self._opened(nodeid, handle, flags)
+        except BaseException:
+            self.nodes.forget(nodeid, 1)
+            raise
+        return [self._entry(nodeid, attrs), opened]
+
+    def op_read(self, request: Request) -> bytes:
+        fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
+        return self.fs.read(self.service.handle(fh), size, offset)
+
+    def op_write(self, request: Request) -> bytes:
+        fh, offset, size, write_flags, _, _, _ = abi.WRITE_IN.unpack_from(request.body, 0)
+        data = request.body[abi.WRITE_IN.size:abi.WRITE_IN.size + size]
+        handle = self.service.handle(fh)
+        if write_flags & abi.WRITE_KILL_SUIDGID:
+            # a direct write by a caller without CAP_FSETID: the kernel left the set-id bits to us
+            mode = os.fstat(handle.fd).st_mode
+            kill = stat_mod.S_ISUID | (stat_mod.S_ISGID if mode & stat_mod.S_IXGRP else 0)
+            if mode & kill:
+                os.fchmod(handle.fd, stat_mod.S_IMODE(mode) & ~kill)
+        written = self.fs.write(handle, data, offset)
+        return abi.WRITE_OUT.pack(written, 0)
+
+    def op_flush(self, request: Request) -> None:
+        fh, _, _, _ = abi.FLUSH_IN.unpack_from(request.body, 0)
+        self.service.handle(fh)
+
+    def op_release(self, request: Request) -> None:
+        fh, _, _, _ = abi.RELEASE_IN.unpack_from(request.body, 0)
+        # forget the handle number before its descriptor is closed: a concurrent open may get the same
+        # number as soon as it is
+        nodeid, backed = self._fh_nodes.pop(fh, (request.nodeid, None))
+        self.nodes.closed(nodeid, fh)
+        self.service.release(fh)
+        if backed is not None:
+            self.passthrough.detach(nodeid, backed=backed)
+
+    def op_fsync(self, request: Request) -> None:
+        fh, flags, _ = abi.FSYNC_IN.unpack_from(request.body, 0)
+        self.fs.fsync(self.service.handle(fh), bool(flags & abi.FSYNC_FDATASYNC))
+
+    def op_fallocate(self, request: Request) -> None:
+        fh, offset, length, mode, _ = abi.FALLOCATE_IN.unpack_from(request.body, 0)
+        self.fs.fallocate(self.service.handle(fh), mode, offset, length)
+
+    def op_empty(self, request: Request) -> None:
+        return None
+
+    # -- directories --------------------------------------------------------------------------------------------
+    def op_opendir(self, request: Request) -> bytes:
+        self._path(request.nodeid)  # ENOENT for a directory whose name is gone
+        fh = next(self._dir_handles)
+        return abi.OPEN_OUT.pack(fh, 0, 0)
+
+    def op_releasedir(self, request: Request) -> None:
+        fh, _, _, _ = abi.RELEASE_IN.unpack_from(request.body, 0)
+        with self._listings_lock:
+            self._listings.pop(fh, None)
+
+    def _listing(self, nodeid: int, fh: int, offset: int) -> list[tuple[str, bytes, int, int]]:
+        """The entries of an open directory as ``(name, encoded name, type bits, st_ino)``, "." and ".."
+        first; taken at offset 0 and kept for the later offsets of the same handle."""
+        with self._listings_lock:
+            entries = self._listings.get(fh) if offset else None
+        if entries is None:
+            path = self._path(nodeid)
+            ino = self.fs.getattr(path).st_ino
+            entries = [(".", b".", stat_mod.S_IFDIR, ino), ("..", b"..", stat_mod.S_IFDIR, 1)]
+            entries.extend((name, os.fsencode(name), kind, child_ino)
+                           for name, kind, child_ino in self.fs.readdir(path))
+            with self._listings_lock:
+                self._listings[fh] = entries
+        return entries
+
+    def op_readdir(self, request: Request) -> bytes:
+        fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
+        entries = self._listing(request.nodeid, fh, offset)
+        out: list[bytes] = []
+        used = 0
+        for index in range(offset, len(entries)):
+            _, encoded, kind, ino = entries[index]
+            need = abi.dirent_size(encoded)
+            if used + need > size:
+                break
+            out.append(abi.dirent(ino, index + 1, kind, encoded))
+            used += need
+        return b"".join(out)
+
+    def op_readdirplus(self, request: Request) -> bytes:
+        fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
+        entries = self._listing(request.nodeid, fh, offset)
+        out: list[bytes] = []
+        used = 0
+        path = self._path(request.nodeid)
+        index = offset
+        zero_entry = bytes(abi.ENTRY_OUT_SIZE)
+        while index < len(entries):
+            end = min(index + _PLUS_CHUNK, len(entries))
+            names = [entries[i][0] for i in range(index, end) if i >= 2]
+            try:
+                found = iter(self.fs.getattr_children(path, names) if names else [])
+            except OSError:  # the directory itself is gone since the listing was taken
+                found = iter([None] * len(names))
+            for i in range(index, end):
+                name, encoded, kind, ino = entries[i]
+                need = abi.DIRENTPLUS_HEAD_SIZE + ((len(encoded) + 7) & ~7)
+                if used + need > size:
+                    return b"".join(out)
+                if i < 2:
+                    out.append(zero_entry + abi.dirent(ino, i + 1, kind, encoded))
+                    used += need
+                    continue
+                attrs = next(found)
+                if attrs is None:
+                    continue  # gone since the listing was taken
+                nodeid = self.nodes.remember(request.nodeid, name)
+                out.append(self._entry(nodeid, attrs) + abi.dirent(attrs.st_ino, i + 1, attrs.st_mode,
+                                                                    encoded))
+                used += need
+            index = end
+        return b"".join(out)
+

@@ -1,0 +1,148 @@
+"""The protocol frontend's life: mount ``/dev/fuse``, answer INIT, serve until the mount ends.
+
+Called by :func:`mountd.lifecycle.serve` with a built :class:`unionfs.fs.union.UnionFS`.  ``ready()`` is
+called once the kernel has the mount and its INIT answer.  SIGTERM, SIGINT and SIGHUP detach the mount and
+end the loop (as libfuse's handlers do); a plain ``umount`` ends it when the kernel closes the connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator, Mapping
+
+from mountd.lowlevel import abi
+from mountd.lowlevel import mount as devmount
+from mountd.lowlevel.dispatch import Dispatcher, Settings
+from mountd.lowlevel.passthrough import Passthrough
+from mountd.lowlevel.passthrough import stack_depth as stack_depth
+from mountd.lowlevel.session import Session
+from mountd.options import FuseValue
+from mountd.service import MountService
+from unionfs.fs.union import UnionFS
+
+log = logging.getLogger("unionfs")
+
+MAX_WRITE = 1 << 20
+_MOUNT_FLAG_OPTIONS = ("ro", "nodev", "nosuid", "noexec", "sync", "dirsync", "noatime")
+
+
+class FrontendError(Exception):
+    """The mount could not be made; ``str()`` is one line for the user."""
+
+
+def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, readdirplus: str,
+                  posix_acl: bool, passthrough: bool = False, max_stack_depth: int = 1) -> Settings:
+    """The protocol settings for the FUSE options of a mount (``fuse_kwargs``)."""
+    def seconds(name: str) -> float:
+        value = kwargs.get(name, 0)
+        return float(value) if not isinstance(value, str) else float(value or 0)
+
+    return Settings(entry_timeout=seconds("entry_timeout"), attr_timeout=seconds("attr_timeout"),
+                    negative_timeout=seconds("negative_timeout"), kernel_cache=bool(kwargs.get("kernel_cache")),
+                    direct_io=bool(kwargs.get("direct_io")), writeback_cache=writeback_cache,
+                    readdirplus=readdirplus, posix_acl=posix_acl, max_write=MAX_WRITE,
+                    passthrough=passthrough, max_stack_depth=max_stack_depth)
+
+
+def mount_request(mountpoint: str, kwargs: Mapping[str, FuseValue]) -> devmount.MountRequest:
+    flags = tuple(name for name in _MOUNT_FLAG_OPTIONS if kwargs.get(name))
+    options = tuple(name for name in ("default_permissions", "allow_other") if kwargs.get(name))
+    return devmount.MountRequest(mountpoint=mountpoint, source=str(kwargs.get("fsname", "unionfs")),
+                                 subtype=str(kwargs.get("subtype", "unionfs")), flags=flags, options=options)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM/SIGINT/SIGHUP call ``stop`` (main thread only; elsewhere nothing is installed)."""
+    sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    try:
+        old = {sig: signal.signal(sig, lambda signum, frame: stop()) for sig in sigs}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], settings: Settings,
+          ready: Callable[[], None]) -> None:
+    """Mount ``fs`` at ``mountpoint`` and serve it until the mount ends.  Raises FrontendError before ready."""
+    service = MountService(fs, mountpoint=mountpoint, frontend="lowlevel")
+    request = mount_request(mountpoint, kwargs)
+    try:
+        fd = devmount.open_device() if os.geteuid() == 0 else devmount.fusermount(request)
+    except OSError as exc:
+        raise FrontendError(f"cannot mount '{mountpoint}': {exc.strerror or exc}") from None
+    session = Session(fd, buffer_size=MAX_WRITE + 2 * 4096)
+    started: list[bool] = []
+
+    def on_ready() -> None:
+        if started:
+            return
+        started.append(True)
+        service.start_invalidator(lambda rel: _invalidate(session, dispatcher, rel))
+        try:
+            service.start_control()
+        except OSError:
+            log.exception("control socket unavailable; the mount works without it")
+        ready()
+
+    if not settings.passthrough:
+        passthrough = Passthrough(fd, enabled=False, reason="passthrough=off")
+    elif os.geteuid() != 0:
+        passthrough = Passthrough(fd, enabled=False, reason="needs root (CAP_SYS_ADMIN)")
+    else:
+        passthrough = Passthrough(fd, enabled=True, lower=fs.upper is None)
+    dispatcher = Dispatcher(fs, service, session, settings, passthrough=passthrough)
+    service.extra_stats["passthrough"] = passthrough.snapshot
+    session.dispatcher = dispatcher
+    service.extra_stats["session"] = lambda: {**session.counters, "nodes": len(dispatcher.nodes),
+                                              "spin_window_us": session.spin_window_ns // 1000}
+    try:
+        if os.geteuid() == 0:
+            try:
+                synced = devmount.mount_device(fd, request, lambda: session.serve_init(dispatcher.handle))
+            except OSError as exc:
+                raise FrontendError(f"cannot mount '{mountpoint}': {exc.strerror or exc}") from None
+        else:
+            synced = False
+        if synced:
+            on_ready()
+        else:
+            dispatcher.on_init = on_ready
+        stopping: list[bool] = []
+
+        def stop() -> None:
+            # as libfuse's handlers: detach the mount (users of a busy one keep it until they leave, and
+            # get ENOTCONN once the daemon is gone) and leave the loop
+            if not stopping:
+                stopping.append(True)
+                with contextlib.suppress(OSError):
+                    devmount.unmount(mountpoint, lazy=True)
+                session.stop()
+
+        with _stop_on_signals(stop):
+            session.run()
+    finally:
+        service.close()
+        session.close()
+        os.close(fd)
+
+
+def _invalidate(session: Session, dispatcher: Dispatcher, rel: str) -> None:
+    """Drop what the kernel caches of union path ``rel`` (attributes and data), if it holds that name."""
+    nodeid = dispatcher.nodes.find_path(rel)
+    if nodeid is None:
+        return
+    try:
+        session.notify(abi.NOTIFY_INVAL_INODE, abi.NOTIFY_INVAL_INODE_OUT.pack(nodeid, 0, 0))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENODEV):
+            raise

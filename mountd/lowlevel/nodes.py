@@ -1,0 +1,178 @@
+"""Node ids: the kernel's handles on objects of the union, mapped to union paths.
+
+The core is keyed by path; the kernel by node id.  A :class:`Node` is one name the kernel has looked up:
+its parent node and its name, so that a rename moves a whole subtree by changing one record.  The kernel
+counts lookups (``nlookup``: +1 per LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK reply and READDIRPLUS entry)
+and gives them back with FORGET/BATCH_FORGET; a node is dropped when its count is 0 and no file is open on it.
+Node ids are never reused (the generation stays 0).
+
+Hard links are per path, as the kernel's overlayfs without ``index=on`` shows them: every name is a node of
+its own (with the same ``st_ino`` where the layers share the inode); a change through one name invalidates
+the kernel's caches of the others (the core's ``invalidate`` hook).
+
+An unlinked (or renamed-over) node keeps its id with ``parent`` None: its open files keep answering
+fstat/fchmod/ftruncate/read/write through their descriptors, as on the kernel's overlayfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+
+from mountd.lowlevel.abi import ROOT_ID
+
+
+class Node:
+    """One name of the union the kernel holds."""
+
+    __slots__ = ("name", "nlookup", "nodeid", "open_fhs", "parent")
+
+    def __init__(self, nodeid: int, parent: int | None, name: str) -> None:
+        self.nodeid = nodeid
+        self.parent = parent
+        """The parent node's id; None once the name is gone (unlinked, or replaced by a rename)."""
+        self.name = name
+        self.nlookup = 0
+        self.open_fhs: set[int] = set()
+
+
+class NodeTable:
+    """Node id <-> (parent id, name), with lookup counts.  Thread-safe (one lock, held briefly)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        root = Node(ROOT_ID, None, "")
+        root.nlookup = 1
+        self._nodes: dict[int, Node] = {ROOT_ID: root}
+        self._children: dict[tuple[int, str], int] = {}
+        self._ids = itertools.count(ROOT_ID + 1)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, nodeid: int) -> Node:
+        """The node ``nodeid``; ESTALE when the kernel names one it was told to forget (a bug) or never had."""
+        node = self._nodes.get(nodeid)
+        if node is None:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return node
+
+    def path(self, nodeid: int) -> str | None:
+        """The union path of ``nodeid`` ("" for the root), or None when its name (or a parent's) is gone."""
+        if nodeid == ROOT_ID:
+            return ""
+        parts: list[str] = []
+        nodes = self._nodes
+        node = nodes.get(nodeid)
+        while node is not None and node.nodeid != ROOT_ID:
+            if node.parent is None:
+                return None
+            parts.append(node.name)
+            node = nodes.get(node.parent)
+        if node is None:
+            return None
+        parts.reverse()
+        return "/".join(parts)
+
+    def child_path(self, parent: int, name: str) -> str:
+        """The union path of ``name`` inside node ``parent``; ENOENT when the parent's name is gone."""
+        base = self.path(parent)
+        if base is None:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return f"{base}/{name}" if base else name
+
+    def find(self, parent: int, name: str) -> int | None:
+        """The node id the kernel knows for ``name`` in ``parent``, if any (no count taken)."""
+        return self._children.get((parent, name))
+
+    def find_path(self, path: str) -> int | None:
+        """The node id of union path ``path`` if the kernel holds one ("" is the root)."""
+        nodeid: int | None = ROOT_ID
+        if path:
+            for part in path.split("/"):
+                nodeid = self._children.get((nodeid, part))  # type: ignore[arg-type]
+                if nodeid is None:
+                    return None
+        return nodeid
+
+    def remember(self, parent: int, name: str) -> int:
+        """Count one lookup of ``name`` in ``parent`` (made a node if new); returns its id."""
+        with self._lock:
+            key = (parent, name)
+            nodeid = self._children.get(key)
+            if nodeid is None:
+                nodeid = next(self._ids)
+                self._nodes[nodeid] = Node(nodeid, parent, name)
+                self._children[key] = nodeid
+            self._nodes[nodeid].nlookup += 1
+            return nodeid
+
+    def forget(self, nodeid: int, count: int) -> None:
+        """The kernel dropped ``count`` lookups of ``nodeid``."""
+        if nodeid == ROOT_ID:
+            return
+        with self._lock:
+            node = self._nodes.get(nodeid)
+            if node is None:
+                return
+            node.nlookup = max(0, node.nlookup - count)
+            self._drop_if_unused(node)
+
+    def _drop_if_unused(self, node: Node) -> None:
+        if node.nlookup or node.open_fhs or node.nodeid == ROOT_ID:
+            return
+        del self._nodes[node.nodeid]
+        if node.parent is not None and self._children.get((node.parent, node.name)) == node.nodeid:
+            del self._children[(node.parent, node.name)]
+
+    def opened(self, nodeid: int, fh: int) -> None:
+        with self._lock:
+            node = self._nodes.get(nodeid)
+            if node is not None:
+                node.open_fhs.add(fh)
+
+    def closed(self, nodeid: int, fh: int) -> None:
+        with self._lock:
+            node = self._nodes.get(nodeid)
+            if node is not None:
+                node.open_fhs.discard(fh)
+                self._drop_if_unused(node)
+
+    def detach(self, parent: int, name: str) -> Node | None:
+        """``name`` in ``parent`` is gone (unlink, rmdir, replaced by a rename): its node, if any, keeps its
+        id and open files but has no path any more."""
+        with self._lock:
+            nodeid = self._children.pop((parent, name), None)
+            if nodeid is None:
+                return None
+            node = self._nodes[nodeid]
+            node.parent = None
+            self._drop_if_unused(node)
+            return node
+
+    def move(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
+        """A rename: the node at (parent, name), if any, now is (new_parent, new_name); whatever the kernel
+        held there before must have been detached first."""
+        with self._lock:
+            nodeid = self._children.pop((parent, name), None)
+            if nodeid is None:
+                return
+            node = self._nodes[nodeid]
+            node.parent, node.name = new_parent, new_name
+            self._children[(new_parent, new_name)] = nodeid
+
+    def exchange(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
+        """RENAME_EXCHANGE: the nodes of the two names swap places."""
+        with self._lock:
+            first = self._children.pop((parent, name), None)
+            second = self._children.pop((new_parent, new_name), None)
+            if first is not None:
+                node = self._nodes[first]
+                node.parent, node.name = new_parent, new_name
+                self._children[(new_parent, new_name)] = first
+            if second is not None:
+                node = self._nodes[second]
+                node.parent, node.name = parent, name
+                self._children[(parent, name)] = second

@@ -1,0 +1,195 @@
+"""The protocol frontend (``-o frontend=lowlevel``): passthrough of file data to backing files, and what the
+node ids make possible (an open file whose name is gone)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support.mounts import unionfs_mount
+
+pytestmark = pytest.mark.mounted
+UNIONFS = str(Path(sys.prefix) / "bin" / "unionfs")
+LOWLEVEL = ("frontend=lowlevel",)
+
+
+def _stats(mnt: Path) -> dict:
+    out = subprocess.run([UNIONFS, "stats", "--json", str(mnt)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _dirs(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    dirs = tuple(tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in dirs:
+        d.mkdir()
+    return dirs  # type: ignore[return-value]
+
+
+def test_reads_pass_through_and_writes_reach_the_daemon(tmp_path: Path) -> None:
+    """A read-only open of an upper file sends no READ; a write open's data comes through the daemon (so that
+    a pause for a commit holds it, and set-id bits are cleared as on any FUSE file)."""
+    lower, upper, work, mnt = _dirs(tmp_path)
+    data = os.urandom(4 << 20)
+    with unionfs_mount([lower], upper, work, mnt, LOWLEVEL):
+        (mnt / "f").write_bytes(data)
+        assert (mnt / "f").read_bytes() == data
+        with open(mnt / "f", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+            m[:4] = b"MMAP"
+        # close(2) returns before the kernel sends RELEASE: wait until the daemon closed every writer
+        assert _wait_for(lambda: _stats(mnt)["open_files"] == 0)
+        before = _stats(mnt)
+        with open(mnt / "f", "rb") as f:  # passes through, and sees what the writer wrote
+            assert f.read() == b"MMAP" + data[4:]
+        stats = _stats(mnt)
+        assert stats["frontend"] == "lowlevel"
+        assert stats["passthrough"]["enabled"] is True
+        assert stats["passthrough"]["backing_opens"] > before["passthrough"]["backing_opens"]
+        reads = before["operations"].get("read", {}).get("calls", 0)
+        assert stats["operations"].get("read", {}).get("calls", 0) == reads
+        assert stats["operations"]["write"]["calls"] >= 1
+    assert (upper / "f").read_bytes() == b"MMAP" + data[4:]
+
+
+def test_passthrough_off_serves_data_through_the_daemon(tmp_path: Path) -> None:
+    lower, upper, work, mnt = _dirs(tmp_path)
+    with unionfs_mount([lower], upper, work, mnt, (*LOWLEVEL, "passthrough=off")):
+        (mnt / "f").write_bytes(b"x" * 100_000)
+        assert (mnt / "f").read_bytes() == b"x" * 100_000
+        stats = _stats(mnt)
+        assert stats["passthrough"]["enabled"] is False and stats["passthrough"]["reason"] == "passthrough=off"
+        assert stats["operations"]["write"]["calls"] >= 1
+
+
+def test_lower_files_pass_through_on_a_read_only_mount(tmp_path: Path) -> None:
+    lower, _, _, mnt = _dirs(tmp_path)
+    data = os.urandom(1 << 20)
+    (lower / "f").write_bytes(data)
+    with unionfs_mount([lower], None, None, mnt, LOWLEVEL):
+        assert (mnt / "f").read_bytes() == data
+        stats = _stats(mnt)
+        assert stats["passthrough"]["lower_files"] is True
+        assert "read" not in stats["operations"]  # nothing but this read-only open here
+
+
+def test_racing_read_and_write_opens_never_change_a_lower_layer(tmp_path: Path) -> None:
+    """Readers (read(2) and mmap) and writers (O_RDWR, O_APPEND, O_TRUNC) race on the same lower files:
+    afterwards every lower layer is byte for byte what it was, and each file reads as one of the writes."""
+    base, top, upper, work, mnt = (tmp_path / n for n in ("base", "top", "upper", "work", "mnt"))
+    for d in (base, top, upper, work, mnt):
+        d.mkdir()
+    rng = random.Random(13)
+    names = [f"f{i}" for i in range(12)]
+    mapped = names[:6]  # read through mmap too, so never truncated (a mapping past EOF faults)
+    for name in names:
+        (base / name).write_bytes(rng.randbytes(rng.randrange(1, 300_000)))
+    for name in names[::2]:
+        (top / name).write_bytes(rng.randbytes(rng.randrange(1, 300_000)))
+    before = {"base": _digests(base), "top": _digests(top)}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader(seed: int) -> None:
+        r = random.Random(seed)
+        try:
+            while not stop.is_set():
+                path = mnt / r.choice(names)
+                with open(path, "rb") as f:
+                    f.read()
+                    if path.name in mapped and os.fstat(f.fileno()).st_size:
+                        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+                            m[:64]
+        except BaseException as exc:
+            errors.append(exc)
+
+    def writer(seed: int) -> None:
+        r = random.Random(seed)
+        try:
+            for _ in range(60):
+                path = mnt / r.choice(names)
+                modes = [os.O_RDWR, os.O_WRONLY | os.O_APPEND]
+                mode = r.choice(modes if path.name in mapped else [*modes, os.O_WRONLY | os.O_TRUNC])
+                fd = os.open(path, mode)
+                try:
+                    os.write(fd, b"written by %d\n" % seed)
+                finally:
+                    os.close(fd)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with unionfs_mount([top, base], upper, work, mnt, LOWLEVEL):
+        readers = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+        writers = [threading.Thread(target=writer, args=(100 + i,)) for i in range(3)]
+        for t in readers + writers:
+            t.start()
+        for t in writers:
+            t.join()
+        stop.set()
+        for t in readers:
+            t.join()
+        assert not errors, errors
+        merged = {name: (mnt / name).read_bytes() for name in names}
+        assert _stats(mnt)["passthrough"]["enabled"] is True
+    assert {"base": _digests(base), "top": _digests(top)} == before
+    for name in names:
+        if (upper / name).exists():
+            assert (upper / name).read_bytes() == merged[name]
+            assert b"written by" in merged[name]
+
+
+def test_an_open_file_keeps_working_after_its_name_is_gone(tmp_path: Path) -> None:
+    """fstat, fchmod, ftruncate, read and write through a descriptor whose name was unlinked (the fusepy
+    frontend answers ESTALE: it has no node for a name that is gone)."""
+    lower, upper, work, mnt = _dirs(tmp_path)
+    (lower / "lower").write_text("lower data\n")
+    with unionfs_mount([lower], upper, work, mnt, (*LOWLEVEL, "passthrough=off")):
+        fd = os.open(mnt / "new", os.O_RDWR | os.O_CREAT, 0o644)
+        low = os.open(mnt / "lower", os.O_RDONLY)
+        try:
+            os.write(fd, b"0123456789")
+            os.unlink(mnt / "new")
+            os.unlink(mnt / "lower")
+            assert os.fstat(fd).st_nlink == 0
+            os.fchmod(fd, 0o600)
+            assert os.fstat(fd).st_mode & 0o777 == 0o600
+            os.ftruncate(fd, 4)
+            assert os.pread(fd, 100, 0) == b"0123"
+            os.pwrite(fd, b"xy", 4)
+            assert os.fstat(fd).st_size == 6
+            assert os.pread(low, 100, 0) == b"lower data\n"
+            assert os.fstat(low).st_size == 11
+        finally:
+            os.close(fd)
+            os.close(low)
+        assert sorted(os.listdir(mnt)) == []
+
+
+def test_chown_to_minus_one_copies_up_as_the_kernel_does(tmp_path: Path) -> None:
+    lower, upper, work, mnt = _dirs(tmp_path)
+    (lower / "f").write_text("f\n")
+    with unionfs_mount([lower], upper, work, mnt, LOWLEVEL):
+        os.chown(mnt / "f", -1, -1)
+        assert (upper / "f").read_text() == "f\n"

@@ -1,0 +1,72 @@
+"""Node ids of the protocol frontend: lookup counts, forgetting, and names that move or go away."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from mountd.lowlevel.abi import ROOT_ID
+from mountd.lowlevel.nodes import NodeTable
+
+
+def test_a_name_keeps_its_node_while_the_kernel_counts_lookups() -> None:
+    table = NodeTable()
+    first = table.remember(ROOT_ID, "a")
+    assert table.remember(ROOT_ID, "a") == first
+    assert table.path(first) == "a"
+    table.forget(first, 1)
+    assert table.find(ROOT_ID, "a") == first
+    table.forget(first, 1)
+    assert table.find(ROOT_ID, "a") is None
+    with pytest.raises(OSError) as info:
+        table.get(first)
+    assert info.value.errno == errno.ESTALE
+    assert table.remember(ROOT_ID, "a") != first  # ids are never reused
+
+
+def test_a_rename_moves_the_subtree_under_the_node() -> None:
+    table = NodeTable()
+    d = table.remember(ROOT_ID, "d")
+    f = table.remember(d, "f")
+    e = table.remember(ROOT_ID, "e")
+    table.move(ROOT_ID, "d", e, "moved")
+    assert table.path(f) == "e/moved/f"
+    assert table.find_path("e/moved/f") == f
+    assert table.find(ROOT_ID, "d") is None
+
+
+def test_an_unlinked_open_node_keeps_its_id_without_a_path() -> None:
+    table = NodeTable()
+    f = table.remember(ROOT_ID, "f")
+    table.opened(f, 10)
+    assert table.detach(ROOT_ID, "f") is not None
+    table.forget(f, 1)
+    assert table.get(f).nodeid == f  # still open
+    assert table.path(f) is None
+    new = table.remember(ROOT_ID, "f")
+    assert new != f and table.path(new) == "f"
+    table.closed(f, 10)
+    with pytest.raises(OSError):
+        table.get(f)
+    assert table.find(ROOT_ID, "f") == new  # dropping the old node left the new name alone
+
+
+def test_children_of_a_removed_directory_have_no_path() -> None:
+    table = NodeTable()
+    d = table.remember(ROOT_ID, "d")
+    f = table.remember(d, "f")
+    table.detach(ROOT_ID, "d")
+    assert table.path(f) is None
+    with pytest.raises(OSError) as info:
+        table.child_path(d, "g")
+    assert info.value.errno == errno.ENOENT
+
+
+def test_exchange_swaps_two_nodes() -> None:
+    table = NodeTable()
+    a = table.remember(ROOT_ID, "a")
+    b = table.remember(ROOT_ID, "b")
+    table.exchange(ROOT_ID, "a", ROOT_ID, "b")
+    assert (table.path(a), table.path(b)) == ("b", "a")
+    assert table.find(ROOT_ID, "a") == b
