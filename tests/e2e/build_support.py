@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from e2e_support import run
-from support.mounts import mounts
+
+from unionfs.mountinfo import mounts
 
 BUSYBOX = "/bin/busybox"
 BB_APPLETS = ("sh", "echo", "cat", "ls", "mkdir", "rm", "touch", "env", "id", "chmod", "sleep", "true", "false",
