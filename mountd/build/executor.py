@@ -32,7 +32,8 @@ from unionfs.image.build.context import Context, ContextError
 from unionfs.image.build.copy import Ownership, copy_sources
 from unionfs.image.build.plan import SCRATCH, Plan, PlanError, Step, base_name, plan
 from unionfs.image.commit import CommitError, base_from_image, commit_layer
-from unionfs.image.store import HistoryEntry, ImageConfig, Store, StoreError, check_name, now, short
+from unionfs.image.records import HistoryEntry, ImageConfig, now
+from unionfs.image.store import Store, StoreError, check_name, short
 from unionfs.progress import Progress
 
 DEFAULT_FILES = ("Containerfile", "Dockerfile")

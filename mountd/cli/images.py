@@ -22,7 +22,8 @@ from mountd.cli.exits import EXIT_FAILURE, error
 from unionfs import progress as progress_mod
 from unionfs.image import changes as changes_mod
 from unionfs.image import commit as commit_mod
-from unionfs.image.store import ContainerRecord, Image, Store, StoreError, container_id, default_root, now, short
+from unionfs.image.records import ContainerRecord, Image, container_id, now
+from unionfs.image.store import Store, StoreError, default_root, short
 from unionfs.mountopts import split_lowerdir
 from unionfs.progress import human_bytes
 

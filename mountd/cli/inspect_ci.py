@@ -13,7 +13,8 @@ from typing import Any
 
 from unionfs.image import changes as changes_mod
 from unionfs.image import ci
-from unionfs.image.store import Image, Store, StoreError
+from unionfs.image.records import Image
+from unionfs.image.store import Store, StoreError
 
 _FLAGS = (("lowest_efficiency", "lowestEfficiency"), ("highest_wasted_bytes", "highestWastedBytes"),
           ("highest_user_wasted_percent", "highestUserWastedPercent"))

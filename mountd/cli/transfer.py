@@ -20,7 +20,8 @@ from unionfs.image.blobio import COMPRESSIONS, BlobError
 from unionfs.image.endpoints import open_destination, open_source
 from unionfs.image.oci import OciError, Platform
 from unionfs.image.ocistore import OciRecords
-from unionfs.image.store import Image, check_name, short
+from unionfs.image.records import Image
+from unionfs.image.store import check_name, short
 from unionfs.image.tarlayer import LayerError
 from unionfs.image.transfer import TransferError
 from unionfs.image.transport import BadReference, Reference, parse

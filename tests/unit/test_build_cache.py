@@ -9,7 +9,8 @@ from support.layers import File, build_layer
 
 from unionfs.image.build.cache import BuildCache, State
 from unionfs.image.commit import commit_layer
-from unionfs.image.store import HistoryEntry, ImageConfig, Store
+from unionfs.image.records import HistoryEntry, ImageConfig
+from unionfs.image.store import Store
 
 
 def layer(store: Store, tmp_path: Path, name: str, data: bytes) -> str:

@@ -7,7 +7,7 @@ import pytest
 from unionfs.image.build.cache import base_key, step_key
 from unionfs.image.build.containerfile import parse
 from unionfs.image.build.plan import DEFAULT_PATH, PlanError, base_name, plan
-from unionfs.image.store import ImageConfig
+from unionfs.image.records import ImageConfig
 
 TEXT = """\
 ARG TAG=1

@@ -12,7 +12,8 @@ from support.mounts import kernel_overlay_mount
 
 from unionfs.image.changes import ChangesError, diff_paths, diff_source, inspect_image
 from unionfs.image.commit import commit_upper, import_dir
-from unionfs.image.store import ContainerRecord, Store, container_id
+from unionfs.image.records import ContainerRecord, container_id
+from unionfs.image.store import Store
 
 BASE = {
     "etc/passwd": "root",

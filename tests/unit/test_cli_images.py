@@ -14,6 +14,7 @@ import pytest
 from support.layers import WHITEOUT, File, build_layer
 
 import unionfs.image.commit
+import unionfs.image.records
 import unionfs.image.store
 from mountd.cli.images import main
 
@@ -22,7 +23,7 @@ NOW = "2026-01-02T03:04:05Z"
 
 @pytest.fixture(autouse=True)
 def fixed_clock(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(unionfs.image.store, "now", lambda: NOW)
+    monkeypatch.setattr(unionfs.image.records, "now", lambda: NOW)
     monkeypatch.setattr(unionfs.image.commit, "now", lambda: NOW)
     monkeypatch.setenv("UNIONFS_STORE", str(tmp_path / "store"))
 

@@ -29,7 +29,8 @@ from support.snapshot import upper_snapshot
 import unionfs.image.commit as commit_mod
 from unionfs.image.commit import MOUNTED_MESSAGE, CommitError, commit_upper, import_dir
 from unionfs.image.digest import KEEP_FILE_MAX, layer_digest
-from unionfs.image.store import ContainerRecord, Store, StoreError, container_id
+from unionfs.image.records import ContainerRecord, container_id
+from unionfs.image.store import Store, StoreError
 from unionfs.progress import TerminalProgress, for_stream
 
 UPPER = {

@@ -15,18 +15,8 @@ from support.mounts import kernel_overlay_mount
 
 from unionfs.image.commit import import_dir
 from unionfs.image.digest import layer_digest
-from unionfs.image.store import (
-    ContainerRecord,
-    HistoryEntry,
-    Image,
-    ImageConfig,
-    LayerMeta,
-    Store,
-    StoreError,
-    check_name,
-    container_id,
-    default_root,
-)
+from unionfs.image.records import ContainerRecord, HistoryEntry, Image, ImageConfig, LayerMeta, container_id
+from unionfs.image.store import Store, StoreError, check_name, default_root
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ from unionfs.fs.fsio import HostDir, join, split
 from unionfs.fs.lookup import Node, Resolver
 from unionfs.image.commit import union_at
 from unionfs.image.digest import scan
-from unionfs.image.store import Image, Store, StoreError, short
+from unionfs.image.records import Image
+from unionfs.image.store import Store, StoreError, short
 from unionfs.image.walk import Child, DirCache, read_dir, sort_key
 
 S_IFDIR = stat_mod.S_IFDIR

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from unionfs.fs.fsio import HostDir
 from unionfs.image.digest import scan
-from unionfs.image.store import Image, Store, StoreError, short
+from unionfs.image.records import Image
+from unionfs.image.store import Store, StoreError, short
 
 RULES = ("lowestEfficiency", "highestWastedBytes", "highestUserWastedPercent")
 DEFAULTS: dict[str, str] = {"lowestEfficiency": "0.9", "highestWastedBytes": "disabled",

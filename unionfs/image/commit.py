@@ -35,17 +35,8 @@ from unionfs.fs.whiteout import KERNEL_OPAQUE_XATTR, write_opaque_xattr
 from unionfs.image import inuse
 from unionfs.image.digest import Entry, Manifest, hash_file, scan
 from unionfs.image.inuse import CONTROL_TIMEOUT
-from unionfs.image.store import (
-    CONTAINERS,
-    HistoryEntry,
-    Image,
-    ImageConfig,
-    LayerMeta,
-    Store,
-    StoreError,
-    check_name,
-    now,
-)
+from unionfs.image.records import HistoryEntry, Image, ImageConfig, LayerMeta, now
+from unionfs.image.store import CONTAINERS, Store, StoreError, check_name
 from unionfs.image.walk import DirCache, OpenDir
 from unionfs.progress import Progress
 

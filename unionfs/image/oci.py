@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unionfs.image.blobio import BlobError, check_digest, sha256_digest
-from unionfs.image.store import HistoryEntry, ImageConfig
+from unionfs.image.records import HistoryEntry, ImageConfig
 
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -34,7 +34,8 @@ from unionfs.image.oci import (
     digest_of,
 )
 from unionfs.image.ocistore import ImageRecord, LayerForm, OciRecords
-from unionfs.image.store import Image, LayerMeta, Store, check_name, short
+from unionfs.image.records import Image, LayerMeta
+from unionfs.image.store import Store, check_name, short
 from unionfs.image.tarlayer import Extractor, LayerError
 from unionfs.image.transfer import LayerRef, Source, TransferError
 from unionfs.progress import Progress

@@ -37,7 +37,8 @@ from unionfs.image.oci import (
     load_json,
 )
 from unionfs.image.ocistore import ImageRecord, LayerForm, OciRecords
-from unionfs.image.store import Image, Store
+from unionfs.image.records import Image
+from unionfs.image.store import Store
 from unionfs.image.tarlayer import export, source_date_epoch
 from unionfs.image.transfer import Destination
 from unionfs.progress import Progress

@@ -28,7 +28,8 @@ import xxhash
 
 from unionfs.fs.fsio import join
 from unionfs.image.build.plan import Step
-from unionfs.image.store import BUILDS, CACHE, LOCK, HistoryEntry, Image, ImageConfig, Store, now
+from unionfs.image.records import HistoryEntry, Image, ImageConfig, now
+from unionfs.image.store import BUILDS, CACHE, LOCK, Store
 
 KEY_VERSION = 1
 """Changes whenever the key's recipe changes, so old entries are never taken for new ones."""

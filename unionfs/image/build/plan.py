@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 from unionfs.image.build.containerfile import Containerfile, Instruction
 from unionfs.image.build.expand import Expander, ExpandError
-from unionfs.image.store import ImageConfig
+from unionfs.image.records import ImageConfig
 
 DEFAULT_SHELL = ("/bin/sh", "-c")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
