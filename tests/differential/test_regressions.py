@@ -225,6 +225,25 @@ def exchanged_new_dirs_in_a_merged_dir_are_marked_opaque(r: Recorder) -> None:
     r.listdir("ls p", "p")
 
 
+@CASES.scenario({"x": "x", "d/y": "y"})
+def failed_rename_onto_a_non_empty_upper_dir_leaves_the_kernels_opaque_mark(r: Recorder) -> None:
+    """A new dir renamed onto a non-empty dir that exists in the upper layer only: ENOTEMPTY, and the
+    kernel, which marks the moving dir opaque before the upper filesystem refuses, leaves that mark behind
+    (when the target's parent is merged). A non-empty merged target is refused before any mark."""
+    r.call("mkdir a", os.mkdir, "a")
+    r.call("mkdir b", os.mkdir, "b")
+    r.call("mkdir b/c", os.mkdir, "b/c")
+    r.call("rename a b (non-empty pure-upper dir, in the merged root)", os.rename, "a", "b")
+    r.call("mkdir b/e", os.mkdir, "b/e")
+    r.call("mkdir b/f", os.mkdir, "b/f")
+    r.call("mkdir b/f/g", os.mkdir, "b/f/g")
+    r.call("rename b/e b/f (in a dir that is not merged)", os.rename, "b/e", "b/f")
+    r.call("mkdir n", os.mkdir, "n")
+    r.call("rename n d (non-empty merged dir)", os.rename, "n", "d")
+    r.listdir("ls .")
+    r.listdir("ls b", "b")
+
+
 DELIBERATE = Catalog()
 
 

@@ -539,6 +539,12 @@ class UnionFS:
                 if not snode.in_upper or (sstate is not None and sstate.lower_layers):
                     raise _err(errno.EXDEV, src)
             if dnode is not None and dnode.is_dir and self.resolver.listdir(dst):
+                dstate = self.resolver.dir_state(dst)
+                if dnode.in_upper and dstate is not None and not dstate.lower_layers and dparent.lower_layers:
+                    # the kernel marks the dir (see below) before the upper fs refuses to replace a non-empty
+                    # pure-upper dir: its mark stays (docs/semantics.md)
+                    writer.mark_opaque(upper, src)
+                    self.cache.invalidate_subtree(src)
                 raise _err(errno.ENOTEMPTY, dst)
             sparent_path, sname = split(src)
             if writer.format is WhiteoutFormat.OCI and len(os.fsencode(WH_PREFIX + sname)) > NAME_MAX \
