@@ -188,6 +188,17 @@ class HostDir:
         with self.dirfd(parent) as pfd:
             return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=pfd)
 
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole content of regular file ``rel`` (opened as :meth:`open` opens, never through a symlink)."""
+        fd = self.open(rel, os.O_RDONLY)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
+
     def open_dir(self, rel: str) -> int:
         """An ``O_PATH`` descriptor of directory ``rel`` (ENOTDIR/ELOOP if it is not a real directory)."""
         if rel == "":

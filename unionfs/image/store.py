@@ -167,14 +167,7 @@ class Store:
 
     # -- files -------------------------------------------------------------------------------------------
     def _read_json(self, rel: str) -> dict[str, Any]:
-        fd = self._host().open(rel, os.O_RDONLY)
-        try:
-            chunks = []
-            while chunk := os.read(fd, 1 << 16):
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-        data = json.loads(b"".join(chunks))
+        data = json.loads(self._host().read_bytes(rel))
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         return data

@@ -135,14 +135,7 @@ class Context:
 
     def read_text(self, rel: str) -> str:
         """A regular file of the context as text (never through a symlink)."""
-        fd = self.host.open(rel, os.O_RDONLY)
-        try:
-            chunks = []
-            while chunk := os.read(fd, 1 << 16):
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-        return b"".join(chunks).decode(errors="surrogateescape")
+        return self.host.read_bytes(rel).decode(errors="surrogateescape")
 
     # -- sources ---------------------------------------------------------------------------------------------
     def resolve(self, source: str) -> list[Source]:

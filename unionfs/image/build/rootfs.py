@@ -9,7 +9,6 @@ the image's ``/etc/passwd`` and ``/etc/group``.
 from __future__ import annotations
 
 import errno
-import os
 import posixpath
 import stat as stat_mod
 
@@ -66,19 +65,12 @@ def makedirs(root: HostDir, rel: str, *, mode: int = 0o755, uid: int = 0, gid: i
 
 def _read(root: HostDir, rel: str) -> str:
     try:
-        rel = resolve(root, "/" + rel)
-        fd = root.open(rel, os.O_RDONLY)
+        data = root.read_bytes(resolve(root, "/" + rel))
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
             return ""
         raise
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode(errors="replace")
+    return data.decode(errors="replace")
 
 
 def _table(root: HostDir, rel: str) -> dict[str, tuple[int, int]]:
