@@ -245,11 +245,13 @@ class UnionOperations(Operations):  # type: ignore[misc]
     @_op
     def link(self, target: str, source: str) -> int:
         self.fs.link(_rel(source), _rel(target))
+        self.service.wait_invalidations()  # the other names' nlink and ctime, before the caller sees it done
         return 0
 
     @_op
     def unlink(self, path: str) -> int:
         self.fs.unlink(_rel(path))
+        self.service.wait_invalidations()  # the other names' nlink and ctime, before the caller sees it done
         return 0
 
     @_op
@@ -260,6 +262,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
     @_op
     def rename(self, old: str, new: str, flags: int = 0) -> int:
         self.fs.rename(_rel(old), _rel(new), flags)
+        self.service.wait_invalidations()  # a replaced hard link's other names, before the caller sees it done
         return 0
 
     @_op
