@@ -62,7 +62,7 @@ def build_store() -> Iterator[BuildStore]:
         yield store
     finally:
         left = [p for p in store.leftovers() if not p.startswith("tmp/")]
-        for mountpoint in left:  # only what this session mounted under its own store; never rm through a mount
+        for mountpoint in left:  # only what this pytest run mounted under its own store; never rm through a mount
             run(["umount", "-l", mountpoint], check=False)
         run(["rm", "-rf", "--one-file-system", str(top)], check=False)
         assert not left, left
