@@ -36,6 +36,8 @@ ReaddirPlus: TypeAlias = Literal["0", "1", "auto"]
 Frontend: TypeAlias = Literal["lowlevel", "fusepy"]
 FRONTENDS: Final[tuple[Frontend, ...]] = ("lowlevel", "fusepy")
 WHITEOUT_FORMATS: Final[tuple[Whiteout, ...]] = ("auto", "kernel", "oci")
+RedirectDir: TypeAlias = Literal["on", "follow", "nofollow", "off"]
+REDIRECT_DIR_MODES: Final[tuple[RedirectDir, ...]] = ("on", "follow", "nofollow", "off")
 
 MAX_ID: Final = 2**32 - 2
 """The largest uid/gid (``(uid_t) -1`` is reserved)."""
@@ -147,7 +149,7 @@ IGNORED_FLAGS: Final = frozenset({
 
 IGNORED_KEYS: Final = frozenset({
     "context", "fscontext", "defcontext", "rootcontext",     # SELinux labels
-    "redirect_dir", "index", "metacopy", "xino", "nfs_export", "uuid", "verity",  # kernel overlayfs
+    "index", "metacopy", "xino", "nfs_export", "uuid", "verity",  # kernel overlayfs
     "fast_ino",                                              # fuse-overlayfs tuning
     "comment",
 })
@@ -194,6 +196,7 @@ class MountConfig:
     acl: bool = True
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
+    redirect_dir: RedirectDir = "on"
     frontend: Frontend | None = None
     passthrough: bool = True
     uid_mappings: tuple[IdRange, ...] = ()
@@ -298,6 +301,7 @@ class _Parsed:
     acl: bool = True
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
+    redirect_dir: RedirectDir = "on"
     frontend: Frontend | None = None
     passthrough: bool = True
     uid_mappings: tuple[IdRange, ...] = ()
@@ -512,6 +516,17 @@ def _opt_whiteout(state: _Parsed, raw: str | None) -> None:
     raise OptionError(f"whiteout={value}: expected one of {', '.join(WHITEOUT_FORMATS)}")
 
 
+def _opt_redirect_dir(state: _Parsed, raw: str | None) -> None:
+    """The kernel's ``redirect_dir=``: ``on`` renames directories with lower copies (a redirect xattr
+    records the move), ``follow`` and ``off`` read redirects only, ``nofollow`` reads none."""
+    value = unescape(_need("redirect_dir", raw))
+    for mode in REDIRECT_DIR_MODES:
+        if value == mode:
+            state.redirect_dir = mode
+            return
+    raise OptionError(f"redirect_dir={value}: expected one of {', '.join(REDIRECT_DIR_MODES)}")
+
+
 def _opt_frontend(state: _Parsed, raw: str | None) -> None:
     """Which frontend serves the mount: ``lowlevel`` (the daemon speaks /dev/fuse itself) or ``fusepy``
     (libfuse's high-level API through mfusepy).  Unset: ``$UNIONFS_FRONTEND``, else the default."""
@@ -576,6 +591,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_Parsed, str | None], None]]] = Map
     "threaded": _opt_threaded,
     "debug": _opt_debug,
     "whiteout": _opt_whiteout,
+    "redirect_dir": _opt_redirect_dir,
     "timeout": _opt_timeout,
     "frontend": _opt_frontend,
     "passthrough": _opt_passthrough,
@@ -688,6 +704,7 @@ def _freeze(state: _Parsed, cwd: str) -> MountConfig:
         acl=state.acl,
         cache_entries=state.cache_entries,
         whiteout=state.whiteout,
+        redirect_dir=state.redirect_dir,
         frontend=state.frontend,
         passthrough=state.passthrough,
         uid_mappings=state.uid_mappings,
@@ -735,6 +752,9 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
                      default_permissions, no uid/gid mapping, libfuse 3)
   cache_entries=N    bound of the daemon's lookup cache, in entries (default 1000000, at least 1000)
   whiteout=auto|kernel|oci   whiteout format written (auto: kernel's when the daemon may mknod)
+  redirect_dir=on|follow|nofollow|off   as the kernel's: on (default) renames directories that have lower
+                     copies (a redirect xattr records the move); follow and off read redirects but answer
+                     such a rename with EXDEV; nofollow reads none (a lookup that needs one is EPERM)
   uidmapping=CONTAINERID:HOSTID:SIZE[:…], gidmapping=…   map owners between the layers and the mount
   squash_to_root, squash_to_uid=N, squash_to_gid=N       show every file as owned by root / N
   frontend=lowlevel|fusepy   who speaks to the kernel: the daemon itself on /dev/fuse, or libfuse's

@@ -15,6 +15,9 @@ normalised upper dirs. ``Comparison.mismatches`` lists every difference (empty =
 
 Family ``"oci"``: the program under test gets the layers with OCI whiteouts (``.wh.NAME``, ``.wh..wh..opq``)
 while the kernel gets the same layers converted to its own format with ``layers.oci_to_kernel``.
+
+Family ``"redirect"``: kernel-format layers, and both sides mounted with ``redirect_dir=on`` (directories with
+lower copies rename, recording the move in a redirect xattr); the other families pin ``redirect_dir=off``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from support.mounts import kernel_overlay_mount, mount_program, unionfs_mount
 from support.snapshot import Entry, Snapshot, diff_snapshots, errno_name, snapshot, stat_entry, upper_snapshot
 
 T = TypeVar("T")
-Family = Literal["kernel", "oci"]
+Family = Literal["kernel", "oci", "redirect"]
+FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {"kernel": (), "oci": (), "redirect": ("redirect_dir=on",)}
+"""Mount options of both sides, by family (after the pinned ones of ``support.mounts``)."""
 Outcome = tuple[str, object]
 
 
@@ -261,7 +266,7 @@ def _build_sources(scenario: Scenario, base: Path) -> tuple[list[Path], Path | N
                 L.oci_to_kernel(layer)
         return lowers, upper
 
-    if scenario.family == "kernel":
+    if scenario.family in ("kernel", "redirect"):
         kl, ku = build("kernel", base / "src", convert=False)
         return kl, ku, kl, ku
     pl, pu = build("oci", base / "src-oci", convert=False)
@@ -275,16 +280,17 @@ def _run_side(scenario: Scenario, *, program: str | None, lowers: Sequence[Path]
     ls = L.new_layer_set(base, lowers, upper=upper, readonly=scenario.readonly)
     mount: Callable[..., contextlib.AbstractContextManager[Path]] = (
         kernel_overlay_mount if program is None else functools.partial(unionfs_mount, program=program))
+    options = FAMILY_OPTIONS[scenario.family]
     before = [upper_snapshot(p) for p in ls.lowers]
     r = Recorder()
     r.memo["_changed_after"] = changed_after
-    with mount(ls.lowers, ls.upper, ls.work, ls.mnt) as root:
+    with mount(ls.lowers, ls.upper, ls.work, ls.mnt, options) as root:
         with in_dir(root):
             scenario.run(r)
         visible = snapshot(root, changed_after=changed_after)
     results = r.results
     r.results = []
-    with mount(ls.lowers, ls.upper, ls.work, ls.mnt) as root:
+    with mount(ls.lowers, ls.upper, ls.work, ls.mnt, options) as root:
         visible_again = snapshot(root, changed_after=changed_after)
         if scenario.after_remount is not None:
             with in_dir(root):

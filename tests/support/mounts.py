@@ -35,7 +35,12 @@ check that an option keeps the semantics."""
 KERNEL_AS_PROGRAM = "kernel"
 
 KERNEL_OPTIONS: tuple[str, ...] = ("redirect_dir=off", "index=off", "metacopy=off", "xino=off")
-"""Pinned so the oracle does not depend on the kernel's build-time defaults (these are Debian's)."""
+"""Pinned so the oracle does not depend on the kernel's build-time defaults (these are Debian's).  A test
+passes its own ``redirect_dir=…`` in ``options`` to change it (a later option wins)."""
+
+PROGRAM_DEFAULTS: tuple[str, ...] = ("redirect_dir=off",)
+"""Given to the program under test before a test's own options: the oracle's pinned ``redirect_dir``, so that
+both sides rename directories alike unless a test asks for ``redirect_dir=on`` on both."""
 
 FRONTEND_ENV = "UNIONFS_FRONTEND"
 """Read by the daemon itself: which frontend serves mounts made without ``-o frontend=`` (``lowlevel`` or
@@ -237,7 +242,7 @@ def unionfs_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None,
         hang_timeout = float(os.environ.get("UNIONFS_TEST_HANG_TIMEOUT", "120"))
     mnt = _prepare_mountpoint(mnt)
     extra = [o for o in os.environ.get(EXTRA_OPTIONS_ENV, "").split(",") if o]
-    opts = ",".join([*_overlay_options(lowers, upper, work), *options, *extra])
+    opts = ",".join([*_overlay_options(lowers, upper, work), *PROGRAM_DEFAULTS, *options, *extra])
     argv = [program, "-o", opts, str(mnt)]
     command = " ".join(argv)
     # The output goes to a file, not a pipe: a daemon that keeps the inherited stderr open must not

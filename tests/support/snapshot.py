@@ -27,6 +27,7 @@ NEW = "new"
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "trusted.unionfs.", "user.unionfs.",
                           "user.fuseoverlayfs.", "trusted.fuseoverlayfs.")
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
 XATTR_WHITEOUTS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 OCI_WHITEOUT_PREFIX = ".wh."
 OCI_OPAQUE_MARKER = ".wh..wh..opq"
@@ -51,12 +52,13 @@ class Entry:
     mtime: int | str | None = None
     same_ino: tuple[str, ...] = ()  # other paths of the snapshot with the same st_ino
     opaque: bool = False  # upper snapshots only
+    redirect: str | None = None  # upper snapshots only: a renamed directory's overlay redirect xattr
 
     def __repr__(self) -> str:
         parts = [self.type]
         if self.mode is not None:
             parts.append(f"mode={self.mode:o}")
-        for name in ("uid", "gid", "size", "nlink", "sha", "target", "rdev", "mtime"):
+        for name in ("uid", "gid", "size", "nlink", "sha", "target", "rdev", "mtime", "redirect"):
             value = getattr(self, name)
             if value is not None:
                 parts.append(f"{name}={value!r}")
@@ -184,8 +186,9 @@ def upper_snapshot(upper: Path, *, changed_after: int | None = None) -> Snapshot
     """What an overlay wrote into ``upper`` (or what a layer holds), with whiteout formats unified.
 
     A character device 0/0, a ``.wh.NAME`` file or an xattr whiteout all become ``NAME: whiteout``; a
-    ``.wh..wh..opq`` file or an opaque xattr (value ``y``) sets ``opaque`` on its directory. Private
-    xattrs (``PRIVATE_XATTR_PREFIXES``) are dropped; other ``user.*`` and ``trusted.*`` ones are kept.
+    ``.wh..wh..opq`` file or an opaque xattr (value ``y``) sets ``opaque`` on its directory, a redirect xattr
+    (``trusted.`` or ``user.overlay.redirect``) its ``redirect``. Other private xattrs
+    (``PRIVATE_XATTR_PREFIXES``) are dropped; other ``user.*`` and ``trusted.*`` ones are kept.
     Directory link counts are left out: they count subdirectories, which says nothing more here.
     """
     entries: dict[str, Entry] = {}
@@ -207,7 +210,9 @@ def upper_snapshot(upper: Path, *, changed_after: int | None = None) -> Snapshot
         names = sorted(os.listdir(path))
         opaque = OCI_OPAQUE_MARKER in names or any(
             os.getxattr(path, n) == b"y" for n in OPAQUE_XATTRS if n in os.listxattr(path))
-        entries[rel] = replace(entry, opaque=opaque, nlink=None)
+        redirects = [os.getxattr(path, n) for n in REDIRECT_XATTRS if n in os.listxattr(path)]
+        entries[rel] = replace(entry, opaque=opaque, nlink=None,
+                               redirect=os.fsdecode(redirects[0]) if redirects else None)
         for name in names:
             child = name if rel == "." else f"{rel}/{name}"
             if name == OCI_OPAQUE_MARKER:

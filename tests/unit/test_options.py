@@ -252,6 +252,21 @@ def test_whiteout_formats(fmt: str) -> None:
     assert parse("-o", f"{RW},whiteout={fmt}", "/m").whiteout == fmt
 
 
+@pytest.mark.parametrize("mode", ["on", "follow", "nofollow", "off"])
+def test_redirect_dir_modes(mode: str) -> None:
+    assert parse("-o", f"{RW},redirect_dir={mode}", "/m").redirect_dir == mode
+
+
+def test_redirect_dir_is_on_by_default_and_a_later_value_wins() -> None:
+    assert parse("-o", RW, "/m").redirect_dir == "on"
+    assert parse("-o", f"{RW},redirect_dir=off", "-o", "redirect_dir=follow", "/m").redirect_dir == "follow"
+
+
+def test_redirect_dir_bogus() -> None:
+    assert error_of("-o", RW + ",redirect_dir=yes", "/m") == \
+        "redirect_dir=yes: expected one of on, follow, nofollow, off"
+
+
 def test_whiteout_bogus() -> None:
     assert error_of("-o", RW + ",whiteout=bogus", "/m") == "whiteout=bogus: expected one of auto, kernel, oci"
 

@@ -59,9 +59,9 @@ def fmt(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def union(mkenv: Callable[..., Env], fmt: str) -> Callable[..., tuple[Env, UnionFS]]:
     """``union(lowers=[TOP, BOTTOM], upper=None)`` → (env, a UnionFS writing ``fmt`` whiteouts)."""
-    def make(lowers: Any = None, upper: Any = None) -> tuple[Env, UnionFS]:
+    def make(lowers: Any = None, upper: Any = None, **options: Any) -> tuple[Env, UnionFS]:
         env = mkenv(lowers if lowers is not None else [TOP, BOTTOM], upper, fmt=fmt)
-        return env, env.open(whiteout=fmt)
+        return env, env.open(whiteout=fmt, **options)
     return make
 
 
@@ -266,9 +266,11 @@ def test_rmdir_errors(union: Callable[..., tuple[Env, UnionFS]]) -> None:
 
 # ============================================================ creating
 
-def test_mkdir_create_symlink_mknod(union: Callable[..., tuple[Env, UnionFS]]) -> None:
-    """New objects appear with the type, mode and owner asked for, in the upper, inside merged dirs too."""
-    env, fs = union()
+@pytest.mark.parametrize("redirect_dir", ["on", "off"])
+def test_mkdir_create_symlink_mknod(union: Callable[..., tuple[Env, UnionFS]], redirect_dir: str) -> None:
+    """New objects appear with the type, mode and owner asked for, in the upper, inside merged dirs too; a
+    new dir in a merged dir is opaque with redirect_dir=on only, as the kernel marks it."""
+    env, fs = union(redirect_dir=redirect_dir)
     fs.mkdir("d/newdir", 0o700, 1000, 1000)
     create_file(fs, "d/newdir/file", b"content", 0o640)
     fs.symlink("../a", "d/sl")
@@ -281,7 +283,8 @@ def test_mkdir_create_symlink_mknod(union: Callable[..., tuple[Env, UnionFS]]) -
     assert stat.S_ISFIFO(fs.getattr("d/fifo").st_mode)
     assert names(fs, "d") == ["f", "fifo", "g", "newdir", "sl", "sub"]
     assert upper_state(env.upper) == {  # type: ignore[arg-type]
-        "d": "dir", "d/newdir": "dir", "d/newdir/file": "file", "d/sl": "symlink", "d/fifo": "other"}
+        "d": "dir", "d/newdir": "dir+opaque" if redirect_dir == "on" else "dir", "d/newdir/file": "file",
+        "d/sl": "symlink", "d/fifo": "other"}
     clean(env)
 
 
@@ -554,8 +557,9 @@ def test_rename_upper_dir_with_contents(union: Callable[..., tuple[Env, UnionFS]
 def test_rename_upper_dir_within_a_dir_that_is_not_merged_leaves_it_unmarked(
         union: Callable[..., tuple[Env, UnionFS]]) -> None:
     """Only a merged parent makes a moved dir opaque: inside a pure-upper dir a rename (or exchange) of a
-    pure-upper dir writes no mark."""
-    env, fs = union()
+    pure-upper dir writes no mark.  (redirect_dir=off: with on, ``p`` itself is made opaque in the merged
+    root.)"""
+    env, fs = union(redirect_dir="off")
     fs.mkdir("p", 0o755)
     fs.mkdir("p/q", 0o755)
     fs.mkdir("p/r", 0o755)
@@ -594,10 +598,12 @@ def test_rename_recreated_opaque_dir_away(union: Callable[..., tuple[Env, UnionF
 
 
 @pytest.mark.parametrize("src", ["e", "d", "d/sub", "m"])
-def test_rename_of_a_lower_or_merged_dir_is_exdev(union: Callable[..., tuple[Env, UnionFS]], src: str) -> None:
+@pytest.mark.parametrize("mode", ["off", "follow", "nofollow"])
+def test_rename_of_a_lower_or_merged_dir_is_exdev(union: Callable[..., tuple[Env, UnionFS]], src: str,
+                                                  mode: str) -> None:
     """A directory that exists in a lower layer (alone or merged with an upper copy) answers EXDEV, as the
-    kernel does without redirect_dir; nothing changes."""
-    env, fs = union()
+    kernel does without redirect_dir=on; nothing changes."""
+    env, fs = union(redirect_dir=mode)
     create_file(fs, "d/upper-child")  # d is now merged (upper + lowers)
     before = upper_state(env.upper)  # type: ignore[arg-type]
     assert_errno(errno.EXDEV, fs.rename, src, "elsewhere")
@@ -660,9 +666,10 @@ def test_rename_exchange_of_an_upper_dir_and_a_lower_file(union: Callable[..., t
 
 
 def test_rename_exchange_errors(union: Callable[..., tuple[Env, UnionFS]]) -> None:
-    """Both names must exist (ENOENT); a lower or merged directory is EXDEV as for rename; a directory cannot
-    be swapped into its own subtree (EINVAL); EXCHANGE with NOREPLACE is EINVAL; nothing changes."""
-    env, fs = union()
+    """Both names must exist (ENOENT); a lower or merged directory is EXDEV as for rename (without
+    redirect_dir=on); a directory cannot be swapped into its own subtree (EINVAL); EXCHANGE with NOREPLACE is
+    EINVAL; nothing changes."""
+    env, fs = union(redirect_dir="off")
     fs.mkdir("u", 0o755)
     fs.mkdir("u/sub", 0o755)
     assert_errno(errno.ENOENT, fs.rename, "a", "missing", RENAME_EXCHANGE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import stat as stat_mod
 from dataclasses import dataclass, field
 
+from unionfs.fs.fsio import join
 from unionfs.fs.whiteout import LayerDir
 
 S_IFDIR = stat_mod.S_IFDIR
@@ -33,7 +34,9 @@ class DirState:
 
     ``upper`` is None when the upper layer has no copy of the directory; otherwise it maps the upper's
     entries to their type, with ``upper_wh`` the names whited out there and ``upper_opaque`` its opacity.
-    ``lower`` is the merged table of the lower layers (``lower_layers``) that show through.
+    ``lower`` is the merged table of the lower layers (``lower_layers``) that show through.  A lower copy
+    lives at the directory's own path in its layer unless a redirect (a renamed directory, ``redirect_dir``)
+    led elsewhere: ``lower_paths`` maps such a layer to the path of its copy there.
     """
 
     path: str
@@ -43,6 +46,11 @@ class DirState:
     lower_layers: tuple[int, ...]
     lower: dict[str, LowerEntry]
     size: int = field(default=0)
+    lower_paths: dict[int, str] = field(default_factory=dict)
+
+    def lower_path(self, layer: int, name: str) -> str:
+        """The path of child ``name``'s copy in lower layer ``layer`` (one of ``lower_layers``)."""
+        return join(self.lower_paths.get(layer, self.path), name)
 
     # -- the updates the union makes after it changed the upper layer --------------------------------------
     def upper_set(self, name: str, kind: int) -> None:

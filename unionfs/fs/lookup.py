@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 from unionfs.fs.cache import LookupCache
 from unionfs.fs.dirstate import DirState, merge_lower
-from unionfs.fs.fsio import HostDir, split
+from unionfs.fs.fsio import HostDir, join, split
 from unionfs.fs.layers import LayerStack
-from unionfs.fs.whiteout import LayerDir, read_layer_dir
+from unionfs.fs.whiteout import LayerDir, dir_redirect, read_layer_dir
 
 S_IFDIR = stat_mod.S_IFDIR
 NAME_MAX = 255
@@ -37,13 +37,16 @@ def check_name(path: str) -> None:
 
 class Node(NamedTuple):
     """A visible object: its type, whether its top copy is in the upper layer, the index of the layer of
-    its top copy, and for directories the lower layers that may merge into it.  (A named tuple: every
+    its top copy, for directories the lower layers that may merge into it under the same name (a redirect
+    read when the directory's state is built may send them elsewhere), and ``source``, the path of the top
+    copy inside its layer (the union path, except below a renamed directory).  (A named tuple: every
     request makes one, and a tuple is made in a third of a frozen dataclass's time.)"""
 
     kind: int
     in_upper: bool
     layer: int
     merge_layers: tuple[int, ...]
+    source: str
 
     @property
     def is_dir(self) -> bool:
@@ -56,24 +59,34 @@ class Resolver:
     ``hosts`` maps each layer index to its directory; ``upper`` is the upper layer's (index 0) where the union
     has one; ``lowers`` are the lower indices, top-down.  :meth:`of_stack` makes the resolver of a mount,
     :meth:`of_lowers` one of read-only layers alone (what an overlay of them shows).
+
+    ``follow_redirects``: a directory's redirect leads to its lower copies (``redirect_dir=on``, ``follow``);
+    without it a directory with a redirect that finds a lower copy is EPERM, as the kernel answers with
+    ``redirect_dir=nofollow``.
     """
 
     def __init__(self, hosts: Mapping[int, HostDir], cache: LookupCache, *, upper: HostDir | None,
-                 lowers: tuple[int, ...]) -> None:
+                 lowers: tuple[int, ...], follow_redirects: bool = True) -> None:
         self.cache = cache
         self.hosts = dict(hosts)
         self.upper = upper
-        self.root = Node(S_IFDIR, upper is not None, 0, lowers)
+        self.lowers = lowers
+        self.follow_redirects = follow_redirects
+        self.root = Node(S_IFDIR, upper is not None, 0, lowers, "")
+        self.bottom = lowers[-1] if lowers else 0
 
     @classmethod
-    def of_stack(cls, stack: LayerStack, cache: LookupCache) -> Resolver:
+    def of_stack(cls, stack: LayerStack, cache: LookupCache, *, follow_redirects: bool = True) -> Resolver:
         return cls({layer.index: layer.host for layer in stack.layers}, cache,
-                   upper=stack.upper.host if stack.upper else None, lowers=stack.lower_indices)
+                   upper=stack.upper.host if stack.upper else None, lowers=stack.lower_indices,
+                   follow_redirects=follow_redirects)
 
     @classmethod
-    def of_lowers(cls, hosts: Sequence[HostDir], cache: LookupCache) -> Resolver:
+    def of_lowers(cls, hosts: Sequence[HostDir], cache: LookupCache, *,
+                  follow_redirects: bool = True) -> Resolver:
         """The layers ``hosts`` alone, top-down, numbered from 0, with no upper layer."""
-        return cls(dict(enumerate(hosts)), cache, upper=None, lowers=tuple(range(len(hosts))))
+        return cls(dict(enumerate(hosts)), cache, upper=None, lowers=tuple(range(len(hosts))),
+                   follow_redirects=follow_redirects)
 
     # -- nodes --------------------------------------------------------------------------------------------
     def lookup(self, path: str) -> Node | None:
@@ -109,7 +122,7 @@ class Resolver:
                     low = parent.lower.get(name)
                     if low is not None and low.kind == S_IFDIR:
                         merge_layers = low.merge_layers
-                return Node(kind, True, 0, merge_layers)
+                return Node(kind, True, 0, merge_layers, join(parent.path, name))
             if name in parent.upper_wh:
                 return None
         if parent.upper_opaque:
@@ -117,7 +130,7 @@ class Resolver:
         low = parent.lower.get(name)
         if low is None:
             return None
-        return Node(low.kind, False, low.layer, low.merge_layers)
+        return Node(low.kind, False, low.layer, low.merge_layers, parent.lower_path(low.layer, name))
 
     def lookup_parent(self, path: str) -> DirState:
         """The state of ``path``'s parent directory; raises ENOENT/ENOTDIR as the kernel would."""
@@ -142,9 +155,16 @@ class Resolver:
         return state
 
     def build_dir_state(self, path: str, node: Node) -> DirState:
+        """Read the state of visible directory ``path`` (``node``) from its layers.
+
+        Its lower copies are, top-down, those of the same name in the parent's lower copies, until one is
+        opaque; a copy (upper or lower, the bottom layer excepted) with a redirect sends the search for
+        the copies below it to the redirect's name in the parent's lower copies (relative) or to the
+        redirect's path from the root of each layer below (absolute), as the kernel's lookup does."""
         upper: dict[str, int] | None = None
         upper_wh: set[str] = set()
         opaque = False
+        redirect: str | None = None
         if node.in_upper and self.upper is not None:
             try:
                 ud = read_layer_dir(self.upper, path)
@@ -153,22 +173,69 @@ class Resolver:
                     raise
             else:
                 upper, upper_wh, opaque = ud.entries, ud.whiteouts, ud.opaque
+                if path and not opaque and self.lowers:
+                    redirect = dir_redirect(self.upper, path)
         lower_layers: list[int] = []
+        lower_paths: dict[int, str] = {}
         scans: list[LayerDir] = []
         if not opaque:
-            for index in node.merge_layers:
+            parent_path, name = split(path)
+            parent = self.dir_state(parent_path) if path else None
+            candidates: list[tuple[int, str, bool]]
+            if redirect is not None:
+                candidates = self._redirected(parent, redirect, below=node.layer)
+            else:
+                candidates = [(index, parent.lower_path(index, name) if parent else path, False)
+                              for index in node.merge_layers]
+            k = 0
+            while k < len(candidates):
+                index, where, check = candidates[k]
+                k += 1
+                host = self.hosts[index]
+                if check:  # a redirected name: a whiteout or a non-directory there ends the search
+                    st = host.try_lstat(where)
+                    if st is None:
+                        continue
+                    if not stat_mod.S_ISDIR(st.st_mode):
+                        break
                 try:
-                    ld = read_layer_dir(self.hosts[index], path)
+                    ld = read_layer_dir(host, where)
                 except OSError as exc:
                     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                         continue
                     raise
+                if redirect is not None and not self.follow_redirects:
+                    raise path_error(errno.EPERM, path)  # "refusing to follow redirect"
                 lower_layers.append(index)
                 scans.append(ld)
+                if where != path:
+                    lower_paths[index] = where
                 if ld.opaque:
                     break
+                if index != self.bottom:
+                    found = dir_redirect(host, where)
+                    if found is not None:
+                        if not self.follow_redirects:
+                            raise path_error(errno.EPERM, path)
+                        if redirect is not None and redirect.startswith("/") and not found.startswith("/"):
+                            found = "/" + join(split(where)[0], found)  # a name within an absolute search
+                        redirect = found
+                        candidates = self._redirected(parent, found, below=index)
+                        k = 0
         return DirState(path, upper, upper_wh, opaque, tuple(lower_layers),
-                        merge_lower(lower_layers, scans))
+                        merge_lower(lower_layers, scans), lower_paths=lower_paths)
+
+    def _redirected(self, parent: DirState | None, redirect: str,
+                    *, below: int) -> list[tuple[int, str, bool]]:
+        """Where the lower copies of a directory with ``redirect`` (found in layer ``below``) are looked
+        for: ``(layer, path, check)`` top-down."""
+        if redirect.startswith("/"):
+            target = redirect.strip("/")
+            return [(index, target, True) for index in self.lowers if index > below]
+        if parent is None:
+            return []
+        return [(index, parent.lower_path(index, redirect), True)
+                for index in parent.lower_layers if index > below]
 
     def listdir(self, path: str) -> list[str] | None:
         """The merged names of directory ``path`` (no markers, no duplicates), or None if not a dir."""

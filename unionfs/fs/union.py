@@ -37,12 +37,24 @@ from unionfs.fs.lookup import NAME_MAX, Node, Resolver
 from unionfs.fs.lookup import check_name as _check_name
 from unionfs.fs.lookup import path_error as _err
 from unionfs.fs.upper import Upper
-from unionfs.fs.whiteout import WH_PREFIX, WhiteoutFormat, xattr_from_host, xattr_to_host
+from unionfs.fs.whiteout import (
+    REDIRECT_MAX,
+    WH_PREFIX,
+    WhiteoutFormat,
+    dir_redirect,
+    xattr_from_host,
+    xattr_to_host,
+)
 
 S_IFDIR = stat_mod.S_IFDIR
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 _F = TypeVar("_F", bound=Callable[..., Any])
+REDIRECT_MODES = ("on", "follow", "nofollow", "off")
+"""``redirect_dir`` as the kernel means it: ``on`` renames directories that have lower copies (recording
+the move in a redirect xattr) and follows redirects; ``follow`` and ``off`` follow them but answer such a
+rename with EXDEV (``off`` is ``follow`` as in the kernel built with ``redirect_always_follow``, Debian's);
+``nofollow`` follows none (a lookup that would is EPERM) and renames none."""
 
 
 @dataclass(slots=True)
@@ -69,15 +81,19 @@ def _mutating(fn: _F) -> _F:
 
 class UnionFS:
     """A mounted union of ``stack``.  ``whiteout`` is ``auto``, ``kernel`` or ``oci``; ``volatile`` skips
-    every fsync (as the kernel's ``volatile`` option does)."""
+    every fsync (as the kernel's ``volatile`` option does); ``redirect_dir`` is one of
+    :data:`REDIRECT_MODES` (ValueError otherwise)."""
 
     def __init__(self, stack: LayerStack, *, whiteout: str = "auto", volatile: bool = False,
-                 cache_entries: int = 1_000_000, idmap: IdMap | None = None) -> None:
+                 cache_entries: int = 1_000_000, idmap: IdMap | None = None, redirect_dir: str = "on") -> None:
+        if redirect_dir not in REDIRECT_MODES:
+            raise ValueError(f"redirect_dir={redirect_dir}: expected one of {', '.join(REDIRECT_MODES)}")
         self.stack = stack
         self.volatile = volatile
+        self.redirect_dir = redirect_dir
         self.idmap = idmap if idmap is not None and not idmap.identity else None
         self.cache = LookupCache(cache_entries)
-        self.resolver = Resolver.of_stack(stack, self.cache)
+        self.resolver = Resolver.of_stack(stack, self.cache, follow_redirects=redirect_dir != "nofollow")
         self.lock = threading.RLock()
         self.gate = WriteGate()
         self.counters: dict[str, int] = {}
@@ -90,6 +106,8 @@ class UnionFS:
         self.upper: Upper | None = None if fmt is None else Upper(
             stack, fmt, resolver=self.resolver, cache=self.cache, inodes=self.inodes, volatile=volatile,
             notify=self._notify)
+        if self.upper is not None:
+            self.upper.opaque_new_dirs = redirect_dir == "on"
         self._lower_handles: dict[str, set[int]] = {}
         """Read-only handles open on a lower file, by path: a copy-up moves them onto the upper copy, so that
         they see later writes (as the kernel's overlayfs does since 4.19)."""
@@ -137,7 +155,7 @@ class UnionFS:
             cached = self.cache.get_attrs(path)
             if cached is not None:
                 return cached
-            st = self._host(node).lstat(path)
+            st = self._host(node).lstat(node.source)
             merged = node.is_dir and len(node.merge_layers) > 1 and self._merged(path)
             attrs = self._attrs(st, self.inodes.ino(node.layer, st.st_ino), 1 if merged else None)
             self.cache.put_attrs(path, attrs)
@@ -185,8 +203,15 @@ class UnionFS:
         """The attributes of upper object ``path`` from its ``lstat`` and union inode number (never cached:
         the daemon's own writes change them)."""
         self.inodes.note_links(path, st)
-        merged = node.is_dir and bool(node.merge_layers) and self._merged(path)
+        merged = node.is_dir and self._may_merge(path, node) and self._merged(path)
         return self._attrs(st, ino, 1 if merged else None)
+
+    def _may_merge(self, path: str, node: Node) -> bool:
+        """Can upper directory ``path`` have lower copies: the same name below, or a redirect elsewhere?
+        (Asked before building its state, which a directory made in the mount never needs.)"""
+        if node.merge_layers or self.cache.peek_dir(path) is not None:
+            return True
+        return bool(self.stack.lowers) and dir_redirect(self.resolver.hosts[0], path) is not None
 
     def _merged(self, path: str) -> bool:
         """Is directory ``path`` merged from several layers?  The kernel then reports st_nlink 1."""
@@ -204,7 +229,7 @@ class UnionFS:
             node = self.resolver.require(path)
             if node.kind != stat_mod.S_IFLNK:
                 raise _err(errno.EINVAL, path)
-            return self._host(node).readlink(path)
+            return self._host(node).readlink(node.source)
 
     def readdir(self, path: str) -> list[tuple[str, int, int]]:
         """The merged entries of directory ``path`` as ``(name, st_mode type bits, st_ino)``; ENOTDIR/ENOENT.
@@ -283,16 +308,16 @@ class UnionFS:
         cached = self.cache.get_xattrs(path)
         if cached is not None:
             return cached
-        host = self._host(node)
+        host, source = self._host(node), node.source
         values: dict[str, bytes] = {}
         try:
-            names = host.listxattr(path)
+            names = host.listxattr(source)
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise
             names = []
         for attr in names:
-            value = host.try_getxattr(path, attr)
+            value = host.try_getxattr(source, attr)
             if value is not None:
                 values[attr] = value
         self.cache.put_xattrs(path, values)
@@ -318,7 +343,7 @@ class UnionFS:
             if host_name is None:
                 raise _err(errno.ENODATA, path)
             if not node.in_upper:
-                self._host(node).getxattr(path, host_name)  # ENODATA before any copy-up
+                self._host(node).getxattr(node.source, host_name)  # ENODATA before any copy-up
             self.copy_up(path)
             upper.removexattr(path, host_name)
 
@@ -498,10 +523,58 @@ class UnionFS:
             self.cache.invalidate_subtree(path)
 
     # ================================================================== rename
+    def _has_lower(self, path: str, node: Node) -> bool:
+        """Does directory ``path`` have a lower copy (the kernel's "merge or lower" type)?"""
+        state = self.resolver.dir_state(path)
+        return not node.in_upper or (state is not None and bool(state.lower_layers))
+
+    def _upper_redirect(self, path: str) -> str | None:
+        """The redirect recorded on the upper copy of directory ``path``, if it has one."""
+        upper = self._writable().dir
+        st = upper.try_lstat(path)
+        return dir_redirect(upper, path) if st is not None and stat_mod.S_ISDIR(st.st_mode) else None
+
+    def _redirect_for(self, path: str, *, samedir: bool) -> str | None:
+        """The redirect directory ``path`` (with a lower copy) gets when it moves, as the kernel computes
+        it: its old name when it stays in its parent, else the absolute path of its lower copies (an
+        ancestor's absolute redirect standing for the path above it); None where the one it has still
+        holds.  EXDEV where the path is longer than the kernel's ``redirect_max``."""
+        own = self._upper_redirect(path)
+        if own is not None and (samedir or own.startswith("/")):
+            return None
+        if samedir:
+            return split(path)[1]
+        parts: list[str] = []
+        moved = path
+        while path:
+            redirect = self._upper_redirect(path) if parts else own
+            parts.append(redirect if redirect is not None else split(path)[1])
+            if parts[-1].startswith("/"):
+                break
+            path = split(path)[0]
+        text = "/".join(reversed(parts))
+        text = text if text.startswith("/") else "/" + text
+        if len(os.fsencode(text)) > REDIRECT_MAX:
+            raise _err(errno.EXDEV, moved)
+        return text
+
+    def _set_redirect(self, path: str, redirect: str | None) -> None:
+        """Record ``redirect`` on upper directory ``path`` (None: leave it); EXDEV where xattrs fail."""
+        if redirect is None:
+            return
+        layer = self._writable()
+        try:
+            layer.dir.setxattr(path, layer.redirect_xattr, os.fsencode(redirect))
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM):
+                raise _err(errno.EXDEV, path) from None
+            raise
+
     @_mutating
     def rename(self, src: str, dst: str, flags: int = 0) -> None:
-        """rename(2)/renameat2(2) with the kernel overlayfs's rules: a directory that is not purely upper
-        answers EXDEV (the kernel's default without ``redirect_dir``)."""
+        """rename(2)/renameat2(2) with the kernel overlayfs's rules: a directory with a lower copy moves
+        with a redirect (``redirect_dir=on``: the upper copy records where its lower copies are, a whiteout
+        hides the old name) and answers EXDEV with every other ``redirect_dir``."""
         with self.lock:
             layer = self._writable()
             upper, work, writer = layer.dir, layer.work, layer.writer
@@ -534,10 +607,9 @@ class UnionFS:
                 if dnode.is_dir and not snode.is_dir:
                     raise _err(errno.EISDIR, dst)
             # the kernel's order: type mismatches (the VFS), then EXDEV (overlayfs), then ENOTEMPTY
-            if snode.is_dir:
-                sstate = self.resolver.dir_state(src)
-                if not snode.in_upper or (sstate is not None and sstate.lower_layers):
-                    raise _err(errno.EXDEV, src)
+            moves_lower = snode.is_dir and self._has_lower(src, snode)
+            if moves_lower and self.redirect_dir != "on":
+                raise _err(errno.EXDEV, src)
             if dnode is not None and dnode.is_dir and self.resolver.listdir(dst):
                 dstate = self.resolver.dir_state(dst)
                 if dnode.in_upper and dstate is not None and not dstate.lower_layers and dparent.lower_layers:
@@ -546,6 +618,7 @@ class UnionFS:
                     writer.mark_opaque(upper, src)
                     self.cache.invalidate_subtree(src)
                 raise _err(errno.ENOTEMPTY, dst)
+            redirect = self._redirect_for(src, samedir=split(src)[0] == split(dst)[0]) if moves_lower else None
             sparent_path, sname = split(src)
             if writer.format is WhiteoutFormat.OCI and len(os.fsencode(WH_PREFIX + sname)) > NAME_MAX \
                     and self._needs_whiteout(self.resolver.lookup_parent(src), sname):
@@ -563,7 +636,9 @@ class UnionFS:
                 upper.rename(dst, tmp, dst_dir=work)
                 work.remove_tree(tmp)
                 dst_upper = None
-            if snode.is_dir and dparent.lower_layers:  # into a merged dir: opaque, as the kernel marks it
+            if moves_lower:
+                self._set_redirect(src, redirect)
+            elif snode.is_dir and dparent.lower_layers:  # into a merged dir: opaque, as the kernel marks it
                 writer.mark_opaque(upper, src)
             if dst_upper is not None and dnode is None:
                 # a kernel-format whiteout at dst: swap it with src so it lands where src was
@@ -593,8 +668,8 @@ class UnionFS:
                 self.inodes.invalidate_other_names(dst, replaced)
 
     def _exchange(self, a: str, b: str) -> None:
-        """renameat2(RENAME_EXCHANGE): swap two existing names.  Both are copied up first (a directory must
-        be purely upper, else EXDEV as for rename); no whiteout is needed since both names stay."""
+        """renameat2(RENAME_EXCHANGE): swap two existing names.  Both are copied up first (a directory with a
+        lower copy gets a redirect, or EXDEV as for rename); no whiteout is needed since both names stay."""
         layer = self._writable()
         upper, writer = layer.dir, layer.writer
         anode, bnode = self.resolver.require(a), self.resolver.require(b)
@@ -607,18 +682,26 @@ class UnionFS:
             return
         if (anode.is_dir and b.startswith(a + "/")) or (bnode.is_dir and a.startswith(b + "/")):
             raise _err(errno.EINVAL, b)
-        for path, node in ((a, anode), (b, bnode)):
-            if node.is_dir:
-                state = self.resolver.dir_state(path)
-                if not node.in_upper or (state is not None and state.lower_layers):
-                    raise _err(errno.EXDEV, path)
+        a_lower = anode.is_dir and self._has_lower(a, anode)
+        b_lower = bnode.is_dir and self._has_lower(b, bnode)
+        for path, lower in ((a, a_lower), (b, b_lower)):
+            if lower and self.redirect_dir != "on":
+                raise _err(errno.EXDEV, path)
+        samedir = split(a)[0] == split(b)[0]
+        a_redirect = self._redirect_for(a, samedir=samedir) if a_lower else None
+        b_redirect = self._redirect_for(b, samedir=samedir) if b_lower else None
         aparent = layer.ensure_dir(split(a)[0])
         bparent = layer.ensure_dir(split(b)[0])
         anode, bnode = self.copy_up(a), self.copy_up(b)
-        # a directory moving into a merged dir is marked opaque, as the kernel marks it (docs/semantics.md)
-        if anode.is_dir and bparent.lower_layers:
+        # a directory with a lower copy records where it was; a purely upper one moving into a merged dir is
+        # marked opaque, as the kernel marks it (docs/semantics.md)
+        if a_lower:
+            self._set_redirect(a, a_redirect)
+        elif anode.is_dir and bparent.lower_layers:
             writer.mark_opaque(upper, a)
-        if bnode.is_dir and aparent.lower_layers:
+        if b_lower:
+            self._set_redirect(b, b_redirect)
+        elif bnode.is_dir and aparent.lower_layers:
             writer.mark_opaque(upper, b)
         upper.rename(a, b, RENAME_EXCHANGE)
         aparent.upper_set(split(a)[1], bnode.kind)
@@ -699,7 +782,7 @@ class UnionFS:
                 truncating = bool(flags & os.O_TRUNC)
                 node = self.copy_up(path, data_limit=0 if truncating else None)
             host = self._host(node)
-            fd = host.open(path, host_flags)
+            fd = host.open(node.source, host_flags)
             try:
                 st = os.fstat(fd)
                 ino = self.inodes.upper_ino(path, st) if node.in_upper else self.inodes.ino(node.layer, st.st_ino)

@@ -24,7 +24,7 @@ from unionfs.fs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, HostDir, join, sp
 from unionfs.fs.inodes import ORIGIN_TRUSTED, ORIGIN_USER, Inodes
 from unionfs.fs.layers import WORK_SUBDIR, LayerStack
 from unionfs.fs.lookup import Node, Resolver, path_error
-from unionfs.fs.whiteout import WhiteoutFormat, WhiteoutWriter, probe_kernel_format
+from unionfs.fs.whiteout import REDIRECT_XATTRS, WhiteoutFormat, WhiteoutWriter, probe_kernel_format
 
 S_IFDIR = stat_mod.S_IFDIR
 
@@ -52,11 +52,17 @@ class Upper:
         self.work: HostDir = stack.work
         self.writer = fmt.writer
         self.origin_xattr = fmt.origin_xattr
+        self.redirect_xattr = REDIRECT_XATTRS[0] if fmt.origin_xattr == ORIGIN_TRUSTED else REDIRECT_XATTRS[1]
+        """Where a renamed directory records its redirect: ``trusted.overlay.redirect`` where the daemon
+        may write trusted xattrs (the kernel's), else ``user.overlay.redirect`` (its ``userxattr`` one)."""
         self.resolver = resolver
         self.cache = cache
         self.inodes = inodes
         self.volatile = volatile
         self.notify = notify
+        self.opaque_new_dirs = False
+        """Mark a directory made in a merged directory opaque, as the kernel does once a feature that
+        forbids offline changes of the lower layers is on (``redirect_dir=on``, ``index=on``)."""
 
     @staticmethod
     def prepare(stack: LayerStack, *, whiteout: str) -> UpperFormat | None:
@@ -90,7 +96,7 @@ class Upper:
         parent_path, name = split(path)
         parent = self.ensure_dir(parent_path)
         host = self.resolver.hosts[node.layer]
-        st = host.lstat(path)
+        st = host.lstat(node.source)
         keeps_origin = node.is_dir or st.st_nlink == 1
         origin = str(self.inodes.ino(node.layer, st.st_ino)).encode()
         tmp = join(WORK_SUBDIR, copyup.temp_name("copyup"))
@@ -105,7 +111,7 @@ class Upper:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP):
                     raise
 
-        copyup.stage_copy(host, path, st, work, tmp, data_limit=data_limit, sync=not self.volatile, mark=mark,
+        copyup.stage_copy(host, node.source, st, work, tmp, data_limit=data_limit, sync=not self.volatile, mark=mark,
                           truncate_to=truncate_to)
         parent_times = self.dir.lstat(parent_path)
         try:
@@ -123,7 +129,7 @@ class Upper:
         self.cache.drop_attrs(path)
         # st_nlink may change with the copy (a merged dir reports 1, a broken hard link its own count)
         self.notify(path)
-        return Node(node.kind, True, 0, node.merge_layers)
+        return Node(node.kind, True, 0, node.merge_layers, path)
 
     def ensure_dir(self, path: str) -> DirState:
         """Copy up directory ``path`` and its parents as needed; returns its (updated) state.  ENOTDIR."""
@@ -183,6 +189,8 @@ class Upper:
         self.cache.drop_ino(path)
         if name not in parent.upper_wh:
             build(upper, path)
+            if kind == S_IFDIR and self.opaque_new_dirs and parent.lower_layers:
+                writer.mark_opaque(upper, path)  # as the kernel marks it, "just an optimization" there
             parent.upper_set(name, kind)
             return
         tmp = join(WORK_SUBDIR, copyup.temp_name("new"))

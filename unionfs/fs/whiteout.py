@@ -31,6 +31,10 @@ OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseover
 XWHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 KERNEL_OPAQUE_XATTR = "trusted.overlay.opaque"
 USER_OPAQUE_XATTR = "user.overlay.opaque"
+REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
+"""Where a directory renamed with ``redirect_dir=on`` records the path of its lower copies (read: both)."""
+REDIRECT_MAX = 256
+"""The longest redirect the kernel writes (its ``redirect_max`` module parameter): a longer one is EXDEV."""
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.", "trusted.unionfs.",
                           "user.unionfs.")
 """Overlay-private xattrs: hidden from getxattr/listxattr through the union, never copied up."""
@@ -152,6 +156,26 @@ def dir_opaque_value(host: HostDir, rel: str) -> bytes | None:
         value = host.try_getxattr(rel, attr)
         if value is not None:
             return value
+    return None
+
+
+def dir_redirect(host: HostDir, rel: str) -> str | None:
+    """The redirect of directory ``rel`` (the first overlay redirect xattr set), else None.
+
+    A redirect is either one name (the directory's lower copies have that name in its parent's lower copies)
+    or an absolute path ``/a/b`` from the root of the layers below.  EINVAL for anything else (a relative
+    path with a slash, an empty component), as the kernel refuses such a lookup."""
+    for attr in REDIRECT_XATTRS:
+        value = host.try_getxattr(rel, attr)
+        if value is None:
+            continue
+        text = os.fsdecode(value)
+        parts = text[1:].split("/") if text.startswith("/") else text.split("/")
+        if len(parts) > 1 and not text.startswith("/"):
+            parts.append("")  # a relative redirect is one name
+        if not all(parts) or any(p in (".", "..") for p in parts):
+            raise OSError(errno.EINVAL, f"invalid redirect {text!r}", rel)
+        return text
     return None
 
 
