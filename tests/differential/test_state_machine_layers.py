@@ -19,7 +19,9 @@ unmounted, also when a step failed.
 
 Family ``oci``: unionfs gets lower layers with OCI whiteouts (``.wh.NAME``, ``.wh..wh..opq``) and writes that
 format into its upper (``whiteout=oci``); the kernel gets the same layers converted to its format. For the
-cross-mount a copy of unionfs's upper is converted too.
+cross-mount a copy of unionfs's upper is converted too.  Family ``redirect``: kernel-format layers, both
+sides (and the cross-mount) with ``redirect_dir=on``, so renames of directories with lower copies succeed
+and nest freely, and the upper dirs compare their redirect xattrs.
 
 Everything runs on a private tmpfs, so inode numbers are never reused within a run (ext4 reuses them at
 once, which would make "kept its inode" ambiguous); ``UNIONFS_SM_TMPFS=0`` runs on the disk instead.
@@ -80,14 +82,16 @@ from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 from unionfs.mountinfo import find_mount
 
-CI_EXAMPLES = {"kernel": 30, "oci": 15}
+CI_EXAMPLES = {"kernel": 30, "oci": 15, "redirect": 15}
 CI_STEPS = 30
 DEV_STEPS = 50
 MAX_OPEN_FILES = 4
 MIN_STEPS_BETWEEN_REMOUNTS = 4
 """Hypothesis picks among the enabled rules evenly; unrestricted, the argument-less remount takes a third of
 all steps (and most of the time)."""
-FAMILIES = ("kernel", "oci")
+FAMILIES = ("kernel", "oci", "redirect")
+FAMILY_OPTIONS = {"kernel": (), "oci": (), "redirect": ("redirect_dir=on",)}
+"""Options of both sides by family: ``redirect`` renames directories with lower copies on both."""
 HANG_TIMEOUT = float(os.environ.get("UNIONFS_TEST_HANG_TIMEOUT", "900"))
 """A mount lives for a whole sequence (until a remount): allow more than the harness's default."""
 
@@ -329,14 +333,16 @@ class UnionMachine(RuleBasedStateMachine):
             options = ("whiteout=oci",)
         else:
             options = ("whiteout=kernel",)
+        both = FAMILY_OPTIONS[self.family]
         self_check = mount_program() == KERNEL_AS_PROGRAM  # the harness checking itself: kernel on both sides
         if self_check:
             options = ()
+        options = (*options, *both)
         kls = L.new_layer_set(self.base / "kernel", self.kernel_sources)
         pls = L.new_layer_set(self.base / "unionfs", program_sources)
         self.lowers_before = [upper_snapshot(p) for p in pls.lowers]
         self.sides = [
-            Side("kernel", kls, lambda: kernel_overlay_mount(kls.lowers, kls.upper, kls.work, kls.mnt),
+            Side("kernel", kls, lambda: kernel_overlay_mount(kls.lowers, kls.upper, kls.work, kls.mnt, both),
                  kernel=True),
             Side("unionfs", pls, lambda: unionfs_mount(pls.lowers, pls.upper, pls.work, pls.mnt, options,
                                                        hang_timeout=HANG_TIMEOUT), kernel=self_check),
@@ -642,7 +648,7 @@ class UnionMachine(RuleBasedStateMachine):
             lowers: list[Path] = self.kernel_sources
         else:
             upper, work, mnt, lowers = pls.upper, pls.work, pls.mnt, list(pls.lowers)
-        with kernel_overlay_mount(lowers, upper, work, mnt) as root:
+        with kernel_overlay_mount(lowers, upper, work, mnt, FAMILY_OPTIONS[self.family]) as root:
             return without_ghosts(snapshot(root, changed_after=self.changed_after))
 
     def teardown(self) -> None:
