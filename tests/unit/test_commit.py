@@ -416,3 +416,71 @@ def test_killed_commits_leave_the_store_consistent(tmp_path: Path) -> None:
         result = commit_upper(s, str(again), image="final")
         assert result.digest == layer_digest(str(again))
         assert s.check(verify=True) == []
+
+
+def _union_tree(lowers: list[str], upper: str | None = None) -> dict[str, object]:
+    """What a union of ``lowers`` (top first, with ``upper`` on top) shows: path → (kind bits, mode, data)."""
+    from unionfs.fs.layers import LayerStack
+    from unionfs.fs.union import UnionFS
+
+    stack = LayerStack.open(lowers=[*([upper] if upper else []), *lowers], upper=None, work=None)
+    fs = UnionFS(stack)
+    out: dict[str, object] = {}
+    try:
+        todo = [""]
+        while todo:
+            rel = todo.pop()
+            for name, _kind, _ino in fs.readdir(rel):
+                path = f"{rel}/{name}" if rel else name
+                attrs = fs.getattr(path)
+                data = b""
+                if stat.S_ISREG(attrs.st_mode):
+                    handle = fs.open(path, os.O_RDONLY)
+                    data = fs.read(handle, 1 << 20, 0)
+                    fs.release(handle)
+                elif stat.S_ISDIR(attrs.st_mode):
+                    todo.append(path)
+                out[path] = (stat.S_IFMT(attrs.st_mode), stat.S_IMODE(attrs.st_mode), data)
+    finally:
+        fs.close()
+    return out
+
+
+def test_a_renamed_dir_is_flattened_into_a_whiteout_and_an_opaque_copy(store: Store, tmp_path: Path) -> None:
+    """An upper where directories with lower copies were renamed (redirect_dir=on: redirects, relative and
+    absolute, nested) commits on its base as a layer without any redirect: a whiteout at each old name and a
+    full opaque copy at the new one, so the image shows the same tree as the union did."""
+    from unionfs.fs.layers import LayerStack
+    from unionfs.fs.union import UnionFS
+
+    base = import_dir(store, str(build_layer({"src/f": File("f\n", mode=0o640), "src/sub/g": "g\n",
+                                              "src/big": File(b"b" * (KEEP_FILE_MAX + 1)),
+                                              "keep/k": "k\n"}, tmp_path / "base")), image="base")
+    base_path = store.layer_path(base.digest)
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    fs = UnionFS(LayerStack.open(lowers=[base_path], upper=str(upper), work=str(work)), redirect_dir="on")
+    try:
+        fs.rename("src", "moved")
+        fs.rename("moved/sub", "keep/sub2")
+        handle = fs.create("moved/new", os.O_WRONLY | os.O_CREAT, 0o644)
+        fs.write(handle, b"new\n", 0)
+        fs.release(handle)
+    finally:
+        fs.close()
+    assert os.getxattr(upper / "keep" / "sub2", "trusted.overlay.redirect") == b"/src/sub"
+    seen = _union_tree([base_path], str(upper))
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = Path(store.layer_path(result.digest))
+    for dirpath, dirnames, filenames in os.walk(layer):
+        for name in dirnames + filenames:
+            names = os.listxattr(os.path.join(dirpath, name), follow_symlinks=False)
+            assert not any(n.endswith("overlay.redirect") for n in names), os.path.join(dirpath, name)
+    snap = upper_snapshot(layer)
+    assert snap["src"].type == "whiteout"
+    assert "moved/sub" not in snap  # an opaque copy needs no whiteout inside
+    assert snap["moved"].opaque and snap["keep/sub2"].opaque and not snap["keep"].opaque
+    assert (layer / "moved" / "f").read_text() == "f\n" and (layer / "keep" / "sub2" / "g").read_text() == "g\n"
+    assert _union_tree([str(layer), base_path]) == seen
+    assert layer_digest(str(layer)) == result.digest

@@ -13,6 +13,11 @@ Two passes over the source, like ``docker commit`` but without a tar in between:
    are not read twice: pass 1 keeps the bytes it hashed and pass 2 writes those.  Then
    :meth:`Store.publish_layer` (sync, rename).
 
+A directory renamed with ``redirect_dir=on`` (a redirect xattr: its lower copies are elsewhere) is
+flattened on the base's layers: the layer holds a full, opaque copy of what the union showed there, read from
+the layers that showed it, and the whiteout at its old name; so no committed layer (and nothing exported from
+one) depends on a redirect.  Without a known base such an upper is refused.
+
 The source must be still: an upper in use by a running mount is refused ("upper is mounted; …") — pausing a
 live mount through its control channel is not done yet.  Errors are :class:`CommitError` (one line) or
 :class:`unionfs.image.store.StoreError`; a failed commit leaves nothing in the store but ``tmp/`` leftovers, which
@@ -225,9 +230,13 @@ def _history(store: Store, layers: Sequence[str], known: Sequence[HistoryEntry])
 class _Stager:
     """Rebuilds a manifest's tree from ``src`` into the empty staging dir ``dst``."""
 
-    def __init__(self, manifest: Manifest, src: HostDir, dst: HostDir, progress: Progress) -> None:
+    def __init__(self, manifest: Manifest, src: HostDir, dst: HostDir, progress: Progress,
+                 sources: Sequence[HostDir] = ()) -> None:
         self.manifest = manifest
         self.src = src
+        self.sources = list(sources)
+        """The layers below ``src`` that flattened entries are read from (``Entry.source``)."""
+        self.source_dirs: dict[int, DirCache] = {}
         self.dst = dst
         self.progress = progress
         self.dirs: list[Entry] = []
@@ -237,10 +246,14 @@ class _Stager:
         """Who owns what this process creates (a file created by us needs no chown to these)."""
 
     def run(self) -> None:
-        with DirCache(self.src) as sdirs, DirCache(self.dst) as ddirs:
-            for entry in self.manifest.entries:
-                self._one(entry, sdirs, ddirs)
-                self.progress.advance(1, entry.size)
+        try:
+            with DirCache(self.src) as sdirs, DirCache(self.dst) as ddirs:
+                for entry in self.manifest.entries:
+                    self._one(entry, sdirs, ddirs)
+                    self.progress.advance(1, entry.size)
+        finally:
+            for cache in self.source_dirs.values():
+                cache.close()
         for entry in reversed(self.dirs):  # children before parents
             self._finish_dir(entry)
 
@@ -256,7 +269,14 @@ class _Stager:
             self.dirs.append(e)
         elif kind == "file":
             data = self.manifest.data.get(e.path)
-            if data is None:
+            if data is None and e.source is not None:  # flattened: read from the layer that shows it
+                index, where = e.source
+                cache = self.source_dirs.get(index)
+                if cache is None:
+                    cache = self.source_dirs[index] = DirCache(self.sources[index])
+                source_parent, source_name = split(where)
+                self._file(e, cache.get(source_parent), d, name, source_name)
+            elif data is None:
                 self._file(e, sdirs.get(parent), d, name)
             else:
                 self._kept_file(e, data, d, name)
@@ -273,8 +293,8 @@ class _Stager:
         else:  # pragma: no cover - scan() yields only the kinds above
             raise CommitError(f"{e.path}: cannot commit an entry of kind {kind}")
 
-    def _file(self, e: Entry, s: OpenDir, d: OpenDir, name: str) -> None:
-        sfd = s.open(name, os.O_RDONLY)
+    def _file(self, e: Entry, s: OpenDir, d: OpenDir, name: str, source_name: str | None = None) -> None:
+        sfd = s.open(source_name or name, os.O_RDONLY)
         try:
             dfd = d.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -333,11 +353,11 @@ class _Stager:
 
 # -- the commit ----------------------------------------------------------------------------------------------
 
-def _read(src: str, what: str, progress: Progress) -> Manifest:
+def _read(src: str, what: str, progress: Progress, below: Sequence[str] = ()) -> Manifest:
     host = HostDir(src)
     try:
         progress.phase("reading")
-        manifest = scan(host, progress=progress.advance, keep=KEEP_BYTES)
+        manifest = scan(host, progress=progress.advance, keep=KEEP_BYTES, below=below)
     except OSError as exc:
         where = os.path.join(src, exc.filename) if isinstance(exc.filename, str) else src
         if exc.errno == errno.EXDEV:
@@ -350,7 +370,8 @@ def _read(src: str, what: str, progress: Progress) -> Manifest:
         host.close()
     if manifest.overlay_only:
         raise CommitError(f"{what} {src} is not a self-contained overlay upper: {manifest.overlay_only[0]} "
-                          "carries an overlay redirect/metacopy xattr (mounted with redirect_dir or metacopy)")
+                          "carries an overlay redirect/metacopy xattr (mounted with redirect_dir or metacopy) "
+                          "and the layers it was mounted over are not known (commit it with --from IMAGE)")
     return manifest
 
 
@@ -367,13 +388,16 @@ def _stage_and_publish(store: Store, src: str, manifest: Manifest, meta: LayerMe
         progress.phase("copying", files=len(manifest.entries), nbytes=manifest.counts.size)
         src_host = HostDir(src)
         dst_host = HostDir(os.path.join(store.root, staging))
+        sources = [HostDir(path) for path in manifest.sources]
         try:
-            _Stager(manifest, src_host, dst_host, progress).run()
+            _Stager(manifest, src_host, dst_host, progress, sources).run()
         except OSError as exc:
             raise CommitError(f"cannot write layer: {exc.strerror}: {exc.filename}") from None
         finally:
             src_host.close()
             dst_host.close()
+            for host in sources:
+                host.close()
         published = store.publish_layer(staging, meta)
     finally:
         if not published:
@@ -417,7 +441,8 @@ def commit_tree(store: Store, src: str, *, image: str, base: Base, comment: str 
     progress = progress or Progress()
     started = time.monotonic()
     with store.locked():
-        manifest = _read(src, what, progress)
+        below = [store.layer_path(digest) for digest in reversed(base.layers)]
+        manifest = _read(src, what, progress, below)
         parent = base.layers[-1] if base.layers else None
         meta = LayerMeta.from_manifest(manifest, parent=parent, created_by=created_by, comment=comment)
         try:

@@ -27,7 +27,10 @@ numbers, link counts (hard-link groups are recorded instead) and the device.  Ov
 (``trusted.overlay.*``, ``user.overlay.*``, ours) are excluded; the opaque mark stands for them.
 
 Normalisation: a name that is both an entry and a whiteout in one directory is the entry (for a directory,
-an opaque one: the union shows it and hides every lower copy).  Sockets are not part of a layer (as with
+an opaque one: the union shows it and hides every lower copy).  A directory renamed with ``redirect_dir=on``
+(a redirect xattr: its lower copies are elsewhere) is flattened where :func:`scan` is told the layers the tree
+was mounted over: it becomes a full, opaque copy of what the union shows there (the whiteout at its old name
+is in the tree already), so a layer never depends on a redirect.  Sockets are not part of a layer (as with
 ``docker commit``): they are reported in :attr:`Manifest.sockets` and skipped.
 """
 
@@ -37,12 +40,16 @@ import errno
 import os
 import stat as stat_mod
 import struct
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import xxhash
 
-from unionfs.fs.fsio import HostDir, join
+from unionfs.fs.cache import LookupCache
+from unionfs.fs.fsio import HostDir, join, split
+from unionfs.fs.layers import LayerStack
+from unionfs.fs.lookup import Resolver
+from unionfs.fs.whiteout import REDIRECT_XATTRS
 from unionfs.image.walk import Child, DirCache, OpenDir, Xattrs, read_dir, sort_key
 
 DIGEST_ALGORITHM = "xxh3-128/unionfs-layer-v1"
@@ -81,6 +88,9 @@ class Entry:
     opaque: bool = False
     sparse: bool = False
     """A file that may have holes (a hint for copying; not digested)."""
+    source: tuple[int, str] | None = None
+    """Where a flattened entry is read from: (index into :attr:`Manifest.sources`, path there); None: the
+    tree itself at ``path`` (not digested)."""
 
     def encode(self) -> bytes:
         """The canonical bytes of this entry (what the digest hashes)."""
@@ -157,6 +167,10 @@ class Manifest:
     counts: LayerCounts = field(default_factory=LayerCounts)
     sockets: list[str] = field(default_factory=list)
     overlay_only: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    """The host paths of the layers below the tree that flattened entries come from (see ``Entry.source``)."""
+    flattened: list[str] = field(default_factory=list)
+    """The renamed directories that were flattened into full opaque copies."""
     data: dict[str, bytes] = field(default_factory=dict)
     """The contents of small files read while hashing (see :func:`scan`'s ``keep``), by path."""
 
@@ -261,6 +275,10 @@ class _Walker:
         self.manifest = Manifest()
         self.groups: dict[tuple[int, int], str] = {}
         self.buf = bytearray(_CHUNK)
+        self.below: list[str] = []
+        self.stack: LayerStack | None = None
+        self.resolver: Resolver | None = None
+        """The union of the tree over the layers ``below`` it, opened at the first renamed directory."""
 
     def run(self) -> Manifest:
         with OpenDir(self.host, "") as root:
@@ -277,6 +295,9 @@ class _Walker:
                 path = join(parent, child.name) if child.name else ""
                 if child.st.st_dev != self.dev:
                     raise OSError(errno.EXDEV, "another filesystem is mounted inside the tree", path)
+                if child.overlay_only in REDIRECT_XATTRS and self.below and stat_mod.S_ISDIR(child.st.st_mode):
+                    self._flatten(path, child)
+                    continue
                 if child.overlay_only:
                     self.manifest.overlay_only.append(path)
                 if stat_mod.S_ISDIR(child.st.st_mode):
@@ -302,7 +323,61 @@ class _Walker:
                 tasks.append((path, found, name in listing.whiteouts))
         return tasks
 
-    def _leaf(self, d: OpenDir, path: str, child: Child) -> Entry:
+    def _flatten(self, path: str, child: Child) -> None:
+        """Emit renamed directory ``path`` as a full opaque copy of the union's view of it, in canonical
+        order (each object read from the layer that shows it)."""
+        if self.resolver is None:
+            try:
+                self.stack = LayerStack.open(lowers=[self.host.path, *self.below], upper=None, work=None)
+            except ValueError as exc:  # LayerError: a layer below is missing or unusable
+                raise OSError(errno.ENOENT, f"the layers below cannot be read ({exc})", path) from None
+            self.resolver = Resolver.of_stack(self.stack, LookupCache(1_000_000))
+            self.manifest.sources = [self.host.path, *self.below]
+        self.manifest.flattened.append(path)
+        self._emit(entry_from_stat(path, child.st, child.xattrs, opaque=True))
+        tasks = [(path, name) for name in reversed(self._view_names(path))]
+        while tasks:
+            parent, name = tasks.pop()
+            entry_path = join(parent, name)
+            entry = self._view_entry(parent, name)
+            if entry is None:
+                continue
+            self._emit(entry)
+            if entry.kind == "dir":
+                tasks.extend((entry_path, n) for n in reversed(self._view_names(entry_path)))
+
+    def _view_names(self, rel: str) -> list[str]:
+        assert self.resolver is not None
+        state = self.resolver.dir_state(rel)
+        if state is None:
+            raise OSError(errno.ENOTDIR, "a renamed directory's view changed while being read", rel)
+        return sorted(state.visible_names(), key=sort_key)
+
+    def _view_entry(self, parent: str, name: str) -> Entry | None:
+        """The entry of ``parent/name`` as the union shows it (None: a socket, or gone)."""
+        resolver = self.resolver
+        assert resolver is not None
+        state = resolver.dir_state(parent)
+        node = None if state is None else resolver.child(state, name)
+        if node is None:
+            return None
+        entry_path = join(parent, name)
+        parent_source, base = split(node.source)
+        with OpenDir(resolver.hosts[node.layer], parent_source) as d:
+            found = Child(base, d.lstat(base), d.public_xattrs(base))
+            if stat_mod.S_ISSOCK(found.st.st_mode):
+                self.manifest.sockets.append(entry_path)
+                return None
+            if node.is_dir:
+                return entry_from_stat(entry_path, found.st, found.xattrs)
+            entry = self._leaf(d, entry_path, found, own=node.layer == 0)
+        if entry.kind == "file" and entry_path not in self.manifest.data:
+            entry = replace(entry, source=(node.layer, node.source))
+        return entry
+
+    def _leaf(self, d: OpenDir, path: str, child: Child, *, own: bool = True) -> Entry:
+        """The entry of non-directory ``child`` of ``d``; ``own``: it is in the tree itself (not in a layer
+        below a flattened directory), so ``known`` hashes apply to it."""
         st = child.st
         if st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)
@@ -312,7 +387,7 @@ class _Walker:
             self.groups[key] = path
         if stat_mod.S_ISREG(st.st_mode):
             digest = ""
-            hit = self.known.get(st.st_ino)
+            hit = self.known.get(st.st_ino) if own else None
             if hit is not None and hit[0] == st.st_size:
                 return entry_from_stat(path, st, child.xattrs, content=hit[1])
             if self.content:
@@ -341,7 +416,7 @@ class _Walker:
 
 
 def scan(host: HostDir, *, content: bool = True, progress: Progress | None = None, keep: int = 0,
-         known: Mapping[int, tuple[int, str]] | None = None) -> Manifest:
+         known: Mapping[int, tuple[int, str]] | None = None, below: Sequence[str] = ()) -> Manifest:
     """Read the layer tree under ``host`` into a :class:`Manifest` (entries, digest, counts).
 
     ``content=False`` skips reading file data (``Entry.content`` stays empty and the digest is then
@@ -352,8 +427,18 @@ def scan(host: HostDir, *, content: bool = True, progress: Progress | None = Non
     written without reading them again.  ``known`` maps inode numbers of files whose content hash the
     caller computed while writing them (a tree it owns and nothing else changes) to ``(size, hash)``: those
     files are not read again.
+
+    ``below``: the host paths of the layers the tree (an upper dir) was mounted over, top first.  With them a
+    directory with a redirect is flattened (see the module doc); without them it stays in
+    :attr:`Manifest.overlay_only`, as every metacopy file does.
     """
-    return _Walker(host, content=content, progress=progress, keep=keep, known=known).run()
+    walker = _Walker(host, content=content, progress=progress, keep=keep, known=known)
+    walker.below = list(below)
+    try:
+        return walker.run()
+    finally:
+        if walker.stack is not None:
+            walker.stack.close()
 
 
 def layer_digest(path: str) -> str:
