@@ -3,7 +3,8 @@
 (a) An upper dir the program under test wrote, mounted by the kernel over the same lowers, shows exactly the
 tree the program's own mount showed. (b) An upper dir the kernel wrote shows, through the program under test,
 exactly the tree the kernel showed. Each direction runs a few rich operation sequences; each mount gets a
-fresh workdir (a workdir belongs to one implementation).
+fresh workdir (a workdir belongs to one implementation).  The ``dir-renames`` sequence mounts both with
+``redirect_dir=on``: the redirects one writes, the other reads.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from support.snapshot import diff_snapshots, snapshot
 
 OLD_NS = 1_400_000_000_000_000_000
 
-Mount = Callable[[list[Path], Path, Path, Path], contextlib.AbstractContextManager[Path]]
+Mount = Callable[[list[Path], Path, Path, Path, tuple[str, ...]], contextlib.AbstractContextManager[Path]]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Sequence:
     name: str
     lowers: tuple[L.Spec, ...]
     run: Callable[[Recorder], None]
+    options: tuple[str, ...] = ()
+    """Mount options of both sides (writer and reader)."""
 
 
 def _deletions(r: Recorder) -> None:
@@ -74,6 +77,18 @@ def _renames(r: Recorder) -> None:
     r.call("rename bottom file", os.rename, "d/from-bottom", "from-bottom")
     r.write("create, rename over whited-out name", "tmp", b"replacement\n")
     r.call("rename onto unlinked name", lambda: (os.unlink("big"), os.rename("tmp", "big")))
+
+
+def _dir_renames(r: Recorder) -> None:
+    r.call("rename merged dir in its parent", os.rename, "tree", "tree2")
+    r.call("rename its subdir elsewhere", os.rename, "tree2/deep", "d/deep2")
+    r.call("rename lower-only dir into another", os.rename, "only-top", "d/only")
+    r.call("rename the new parent too", os.rename, "d", "d2")
+    r.write("write below a renamed dir", "d2/deep2/t2", b"changed\n")
+    r.call("unlink below a renamed dir", os.unlink, "tree2/t1")
+    r.call("mkdir at an old name", os.mkdir, "tree")
+    r.call("rename a bottom-only dir back and forth", lambda: (os.rename("bottom-only", "bo"),
+                                                               os.rename("bo", "tree/bo")))
 
 
 def _opaque_and_whiteouts(r: Recorder) -> None:
@@ -118,18 +133,19 @@ SEQUENCES = [
     Sequence("metadata", (BASE, {"d/from-bottom": "fb\n"}, BOTTOM), _metadata),
     Sequence("renames", (BASE, {"d/from-bottom": "fb\n"}, BOTTOM), _renames),
     Sequence("opaque-and-whiteouts", (BASE, MIDDLE, BOTTOM), _opaque_and_whiteouts),
+    Sequence("dir-renames", (BASE, {"d/from-bottom": "fb\n"}, BOTTOM), _dir_renames, ("redirect_dir=on",)),
 ]
 
 
 @contextlib.contextmanager
-def _program(lowers: list[Path], upper: Path, work: Path, mnt: Path) -> Iterator[Path]:
-    with unionfs_mount(lowers, upper, work, mnt) as root:
+def _program(lowers: list[Path], upper: Path, work: Path, mnt: Path, options: tuple[str, ...]) -> Iterator[Path]:
+    with unionfs_mount(lowers, upper, work, mnt, options) as root:
         yield root
 
 
 @contextlib.contextmanager
-def _kernel(lowers: list[Path], upper: Path, work: Path, mnt: Path) -> Iterator[Path]:
-    with kernel_overlay_mount(lowers, upper, work, mnt) as root:
+def _kernel(lowers: list[Path], upper: Path, work: Path, mnt: Path, options: tuple[str, ...]) -> Iterator[Path]:
+    with kernel_overlay_mount(lowers, upper, work, mnt, options) as root:
         yield root
 
 
@@ -140,7 +156,7 @@ def _written_then_read(seq: Sequence, tmp: Path, *, writer: Mount, reader: Mount
     assert ls.upper is not None and ls.work is not None
     changed_after = recent_cutoff()
     r = Recorder()
-    with writer(list(ls.lowers), ls.upper, ls.work, ls.mnt) as root:
+    with writer(list(ls.lowers), ls.upper, ls.work, ls.mnt, seq.options) as root:
         with in_dir(root):
             seq.run(r)
         written = snapshot(root, changed_after=changed_after)
@@ -148,7 +164,7 @@ def _written_then_read(seq: Sequence, tmp: Path, *, writer: Mount, reader: Mount
     work2, mnt2 = tmp / "set/work2", tmp / "set/mnt2"
     work2.mkdir()
     mnt2.mkdir()
-    with reader(list(ls.lowers), ls.upper, work2, mnt2) as root:
+    with reader(list(ls.lowers), ls.upper, work2, mnt2, seq.options) as root:
         seen = snapshot(root, changed_after=changed_after)
     return diff_snapshots(written, seen, names=("writer", "reader"))
 
