@@ -117,3 +117,20 @@ def test_off_still_follows_redirects(mkenv: Callable[..., Env]) -> None:
     fs = env.open(redirect_dir="off")
     assert sorted(names(fs, "new")) == ["f", "own", "sub"]
     assert_errno(errno.EXDEV, fs.rename, "keep", "keep2")
+
+
+def test_an_absolute_search_walks_the_parents_as_the_kernel_does(mkenv: Callable[..., Env]) -> None:
+    """In a middle layer, a parent with a relative redirect rewrites the path for the layers below, an opaque
+    parent ends the search after its layer, a whiteout parent ends it at once."""
+    middle = {"p2": Dir({"t": Dir({"mid": "mid\n"})}), "o": Dir({"t": Dir({"o-mid": "o\n"})}, opaque=True),
+              "w": WHITEOUT}
+    bottom = {"p/t/deep": "deep\n", "o/t/below-opaque": "hidden\n", "w/t/below-whiteout": "hidden\n"}
+    env = mkenv([middle, bottom], {"a": Dir({"own": "1\n"}), "b": Dir(), "c": Dir()})
+    assert env.upper is not None
+    _redirected(env.lowers[0] / "p2", "p")
+    for name, target in (("a", "/p2/t"), ("b", "/o/t"), ("c", "/w/t")):
+        _redirected(env.upper / name, target)
+    fs = env.open()
+    assert sorted(names(fs, "a")) == ["deep", "mid", "own"]
+    assert names(fs, "b") == ["o-mid"]
+    assert names(fs, "c") == []

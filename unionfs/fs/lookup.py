@@ -18,10 +18,13 @@ from unionfs.fs.cache import LookupCache
 from unionfs.fs.dirstate import DirState, merge_lower
 from unionfs.fs.fsio import HostDir, join, split
 from unionfs.fs.layers import LayerStack
-from unionfs.fs.whiteout import LayerDir, dir_redirect, read_layer_dir
+from unionfs.fs.whiteout import LayerDir, dir_marks, dir_opaque_value, dir_redirect, read_layer_dir
 
 S_IFDIR = stat_mod.S_IFDIR
 NAME_MAX = 255
+SAME_NAME, RELATIVE, ABSOLUTE = 0, 1, 2
+"""How a lower copy of a directory is looked for: under its own name in its parent's lower copies, under a
+relative redirect's name there, or at an absolute redirect's path from a layer's root."""
 
 
 def path_error(code: int, path: str) -> OSError:
@@ -181,20 +184,32 @@ class Resolver:
         if not opaque:
             parent_path, name = split(path)
             parent = self.dir_state(parent_path) if path else None
-            candidates: list[tuple[int, str, bool]]
+            candidates: list[tuple[int, str, int]]
             if redirect is not None:
                 candidates = self._redirected(parent, redirect, below=node.layer)
             else:
-                candidates = [(index, parent.lower_path(index, name) if parent else path, False)
+                candidates = [(index, parent.lower_path(index, name) if parent else path, SAME_NAME)
                               for index in node.merge_layers]
             k = 0
             while k < len(candidates):
-                index, where, check = candidates[k]
+                index, where, how = candidates[k]
                 k += 1
                 host = self.hosts[index]
-                if check:  # a redirected name: a whiteout or a non-directory there ends the search
+                stop_after, below_target = False, where
+                if how == ABSOLUTE:  # the path's parents, as the kernel walks them in each layer
+                    outcome, stop_after, below_target = self._walk_parents(host, where, last=index == self.bottom)
+                    if outcome == "missing":
+                        continue
+                    if outcome == "stop":
+                        break
+                if how != SAME_NAME:  # a redirected name: a whiteout or a non-directory there ends the search
                     st = host.try_lstat(where)
                     if st is None:
+                        if stop_after:
+                            break
+                        if below_target != where:
+                            candidates = self._redirected(parent, "/" + below_target, below=index)
+                            k = 0
                         continue
                     if not stat_mod.S_ISDIR(st.st_mode):
                         break
@@ -212,30 +227,67 @@ class Resolver:
                     lower_paths[index] = where
                 if ld.opaque:
                     break
-                if index != self.bottom:
-                    found = dir_redirect(host, where)
-                    if found is not None:
-                        if not self.follow_redirects:
-                            raise path_error(errno.EPERM, path)
-                        if redirect is not None and redirect.startswith("/") and not found.startswith("/"):
-                            found = "/" + join(split(where)[0], found)  # a name within an absolute search
-                        redirect = found
-                        candidates = self._redirected(parent, found, below=index)
-                        k = 0
+                found = dir_redirect(host, where) if index != self.bottom else None
+                if found is not None:
+                    if not self.follow_redirects:
+                        raise path_error(errno.EPERM, path)
+                    if how == ABSOLUTE and not found.startswith("/"):
+                        found = "/" + join(split(below_target)[0], found)  # a name within an absolute search
+                    redirect = found
+                    candidates = self._redirected(parent, found, below=index)
+                    k = 0
+                    continue
+                if stop_after:  # an opaque parent on the way, and no absolute redirect after it
+                    break
+                if below_target != where:  # a parent's redirect changed the path for the layers below
+                    candidates = self._redirected(parent, "/" + below_target, below=index)
+                    k = 0
         return DirState(path, upper, upper_wh, opaque, tuple(lower_layers),
                         merge_lower(lower_layers, scans), lower_paths=lower_paths)
 
     def _redirected(self, parent: DirState | None, redirect: str,
-                    *, below: int) -> list[tuple[int, str, bool]]:
+                    *, below: int) -> list[tuple[int, str, int]]:
         """Where the lower copies of a directory with ``redirect`` (found in layer ``below``) are looked
-        for: ``(layer, path, check)`` top-down."""
+        for: ``(layer, path, RELATIVE or ABSOLUTE)`` top-down."""
         if redirect.startswith("/"):
             target = redirect.strip("/")
-            return [(index, target, True) for index in self.lowers if index > below]
+            return [(index, target, ABSOLUTE) for index in self.lowers if index > below]
         if parent is None:
             return []
-        return [(index, parent.lower_path(index, redirect), True)
+        return [(index, parent.lower_path(index, redirect), RELATIVE)
                 for index in parent.lower_layers if index > below]
+
+    def _walk_parents(self, host: HostDir, target: str, *, last: bool) -> tuple[str, bool, str]:
+        """Walk the parents of ``target`` (an absolute search's path) in one layer as the kernel does:
+        ``("missing", …)`` where one is not there, ``("stop", …)`` where one is a whiteout or not a directory
+        (the search ends in every layer); else ``("go", stop_after, path for the layers below)``: an opaque
+        parent ends the search after this layer unless an absolute redirect below it restarts it, and a
+        parent's redirect rewrites the path for the layers below (none of that in the bottom layer)."""
+        parts = target.split("/")
+        rewritten = list(parts)
+        stop_after = False
+        for i in range(len(parts) - 1):
+            prefix = "/".join(parts[:i + 1])
+            st = host.try_lstat(prefix)
+            if st is None:
+                return "missing", stop_after, "/".join(rewritten)
+            if not stat_mod.S_ISDIR(st.st_mode):
+                return "stop", stop_after, "/".join(rewritten)
+            if last:
+                continue
+            if dir_marks(dir_opaque_value(host, prefix))[0]:
+                stop_after = True
+                continue
+            found = dir_redirect(host, prefix)
+            if found is None:
+                continue
+            tail = len(parts) - 1 - i  # components after this one
+            if found.startswith("/"):
+                rewritten = [*found.strip("/").split("/"), *rewritten[len(rewritten) - tail:]]
+                stop_after = False
+            else:
+                rewritten[len(rewritten) - tail - 1] = found
+        return "go", stop_after, "/".join(rewritten)
 
     def listdir(self, path: str) -> list[str] | None:
         """The merged names of directory ``path`` (no markers, no duplicates), or None if not a dir."""
