@@ -165,3 +165,18 @@ def test_inspect_of_an_image_without_data(store: Store, tmp_path: Path) -> None:
     import_dir(store, str(build_layer({"d": {}}, tmp_path / "l")), image="empty")
     report = inspect_image(store, store.image("empty"))
     assert report.efficiency == 1.0 and report.wasted_paths == []
+
+
+def test_a_renamed_directory_is_new_with_everything_below_it(store: Store, base: str, tmp_path: Path) -> None:
+    """An upper where directories with lower copies were renamed (the kernel's redirect_dir=on format): the
+    old names are deleted, the new names are added with every path the union shows below them (also what
+    their lower copies hold)."""
+    upper = build_layer({"opt": Dir({"app": WHITEOUT, "moved": Dir({"own": "o"})}),
+                         "usr": Dir({"lib": WHITEOUT}), "etc": Dir({"lib2": Dir()})}, tmp_path / "upper")
+    os.setxattr(upper / "opt" / "moved", "trusted.overlay.redirect", b"app")
+    os.setxattr(upper / "etc" / "lib2", "trusted.overlay.redirect", b"/usr/lib")
+    changes = diff_paths(diff_source(store, str(upper), base_image="base"))
+    assert [c.line() for c in changes] == [
+        "C /etc", "A /etc/lib2", "A /etc/lib2/x",
+        "C /opt", "D /opt/app", "A /opt/moved", "A /opt/moved/a", "A /opt/moved/b", "A /opt/moved/own",
+        "C /usr", "D /usr/lib"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import stat as stat_mod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from unionfs.fs.cache import LookupCache
 from unionfs.fs.dirstate import LowerEntry
 from unionfs.fs.fsio import HostDir, join, split
 from unionfs.fs.lookup import Node, Resolver
+from unionfs.fs.whiteout import REDIRECT_XATTRS
 from unionfs.image.commit import union_at
 from unionfs.image.digest import scan
 from unionfs.image.records import Image
@@ -93,12 +94,53 @@ def _dir_differs(child: Child, path: str, view: UnionView, old: LowerEntry) -> b
         return dirs.get(parent).public_xattrs(name) != child.xattrs
 
 
+def _new_view_below(resolver: Resolver, path: str) -> list[tuple[str, bool]]:
+    """Every path the union of ``resolver`` shows below directory ``path``, with whether it is a dir."""
+    out: list[tuple[str, bool]] = []
+    todo = [path]
+    while todo:
+        rel = todo.pop()
+        state = resolver.dir_state(rel)
+        if state is None:
+            continue
+        for name in state.visible_names():
+            node = resolver.child(state, name)
+            if node is None:
+                continue
+            out.append((join(rel, name), node.is_dir))
+            if node.is_dir:
+                todo.append(join(rel, name))
+    return out
+
+
 def diff(upper: HostDir, view: UnionView) -> list[Change]:
-    """The changes the layer ``upper`` makes over ``view`` (see the module doc), sorted by path."""
+    """The changes the layer ``upper`` makes over ``view`` (see the module doc), sorted by path.
+
+    A directory renamed with ``redirect_dir=on`` (a redirect: its lower copies are elsewhere) is new at its
+    new name with everything the union shows below it (``A``, or ``C`` where the old view had a directory
+    there, with ``D`` for what that one held), and deleted at its old name (the whiteout there)."""
     found: dict[str, Change] = {}
 
     def add(kind: str, path: str, is_dir: bool) -> None:
         found[path] = Change(kind, _show(path), is_dir)
+
+    def new_view() -> Resolver:
+        """The union of ``upper`` over the view's layers (read only where a renamed directory is met)."""
+        return Resolver.of_lowers([upper, *view.hosts], LookupCache())
+
+    _diff_walk(upper, view, add, new_view)
+    for path in list(found):
+        parent = split(path)[0]
+        while parent and parent not in found:
+            found[parent] = Change("C", _show(parent), True, implied=True)
+            parent = split(parent)[0]
+    return [found[p] for p in sorted(found, key=sort_key)]
+
+
+def _diff_walk(upper: HostDir, view: UnionView, add: Callable[[str, str, bool], None],
+               new_view: Callable[[], Resolver]) -> None:
+    """:func:`diff`'s walk of the upper: ``add(kind, path, is_dir)`` for each change found."""
+    resolver: Resolver | None = None
 
     # (path in the upper, compare with the old view?, forced opaque?)
     stack: list[tuple[str, bool, bool]] = [("", True, False)]
@@ -121,6 +163,19 @@ def diff(upper: HostDir, view: UnionView) -> list[Change]:
                 cpath = join(path, child.name)
                 is_dir = stat_mod.S_ISDIR(child.st.st_mode)
                 prev = old.get(child.name) if old is not None else None
+                if is_dir and child.overlay_only in REDIRECT_XATTRS:
+                    resolver = resolver or new_view()
+                    below = _new_view_below(resolver, cpath)
+                    replaced = prev is not None and prev.kind == S_IFDIR
+                    add("C" if prev is not None else "A", cpath, True)
+                    if replaced:
+                        shown = {p for p, _ in below}
+                        for name, entry in (view.table(cpath) or {}).items():
+                            if join(cpath, name) not in shown:
+                                add("D", join(cpath, name), entry.kind == S_IFDIR)
+                    for sub, sub_is_dir in below:
+                        add("A", sub, sub_is_dir)
+                    continue
                 if prev is None:
                     add("A", cpath, is_dir)
                 elif not (is_dir and prev.kind == S_IFDIR):
@@ -132,12 +187,6 @@ def diff(upper: HostDir, view: UnionView) -> list[Change]:
                     # below an opaque dir (or a whiteout of the same name) a dir no longer merges with
                     # its old copy: it replaces it
                     stack.append((cpath, same_dir, same_dir and (opaque or child.name in listing.whiteouts)))
-    for path in list(found):
-        parent = split(path)[0]
-        while parent and parent not in found:
-            found[parent] = Change("C", _show(parent), True, implied=True)
-            parent = split(parent)[0]
-    return [found[p] for p in sorted(found, key=sort_key)]
 
 
 # -- inspect -------------------------------------------------------------------------------------------------
