@@ -143,6 +143,17 @@ def upper_dir_and_lower_dir_into_merged_dirs(r: Recorder) -> None:
     _look(r, "moved", "moved/n", "moved/b")
 
 
+@CASES.scenario(TOP, BOTTOM)
+def new_dirs_in_merged_dirs_are_opaque(r: Recorder) -> None:
+    """With redirect_dir=on the kernel marks a dir made in a merged dir opaque (a lower-only dir's copy-up
+    makes it merged first), but not one made in a purely upper dir."""
+    r.call("mkdir a/n (merged parent)", os.mkdir, "a/n")
+    r.call("mkdir only-bottom/n (lower-only parent)", os.mkdir, "only-bottom/n")
+    r.call("mkdir up", os.mkdir, "up")
+    r.call("mkdir up/n (upper-only parent)", os.mkdir, "up/n")
+    _look(r, "a", "only-bottom", "up")
+
+
 REDIRECT_RENAME_CASES = [dataclasses.replace(s, family="redirect") for s in RENAME_CASES]
 
 
