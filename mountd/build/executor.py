@@ -281,7 +281,7 @@ class Builder:
             with _no_interrupts():
                 try:
                     done = commit_layer(self.store, upper, parent=state.layers[-1] if state.layers else None,
-                                        created_by=step.text, progress=self.reporter.progress())
+                                        created_by=step.text, progress=self.reporter.progress(), below=lowers)
                 except (CommitError, StoreError) as exc:
                     raise BuildError(f"{self._where(cf, step)}: cannot commit: {exc}") from None
             return done.digest, done.new_layer

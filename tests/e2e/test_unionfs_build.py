@@ -233,6 +233,26 @@ def test_workdir_creates_a_missing_directory_only(build_store: BuildStore, tmp_p
         assert (mnt / "made" / "here").is_dir()
 
 
+def test_a_run_step_renames_a_lower_directory(build_store: BuildStore, tmp_path: Path) -> None:
+    """``mv`` of a directory an earlier layer holds: the step's mount renames it (a redirect), and its layer
+    carries the move as a whiteout and an opaque copy, never the redirect."""
+    ctx = cache_context(tmp_path)
+    (ctx / "data").mkdir()
+    (ctx / "data" / "one.txt").write_text("1\n")
+    (ctx / "data" / "sub").mkdir()
+    (ctx / "data" / "sub" / "two.txt").write_text("2\n")
+    (ctx / "Containerfile").write_text("FROM bb\nCOPY data/ /data/\nRUN mv /data /moved\n")
+    build_store.build(ctx, "-t", "renamed")
+    with build_store.mounted("renamed") as mnt:
+        assert not (mnt / "data").exists()
+        assert (mnt / "moved" / "one.txt").read_text() == "1\n"
+        assert (mnt / "moved" / "sub" / "two.txt").read_text() == "2\n"
+    for dirpath, dirnames, _ in os.walk(build_store.root / "layers"):
+        for name in dirnames:
+            attrs = os.listxattr(os.path.join(dirpath, name), follow_symlinks=False)
+            assert not any(a.endswith("overlay.redirect") for a in attrs), os.path.join(dirpath, name)
+
+
 # -- failures: a clear error, the store as it was -------------------------------------------------------------------
 
 @pytest.mark.parametrize(("containerfile", "message"), [

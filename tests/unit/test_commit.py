@@ -27,7 +27,7 @@ from support.mounts import kernel_overlay_mount
 from support.snapshot import upper_snapshot
 
 import unionfs.image.commit as commit_mod
-from unionfs.image.commit import MOUNTED_MESSAGE, CommitError, commit_upper, import_dir
+from unionfs.image.commit import MOUNTED_MESSAGE, CommitError, commit_layer, commit_upper, import_dir
 from unionfs.image.digest import KEEP_FILE_MAX, layer_digest
 from unionfs.image.records import ContainerRecord, container_id
 from unionfs.image.store import Store, StoreError
@@ -484,3 +484,36 @@ def test_a_renamed_dir_is_flattened_into_a_whiteout_and_an_opaque_copy(store: St
     assert (layer / "moved" / "f").read_text() == "f\n" and (layer / "keep" / "sub2" / "g").read_text() == "g\n"
     assert _union_tree([str(layer), base_path]) == seen
     assert layer_digest(str(layer)) == result.digest
+
+
+def test_a_build_step_layer_flattens_a_renamed_dir_on_the_layers_it_was_mounted_over(
+        store: Store, tmp_path: Path) -> None:
+    """``commit_layer`` (a build step's upper) with ``below``, the layers the step's mount had: a directory
+    renamed there becomes a whiteout and an opaque copy; without ``below`` the upper is refused and the store
+    is left as it was."""
+    from unionfs.fs.layers import LayerStack
+    from unionfs.fs.union import UnionFS
+
+    base = import_dir(store, str(build_layer({"opt/app/bin": File("run\n", mode=0o755), "opt/app/lib/x": "x\n"},
+                                             tmp_path / "base")), image="base")
+    base_path = store.layer_path(base.digest)
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    fs = UnionFS(LayerStack.open(lowers=[base_path], upper=str(upper), work=str(work)), redirect_dir="on")
+    try:
+        fs.rename("opt/app", "opt/app-1.0")
+    finally:
+        fs.close()
+    seen = _union_tree([base_path], str(upper))
+    layers_before = store.layer_digests()
+    with pytest.raises(CommitError, match=r"is not a self-contained overlay upper: opt/app-1\.0 carries"):
+        commit_layer(store, str(upper), parent=base.digest)
+    assert store.layer_digests() == layers_before
+    result = commit_layer(store, str(upper), parent=base.digest, below=[base_path])
+    layer = Path(store.layer_path(result.digest))
+    snap = upper_snapshot(layer)
+    assert snap["opt/app"].type == "whiteout"
+    assert snap["opt/app-1.0"].opaque and snap["opt/app-1.0"].redirect is None
+    assert (layer / "opt" / "app-1.0" / "lib" / "x").read_text() == "x\n"
+    assert _union_tree([str(layer), base_path]) == seen

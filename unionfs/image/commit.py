@@ -416,14 +416,16 @@ class LayerResult:
 
 
 def commit_layer(store: Store, src: str, *, parent: str | None, created_by: str = "", comment: str = "",
-                 progress: Progress | None = None, what: str = "upper") -> LayerResult:
+                 progress: Progress | None = None, what: str = "upper", below: Sequence[str] = ()) -> LayerResult:
     """Commit the still directory ``src`` (a real path the caller checked: an upper no mount uses any more)
     as a layer of the store and nothing else: no image is written (``unionfs build`` records its steps
-    itself).  The caller may hold the store lock (shared) through its own handle; this takes it too."""
+    itself).  ``below``: the host paths of the layers ``src`` was mounted over, top first, on which a
+    directory renamed with a redirect is flattened (see the module doc).  The caller may hold the store lock
+    (shared) through its own handle; this takes it too."""
     progress = progress or Progress()
     started = time.monotonic()
     with store.locked():
-        manifest = _read(src, what, progress)
+        manifest = _read(src, what, progress, below)
         meta = LayerMeta.from_manifest(manifest, parent=parent, created_by=created_by, comment=comment)
         try:
             new_layer = _stage_and_publish(store, src, manifest, meta, progress)
