@@ -193,3 +193,33 @@ def test_chown_to_minus_one_copies_up_as_the_kernel_does(tmp_path: Path) -> None
     with unionfs_mount([lower], upper, work, mnt, LOWLEVEL):
         os.chown(mnt / "f", -1, -1)
         assert (upper / "f").read_text() == "f\n"
+
+
+def test_a_lower_directory_renames_under_a_cwd_and_an_open_file(tmp_path: Path) -> None:
+    """``redirect_dir=on``: a directory of the lower layer renames (twice, the second time out of its parent)
+    while a process has its cwd below it and a file in it open; the node ids keep both working, the old names
+    are gone, and what is made below the moved directory lands there."""
+    lower, upper, work, mnt = _dirs(tmp_path)
+    (lower / "d" / "sub").mkdir(parents=True)
+    (lower / "d" / "f").write_text("f\n")
+    (lower / "d" / "sub" / "g").write_text("g\n")
+    script = (
+        "import os, sys\n"
+        "m = sys.argv[1]\n"
+        "os.chdir(m + '/d/sub')\n"
+        "fd = os.open(m + '/d/f', os.O_RDONLY)\n"
+        "os.rename(m + '/d', m + '/e')\n"
+        "os.rename(m + '/e/sub', m + '/s2')\n"
+        "print(os.getcwd(), open('g').read().strip(), os.pread(fd, 10, 0).decode().strip())\n"
+        "open('new', 'w').write('n')\n"
+    )
+    with unionfs_mount([lower], upper, work, mnt, (*LOWLEVEL, "redirect_dir=on")):
+        out = subprocess.run([sys.executable, "-c", script, str(mnt)], capture_output=True, text=True, check=True)
+        assert out.stdout.split() == [str(mnt / "s2"), "g", "f"]
+        assert sorted(os.listdir(mnt)) == ["e", "s2"]
+        assert sorted(os.listdir(mnt / "e")) == ["f"]
+        assert sorted(os.listdir(mnt / "s2")) == ["g", "new"]
+        assert _stats(mnt)["frontend"] == "lowlevel"
+    assert os.getxattr(upper / "e", "trusted.overlay.redirect") == b"d"
+    assert os.getxattr(upper / "s2", "trusted.overlay.redirect") == b"/d/sub"
+    assert (upper / "s2" / "new").read_text() == "n"
