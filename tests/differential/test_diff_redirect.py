@@ -154,6 +154,24 @@ def new_dirs_in_merged_dirs_are_opaque(r: Recorder) -> None:
     _look(r, "a", "only-bottom", "up")
 
 
+@CASES.scenario(TOP, BOTTOM)
+def rename_lower_dir_over_a_full_upper_dir_is_enotempty(r: Recorder) -> None:
+    """A dir with a lower copy renamed over a non-empty purely upper dir: ENOTEMPTY comes from the upper fs,
+    after the kernel copied the source up and wrote its redirect (kept: the upper dirs compare it), in its
+    parent and across parents."""
+    r.call("mkdir up", os.mkdir, "up")
+    r.call("mkdir up/full", os.mkdir, "up/full")
+    r.write("write up/full/x", "up/full/x", b"x\n")
+    r.call("mkdir full", os.mkdir, "full")
+    r.write("write full/x", "full/x", b"x\n")
+    r.call("rename only-bottom full", os.rename, "only-bottom", "full")
+    r.call("rename a up/full", os.rename, "a", "up/full")
+    r.call("rename b up/full", os.rename, "b", "up/full")
+    _look(r, ".", "a", "only-bottom", "up/full")
+    r.call("rename a a2 (after)", os.rename, "a", "a2")
+    _look(r, ".", "a2", "a2/sub")
+
+
 REDIRECT_RENAME_CASES = [dataclasses.replace(s, family="redirect") for s in RENAME_CASES]
 
 

@@ -612,11 +612,18 @@ class UnionFS:
                 raise _err(errno.EXDEV, src)
             if dnode is not None and dnode.is_dir and self.resolver.listdir(dst):
                 dstate = self.resolver.dir_state(dst)
-                if dnode.in_upper and dstate is not None and not dstate.lower_layers and dparent.lower_layers:
-                    # the kernel marks the dir (see below) before the upper fs refuses to replace a non-empty
-                    # pure-upper dir: its mark stays (docs/semantics.md)
-                    writer.mark_opaque(upper, src)
-                    self.cache.invalidate_subtree(src)
+                if dnode.in_upper and dstate is not None and not dstate.lower_layers:
+                    # the kernel copies the dir up and marks it (see below) before the upper fs refuses to
+                    # replace a non-empty pure-upper dir: the copy-up and its mark stay (docs/semantics.md)
+                    if moves_lower:
+                        redirect = self._redirect_for(src, samedir=split(src)[0] == split(dst)[0])
+                        layer.ensure_dir(split(src)[0])
+                        self.copy_up(src)
+                        self._set_redirect(src, redirect)
+                        self.cache.invalidate_subtree(src)
+                    elif dparent.lower_layers:
+                        writer.mark_opaque(upper, src)
+                        self.cache.invalidate_subtree(src)
                 raise _err(errno.ENOTEMPTY, dst)
             redirect = self._redirect_for(src, samedir=split(src)[0] == split(dst)[0]) if moves_lower else None
             sparent_path, sname = split(src)
