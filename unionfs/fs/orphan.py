@@ -14,8 +14,9 @@ clean; the holder closes it (:meth:`Orphan.close`) when the last reference to th
 
 What the kernel's overlayfs does that this reproduces (checked on 6.18):
 - an upper object is changed in place (chmod, chown, truncate, times, xattrs) through its inode;
-- a lower object can no longer be copied up: every change, and an open for writing, answers EEXIST (the
-  kernel's copy-up finds the whiteout where the name was); reads go to the layer, which still has it;
+- a lower object can no longer be copied up: every change, and an open for writing, fails as the kernel's
+  copy-up does when it finds the whiteout where the name was (EEXIST; ENOTDIR for a directory); reads go
+  to the layer, which still has it;
 - a directory shows the host's count (0 for an upper one, the layer's for a lower one), a merged one 1.
 """
 

@@ -787,13 +787,21 @@ class UnionFS:
                 raise
             return Orphan(pinned, path, ino, node.in_upper, stat_mod.S_IFMT(st.st_mode), 1 if merged else None)
 
+    @staticmethod
+    def _orphan_copy_up(orphan: Orphan) -> None:
+        """A change of an orphan needs it in the upper layer: a lower one cannot get there any more, and
+        answers as the kernel's copy-up does when it finds the whiteout where the name was (EEXIST; ENOTDIR
+        for a directory)."""
+        if not orphan.on_upper:
+            raise _err(errno.ENOTDIR if orphan.is_dir else errno.EEXIST, orphan.path)
+
     def orphan_getattr(self, orphan: Orphan) -> Attr:
         """Attributes of an orphan: its host object's, with the st_ino the union showed."""
         return self._attrs(orphan.pinned.stat(), orphan.ino, orphan.nlink)
 
     def orphan_open(self, orphan: Orphan, flags: int) -> Handle:
         """Open an orphan (an ``open(2)`` that looked its name up before the name went).  Writing a lower
-        orphan answers EEXIST: it cannot be copied up any more, as under the kernel's overlayfs."""
+        orphan fails: it cannot be copied up any more (:meth:`_orphan_copy_up`)."""
         write = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         host_flags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY)
         if not write:
@@ -801,8 +809,7 @@ class UnionFS:
         if orphan.is_dir:
             raise _err(errno.EISDIR, orphan.path)
         with self.gate.writing():
-            if not orphan.on_upper:
-                raise _err(errno.EEXIST, orphan.path)
+            self._orphan_copy_up(orphan)
             return Handle(orphan.pinned.reopen(host_flags), orphan.path, orphan.ino, True, host_flags)
 
     @_mutating
@@ -811,10 +818,9 @@ class UnionFS:
                        mtime_ns: int | None = UTIME_OMIT) -> None:
         """chmod (``mode``), chown (``uid``/``gid``, -1 keeps), truncate (``size``) and utimens (as
         :meth:`utimens`) of an orphan, in that order.  An upper orphan is changed in place; a lower one
-        answers EEXIST for any change, even for none (``chown(f, -1, -1)``), as the kernel's failed copy-up
-        does."""
-        if not orphan.on_upper:
-            raise _err(errno.EEXIST, orphan.path)
+        fails for any change, even for none (``chown(f, -1, -1)``), as the kernel's copy-up does
+        (:meth:`_orphan_copy_up`)."""
+        self._orphan_copy_up(orphan)
         pinned = orphan.pinned
         if mode is not None:
             pinned.chmod(stat_mod.S_IMODE(mode))
@@ -865,22 +871,21 @@ class UnionFS:
 
     @_mutating
     def orphan_setxattr(self, orphan: Orphan, name: str, value: bytes, flags: int) -> None:
-        """:meth:`setxattr` of an orphan (EEXIST for a lower one: no copy-up any more)."""
+        """:meth:`setxattr` of an orphan (a lower one cannot be copied up any more)."""
         host_name = xattr_to_host(name)
         if host_name is None:
             raise _err(errno.EPERM, orphan.path)
-        if not orphan.on_upper:
-            raise _err(errno.EEXIST, orphan.path)
+        self._orphan_copy_up(orphan)
         orphan.pinned.setxattr(host_name, value, flags)
 
     @_mutating
     def orphan_removexattr(self, orphan: Orphan, name: str) -> None:
-        """:meth:`removexattr` of an orphan (ENODATA where it has no such attribute, else EEXIST for a lower
-        one)."""
+        """:meth:`removexattr` of an orphan (ENODATA where it has no such attribute; a lower one cannot be
+        copied up any more)."""
         host_name = xattr_to_host(name)
         if host_name is None:
             raise _err(errno.ENODATA, orphan.path)
         if not orphan.on_upper:
             orphan.pinned.getxattr(host_name)
-            raise _err(errno.EEXIST, orphan.path)
+        self._orphan_copy_up(orphan)
         orphan.pinned.removexattr(host_name)
