@@ -291,7 +291,7 @@ class Dispatcher:
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
-        orphan = self._orphan(nodeid) if path is None else None
+        orphan = self._orphan(nodeid)  # also where the name went while this request ran
         if orphan is not None:
             return self.fs.orphan_getattr(orphan), None
         handle = self._open_handle_of(nodeid)
@@ -564,7 +564,13 @@ class Dispatcher:
             handle = self.fs.orphan_open(orphan, self._open_flags(flags))
             return self._opened(request.nodeid, handle, flags)
         self.service.wait_invalidations()
-        handle = self.fs.open(path, self._open_flags(flags))
+        try:
+            handle = self.fs.open(path, self._open_flags(flags))
+        except FileNotFoundError:
+            orphan = self._orphan(request.nodeid)
+            if orphan is None:
+                raise
+            handle = self.fs.orphan_open(orphan, self._open_flags(flags))  # the name went meanwhile
         return self._opened(request.nodeid, handle, flags)
 
     def op_create(self, request: Request) -> list[bytes]:
