@@ -130,7 +130,7 @@ def racer(mnt: Path, seed: int, deadline: float, errors: list[str], counts: dict
         except OSError as exc:
             if exc.errno == errno.ESTALE and op in ("copyup", "read"):
                 # the fusepy frontend: an open that lost the race with an unlink or a rename over its name
-                # twice (docs/semantics.md, "An open that races with the removal of its name")
+                # twice (docs/semantics.md, "A file whose name is gone")
                 counts["ESTALE"] = counts.get("ESTALE", 0) + 1
                 continue
             errors.append(f"{op} {name.name}: {errno.errorcode.get(exc.errno or 0, exc.errno)}")
