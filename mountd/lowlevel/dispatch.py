@@ -28,6 +28,7 @@ from mountd.lowlevel.session import Request, Session
 from mountd.service import MountService
 from unionfs.fs.attr import Attr
 from unionfs.fs.fsio import RENAME_EXCHANGE
+from unionfs.fs.orphan import Orphan
 from unionfs.fs.union import UTIME_NOW, UTIME_OMIT, Handle, UnionFS
 
 log = logging.getLogger("unionfs")
@@ -159,6 +160,16 @@ class Dispatcher:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         return path
 
+    def _orphan_or_path(self, nodeid: int) -> Orphan | str:
+        """The union path of a node, or the object it holds once its name is gone; ENOENT for neither."""
+        path = self.nodes.path(nodeid)
+        if path is not None:
+            return path
+        orphan = self._orphan(nodeid)
+        if orphan is None:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return orphan
+
     def _entry(self, nodeid: int, attrs: Attr) -> bytes:
         ev, evn = self._entry_valid
         av, avn = self._attr_valid
@@ -191,6 +202,10 @@ class Dispatcher:
         if self.settings.direct_io:
             flags |= abi.FOPEN_DIRECT_IO
         return flags
+
+    def _orphan(self, nodeid: int) -> Orphan | None:
+        """The object a node whose name is gone still holds (None: it has a name, or was given up)."""
+        return self.nodes.get(nodeid).orphan
 
     def _open_handle_of(self, nodeid: int) -> Handle | None:
         """An open file of node ``nodeid`` (a writable one first), for a node whose name is gone."""
@@ -276,6 +291,9 @@ class Dispatcher:
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
+        orphan = self._orphan(nodeid)  # also where the name went while this request ran
+        if orphan is not None:
+            return self.fs.orphan_getattr(orphan), None
         handle = self._open_handle_of(nodeid)
         if handle is None:
             raise OSError(errno.ENOENT if path is None else errno.ESTALE, os.strerror(errno.ENOENT))
@@ -299,7 +317,22 @@ class Dispatcher:
             m_ns = UTIME_NOW if valid & abi.FATTR_MTIME_NOW else mtime * 1_000_000_000 + mtimensec
         new_uid = uid if valid & abi.FATTR_UID else -1
         new_gid = gid if valid & abi.FATTR_GID else -1
-        if path is None:
+        orphan = self._orphan(request.nodeid) if path is None else None
+        if orphan is not None:
+            if valid & abi.FATTR_SIZE and handle is not None and handle.on_upper:
+                # ftruncate(2): through the open file, as the kernel's overlayfs (a new mtime even at
+                # the same size)
+                valid &= ~abi.FATTR_SIZE
+                self.fs.orphan_setattr(orphan, mode=mode if valid & abi.FATTR_MODE else None, uid=new_uid,
+                                       gid=new_gid)
+                self.fs.ftruncate(handle, size)
+                if valid & (abi.FATTR_ATIME | abi.FATTR_MTIME):
+                    self.fs.orphan_setattr(orphan, atime_ns=a_ns, mtime_ns=m_ns)
+            else:
+                self.fs.orphan_setattr(orphan, mode=mode if valid & abi.FATTR_MODE else None, uid=new_uid,
+                                       gid=new_gid, size=size if valid & abi.FATTR_SIZE else None,
+                                       atime_ns=a_ns, mtime_ns=m_ns)
+        elif path is None:
             self._setattr_gone(request.nodeid, handle, valid, mode, new_uid, new_gid, size, a_ns, m_ns)
         else:
             if valid & abi.FATTR_MODE:
@@ -364,14 +397,17 @@ class Dispatcher:
     def op_getxattr(self, request: Request) -> bytes:
         size, _ = abi.GETXATTR_IN.unpack_from(request.body, 0)
         name, _ = _name(request.body, abi.GETXATTR_IN.size)
-        value = self.fs.xattr_or_none(self._path(request.nodeid), name)
+        orphan = self._orphan_or_path(request.nodeid)
+        value = (self.fs.orphan_xattr_or_none(orphan, name) if isinstance(orphan, Orphan)
+                 else self.fs.xattr_or_none(orphan, name))
         if value is None:
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
         return self._sized(value, size)
 
     def op_listxattr(self, request: Request) -> bytes:
         size, _ = abi.GETXATTR_IN.unpack_from(request.body, 0)
-        names = self.fs.listxattr(self._path(request.nodeid))
+        orphan = self._orphan_or_path(request.nodeid)
+        names = self.fs.orphan_listxattr(orphan) if isinstance(orphan, Orphan) else self.fs.listxattr(orphan)
         return self._sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
 
     @staticmethod
@@ -387,11 +423,20 @@ class Dispatcher:
     def op_setxattr(self, request: Request) -> None:
         size, flags = abi.SETXATTR_IN.unpack_from(request.body, 0)
         name, end = _name(request.body, abi.SETXATTR_IN.size)
-        self.fs.setxattr(self._path(request.nodeid), name, request.body[end:end + size], flags)
+        value = request.body[end:end + size]
+        orphan = self._orphan_or_path(request.nodeid)
+        if isinstance(orphan, Orphan):
+            self.fs.orphan_setxattr(orphan, name, value, flags)
+        else:
+            self.fs.setxattr(orphan, name, value, flags)
 
     def op_removexattr(self, request: Request) -> None:
         name, _ = _name(request.body)
-        self.fs.removexattr(self._path(request.nodeid), name)
+        orphan = self._orphan_or_path(request.nodeid)
+        if isinstance(orphan, Orphan):
+            self.fs.orphan_removexattr(orphan, name)
+        else:
+            self.fs.removexattr(orphan, name)
 
     # -- namespace --------------------------------------------------------------------------------------------
     def op_mknod(self, request: Request) -> bytes:
@@ -423,15 +468,29 @@ class Dispatcher:
         self.fs.link(src, path)
         return self._new_entry(request.nodeid, name, path)
 
-    def op_unlink(self, request: Request) -> None:
+    def _pin(self, parent: int, name: str, path: str) -> Orphan | None:
+        """The object at ``path`` pinned before its name goes, where the kernel holds a node for it: that
+        node keeps answering (an open file, an open(2) that looked the name up already), as the kernel's
+        overlayfs holds the inode."""
+        return self.fs.pin(path) if self.nodes.held(parent, name) else None
+
+    def _remove(self, request: Request, remove: Callable[[str], None]) -> None:
         name, _ = _name(request.body)
-        self.fs.unlink(self.nodes.child_path(request.nodeid, name))
-        self.nodes.detach(request.nodeid, name)
+        path = self.nodes.child_path(request.nodeid, name)
+        orphan = self._pin(request.nodeid, name, path)
+        try:
+            remove(path)
+        except BaseException:
+            if orphan is not None:
+                orphan.close()
+            raise
+        self.nodes.detach(request.nodeid, name, orphan)
+
+    def op_unlink(self, request: Request) -> None:
+        self._remove(request, self.fs.unlink)
 
     def op_rmdir(self, request: Request) -> None:
-        name, _ = _name(request.body)
-        self.fs.rmdir(self.nodes.child_path(request.nodeid, name))
-        self.nodes.detach(request.nodeid, name)
+        self._remove(request, self.fs.rmdir)
 
     def op_rename(self, request: Request) -> None:
         (newdir,) = abi.RENAME_IN.unpack_from(request.body, 0)
@@ -446,12 +505,18 @@ class Dispatcher:
         new, _ = _name(request.body, end)
         src = self.nodes.child_path(request.nodeid, old)
         dst = self.nodes.child_path(newdir, new)
-        self.fs.rename(src, dst, flags)
+        replaced = None if flags & RENAME_EXCHANGE or src == dst else self._pin(newdir, new, dst)
+        try:
+            self.fs.rename(src, dst, flags)
+        except BaseException:
+            if replaced is not None:
+                replaced.close()
+            raise
         if flags & RENAME_EXCHANGE:
             self.nodes.exchange(request.nodeid, old, newdir, new)
             return
         if src != dst:
-            self.nodes.detach(newdir, new)
+            self.nodes.detach(newdir, new, replaced)
             self.nodes.move(request.nodeid, old, newdir, new)
 
     # -- files ------------------------------------------------------------------------------------------------
@@ -489,12 +554,23 @@ class Dispatcher:
         flags, _ = abi.OPEN_IN.unpack_from(request.body, 0)
         path = self.nodes.path(request.nodeid)
         if path is None:
-            # the name got a new node (see _opened) while this open was on its way: ESTALE makes the
-            # kernel look the name up again
-            self.nodes.get(request.nodeid)
-            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+            orphan = self._orphan(request.nodeid)
+            if orphan is None:
+                # the name got a new node (see _opened) while this open was on its way: ESTALE makes the
+                # kernel look the name up again
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+            # the name went (unlink, rename over it) after the kernel looked it up: the open gets the
+            # object it found, as on the kernel's overlayfs
+            handle = self.fs.orphan_open(orphan, self._open_flags(flags))
+            return self._opened(request.nodeid, handle, flags)
         self.service.wait_invalidations()
-        handle = self.fs.open(path, self._open_flags(flags))
+        try:
+            handle = self.fs.open(path, self._open_flags(flags))
+        except FileNotFoundError:
+            orphan = self._orphan(request.nodeid)
+            if orphan is None:
+                raise
+            handle = self.fs.orphan_open(orphan, self._open_flags(flags))  # the name went meanwhile
         return self._opened(request.nodeid, handle, flags)
 
     def op_create(self, request: Request) -> list[bytes]:
@@ -559,7 +635,7 @@ class Dispatcher:
 
     # -- directories --------------------------------------------------------------------------------------------
     def op_opendir(self, request: Request) -> bytes:
-        self._path(request.nodeid)  # ENOENT for a directory whose name is gone
+        self._orphan_or_path(request.nodeid)  # ENOENT for a directory whose name is gone, unless kept
         fh = next(self._dir_handles)
         return abi.OPEN_OUT.pack(fh, 0, 0)
 
@@ -574,7 +650,11 @@ class Dispatcher:
         with self._listings_lock:
             entries = self._listings.get(fh) if offset else None
         if entries is None:
-            path = self._path(nodeid)
+            path = self.nodes.path(nodeid)
+            if path is None:
+                if self._orphan(nodeid) is None:
+                    raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+                return []  # a removed directory lists nothing, as on the kernel's overlayfs
             ino = self.fs.getattr(path).st_ino
             entries = [(".", b".", stat_mod.S_IFDIR, ino), ("..", b"..", stat_mod.S_IFDIR, 1)]
             entries.extend((name, os.fsencode(name), kind, child_ino)
@@ -602,6 +682,8 @@ class Dispatcher:
         entries = self._listing(request.nodeid, fh, offset)
         out: list[bytes] = []
         used = 0
+        if not entries:
+            return b""
         path = self._path(request.nodeid)
         index = offset
         zero_entry = bytes(abi.ENTRY_OUT_SIZE)

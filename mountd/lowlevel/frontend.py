@@ -133,6 +133,7 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
     finally:
         service.close()
         session.close()
+        dispatcher.nodes.clear()  # the objects kept for names that are gone (nothing of them is on disk)
         os.close(fd)
 
 

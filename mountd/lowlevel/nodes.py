@@ -10,8 +10,13 @@ Hard links are per path, as the kernel's overlayfs without ``index=on`` shows th
 its own (with the same ``st_ino`` where the layers share the inode); a change through one name invalidates
 the kernel's caches of the others (the core's ``invalidate`` hook).
 
-An unlinked (or renamed-over) node keeps its id with ``parent`` None: its open files keep answering
-fstat/fchmod/ftruncate/read/write through their descriptors, as on the kernel's overlayfs.
+A node whose name is gone (unlink, rmdir, a rename over it) keeps its id with ``parent`` None and holds the
+object itself: the :class:`unionfs.fs.orphan.Orphan` the core pinned before the removal.  Requests on it
+(GETATTR, SETATTR, OPEN, READ, WRITE, the xattrs) then reach the object as on the kernel's overlayfs, which
+holds the inode; the orphan is let go when the node is dropped (its last FORGET and its last open file),
+and :meth:`NodeTable.clear` lets every one go at unmount.  Nothing is kept on disk for it.  A node given up
+for a fresh one (a passthrough copy-up, see ``dispatch``) has ``parent`` None and no orphan: an OPEN on it
+answers ESTALE, so that the kernel looks the name up again.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ import os
 import threading
 
 from mountd.lowlevel.abi import ROOT_ID
+from unionfs.fs.orphan import Orphan
 
 
 class Node:
     """One name of the union the kernel holds."""
 
-    __slots__ = ("name", "nlookup", "nodeid", "open_fhs", "parent")
+    __slots__ = ("name", "nlookup", "nodeid", "open_fhs", "orphan", "parent")
 
     def __init__(self, nodeid: int, parent: int | None, name: str) -> None:
         self.nodeid = nodeid
@@ -36,6 +42,8 @@ class Node:
         self.name = name
         self.nlookup = 0
         self.open_fhs: set[int] = set()
+        self.orphan: Orphan | None = None
+        """The object itself once the name is gone (see the module docstring)."""
 
 
 class NodeTable:
@@ -126,6 +134,9 @@ class NodeTable:
         del self._nodes[node.nodeid]
         if node.parent is not None and self._children.get((node.parent, node.name)) == node.nodeid:
             del self._children[(node.parent, node.name)]
+        if node.orphan is not None:
+            node.orphan.close()
+            node.orphan = None
 
     def opened(self, nodeid: int, fh: int) -> None:
         with self._lock:
@@ -140,17 +151,35 @@ class NodeTable:
                 node.open_fhs.discard(fh)
                 self._drop_if_unused(node)
 
-    def detach(self, parent: int, name: str) -> Node | None:
+    def held(self, parent: int, name: str) -> bool:
+        """Does the kernel hold a node for ``name`` in ``parent`` (so that its removal must keep the object)?"""
+        return (parent, name) in self._children
+
+    def detach(self, parent: int, name: str, orphan: Orphan | None = None) -> Node | None:
         """``name`` in ``parent`` is gone (unlink, rmdir, replaced by a rename): its node, if any, keeps its
-        id and open files but has no path any more."""
+        id and open files but has no path any more, and holds ``orphan`` (the object, pinned before the
+        removal) until it is dropped.  Without a node the orphan is let go at once."""
         with self._lock:
             nodeid = self._children.pop((parent, name), None)
             if nodeid is None:
+                if orphan is not None:
+                    orphan.close()
                 return None
             node = self._nodes[nodeid]
             node.parent = None
+            if node.orphan is not None:
+                node.orphan.close()
+            node.orphan = orphan
             self._drop_if_unused(node)
             return node
+
+    def clear(self) -> None:
+        """Let every kept object go (the mount ended: the kernel holds nothing any more)."""
+        with self._lock:
+            for node in self._nodes.values():
+                if node.orphan is not None:
+                    node.orphan.close()
+                    node.orphan = None
 
     def move(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
         """A rename: the node at (parent, name), if any, now is (new_parent, new_name); whatever the kernel

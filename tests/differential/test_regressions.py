@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from support.differential import Catalog, Recorder, Scenario, assert_same_as_kernel, run_differential
-from support.layers import WHITEOUT, Dir, File, Hardlink
+from support.layers import WHITEOUT, Dir, File, Hardlink, Symlink
 from support.mounts import frontend
 from support.scratch import private_tmpfs
 from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
@@ -113,6 +113,137 @@ def fstat_of_an_open_file_whose_name_is_gone(r: Recorder) -> None:
         for fd in fds.values():
             os.close(fd)
     r.listdir("ls .")
+
+
+def _reopen(fd: int, flags: int) -> bytes:
+    """Open the file of ``fd`` again through its /proc magic link (an open of a node whose name is gone: no
+    lookup happens) and read it."""
+    again = os.open(f"/proc/self/fd/{fd}", flags)
+    try:
+        return os.pread(again, 100, 0)
+    finally:
+        os.close(again)
+
+
+NAMELESS = "the fusepy frontend reaches files by name (libfuse's path layer): a descriptor whose name is gone " \
+           "answers ESTALE or ENOENT"
+
+
+def _changes_through(r: Recorder, name: str, fd: int) -> None:
+    """What a program does with a descriptor whose name is gone: each outcome recorded."""
+    r.call(f"fchmod {name}", os.fchmod, fd, 0o640)
+    r.call(f"fchown {name} -1 -1", os.fchown, fd, -1, -1)
+    r.call(f"fchown {name} 0 0", os.fchown, fd, 0, 0)
+    r.call(f"fsetxattr {name}", os.setxattr, fd, "user.gone", b"value")
+    r.value(f"fgetxattr {name}", os.getxattr, fd, "user.gone")
+    r.value(f"flistxattr {name}", lambda: sorted(os.listxattr(fd)))
+    r.call(f"ftruncate {name}", os.ftruncate, fd, 3)
+    r.value(f"pwrite {name}", os.pwrite, fd, b"XY", 1)
+    r.call(f"fsync {name}", os.fsync, fd)
+    r.value(f"pread {name}", os.pread, fd, 100, 0)
+    r.value(f"fstat {name}", _fstat, fd)
+    r.value(f"reopen {name} read-only", _reopen, fd, os.O_RDONLY)
+    r.value(f"reopen {name} read-write", _reopen, fd, os.O_RDWR)
+
+
+@known_divergence(NAMELESS, frontends=("fusepy",))
+@CASES.scenario({"d/f": "lower f\n", "g": "lower g\n", "h": "lower h\n"})
+def a_descriptor_whose_name_is_gone_changes_its_file(r: Recorder) -> None:
+    """fchmod, fchown, fsetxattr, ftruncate, pwrite, fsync, pread, fstat and an open through /proc of
+    descriptors whose names are gone: a new file (changed in place, nlink 0), a lower file opened for writing
+    (copied up at open, then its dir removed), a lower file opened read-only (still in its layer: any change
+    answers EEXIST, as the kernel's copy-up finds the whiteout), and a lower file replaced by a rename."""
+    fds = {"new": os.open("new", os.O_RDWR | os.O_CREAT, 0o644), "d/f": os.open("d/f", os.O_RDWR),
+           "g": os.open("g", os.O_RDONLY), "h": os.open("h", os.O_RDONLY)}
+    try:
+        os.write(fds["new"], b"new data")
+        r.call("unlink new", os.unlink, "new")
+        r.call("rm -rf d", lambda: (os.unlink("d/f"), os.rmdir("d")))
+        r.call("unlink g", os.unlink, "g")
+        r.write("create other", "other", b"other data\n")
+        r.call("rename other over h", os.rename, "other", "h")
+        for name, fd in fds.items():
+            _changes_through(r, name, fd)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    r.listdir("ls .")
+    r.read("read h", "h")
+
+
+def _dir_fd_facts(fd: int) -> tuple[int, int, list[str]]:
+    st = os.fstat(fd)
+    return st.st_mode, st.st_nlink, sorted(os.listdir(fd))
+
+
+@known_divergence(NAMELESS, frontends=("fusepy",))
+@CASES.scenario({"lowdir/.keep": "", "merged/a": "a", "plain": {}})
+def a_directory_descriptor_whose_dir_was_removed(r: Recorder) -> None:
+    """fstat, getdents and fchmod of open directories after rmdir: a new upper dir (nlink 0), a lower dir
+    emptied through the union (merged now: 1), one merged from the start (1), an empty lower dir (the
+    layer's count; fchmod answers EEXIST, it cannot be copied up); each lists nothing."""
+    r.call("mkdir new", os.mkdir, "new")
+    r.call("empty the others", lambda: (os.unlink("lowdir/.keep"), os.unlink("merged/a"),
+                                        os.mkdir("merged/b"), os.rmdir("merged/b")))
+    fds = {name: os.open(name, os.O_RDONLY | os.O_DIRECTORY) for name in ("new", "lowdir", "merged", "plain")}
+    try:
+        for name in fds:
+            r.call(f"rmdir {name}", os.rmdir, name)
+        for name, fd in fds.items():
+            r.value(f"{name}: mode, nlink, listing", _dir_fd_facts, fd)
+            r.call(f"fchmod {name}", os.fchmod, fd, 0o700)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    r.listdir("ls .")
+
+
+@known_divergence(NAMELESS, frontends=("fusepy",))
+@CASES.scenario({"x": "lower linked\n", "y": Hardlink("x")})
+def a_hard_link_keeps_its_other_name_when_one_goes(r: Recorder) -> None:
+    """A name of a hard link goes while a descriptor holds it: the descriptor and the other name show one
+    file (a change through the descriptor shows at the other name at once); lower links keep their
+    layer's count."""
+    r.write("create a", "a", b"linked\n")
+    r.call("link a b", os.link, "a", "b")
+    fd = os.open("a", os.O_RDWR)
+    low = os.open("x", os.O_RDONLY)
+    try:
+        r.call("unlink a", os.unlink, "a")
+        r.value("fstat a", _fstat, fd)
+        r.stat("stat b", "b")
+        r.call("fchmod a", os.fchmod, fd, 0o600)
+        r.value("pwrite a", os.pwrite, fd, b"L", 0)
+        r.stat("stat b after fchmod", "b")
+        r.read("read b", "b")
+        r.call("unlink b", os.unlink, "b")
+        r.value("fstat a after unlink b", _fstat, fd)
+        r.call("unlink x", os.unlink, "x")
+        r.value("fstat x", _fstat, low)
+        r.value("pread x", os.pread, low, 100, 0)
+        r.stat("stat y", "y")
+    finally:
+        os.close(fd)
+        os.close(low)
+    r.listdir("ls .")
+
+
+@known_divergence("chown(f, -1, -1) never reaches the daemon through libfuse's path layer: nothing is copied up",
+                  frontends=("fusepy",))
+@CASES.scenario({"f": "lower f\n", "g": "lower g\n", "d/x": "x", "l": Symlink("f")})
+def chown_to_minus_one_copies_up(r: Recorder) -> None:
+    """chown(f, -1, -1) changes nothing but is a setattr: the kernel's overlayfs copies the object up (and
+    its parents), through a path, a descriptor, a directory and a symlink alike."""
+    r.call("chown f -1 -1", os.chown, "f", -1, -1)
+    fd = os.open("g", os.O_RDONLY)
+    try:
+        r.call("fchown g -1 -1", os.fchown, fd, -1, -1)
+    finally:
+        os.close(fd)
+    r.call("chown d -1 -1", os.chown, "d", -1, -1)
+    r.call("lchown l -1 -1", os.chown, "l", -1, -1, follow_symlinks=False)
+    r.stat("stat f", "f")
+    r.stat("stat d", "d")
 
 
 def _links_and_ctime_moved(path: str, before: os.stat_result) -> tuple[int, bool]:

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from support.mounts import unionfs_mount
 
+from unionfs.control import daemon_pid
+
 pytestmark = pytest.mark.mounted
 UNIONFS = str(Path(sys.prefix) / "bin" / "unionfs")
 LOWLEVEL = ("frontend=lowlevel",)
@@ -185,6 +187,46 @@ def test_an_open_file_keeps_working_after_its_name_is_gone(tmp_path: Path) -> No
             os.close(fd)
             os.close(low)
         assert sorted(os.listdir(mnt)) == []
+
+
+def _kept_upper_files(pid: int, upper: Path) -> list[str]:
+    """The daemon's descriptors of files of ``upper`` whose names are gone."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(upper)) and target.endswith(" (deleted)"):
+            out.append(target)
+    return out
+
+
+def test_an_object_whose_name_is_gone_is_kept_until_the_kernel_lets_it_go(tmp_path: Path) -> None:
+    """An open(2) through a node whose name is gone (here: the /proc magic link of a descriptor, which opens
+    the node without a lookup) opens the old file; the daemon keeps nothing of it once the last descriptor
+    is closed (the node's last FORGET), so the upper file's space is freed."""
+    lower, upper, work, mnt = _dirs(tmp_path)
+    with unionfs_mount([lower], upper, work, mnt, (*LOWLEVEL, "passthrough=off")):
+        pid = daemon_pid(str(mnt))
+        assert pid is not None
+        fd = os.open(mnt / "gone", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"still here")
+            os.unlink(mnt / "gone")
+            assert _kept_upper_files(pid, upper) != []
+            again = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+            try:
+                os.pwrite(again, b"STILL", 0)
+                assert os.pread(fd, 100, 0) == b"STILL here"
+                assert os.fstat(again).st_nlink == 0
+            finally:
+                os.close(again)
+        finally:
+            os.close(fd)
+        assert _wait_for(lambda: _kept_upper_files(pid, upper) == []), _kept_upper_files(pid, upper)
+        assert not (mnt / "gone").exists()
+        assert os.listdir(upper) == []
 
 
 def test_chown_to_minus_one_copies_up_as_the_kernel_does(tmp_path: Path) -> None:

@@ -70,3 +70,41 @@ def test_exchange_swaps_two_nodes() -> None:
     table.exchange(ROOT_ID, "a", ROOT_ID, "b")
     assert (table.path(a), table.path(b)) == ("b", "a")
     assert table.find(ROOT_ID, "a") == b
+
+
+class _Kept:
+    """Stands for the object a node keeps once its name is gone (counts its closes)."""
+
+    def __init__(self) -> None:
+        self.closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+
+
+def test_a_node_whose_name_is_gone_keeps_its_object_until_dropped() -> None:
+    table = NodeTable()
+    f = table.remember(ROOT_ID, "f")
+    assert table.held(ROOT_ID, "f")
+    kept = _Kept()
+    table.opened(f, 7)
+    table.detach(ROOT_ID, "f", kept)  # type: ignore[arg-type]
+    assert not table.held(ROOT_ID, "f")
+    assert table.get(f).orphan is kept
+    table.forget(f, 1)
+    assert kept.closes == 0  # still open
+    table.closed(f, 7)
+    assert kept.closes == 1  # last FORGET and last close: let go
+
+
+def test_an_object_without_a_node_is_let_go_at_once_and_all_at_unmount() -> None:
+    table = NodeTable()
+    kept = _Kept()
+    assert table.detach(ROOT_ID, "never-looked-up", kept) is None  # type: ignore[arg-type]
+    assert kept.closes == 1
+    g = table.remember(ROOT_ID, "g")
+    other = _Kept()
+    table.detach(ROOT_ID, "g", other)  # type: ignore[arg-type]
+    assert table.get(g).orphan is other and other.closes == 0
+    table.clear()
+    assert other.closes == 1

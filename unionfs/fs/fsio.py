@@ -140,6 +140,69 @@ def resolve_root(path: str) -> tuple[str, int]:
     return real, st.st_dev
 
 
+class Pinned:
+    """One object of a host tree held by an ``O_PATH`` descriptor: still reachable once its name is gone
+    (unlinked, replaced by a rename), as the kernel's overlayfs holds the inode of an open file.
+
+    Made only by :meth:`HostDir.pin` (which never follows a symlink); every call acts on the object itself
+    through the descriptor's ``/proc/self/fd`` magic link, which names that inode and nothing else (a
+    symlink pinned stays the symlink: calls that would follow it answer as on the symlink).  The caller
+    closes it.  Raises ``OSError`` with the host's errno.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @property
+    def _proc(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fd)
+
+    def reopen(self, flags: int) -> int:
+        """A new descriptor of the object opened with ``flags`` (never creating anything)."""
+        if stat_mod.S_ISLNK(os.fstat(self.fd).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+        return os.open(self._proc, (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_CLOEXEC)
+
+    def chmod(self, mode: int) -> None:
+        if stat_mod.S_ISLNK(os.fstat(self.fd).st_mode):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        os.chmod(self._proc, mode)
+
+    def chown(self, uid: int, gid: int) -> None:
+        os.chown(self._proc, uid, gid)
+
+    def utime(self, ns: tuple[int, int]) -> None:
+        os.utime(self._proc, ns=ns)
+
+    def truncate(self, length: int) -> None:
+        """truncate(2) of a regular file (EINVAL for anything else, as truncate(2) answers)."""
+        if not stat_mod.S_ISREG(os.fstat(self.fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        os.truncate(self._proc, length)
+
+    def getxattr(self, attr: str) -> bytes:
+        return os.getxattr(self._proc, attr)
+
+    def listxattr(self) -> list[str]:
+        return os.listxattr(self._proc)
+
+    def setxattr(self, attr: str, value: bytes, flags: int = 0) -> None:
+        os.setxattr(self._proc, attr, value, flags)
+
+    def removexattr(self, attr: str) -> None:
+        os.removexattr(self._proc, attr)
+
+
 class HostDir:
     """A directory tree on the host, reached only beneath its root descriptor.
 
@@ -187,6 +250,10 @@ class HostDir:
         parent, name = self._split(rel)
         with self.dirfd(parent) as pfd:
             return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=pfd)
+
+    def pin(self, rel: str) -> Pinned:
+        """Hold the object ``rel`` (never a symlink's target) by an ``O_PATH`` descriptor."""
+        return Pinned(self.open(rel, os.O_PATH))
 
     def read_bytes(self, rel: str) -> bytes:
         """The whole content of regular file ``rel`` (opened as :meth:`open` opens, never through a symlink)."""

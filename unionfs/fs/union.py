@@ -36,6 +36,7 @@ from unionfs.fs.layers import WORK_SUBDIR, LayerStack
 from unionfs.fs.lookup import NAME_MAX, Node, Resolver
 from unionfs.fs.lookup import check_name as _check_name
 from unionfs.fs.lookup import path_error as _err
+from unionfs.fs.orphan import Orphan
 from unionfs.fs.upper import Upper
 from unionfs.fs.whiteout import (
     REDIRECT_MAX,
@@ -850,3 +851,131 @@ class UnionFS:
                         self.inodes.invalidate_other_names(handle.path, st)
         finally:
             os.close(handle.fd)
+
+    # ================================================================== objects whose name is gone
+    def pin(self, path: str) -> Orphan | None:
+        """Hold the object visible at ``path`` so that it stays reachable once its name is gone (unlink,
+        rmdir, a rename over it); None where nothing is visible.  A frontend that holds a handle on the
+        name calls it before the removal and closes the orphan when its last handle goes
+        (:mod:`unionfs.fs.orphan`)."""
+        with self.lock:
+            try:
+                node = self.resolver.require(path)
+            except OSError:
+                return None
+            pinned = self._host(node).pin(path)
+            try:
+                st = pinned.stat()
+                if node.in_upper:
+                    ino = self.inodes.upper_ino(path, st)
+                    merged = node.is_dir and bool(node.merge_layers) and self._merged(path)
+                else:
+                    ino = self.inodes.ino(node.layer, st.st_ino)
+                    merged = node.is_dir and len(node.merge_layers) > 1 and self._merged(path)
+            except BaseException:
+                pinned.close()
+                raise
+            return Orphan(pinned, path, ino, node.in_upper, stat_mod.S_IFMT(st.st_mode), 1 if merged else None)
+
+    @staticmethod
+    def _orphan_copy_up(orphan: Orphan) -> None:
+        """A change of an orphan needs it in the upper layer: a lower one cannot get there any more, and
+        answers as the kernel's copy-up does when it finds the whiteout where the name was (EEXIST; ENOTDIR
+        for a directory)."""
+        if not orphan.on_upper:
+            raise _err(errno.ENOTDIR if orphan.is_dir else errno.EEXIST, orphan.path)
+
+    def orphan_getattr(self, orphan: Orphan) -> Attr:
+        """Attributes of an orphan: its host object's, with the st_ino the union showed."""
+        return self._attrs(orphan.pinned.stat(), orphan.ino, orphan.nlink)
+
+    def orphan_open(self, orphan: Orphan, flags: int) -> Handle:
+        """Open an orphan (an ``open(2)`` that looked its name up before the name went).  Writing a lower
+        orphan fails: it cannot be copied up any more (:meth:`_orphan_copy_up`)."""
+        write = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        host_flags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY)
+        if not write:
+            return Handle(orphan.pinned.reopen(host_flags), orphan.path, orphan.ino, orphan.on_upper, host_flags)
+        if orphan.is_dir:
+            raise _err(errno.EISDIR, orphan.path)
+        with self.gate.writing():
+            self._orphan_copy_up(orphan)
+            return Handle(orphan.pinned.reopen(host_flags), orphan.path, orphan.ino, True, host_flags)
+
+    @_mutating
+    def orphan_setattr(self, orphan: Orphan, *, mode: int | None = None, uid: int = -1, gid: int = -1,
+                       size: int | None = None, atime_ns: int | None = UTIME_OMIT,
+                       mtime_ns: int | None = UTIME_OMIT) -> None:
+        """chmod (``mode``), chown (``uid``/``gid``, -1 keeps), truncate (``size``) and utimens (as
+        :meth:`utimens`) of an orphan, in that order.  An upper orphan is changed in place; a lower one
+        fails for any change, even for none (``chown(f, -1, -1)``), as the kernel's copy-up does
+        (:meth:`_orphan_copy_up`)."""
+        self._orphan_copy_up(orphan)
+        pinned = orphan.pinned
+        if mode is not None:
+            pinned.chmod(stat_mod.S_IMODE(mode))
+        if uid != -1 or gid != -1:
+            if self.idmap is not None:
+                uid, gid = self.idmap.stored(uid, gid)
+            pinned.chown(uid, gid)
+        if size is not None:
+            if orphan.is_dir:
+                raise _err(errno.EISDIR, orphan.path)
+            pinned.truncate(size)
+        if atime_ns != UTIME_OMIT or mtime_ns != UTIME_OMIT:
+            st = pinned.stat()
+            now = time.time_ns()
+
+            def pick(value: int | None, current: int) -> int:
+                if value is None or value == UTIME_NOW:
+                    return now
+                return current if value == UTIME_OMIT else value
+
+            pinned.utime((pick(atime_ns, st.st_atime_ns), pick(mtime_ns, st.st_mtime_ns)))
+        if self.inodes.links:
+            with self.lock:  # the names it still has (a hard link) show the change
+                self.inodes.invalidate_other_names(orphan.path, pinned.stat())
+
+    def orphan_xattr_or_none(self, orphan: Orphan, name: str) -> bytes | None:
+        """:meth:`xattr_or_none` of an orphan."""
+        host_name = xattr_to_host(name)
+        if host_name is None:
+            return None
+        try:
+            return orphan.pinned.getxattr(host_name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA or (not orphan.on_upper and exc.errno in (errno.ENOTSUP, errno.EPERM)):
+                return None
+            raise
+
+    def orphan_listxattr(self, orphan: Orphan) -> list[str]:
+        """:meth:`listxattr` of an orphan."""
+        try:
+            host_names = orphan.pinned.listxattr()
+        except OSError as exc:
+            if orphan.on_upper or exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+            return []
+        names = (xattr_from_host(n) for n in host_names)
+        return [n for n in names if n is not None]
+
+    @_mutating
+    def orphan_setxattr(self, orphan: Orphan, name: str, value: bytes, flags: int) -> None:
+        """:meth:`setxattr` of an orphan (a lower one cannot be copied up any more)."""
+        host_name = xattr_to_host(name)
+        if host_name is None:
+            raise _err(errno.EPERM, orphan.path)
+        self._orphan_copy_up(orphan)
+        orphan.pinned.setxattr(host_name, value, flags)
+
+    @_mutating
+    def orphan_removexattr(self, orphan: Orphan, name: str) -> None:
+        """:meth:`removexattr` of an orphan (ENODATA where it has no such attribute; a lower one cannot be
+        copied up any more)."""
+        host_name = xattr_to_host(name)
+        if host_name is None:
+            raise _err(errno.ENODATA, orphan.path)
+        if not orphan.on_upper:
+            orphan.pinned.getxattr(host_name)
+        self._orphan_copy_up(orphan)
+        orphan.pinned.removexattr(host_name)
