@@ -863,7 +863,7 @@ class UnionFS:
                 node = self.resolver.require(path)
             except OSError:
                 return None
-            pinned = self._host(node).pin(path)
+            pinned = self._host(node).pin(node.source)
             try:
                 st = pinned.stat()
                 if node.in_upper:
