@@ -35,6 +35,8 @@ Whiteout: TypeAlias = Literal["auto", "kernel", "oci"]
 ReaddirPlus: TypeAlias = Literal["0", "1", "auto"]
 Frontend: TypeAlias = Literal["lowlevel", "fusepy"]
 FRONTENDS: Final[tuple[Frontend, ...]] = ("lowlevel", "fusepy")
+Spin: TypeAlias = Literal["auto", "on", "off"]
+SPINS: Final[tuple[Spin, ...]] = ("auto", "on", "off")
 WHITEOUT_FORMATS: Final[tuple[Whiteout, ...]] = ("auto", "kernel", "oci")
 
 MAX_ID: Final = 2**32 - 2
@@ -196,6 +198,7 @@ class MountConfig:
     whiteout: Whiteout = "auto"
     frontend: Frontend | None = None
     passthrough: bool = True
+    spin: Spin = "auto"
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
     squash_to_root: bool = False
@@ -300,6 +303,7 @@ class _Parsed:
     whiteout: Whiteout = "auto"
     frontend: Frontend | None = None
     passthrough: bool = True
+    spin: Spin = "auto"
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
     squash_to_root: bool = False
@@ -532,6 +536,15 @@ def _opt_passthrough(state: _Parsed, raw: str | None) -> None:
     state.passthrough = value in ("on", "1")
 
 
+def _opt_spin(state: _Parsed, raw: str | None) -> None:
+    """Whether the protocol frontend's reader keeps reading the device for a short while after a request
+    before it sleeps: ``auto`` (while a CPU is free for it), ``on`` or ``off``."""
+    value = unescape(_need("spin", raw))
+    if value not in SPINS:
+        raise OptionError(f"spin={value}: expected one of {', '.join(SPINS)}")
+    state.spin = value  # type: ignore[assignment]
+
+
 def _opt_timeout(state: _Parsed, raw: str | None) -> None:
     """fuse-overlayfs' ``timeout=`` sets how long the kernel caches entries and attributes."""
     seconds = _seconds("timeout", unescape(_need("timeout", raw)))
@@ -579,6 +592,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_Parsed, str | None], None]]] = Map
     "timeout": _opt_timeout,
     "frontend": _opt_frontend,
     "passthrough": _opt_passthrough,
+    "spin": _opt_spin,
     "uidmapping": _opt_uidmapping,
     "gidmapping": _opt_gidmapping,
     "squash_to_root": _opt_squash_to_root,
@@ -690,6 +704,7 @@ def _freeze(state: _Parsed, cwd: str) -> MountConfig:
         whiteout=state.whiteout,
         frontend=state.frontend,
         passthrough=state.passthrough,
+        spin=state.spin,
         uid_mappings=state.uid_mappings,
         gid_mappings=state.gid_mappings,
         squash_to_root=state.squash_to_root,
@@ -740,6 +755,7 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   frontend=lowlevel|fusepy   who speaks to the kernel: the daemon itself on /dev/fuse, or libfuse's
                      high-level API (default: $UNIONFS_FRONTEND, else fusepy)
   passthrough=on|off file reads/writes straight to the backing file (lowlevel frontend, root, kernel 6.9+)
+  spin=auto|on|off   the lowlevel reader polls the device briefly after each request (auto: while a CPU is free)
   timeout=SECONDS    kernel cache time for entries and attributes (sets the three *_timeout options)
   threaded=0|1, debug
 

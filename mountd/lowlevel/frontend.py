@@ -35,7 +35,8 @@ class FrontendError(Exception):
 
 
 def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, readdirplus: str,
-                  posix_acl: bool, passthrough: bool = False, max_stack_depth: int = 1) -> Settings:
+                  posix_acl: bool, passthrough: bool = False, max_stack_depth: int = 1,
+                  spin: str = "auto") -> Settings:
     """The protocol settings for the FUSE options of a mount (``fuse_kwargs``)."""
     def seconds(name: str) -> float:
         value = kwargs.get(name, 0)
@@ -45,7 +46,7 @@ def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, rea
                     negative_timeout=seconds("negative_timeout"), kernel_cache=bool(kwargs.get("kernel_cache")),
                     direct_io=bool(kwargs.get("direct_io")), writeback_cache=writeback_cache,
                     readdirplus=readdirplus, posix_acl=posix_acl, max_write=MAX_WRITE,
-                    passthrough=passthrough, max_stack_depth=max_stack_depth)
+                    passthrough=passthrough, max_stack_depth=max_stack_depth, spin=spin)
 
 
 def mount_request(mountpoint: str, kwargs: Mapping[str, FuseValue]) -> devmount.MountRequest:
@@ -80,7 +81,7 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
         fd = devmount.open_device() if os.geteuid() == 0 else devmount.fusermount(request)
     except OSError as exc:
         raise FrontendError(f"cannot mount '{mountpoint}': {exc.strerror or exc}") from None
-    session = Session(fd, buffer_size=MAX_WRITE + 2 * 4096)
+    session = Session(fd, buffer_size=MAX_WRITE + 2 * 4096, spin=settings.spin)
     started: list[bool] = []
 
     def on_ready() -> None:
@@ -104,6 +105,7 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
     service.extra_stats["passthrough"] = passthrough.snapshot
     session.dispatcher = dispatcher
     service.extra_stats["session"] = lambda: {**session.counters, "nodes": len(dispatcher.nodes),
+                                              "spin": session.spin,
                                               "spin_window_us": session.spin_window_ns // 1000}
     try:
         if os.geteuid() == 0:

@@ -12,6 +12,9 @@ the kernel's caches of the others (the core's ``invalidate`` hook).
 
 An unlinked (or renamed-over) node keeps its id with ``parent`` None: its open files keep answering
 fstat/fchmod/ftruncate/read/write through their descriptors, as on the kernel's overlayfs.
+
+Paths are asked for on every request, so :meth:`NodeTable.path` keeps the paths it built; any change of
+the tree's shape (a rename, an unlink) forgets them all, and they are built again on the next request.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class NodeTable:
         self._nodes: dict[int, Node] = {ROOT_ID: root}
         self._children: dict[tuple[int, str], int] = {}
         self._ids = itertools.count(ROOT_ID + 1)
+        self._paths: dict[int, str] = {ROOT_ID: ""}
+        """Paths built by :meth:`path` since the tree last changed shape (filled and emptied under the lock)."""
+        self._shape = 0
+        """Bumped (under the lock) whenever a name moves or goes: a path built before then is not kept."""
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -61,8 +68,10 @@ class NodeTable:
 
     def path(self, nodeid: int) -> str | None:
         """The union path of ``nodeid`` ("" for the root), or None when its name (or a parent's) is gone."""
-        if nodeid == ROOT_ID:
-            return ""
+        known = self._paths.get(nodeid)
+        if known is not None:
+            return known
+        shape = self._shape
         parts: list[str] = []
         nodes = self._nodes
         node = nodes.get(nodeid)
@@ -74,7 +83,17 @@ class NodeTable:
         if node is None:
             return None
         parts.reverse()
-        return "/".join(parts)
+        path = "/".join(parts)
+        with self._lock:
+            if shape == self._shape and nodeid in nodes:
+                self._paths[nodeid] = path
+        return path
+
+    def _reshaped(self) -> None:
+        """A name moved or went (lock held): forget every path built so far."""
+        self._shape += 1
+        self._paths.clear()
+        self._paths[ROOT_ID] = ""
 
     def child_path(self, parent: int, name: str) -> str:
         """The union path of ``name`` inside node ``parent``; ENOENT when the parent's name is gone."""
@@ -124,6 +143,7 @@ class NodeTable:
         if node.nlookup or node.open_fhs or node.nodeid == ROOT_ID:
             return
         del self._nodes[node.nodeid]
+        self._paths.pop(node.nodeid, None)
         if node.parent is not None and self._children.get((node.parent, node.name)) == node.nodeid:
             del self._children[(node.parent, node.name)]
 
@@ -149,6 +169,7 @@ class NodeTable:
                 return None
             node = self._nodes[nodeid]
             node.parent = None
+            self._reshaped()
             self._drop_if_unused(node)
             return node
 
@@ -162,12 +183,14 @@ class NodeTable:
             node = self._nodes[nodeid]
             node.parent, node.name = new_parent, new_name
             self._children[(new_parent, new_name)] = nodeid
+            self._reshaped()
 
     def exchange(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
         """RENAME_EXCHANGE: the nodes of the two names swap places."""
         with self._lock:
             first = self._children.pop((parent, name), None)
             second = self._children.pop((new_parent, new_name), None)
+            self._reshaped()
             if first is not None:
                 node = self._nodes[first]
                 node.parent, node.name = new_parent, new_name

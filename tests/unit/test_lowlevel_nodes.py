@@ -70,3 +70,21 @@ def test_exchange_swaps_two_nodes() -> None:
     table.exchange(ROOT_ID, "a", ROOT_ID, "b")
     assert (table.path(a), table.path(b)) == ("b", "a")
     assert table.find(ROOT_ID, "a") == b
+
+
+def test_paths_asked_before_a_rename_or_an_unlink_are_not_answered_after_it() -> None:
+    table = NodeTable()
+    d = table.remember(ROOT_ID, "d")
+    f = table.remember(d, "f")
+    e = table.remember(ROOT_ID, "e")
+    assert table.path(f) == "d/f"  # built and kept
+    table.move(ROOT_ID, "d", e, "moved")
+    assert table.path(f) == "e/moved/f"
+    x = table.remember(ROOT_ID, "x")
+    assert table.path(x) == "x"
+    table.exchange(e, "moved", ROOT_ID, "x")
+    assert table.path(f) == "x/f"
+    assert table.path(x) == "e/moved"
+    table.detach(ROOT_ID, "x")
+    assert table.path(f) is None
+    assert table.path(e) == "e"
