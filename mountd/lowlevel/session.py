@@ -1,9 +1,9 @@
 """The session on a ``/dev/fuse`` descriptor: the reader loop, the worker pool, replies and notifications.
 
 One reader thread reads every request.  Quick requests (lookups, attributes, xattrs, listings, forgets)
-are answered by the reader itself; requests that may block on the disk or on a copy-up (opens, reads,
-writes, every change) go to a small pool of workers.  So a slow request never sits in a queue in front of a
-quick one: quick ones are never queued at all.
+are answered by the reader itself, and so are reads of data the host's page cache holds; requests that may
+block on the disk or on a copy-up (opens, other reads, writes, every change) go to a small pool of
+workers.  So a slow request never sits in a queue in front of a quick one: quick ones are never queued.
 
 After each request the reader keeps reading the (non-blocking) device for a short while before it sleeps
 in ``poll``: on a 2-vCPU machine most of a request's wall time is otherwise the daemon's wake-up.  The
@@ -74,11 +74,14 @@ class Request:
 
 class Dispatcher(Protocol):
     """What the session calls: ``handle(request)`` answers (through ``session.reply``) or raises OSError;
-    ``is_quick(request)`` says whether the reader may answer it itself."""
+    ``is_quick(request)`` says whether the reader may answer it itself; ``try_now(request)`` answers one
+    that is not quick by nature on the reader where that cannot block (True), or leaves it (False)."""
 
     def handle(self, request: Request) -> None: ...
 
     def is_quick(self, request: Request) -> bool: ...
+
+    def try_now(self, request: Request) -> bool: ...
 
 
 class Session:
@@ -110,7 +113,7 @@ class Session:
         self.stopping = False
         self.spin_window_ns = SPIN_START_NS
         self.counters = {"requests": 0, "spin_hits": 0, "spin_misses": 0, "spin_skipped": 0, "sleeps": 0,
-                         "to_workers": 0, "interrupted": 0}
+                         "to_workers": 0, "answered_now": 0, "interrupted": 0}
 
     # -- replies ------------------------------------------------------------------------------------------
     def reply(self, unique: int, *parts: bytes) -> None:
@@ -121,7 +124,7 @@ class Session:
         size = _OUT_SIZE + sum(len(p) for p in parts)
         self._write([_pack_out(size, 0, unique), *parts])
 
-    def reply_one(self, unique: int, body: bytes) -> None:
+    def reply_one(self, unique: int, body: bytes | memoryview) -> None:
         """Answer request ``unique`` with ``body`` (one buffer: a small reply is copied once behind its
         header, a large one written from where it is)."""
         if len(body) <= 4096:
@@ -138,7 +141,7 @@ class Session:
         size = abi.OUT_HEADER.size + sum(len(p) for p in parts)
         os.writev(self.fd, [abi.OUT_HEADER.pack(size, code, 0), *parts])
 
-    def _write(self, parts: list[bytes]) -> None:
+    def _write(self, parts: list[bytes | memoryview]) -> None:
         try:
             os.writev(self.fd, parts)
         except OSError as exc:
@@ -265,6 +268,8 @@ class Session:
                 self._interrupt(request)
             elif dispatcher.is_quick(request):
                 dispatcher.handle(request)
+            elif dispatcher.try_now(request):
+                counters["answered_now"] += 1
             else:
                 counters["to_workers"] += 1
                 with self._waiting_lock:

@@ -729,6 +729,23 @@ class UnionFS:
     def read(self, handle: Handle, size: int, offset: int) -> bytes:
         return os.pread(handle.fd, size, offset)
 
+    def read_cached(self, handle: Handle, buffer: memoryview, offset: int) -> int | None:
+        """:meth:`read` into ``buffer`` at ``offset``, but only where the host's page cache holds the data
+        (``RWF_NOWAIT``: never a wait for the disk).  The number of bytes read (fewer than asked only at the
+        end of the file), or None where the read would wait (or the host filesystem cannot tell): then
+        :meth:`read` it.  Raises OSError as :meth:`read` does."""
+        try:
+            count = os.preadv(handle.fd, [buffer], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise
+        if count < len(buffer) and offset + count < os.fstat(handle.fd).st_size:
+            return None  # part of the range is not cached
+        return count
+
     @_mutating
     def write(self, handle: Handle, data: bytes, offset: int) -> int:
         return os.pwrite(handle.fd, data, offset)
