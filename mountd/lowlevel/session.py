@@ -254,6 +254,9 @@ class Session:
                 if self.stopping:
                     return
                 counters["sleeps"] += 1
+                self._poller.poll()  # sleep first: a read now would most often fail (EAGAIN) and cost more
+                if self.stopping:
+                    return
                 try:
                     request = self.read_one(block=True)
                 except OSError as exc:
