@@ -57,17 +57,23 @@ def mount_request(mountpoint: str, kwargs: Mapping[str, FuseValue]) -> devmount.
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
-    """SIGTERM/SIGINT/SIGHUP call ``stop`` (main thread only; elsewhere nothing is installed)."""
+def _stop_on_signals(stop: Callable[[], None], wake_fd: int) -> Iterator[None]:
+    """SIGTERM/SIGINT/SIGHUP call ``stop`` (main thread only; elsewhere nothing is installed).
+
+    The kernel may deliver the signal to any thread, and only the main thread runs Python's handlers: the
+    signal's number is also written to ``wake_fd`` (the session's wake-up pipe), so that a main thread
+    asleep in ``poll`` wakes up to run ``stop``."""
     sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     try:
         old = {sig: signal.signal(sig, lambda signum, frame: stop()) for sig in sigs}
     except ValueError:  # not the main thread
         yield
         return
+    old_wake = signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
     try:
         yield
     finally:
+        signal.set_wakeup_fd(old_wake)
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
@@ -107,31 +113,39 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
     service.extra_stats["session"] = lambda: {**session.counters, "nodes": len(dispatcher.nodes),
                                               "spin": session.spin,
                                               "spin_window_us": session.spin_window_ns // 1000}
-    try:
-        if os.geteuid() == 0:
-            try:
-                synced = devmount.mount_device(fd, request, lambda: session.serve_init(dispatcher.handle))
-            except OSError as exc:
-                raise FrontendError(f"cannot mount '{mountpoint}': {exc.strerror or exc}") from None
-        else:
-            synced = False
-        if synced:
-            on_ready()
-        else:
-            dispatcher.on_init = on_ready
-        stopping: list[bool] = []
+    stopping: list[bool] = []
+    detached: list[bool] = []
 
-        def stop() -> None:
-            # as libfuse's handlers: detach the mount (users of a busy one keep it until they leave, and
-            # get ENOTCONN once the daemon is gone) and leave the loop
-            if not stopping:
-                stopping.append(True)
+    def stop() -> None:
+        # as libfuse's handlers: detach the mount (users of a busy one keep it until they leave, and
+        # get ENOTCONN once the daemon is gone) and leave the loop
+        if not stopping:
+            stopping.append(True)
+            with contextlib.suppress(OSError):
+                devmount.unmount(mountpoint, lazy=True)
+                detached.append(True)
+            session.stop()
+
+    try:
+        # the handlers come first: a signal right after the caller was told the mount is ready (or even
+        # during the mount) must end it, not interrupt the set-up half-way
+        with _stop_on_signals(stop, session.wake_fd):
+            if os.geteuid() == 0:
+                try:
+                    synced = devmount.mount_device(fd, request, lambda: session.serve_init(dispatcher.handle))
+                except OSError as exc:
+                    raise FrontendError(f"cannot mount '{mountpoint}': {exc.strerror or exc}") from None
+            else:
+                synced = False
+            if synced:
+                on_ready()
+            else:
+                dispatcher.on_init = on_ready
+            session.run()
+            if stopping and not detached:
+                # the signal came before the mount was there: it is there now
                 with contextlib.suppress(OSError):
                     devmount.unmount(mountpoint, lazy=True)
-                session.stop()
-
-        with _stop_on_signals(stop):
-            session.run()
     finally:
         service.close()
         session.close()

@@ -179,6 +179,11 @@ class Session:
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = _unpack_in(view, 0)
             return Request(opcode, unique, nodeid, uid, gid, pid, bytes(view[_IN_SIZE:size]))
 
+    @property
+    def wake_fd(self) -> int:
+        """The write end of the pipe that wakes the reader from ``poll`` (non-blocking)."""
+        return self._wake_w
+
     def stop(self) -> None:
         """End :meth:`run` soon (safe from a signal handler): the loop leaves at its next wake-up."""
         self.stopping = True
