@@ -12,7 +12,9 @@ another checkout, or ``unionfs-mount -o spin=off``); the variants interleave, ro
 - ``mount``: mount-to-ready of a stack of ``--layers`` one-file layers: wall, and the CPU of the mount
   command plus the daemon until the command returned.
 
-Medians over ``--rounds``; the table is Markdown for ``benchmarks/RESULTS.md``.
+Medians over ``--rounds``; the table is Markdown for ``benchmarks/RESULTS.md``.  A label holds no ``=``; the
+frontend is the command's (``-o frontend=…``) or ``$UNIONFS_FRONTEND``, e.g.
+``UNIONFS_FRONTEND=lowlevel python -m benchmarks.daemoncpu walk a=unionfs-mount 'b=unionfs-mount -o spin=off'``.
 """
 
 from __future__ import annotations
