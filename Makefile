@@ -21,10 +21,12 @@ install-apt:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# editable_mode=compat: the checkout on sys.path through a plain .pth line; setuptools' default import hook
+# costs every interpreter (so every mount's daemon) 10-15 ms of start-up.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	touch $@
 
 # Wrappers in $(PREFIX)/bin with an absolute interpreter: mount(8) runs mount.fuse, which resets PATH, so

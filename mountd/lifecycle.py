@@ -24,16 +24,13 @@ Mode bits from the kernel already carry the caller's umask, so the daemon runs w
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
-import logging.handlers
 import os
 import resource
 import select
 import signal
 import stat
-import subprocess
 import sys
 import threading
 import time
@@ -41,7 +38,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mountd.options import FRONTENDS, MountConfig, fuse_kwargs, unsupported_fuse_options
-from unionfs.control import daemon_pid
 from unionfs.fs.layers import LayerError, LayerStack
 from unionfs.mountinfo import find_mount
 
@@ -263,11 +259,11 @@ class _Readiness:
         log.info("mounted %s (pid %d)", self.mountpoint, os.getpid())
         if self.status_fd is None:
             return
-        _quiet_after_ready()
+        self._send("ready")  # first: the caller goes on while the daemon quiets its stderr
         if self._stderr_log is not None:
             os.close(self._stderr_log)
             self._stderr_log = None
-        self._send("ready")
+        _quiet_after_ready()
 
     def fail(self, message: str) -> None:
         """Report a failure before ready (after ready there is nobody to tell: it is logged)."""
@@ -305,8 +301,10 @@ def _quiet_after_ready() -> None:
     for handler in list(root.handlers):
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             root.removeHandler(handler)
+    from logging.handlers import SysLogHandler  # after ready: not on the way to the mount
+
     try:
-        syslog = logging.handlers.SysLogHandler(address="/dev/log")
+        syslog = SysLogHandler(address="/dev/log")
     except OSError:
         return
     syslog.ident = f"unionfs-mount[{os.getpid()}]: "
@@ -366,7 +364,7 @@ def _serve_lowlevel(config: MountConfig, fs: UnionFS, readiness: _Readiness) -> 
     posix_acl = config.acl and bool(kwargs.get("default_permissions")) and fs.idmap is None
     settings = frontend.settings_from(kwargs, writeback_cache=config.writeback_cache,
                                       readdirplus=config.readdirplus, posix_acl=posix_acl,
-                                      passthrough=config.passthrough,
+                                      passthrough=config.passthrough, spin=config.spin,
                                       max_stack_depth=frontend.stack_depth([layer.host.fd
                                                                             for layer in fs.stack.layers]))
     log.debug("FUSE options: %s", kwargs)
@@ -432,6 +430,8 @@ def unmount(mountpoint: str, *, timeout: float = EXIT_TIMEOUT) -> None:
 
     Raises :class:`MountError`: not mounted, not a unionfs mount, busy, or the daemon did not exit in time.
     """
+    from unionfs.control import daemon_pid
+
     real = os.path.realpath(mountpoint)
     entry = find_mount(real)
     if entry is None:
@@ -461,6 +461,9 @@ def _pidfd(pid: int | None) -> Iterator[int | None]:
 
 def _umount(real: str, shown: str, *, lazy: bool = False) -> None:
     """Unmount ``real`` (``umount2`` as root, else fusermount); ``lazy`` detaches it even when busy."""
+    import ctypes  # unmounts only: not on a mount's way
+    import subprocess
+
     if os.geteuid() == 0:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.umount2(os.fsencode(real), _MNT_DETACH if lazy else 0) != 0:

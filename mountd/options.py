@@ -35,6 +35,8 @@ Whiteout: TypeAlias = Literal["auto", "kernel", "oci"]
 ReaddirPlus: TypeAlias = Literal["0", "1", "auto"]
 Frontend: TypeAlias = Literal["lowlevel", "fusepy"]
 FRONTENDS: Final[tuple[Frontend, ...]] = ("lowlevel", "fusepy")
+Spin: TypeAlias = Literal["auto", "on", "off"]
+SPINS: Final[tuple[Spin, ...]] = ("auto", "on", "off")
 WHITEOUT_FORMATS: Final[tuple[Whiteout, ...]] = ("auto", "kernel", "oci")
 RedirectDir: TypeAlias = Literal["on", "follow", "nofollow", "off"]
 REDIRECT_DIR_MODES: Final[tuple[RedirectDir, ...]] = ("on", "follow", "nofollow", "off")
@@ -199,6 +201,7 @@ class MountConfig:
     redirect_dir: RedirectDir = "on"
     frontend: Frontend | None = None
     passthrough: bool = True
+    spin: Spin = "auto"
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
     squash_to_root: bool = False
@@ -304,6 +307,7 @@ class _Parsed:
     redirect_dir: RedirectDir = "on"
     frontend: Frontend | None = None
     passthrough: bool = True
+    spin: Spin = "auto"
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
     squash_to_root: bool = False
@@ -547,6 +551,15 @@ def _opt_passthrough(state: _Parsed, raw: str | None) -> None:
     state.passthrough = value in ("on", "1")
 
 
+def _opt_spin(state: _Parsed, raw: str | None) -> None:
+    """Whether the protocol frontend's reader keeps reading the device for a short while after a request
+    before it sleeps: ``auto`` (while a CPU is free for it), ``on`` or ``off``."""
+    value = unescape(_need("spin", raw))
+    if value not in SPINS:
+        raise OptionError(f"spin={value}: expected one of {', '.join(SPINS)}")
+    state.spin = value  # type: ignore[assignment]
+
+
 def _opt_timeout(state: _Parsed, raw: str | None) -> None:
     """fuse-overlayfs' ``timeout=`` sets how long the kernel caches entries and attributes."""
     seconds = _seconds("timeout", unescape(_need("timeout", raw)))
@@ -595,6 +608,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_Parsed, str | None], None]]] = Map
     "timeout": _opt_timeout,
     "frontend": _opt_frontend,
     "passthrough": _opt_passthrough,
+    "spin": _opt_spin,
     "uidmapping": _opt_uidmapping,
     "gidmapping": _opt_gidmapping,
     "squash_to_root": _opt_squash_to_root,
@@ -707,6 +721,7 @@ def _freeze(state: _Parsed, cwd: str) -> MountConfig:
         redirect_dir=state.redirect_dir,
         frontend=state.frontend,
         passthrough=state.passthrough,
+        spin=state.spin,
         uid_mappings=state.uid_mappings,
         gid_mappings=state.gid_mappings,
         squash_to_root=state.squash_to_root,
@@ -760,6 +775,7 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   frontend=lowlevel|fusepy   who speaks to the kernel: the daemon itself on /dev/fuse, or libfuse's
                      high-level API (default: $UNIONFS_FRONTEND, else fusepy)
   passthrough=on|off file reads/writes straight to the backing file (lowlevel frontend, root, kernel 6.9+)
+  spin=auto|on|off   the lowlevel reader polls the device briefly after each request (auto: while a CPU is free)
   timeout=SECONDS    kernel cache time for entries and attributes (sets the three *_timeout options)
   threaded=0|1, debug
 

@@ -32,6 +32,7 @@ from unionfs.fs.orphan import Orphan
 from unionfs.fs.union import UTIME_NOW, UTIME_OMIT, Handle, UnionFS
 
 log = logging.getLogger("unionfs")
+_clock = time.perf_counter_ns
 
 FMODE_EXEC = 0x20
 _PLUS_CHUNK = 16
@@ -66,6 +67,8 @@ class Settings:
     max_write: int = 1 << 20
     passthrough: bool = False
     max_stack_depth: int = 1
+    spin: str = "auto"
+    """The reader's polling after a request: "auto", "on" or "off" (:class:`mountd.lowlevel.session.Session`)."""
 
 
 def _name(body: bytes, start: int = 0) -> tuple[str, int]:
@@ -97,6 +100,9 @@ class Dispatcher:
         self.passthrough = passthrough if passthrough is not None else Passthrough(
             session.fd, enabled=False, reason="off")
         self._posix_acl = False
+        self._counts: dict[int, list[int]] = {}
+        self._read_buffer = memoryview(bytearray(settings.max_write))
+        """The reader's buffer for READs answered from the page cache (:meth:`try_now`; reader only)."""
         self._handlers: dict[int, Callable[[Request], Any]] = {
             abi.INIT: self.op_init, abi.LOOKUP: self.op_lookup, abi.FORGET: self.op_forget,
             abi.BATCH_FORGET: self.op_batch_forget, abi.GETATTR: self.op_getattr, abi.SETATTR: self.op_setattr,
@@ -116,30 +122,61 @@ class Dispatcher:
     def is_quick(self, request: Request) -> bool:
         return request.opcode in QUICK_OPCODES
 
+    def try_now(self, request: Request) -> bool:
+        """Answer a request that is not quick by nature on the reader, where that cannot block: a READ of
+        data the host's page cache holds.  False: a worker must answer it (nothing was sent)."""
+        if request.opcode != abi.READ:
+            return False
+        fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
+        handle = self.service.handles.get(fh)
+        if handle is None or size > len(self._read_buffer):
+            return False
+        start = _clock()
+        view = self._read_buffer[:size]
+        try:
+            count = self.fs.read_cached(handle, view, offset)
+        except OSError:
+            return False  # the worker's read says why
+        if count is None:
+            return False
+        self.session.reply_one(request.unique, view[:count])
+        counts = self._counts.get(abi.READ) or self._counts_of(abi.READ)
+        counts[0] += 1
+        counts[1] += _clock() - start
+        return True
+
     def handle(self, request: Request) -> None:
-        """Answer one request (FORGETs get no answer)."""
+        """Answer one request (FORGETs get no answer).  A handler answers by returning the reply's body
+        (bytes, a list of parts, None for an empty one), :data:`REPLIED`, an ``int`` errno (an expected
+        negative answer, without the cost of an exception) or by raising OSError."""
         opcode = request.opcode
-        handler = self._handlers.get(opcode)
-        start = time.perf_counter_ns()
+        counts = self._counts.get(opcode)
+        if counts is None:
+            counts = self._counts_of(opcode)
+        start = _clock()
         failed = 1
         try:
+            handler = self._handlers.get(opcode)
             if handler is None:
                 self.session.reply_error(request.unique, errno.ENOSYS)
                 return
             result = handler(request)
-            failed = 0
-            if opcode in NO_REPLY or result is REPLIED:
+            if type(result) is int:
+                self.session.reply_error(request.unique, result)
                 return
-            if self.service.invalidations_pending and opcode not in QUICK_OPCODES:
+            failed = 0
+            if result is REPLIED or opcode in NO_REPLY:
+                return
+            if opcode not in QUICK_OPCODES and self.service.invalidations_pending:
                 # a change through one name of a hard link reaches the kernel's caches of the other names
                 # before the caller sees it done (bounded: never from the reader, which must stay free)
                 self.service.wait_invalidations()
             if result is None:
-                self.session.reply(request.unique)
-            elif isinstance(result, list):
+                self.session.reply_one(request.unique, b"")
+            elif type(result) is list:
                 self.session.reply(request.unique, *result)
             else:
-                self.session.reply(request.unique, result)
+                self.session.reply_one(request.unique, result)
         except OSError as exc:
             code = exc.errno if isinstance(exc.errno, int) and 0 < exc.errno < 4096 else errno.EIO
             if opcode not in NO_REPLY:
@@ -149,7 +186,15 @@ class Dispatcher:
             if opcode not in NO_REPLY:
                 self.session.reply_error(request.unique, errno.EIO)
         finally:
-            self.service.count(abi.OPCODE_NAMES.get(opcode, str(opcode)), time.perf_counter_ns() - start, failed)
+            counts[0] += 1
+            counts[1] += _clock() - start
+            counts[2] += failed
+
+    def _counts_of(self, opcode: int) -> list[int]:
+        """The ``[calls, total ns, errors]`` of ``opcode`` in ``unionfs stats`` (shared with the service)."""
+        counts = self.service.op_stats.setdefault(abi.OPCODE_NAMES.get(opcode, str(opcode)), [0, 0, 0])
+        self._counts[opcode] = counts
+        return counts
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _path(self, nodeid: int) -> str:
@@ -394,14 +439,14 @@ class Dispatcher:
         self.fs.access(self._path(request.nodeid), mask)
 
     # -- xattrs -----------------------------------------------------------------------------------------------
-    def op_getxattr(self, request: Request) -> bytes:
+    def op_getxattr(self, request: Request) -> bytes | int:
         size, _ = abi.GETXATTR_IN.unpack_from(request.body, 0)
         name, _ = _name(request.body, abi.GETXATTR_IN.size)
         orphan = self._orphan_or_path(request.nodeid)
         value = (self.fs.orphan_xattr_or_none(orphan, name) if isinstance(orphan, Orphan)
                  else self.fs.xattr_or_none(orphan, name))
         if value is None:
-            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+            return errno.ENODATA  # the common answer of a tree walk: no exception
         return self._sized(value, size)
 
     def op_listxattr(self, request: Request) -> bytes:

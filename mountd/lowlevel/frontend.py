@@ -35,7 +35,8 @@ class FrontendError(Exception):
 
 
 def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, readdirplus: str,
-                  posix_acl: bool, passthrough: bool = False, max_stack_depth: int = 1) -> Settings:
+                  posix_acl: bool, passthrough: bool = False, max_stack_depth: int = 1,
+                  spin: str = "auto") -> Settings:
     """The protocol settings for the FUSE options of a mount (``fuse_kwargs``)."""
     def seconds(name: str) -> float:
         value = kwargs.get(name, 0)
@@ -45,7 +46,7 @@ def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, rea
                     negative_timeout=seconds("negative_timeout"), kernel_cache=bool(kwargs.get("kernel_cache")),
                     direct_io=bool(kwargs.get("direct_io")), writeback_cache=writeback_cache,
                     readdirplus=readdirplus, posix_acl=posix_acl, max_write=MAX_WRITE,
-                    passthrough=passthrough, max_stack_depth=max_stack_depth)
+                    passthrough=passthrough, max_stack_depth=max_stack_depth, spin=spin)
 
 
 def mount_request(mountpoint: str, kwargs: Mapping[str, FuseValue]) -> devmount.MountRequest:
@@ -56,17 +57,23 @@ def mount_request(mountpoint: str, kwargs: Mapping[str, FuseValue]) -> devmount.
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
-    """SIGTERM/SIGINT/SIGHUP call ``stop`` (main thread only; elsewhere nothing is installed)."""
+def _stop_on_signals(stop: Callable[[], None], wake_fd: int) -> Iterator[None]:
+    """SIGTERM/SIGINT/SIGHUP call ``stop`` (main thread only; elsewhere nothing is installed).
+
+    The kernel may deliver the signal to any thread, and only the main thread runs Python's handlers: the
+    signal's number is also written to ``wake_fd`` (the session's wake-up pipe), so that a main thread
+    asleep in ``poll`` wakes up to run ``stop``."""
     sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     try:
         old = {sig: signal.signal(sig, lambda signum, frame: stop()) for sig in sigs}
     except ValueError:  # not the main thread
         yield
         return
+    old_wake = signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
     try:
         yield
     finally:
+        signal.set_wakeup_fd(old_wake)
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
@@ -80,7 +87,7 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
         fd = devmount.open_device() if os.geteuid() == 0 else devmount.fusermount(request)
     except OSError as exc:
         raise FrontendError(f"cannot mount '{mountpoint}': {exc.strerror or exc}") from None
-    session = Session(fd, buffer_size=MAX_WRITE + 2 * 4096)
+    session = Session(fd, buffer_size=MAX_WRITE + 2 * 4096, spin=settings.spin)
     started: list[bool] = []
 
     def on_ready() -> None:
@@ -104,32 +111,41 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
     service.extra_stats["passthrough"] = passthrough.snapshot
     session.dispatcher = dispatcher
     service.extra_stats["session"] = lambda: {**session.counters, "nodes": len(dispatcher.nodes),
+                                              "spin": session.spin,
                                               "spin_window_us": session.spin_window_ns // 1000}
-    try:
-        if os.geteuid() == 0:
-            try:
-                synced = devmount.mount_device(fd, request, lambda: session.serve_init(dispatcher.handle))
-            except OSError as exc:
-                raise FrontendError(f"cannot mount '{mountpoint}': {exc.strerror or exc}") from None
-        else:
-            synced = False
-        if synced:
-            on_ready()
-        else:
-            dispatcher.on_init = on_ready
-        stopping: list[bool] = []
+    stopping: list[bool] = []
+    detached: list[bool] = []
 
-        def stop() -> None:
-            # as libfuse's handlers: detach the mount (users of a busy one keep it until they leave, and
-            # get ENOTCONN once the daemon is gone) and leave the loop
-            if not stopping:
-                stopping.append(True)
+    def stop() -> None:
+        # as libfuse's handlers: detach the mount (users of a busy one keep it until they leave, and
+        # get ENOTCONN once the daemon is gone) and leave the loop
+        if not stopping:
+            stopping.append(True)
+            with contextlib.suppress(OSError):
+                devmount.unmount(mountpoint, lazy=True)
+                detached.append(True)
+            session.stop()
+
+    try:
+        # the handlers come first: a signal right after the caller was told the mount is ready (or even
+        # during the mount) must end it, not interrupt the set-up half-way
+        with _stop_on_signals(stop, session.wake_fd):
+            if os.geteuid() == 0:
+                try:
+                    synced = devmount.mount_device(fd, request, lambda: session.serve_init(dispatcher.handle))
+                except OSError as exc:
+                    raise FrontendError(f"cannot mount '{mountpoint}': {exc.strerror or exc}") from None
+            else:
+                synced = False
+            if synced:
+                on_ready()
+            else:
+                dispatcher.on_init = on_ready
+            session.run()
+            if stopping and not detached:
+                # the signal came before the mount was there: it is there now
                 with contextlib.suppress(OSError):
                     devmount.unmount(mountpoint, lazy=True)
-                session.stop()
-
-        with _stop_on_signals(stop):
-            session.run()
     finally:
         service.close()
         session.close()

@@ -14,8 +14,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import socket
-import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +79,9 @@ def kernel_mount(fd: int, request: MountRequest) -> None:
 
 def fusermount(request: MountRequest) -> int:
     """Mount through the set-uid ``fusermount3``; returns the ``/dev/fuse`` descriptor it passed back."""
+    import socket  # only without root: a root mount never loads it
+    import subprocess
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         opts = [f"fsname={request.source}", f"subtype={request.subtype}", *request.flags, *request.options]
@@ -138,6 +139,8 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> None:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), mountpoint)
         return
+    import subprocess  # only without root
+
     proc = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint], capture_output=True,
                           check=False)
     if proc.returncode != 0:

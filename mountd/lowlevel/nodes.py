@@ -17,6 +17,9 @@ holds the inode; the orphan is let go when the node is dropped (its last FORGET 
 and :meth:`NodeTable.clear` lets every one go at unmount.  Nothing is kept on disk for it.  A node given up
 for a fresh one (a passthrough copy-up, see ``dispatch``) has ``parent`` None and no orphan: an OPEN on it
 answers ESTALE, so that the kernel looks the name up again.
+
+Paths are asked for on every request, so :meth:`NodeTable.path` keeps the paths it built; any change of
+the tree's shape (a rename, an unlink) forgets them all, and they are built again on the next request.
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ class NodeTable:
         self._nodes: dict[int, Node] = {ROOT_ID: root}
         self._children: dict[tuple[int, str], int] = {}
         self._ids = itertools.count(ROOT_ID + 1)
+        self._paths: dict[int, str] = {ROOT_ID: ""}
+        """Paths built by :meth:`path` since the tree last changed shape (filled and emptied under the lock)."""
+        self._shape = 0
+        """Bumped (under the lock) whenever a name moves or goes: a path built before then is not kept."""
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -69,8 +76,10 @@ class NodeTable:
 
     def path(self, nodeid: int) -> str | None:
         """The union path of ``nodeid`` ("" for the root), or None when its name (or a parent's) is gone."""
-        if nodeid == ROOT_ID:
-            return ""
+        known = self._paths.get(nodeid)
+        if known is not None:
+            return known
+        shape = self._shape
         parts: list[str] = []
         nodes = self._nodes
         node = nodes.get(nodeid)
@@ -82,7 +91,17 @@ class NodeTable:
         if node is None:
             return None
         parts.reverse()
-        return "/".join(parts)
+        path = "/".join(parts)
+        with self._lock:
+            if shape == self._shape and nodeid in nodes:
+                self._paths[nodeid] = path
+        return path
+
+    def _reshaped(self) -> None:
+        """A name moved or went (lock held): forget every path built so far."""
+        self._shape += 1
+        self._paths.clear()
+        self._paths[ROOT_ID] = ""
 
     def child_path(self, parent: int, name: str) -> str:
         """The union path of ``name`` inside node ``parent``; ENOENT when the parent's name is gone."""
@@ -132,6 +151,7 @@ class NodeTable:
         if node.nlookup or node.open_fhs or node.nodeid == ROOT_ID:
             return
         del self._nodes[node.nodeid]
+        self._paths.pop(node.nodeid, None)
         if node.parent is not None and self._children.get((node.parent, node.name)) == node.nodeid:
             del self._children[(node.parent, node.name)]
         if node.orphan is not None:
@@ -170,6 +190,7 @@ class NodeTable:
             if node.orphan is not None:
                 node.orphan.close()
             node.orphan = orphan
+            self._reshaped()
             self._drop_if_unused(node)
             return node
 
@@ -191,12 +212,14 @@ class NodeTable:
             node = self._nodes[nodeid]
             node.parent, node.name = new_parent, new_name
             self._children[(new_parent, new_name)] = nodeid
+            self._reshaped()
 
     def exchange(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
         """RENAME_EXCHANGE: the nodes of the two names swap places."""
         with self._lock:
             first = self._children.pop((parent, name), None)
             second = self._children.pop((new_parent, new_name), None)
+            self._reshaped()
             if first is not None:
                 node = self._nodes[first]
                 node.parent, node.name = new_parent, new_name

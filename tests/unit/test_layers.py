@@ -119,6 +119,24 @@ def test_the_same_dir_twice_is_rejected(dirs: dict[str, Path], a: str, b: str) -
         LayerStack.open(lowers=[paths["l0"], paths["l1"]], upper=paths["upper"], work=paths["work"])
 
 
+def test_in_a_deep_stack_the_first_overlapping_pair_is_named(tmp_path: Path) -> None:
+    """600 layers: the overlaps are found without comparing every pair, and the message names the first
+    offending pair in the order given (here the 3rd layer, which holds the 500th, and not the later pair)."""
+    lowers = [tmp_path / f"l{i}" for i in range(600)]
+    for lower in lowers:
+        lower.mkdir()
+    (lowers[2] / "deep").mkdir()
+    lowers[500] = lowers[2] / "deep"
+    lowers[550] = lowers[10]
+    with pytest.raises(LayerError) as info:
+        LayerStack.open(lowers=[str(p) for p in lowers], upper=None, work=None)
+    assert str(info.value) == f"lowerdir '{lowers[500]}' is inside lowerdir '{lowers[2]}'"
+    lowers[500] = tmp_path / "l500"
+    with pytest.raises(LayerError) as info:
+        LayerStack.open(lowers=[str(p) for p in lowers], upper=None, work=None)
+    assert str(info.value) == f"lowerdir '{lowers[10]}' and lowerdir '{lowers[550]}' are the same directory"
+
+
 def test_overlap_through_a_symlink_is_seen(dirs: dict[str, Path], tmp_path: Path) -> None:
     """Overlap is judged on real paths: an upper reached through a symlink into a lower is refused."""
     (dirs["l0"] / "inner").mkdir()

@@ -108,3 +108,21 @@ def test_an_object_without_a_node_is_let_go_at_once_and_all_at_unmount() -> None
     assert table.get(g).orphan is other and other.closes == 0
     table.clear()
     assert other.closes == 1
+
+
+def test_paths_asked_before_a_rename_or_an_unlink_are_not_answered_after_it() -> None:
+    table = NodeTable()
+    d = table.remember(ROOT_ID, "d")
+    f = table.remember(d, "f")
+    e = table.remember(ROOT_ID, "e")
+    assert table.path(f) == "d/f"  # built and kept
+    table.move(ROOT_ID, "d", e, "moved")
+    assert table.path(f) == "e/moved/f"
+    x = table.remember(ROOT_ID, "x")
+    assert table.path(x) == "x"
+    table.exchange(e, "moved", ROOT_ID, "x")
+    assert table.path(f) == "x/f"
+    assert table.path(x) == "e/moved"
+    table.detach(ROOT_ID, "x")
+    assert table.path(f) is None
+    assert table.path(e) == "e"

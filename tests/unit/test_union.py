@@ -211,6 +211,24 @@ def test_open_handle_survives_unlink(union: Callable[..., tuple[Env, UnionFS]]) 
         fs.release(handle)
 
 
+def test_read_cached_answers_what_the_page_cache_holds_and_stops_at_the_end(
+        union: Callable[..., tuple[Env, UnionFS]]) -> None:
+    """A read from the page cache alone: the bytes read() gives (the file was just read, so it is cached),
+    a short count only at the end of the file, 0 beyond it."""
+    _env, fs = union()
+    handle = fs.open("a", os.O_RDONLY)
+    try:
+        assert fs.read(handle, 100, 0) == b"top a\n"  # now in the page cache
+        buffer = memoryview(bytearray(100))
+        assert fs.read_cached(handle, buffer, 0) == 6
+        assert bytes(buffer[:6]) == b"top a\n"
+        assert fs.read_cached(handle, buffer[:3], 4) == 2
+        assert bytes(buffer[:2]) == b"a\n"
+        assert fs.read_cached(handle, buffer, 50) == 0
+    finally:
+        fs.release(handle)
+
+
 # ============================================================ rmdir
 
 def test_rmdir_non_empty_is_enotempty(union: Callable[..., tuple[Env, UnionFS]]) -> None:

@@ -17,7 +17,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import platform
 import stat as stat_mod
 import threading
 from collections import OrderedDict
@@ -75,7 +74,7 @@ _RENAMEAT2_SYSCALL = {"x86_64": 316, "i386": 353, "i686": 353, "aarch64": 276, "
 
 
 def _syscall_renameat2(sfd: int, src: bytes, dfd: int, dst: bytes, flags: int) -> int:
-    number = _RENAMEAT2_SYSCALL.get(platform.machine())
+    number = _RENAMEAT2_SYSCALL.get(os.uname().machine)
     if number is None:
         ctypes.set_errno(errno.ENOSYS)
         return -1
