@@ -3,6 +3,7 @@ and in lower layers, relative and absolute, and writing them when a directory wi
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from collections.abc import Callable
@@ -134,3 +135,23 @@ def test_an_absolute_search_walks_the_parents_as_the_kernel_does(mkenv: Callable
     assert sorted(names(fs, "a")) == ["deep", "mid", "own"]
     assert names(fs, "b") == ["o-mid"]
     assert names(fs, "c") == []
+
+
+def test_a_listings_attributes_below_a_renamed_dir_come_from_where_the_layers_hold_them(
+        mkenv: Callable[..., Env]) -> None:
+    """``getattr_children`` (READDIRPLUS) below a directory with a redirect reads the lower objects at the
+    old path, as ``getattr`` does: every listed name has attributes, the same ones."""
+    env = mkenv([BOTTOM], {"keep/moved": Dir({"mine": "mine\n"}), "far": Dir({"away": WHITEOUT})})
+    assert env.upper is not None
+    _redirected(env.upper / "keep" / "moved", "/far/away")
+    _redirected(env.upper / "keep", "old")  # and its parent is a renamed directory too
+    fs = env.open()
+    for directory in ("keep", "keep/moved"):
+        listed = names(fs, directory)
+        got = fs.getattr_children(directory, listed)
+        assert all(a is not None for a in got), (directory, listed, got)
+        expected = [fs.getattr(f"{directory}/{n}") for n in listed]
+        # a directory is read to learn whether it is merged, which may move its atime between two stats
+        assert [dataclasses.replace(a, st_atime_ns=0) for a in got if a is not None] == \
+            [dataclasses.replace(a, st_atime_ns=0) for a in expected]
+    assert sorted(names(fs, "keep")) == ["f", "moved", "sub"]

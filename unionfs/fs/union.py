@@ -174,7 +174,7 @@ class UnionFS:
                 raise _err(errno.ENOTDIR, path)
             out: list[Attr | None] = [None] * len(names)
             upper: list[tuple[int, str, Node]] = []
-            lower: dict[int, list[tuple[int, str, Node]]] = {}
+            lower: dict[tuple[int, str], list[tuple[int, str, Node]]] = {}
             for index, name in enumerate(names):
                 node = self.resolver.child(state, name)
                 if node is None:
@@ -186,14 +186,16 @@ class UnionFS:
                     if cached is not None:
                         out[index] = cached
                     else:
-                        lower.setdefault(node.layer, []).append((index, name, node))
-            for layer, entries in lower.items():
+                        # where the layer holds it: below a renamed directory not the union path
+                        source_dir, _, source_name = node.source.rpartition("/")
+                        lower.setdefault((node.layer, source_dir), []).append((index, source_name, node))
+            for (layer, source_dir), entries in lower.items():
                 # as getattr's lower branch, each layer's names read through one descriptor of the dir
-                stats = self.resolver.hosts[layer].lstat_children(path, [name for _, name, _ in entries])
-                for (index, name, node), st in zip(entries, stats, strict=True):
+                stats = self.resolver.hosts[layer].lstat_children(source_dir, [name for _, name, _ in entries])
+                for (index, _, node), st in zip(entries, stats, strict=True):
                     if st is None:
                         continue
-                    child = join(path, name)
+                    child = join(path, names[index])
                     merged = node.is_dir and len(node.merge_layers) > 1 and self._merged(child)
                     attrs = self._attrs(st, self.inodes.ino(node.layer, st.st_ino), 1 if merged else None)
                     self.cache.put_attrs(child, attrs)
