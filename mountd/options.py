@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, TypeAlias, TypeVar
 
 from unionfs.fs.idmap import IdMap, IdRange
 from unionfs.mountopts import split_lowerdir, split_options, unescape
@@ -511,35 +511,32 @@ def _opt_debug(state: _Parsed, raw: str | None) -> None:
     _apply_flag(state, "-d")
 
 
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _choice(name: str, raw: str | None, choices: tuple[_Choice, ...]) -> _Choice:
+    """The value of option ``name`` (``raw``, escaped), which must be one of ``choices``."""
+    value = unescape(_need(name, raw))
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise OptionError(f"{name}={value}: expected one of {', '.join(choices)}")
+
+
 def _opt_whiteout(state: _Parsed, raw: str | None) -> None:
-    value = unescape(_need("whiteout", raw))
-    for fmt in WHITEOUT_FORMATS:
-        if value == fmt:
-            state.whiteout = fmt
-            return
-    raise OptionError(f"whiteout={value}: expected one of {', '.join(WHITEOUT_FORMATS)}")
+    state.whiteout = _choice("whiteout", raw, WHITEOUT_FORMATS)
 
 
 def _opt_redirect_dir(state: _Parsed, raw: str | None) -> None:
     """The kernel's ``redirect_dir=``: ``on`` renames directories with lower copies (a redirect xattr
     records the move), ``follow`` and ``off`` read redirects only, ``nofollow`` reads none."""
-    value = unescape(_need("redirect_dir", raw))
-    for mode in REDIRECT_DIR_MODES:
-        if value == mode:
-            state.redirect_dir = mode
-            return
-    raise OptionError(f"redirect_dir={value}: expected one of {', '.join(REDIRECT_DIR_MODES)}")
+    state.redirect_dir = _choice("redirect_dir", raw, REDIRECT_DIR_MODES)
 
 
 def _opt_frontend(state: _Parsed, raw: str | None) -> None:
     """Which frontend serves the mount: ``lowlevel`` (the daemon speaks /dev/fuse itself) or ``fusepy``
     (libfuse's high-level API through mfusepy).  Unset: ``$UNIONFS_FRONTEND``, else the default."""
-    value = unescape(_need("frontend", raw))
-    for name in FRONTENDS:
-        if value == name:
-            state.frontend = name
-            return
-    raise OptionError(f"frontend={value}: expected one of {', '.join(FRONTENDS)}")
+    state.frontend = _choice("frontend", raw, FRONTENDS)
 
 
 def _opt_passthrough(state: _Parsed, raw: str | None) -> None:
@@ -554,10 +551,7 @@ def _opt_passthrough(state: _Parsed, raw: str | None) -> None:
 def _opt_spin(state: _Parsed, raw: str | None) -> None:
     """Whether the protocol frontend's reader keeps reading the device for a short while after a request
     before it sleeps: ``auto`` (while a CPU is free for it), ``on`` or ``off``."""
-    value = unescape(_need("spin", raw))
-    if value not in SPINS:
-        raise OptionError(f"spin={value}: expected one of {', '.join(SPINS)}")
-    state.spin = value  # type: ignore[assignment]
+    state.spin = _choice("spin", raw, SPINS)
 
 
 def _opt_timeout(state: _Parsed, raw: str | None) -> None:
