@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given
@@ -32,6 +33,9 @@ from unionfs.image.digest import KEEP_FILE_MAX, layer_digest
 from unionfs.image.records import ContainerRecord, container_id
 from unionfs.image.store import Store, StoreError
 from unionfs.progress import TerminalProgress, for_stream
+
+if TYPE_CHECKING:
+    from unionfs.fs.union import UnionFS
 
 UPPER = {
     "etc": Dir({"passwd": File(b"root\nme\n", mode=0o644), "shadow": WHITEOUT}),
@@ -446,21 +450,28 @@ def _union_tree(lowers: list[str], upper: str | None = None) -> dict[str, object
     return out
 
 
+
+def _renaming_union(base_path: str, tmp_path: Path) -> tuple[UnionFS, Path]:
+    """A union over ``base_path`` with a fresh upper dir (returned too) where directories with lower copies
+    rename (``redirect_dir=on``)."""
+    from unionfs.fs.layers import LayerStack
+    from unionfs.fs.union import UnionFS
+
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    return UnionFS(LayerStack.open(lowers=[base_path], upper=str(upper), work=str(work)), redirect_dir="on"), upper
+
+
 def test_a_renamed_dir_is_flattened_into_a_whiteout_and_an_opaque_copy(store: Store, tmp_path: Path) -> None:
     """An upper where directories with lower copies were renamed (redirect_dir=on: redirects, relative and
     absolute, nested) commits on its base as a layer without any redirect: a whiteout at each old name and a
     full opaque copy at the new one, so the image shows the same tree as the union did."""
-    from unionfs.fs.layers import LayerStack
-    from unionfs.fs.union import UnionFS
-
     base = import_dir(store, str(build_layer({"src/f": File("f\n", mode=0o640), "src/sub/g": "g\n",
                                               "src/big": File(b"b" * (KEEP_FILE_MAX + 1)),
                                               "keep/k": "k\n"}, tmp_path / "base")), image="base")
     base_path = store.layer_path(base.digest)
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
-    work.mkdir()
-    fs = UnionFS(LayerStack.open(lowers=[base_path], upper=str(upper), work=str(work)), redirect_dir="on")
+    fs, upper = _renaming_union(base_path, tmp_path)
     try:
         fs.rename("src", "moved")
         fs.rename("moved/sub", "keep/sub2")
@@ -491,16 +502,10 @@ def test_a_build_step_layer_flattens_a_renamed_dir_on_the_layers_it_was_mounted_
     """``commit_layer`` (a build step's upper) with ``below``, the layers the step's mount had: a directory
     renamed there becomes a whiteout and an opaque copy; without ``below`` the upper is refused and the store
     is left as it was."""
-    from unionfs.fs.layers import LayerStack
-    from unionfs.fs.union import UnionFS
-
     base = import_dir(store, str(build_layer({"opt/app/bin": File("run\n", mode=0o755), "opt/app/lib/x": "x\n"},
                                              tmp_path / "base")), image="base")
     base_path = store.layer_path(base.digest)
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
-    work.mkdir()
-    fs = UnionFS(LayerStack.open(lowers=[base_path], upper=str(upper), work=str(work)), redirect_dir="on")
+    fs, upper = _renaming_union(base_path, tmp_path)
     try:
         fs.rename("opt/app", "opt/app-1.0")
     finally:
