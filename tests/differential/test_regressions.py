@@ -293,6 +293,16 @@ def new_objects_over_whiteouts_take_a_set_gid_parents_group(r: Recorder) -> None
         r.stat(f"stat {name}", name)
 
 
+@CASES.scenario({"d": Dir({"old": "old"}, mode=0o2775, gid=100), "f": File("f", gid=1000)})
+def hard_link_over_a_whiteout_in_a_set_gid_dir_keeps_its_group(r: Recorder) -> None:
+    """A hard link made over a whiteout in a set-gid directory is a new name of an existing file: the file
+    keeps its group (the set-gid rule is for new objects); both names show it."""
+    r.call("unlink d/old", os.unlink, "d/old")
+    r.call("link f d/old", os.link, "f", "d/old")
+    for name in ("f", "d/old"):
+        r.stat(f"stat {name}", name)
+
+
 @CASES.scenario({"big": File(b"0123456789" * 5000, mtime_ns=1_600_000_000 * 10**9), "same": "same",
                  "grow": "grow"})
 def truncate_of_a_lower_file_is_a_size_change_of_its_full_copy(r: Recorder) -> None:

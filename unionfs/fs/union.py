@@ -491,7 +491,7 @@ class UnionFS:
             def build(host: HostDir, rel: str) -> None:
                 host.link(src, rel, src_dir=upper)
 
-            self._writable().place_new(dst, parent, build, node.kind)
+            self._writable().place_new(dst, parent, build, node.kind, new_inode=False)
             self.cache.drop_attrs(src)
             st = upper.lstat(dst)
             self.inodes.note_links(src, st)

@@ -179,11 +179,12 @@ class Upper:
 
     # ================================================================== new objects
     def place_new(self, path: str, parent: DirState, build: Callable[[HostDir, str], None], kind: int,
-                  mode: int | None = None) -> None:
+                  mode: int | None = None, *, new_inode: bool = True) -> None:
         """Create a new object at ``path`` with ``build(host, rel)``; over a whiteout it is built in the
         work dir (made opaque if it is a directory), given what the parent would have given it (the group
         of a set-gid parent, the ACLs its default ACL makes of ``mode``; None: a symlink, which has no
-        ACLs) and swapped in atomically."""
+        ACLs) and swapped in atomically.  ``new_inode`` False (a hard link): the name is new, its object is
+        not, and keeps its group and mode."""
         upper, work, writer = self.dir, self.work, self.writer
         name = split(path)[1]
         self.cache.drop_ino(path)
@@ -197,7 +198,7 @@ class Upper:
         build(work, tmp)
         try:
             parent_st = upper.lstat(split(path)[0])
-            if parent_st.st_mode & stat_mod.S_ISGID:  # what the host does in a set-gid parent, done here
+            if new_inode and parent_st.st_mode & stat_mod.S_ISGID:  # what the host does there, done here
                 bits = stat_mod.S_IMODE(work.lstat(tmp).st_mode)
                 work.chown(tmp, -1, parent_st.st_gid)  # (which clears set-id bits: given back below)
                 if kind == S_IFDIR:
