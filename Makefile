@@ -46,11 +46,11 @@ uninstall-system:
 # As root the suite also mounts through mount(8) (tests/e2e/test_mount_helper.py), which runs mount.fuse with
 # PATH reset to the system dirs: `make test` then writes the system-wide wrappers of install-system first, so
 # that a clean clone runs every test and skips none.  The mounted and differential tests run a second time on
-# the protocol frontend (mountd/lowlevel/).
+# the fusepy frontend (mountd/highlevel/; the protocol frontend, mountd/lowlevel/, is the default).
 test: install
 	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory install-system; fi
 	$(BIN)/pytest -q -p no:cacheprovider tests
-	UNIONFS_FRONTEND=lowlevel $(BIN)/pytest -q -p no:cacheprovider tests/mounted tests/differential
+	UNIONFS_FRONTEND=fusepy $(BIN)/pytest -q -p no:cacheprovider tests/mounted tests/differential
 
 test-stress: install
 	UNIONFS_STRESS_SCALE=$${UNIONFS_STRESS_SCALE:-1} $(BIN)/pytest -q -p no:cacheprovider -m stress tests/reliability

@@ -312,7 +312,7 @@ def _quiet_after_ready() -> None:
     root.addHandler(syslog)
 
 
-DEFAULT_FRONTEND = "fusepy"
+DEFAULT_FRONTEND = "lowlevel"
 FRONTEND_ENV = "UNIONFS_FRONTEND"
 
 

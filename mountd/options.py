@@ -767,7 +767,7 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   uidmapping=CONTAINERID:HOSTID:SIZE[:…], gidmapping=…   map owners between the layers and the mount
   squash_to_root, squash_to_uid=N, squash_to_gid=N       show every file as owned by root / N
   frontend=lowlevel|fusepy   who speaks to the kernel: the daemon itself on /dev/fuse, or libfuse's
-                     high-level API (default: $UNIONFS_FRONTEND, else fusepy)
+                     high-level API (default: $UNIONFS_FRONTEND, else lowlevel)
   passthrough=on|off file reads/writes straight to the backing file (lowlevel frontend, root, kernel 6.9+)
   spin=auto|on|off   the lowlevel reader polls the device briefly after each request (auto: while a CPU is free)
   timeout=SECONDS    kernel cache time for entries and attributes (sets the three *_timeout options)

@@ -1,5 +1,5 @@
-"""Both FUSE bindings serve the same union: mfusepy on libfuse3 (the default) and plain fusepy on libfuse2
-(the fallback, chosen with UNIONFS_BINDING=fusepy)."""
+"""Both FUSE bindings of the fusepy frontend (``frontend=fusepy``) serve the same union: mfusepy on libfuse3
+(its default) and plain fusepy on libfuse2 (the fallback, chosen with UNIONFS_BINDING=fusepy)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def test_each_binding_mounts_and_serves_the_union(tmp_path: Path, monkeypatch: p
                              env={**os.environ, "UNIONFS_BINDING": binding}, capture_output=True, text=True)
     assert f"binding {binding}" in version.stdout and f"libfuse {libfuse}" in version.stdout, version.stdout
     monkeypatch.setenv("UNIONFS_BINDING", binding)
+    monkeypatch.setenv("UNIONFS_FRONTEND", "fusepy")
     lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
     for d in (lower, upper, work, mnt):
         d.mkdir()
