@@ -8,6 +8,7 @@ stderr, ``unionfs-mount: error: …``, and leaves nothing mounted.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -22,12 +23,14 @@ log = logging.getLogger("unionfs")
 
 
 def version_line() -> str:
-    """``unionfs-mount VERSION (binding NAME, libfuse MAJOR)``; names the problem if no binding loads."""
+    """``unionfs-mount VERSION (frontend NAME; fusepy: binding NAME, libfuse MAJOR)``: the frontend mounts
+    get unless ``-o frontend=`` says otherwise, and what the fusepy frontend would load (or why it cannot)."""
+    default = os.environ.get(lifecycle.FRONTEND_ENV) or lifecycle.DEFAULT_FRONTEND
     try:
         from mountd.highlevel.binding import BINDING_NAME, LIBFUSE_MAJOR
     except ImportError as exc:
-        return f"{PROG} {__version__} (no FUSE binding: {exc})"
-    return f"{PROG} {__version__} (binding {BINDING_NAME}, libfuse {LIBFUSE_MAJOR})"
+        return f"{PROG} {__version__} (frontend {default}; fusepy: no FUSE binding: {exc})"
+    return f"{PROG} {__version__} (frontend {default}; fusepy: binding {BINDING_NAME}, libfuse {LIBFUSE_MAJOR})"
 
 
 def run_mount(config: MountConfig, *, prog: str = PROG) -> int:

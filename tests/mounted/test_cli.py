@@ -193,7 +193,8 @@ def tmpfs(path: Path, cleanup: Cleanup) -> Iterator[Path]:
 def test_version() -> None:
     proc = run(PROG, "--version")
     assert proc.returncode == 0 and proc.stderr == ""
-    assert re.fullmatch(r"unionfs-mount \S+ \(binding (mfusepy|fusepy), libfuse [23]\)\n", proc.stdout)
+    assert re.fullmatch(r"unionfs-mount \S+ \(frontend (lowlevel|fusepy); fusepy: binding (mfusepy|fusepy), "
+                        r"libfuse [23]\)\n", proc.stdout)
 
 
 def test_help() -> None:
