@@ -304,8 +304,13 @@ def make_systems(names: Sequence[str], *, unionfs_opts: str = "") -> list[System
             out.append(FuseOverlay("fuse-overlayfs", ["/usr/bin/fuse-overlayfs"]))
         elif name == "unionfs":
             out.append(FuseOverlay("unionfs", unionfs_command(), unionfs_opts))
+        elif name.startswith("unionfs:") and name != "unionfs:":
+            # a second unionfs in the same interleaved run, with its own options ("+" between them)
+            opts = ",".join(o for o in [unionfs_opts, *name[len("unionfs:"):].split("+")] if o)
+            out.append(FuseOverlay(name, unionfs_command(), opts))
         else:
-            raise ValueError(f"unknown system {name!r} (native, kernel, fuse-overlayfs, unionfs)")
+            raise ValueError(f"unknown system {name!r} (native, kernel, fuse-overlayfs, unionfs, "
+                             "unionfs:OPT[+OPT…])")
     return out
 
 

@@ -65,7 +65,8 @@ class Settings:
     readdirplus: str = "1"
     posix_acl: bool = False
     max_write: int = 1 << 20
-    passthrough: bool = False
+    passthrough: str = "off"
+    """on, all or off (``-o passthrough=``; see :class:`Passthrough`)."""
     max_stack_depth: int = 1
     spin: str = "auto"
     """The reader's polling after a request: "auto", "on" or "off" (:class:`mountd.lowlevel.session.Session`)."""

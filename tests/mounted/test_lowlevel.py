@@ -97,9 +97,36 @@ def test_lower_files_pass_through_on_a_read_only_mount(tmp_path: Path) -> None:
         assert "read" not in stats["operations"]  # nothing but this read-only open here
 
 
-def test_racing_read_and_write_opens_never_change_a_lower_layer(tmp_path: Path) -> None:
+def test_passthrough_all_reads_lower_files_of_a_writable_mount_through_their_backing(tmp_path: Path) -> None:
+    """``passthrough=all``: a lower file is read without READ requests; a write open after it copies up and
+    is retried on a new node (ESTALE once, inside the kernel), so the lower layer is never written; a new
+    open reads the upper copy, and a descriptor opened before the copy-up keeps reading the lower file (the
+    documented difference from the kernel's overlayfs of this mode)."""
+    lower, upper, work, mnt = _dirs(tmp_path)
+    data = os.urandom(1 << 20)
+    (lower / "f").write_bytes(data)
+    with unionfs_mount([lower], upper, work, mnt, (*LOWLEVEL, "passthrough=all")):
+        early = os.open(mnt / "f", os.O_RDONLY)
+        try:
+            assert os.pread(early, len(data), 0) == data
+            assert "read" not in _stats(mnt)["operations"]
+            with open(mnt / "f", "r+b") as f:
+                f.write(b"NEW!")
+            assert (mnt / "f").read_bytes() == b"NEW!" + data[4:]
+            assert os.pread(early, 8, 0) == data[:8]
+            stats = _stats(mnt)["passthrough"]
+            assert stats["lower_files"] is True and stats["stale_retries"] >= 1
+        finally:
+            os.close(early)
+    assert (lower / "f").read_bytes() == data
+    assert (upper / "f").read_bytes() == b"NEW!" + data[4:]
+
+
+@pytest.mark.parametrize("mode", ["on", "all"])
+def test_racing_read_and_write_opens_never_change_a_lower_layer(tmp_path: Path, mode: str) -> None:
     """Readers (read(2) and mmap) and writers (O_RDWR, O_APPEND, O_TRUNC) race on the same lower files:
-    afterwards every lower layer is byte for byte what it was, and each file reads as one of the writes."""
+    afterwards every lower layer is byte for byte what it was, and each file reads as one of the writes
+    (with ``passthrough=all`` the readers hold lower backing files while the writers copy up)."""
     base, top, upper, work, mnt = (tmp_path / n for n in ("base", "top", "upper", "work", "mnt"))
     for d in (base, top, upper, work, mnt):
         d.mkdir()
@@ -142,7 +169,7 @@ def test_racing_read_and_write_opens_never_change_a_lower_layer(tmp_path: Path) 
         except BaseException as exc:
             errors.append(exc)
 
-    with unionfs_mount([top, base], upper, work, mnt, LOWLEVEL):
+    with unionfs_mount([top, base], upper, work, mnt, (*LOWLEVEL, f"passthrough={mode}")):
         readers = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
         writers = [threading.Thread(target=writer, args=(100 + i,)) for i in range(3)]
         for t in readers + writers:
@@ -154,7 +181,8 @@ def test_racing_read_and_write_opens_never_change_a_lower_layer(tmp_path: Path) 
             t.join()
         assert not errors, errors
         merged = {name: (mnt / name).read_bytes() for name in names}
-        assert _stats(mnt)["passthrough"]["enabled"] is True
+        stats = _stats(mnt)["passthrough"]
+        assert stats["enabled"] is True and stats["lower_files"] is (mode == "all")
     assert {"base": _digests(base), "top": _digests(top)} == before
     for name in names:
         if (upper / name).exists():
