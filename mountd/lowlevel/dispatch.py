@@ -589,7 +589,7 @@ class Dispatcher:
         self._fh_nodes[fh] = (nodeid, backing_id != 0 if regular else None)
         self.nodes.opened(nodeid, fh)
         if backing_id:
-            if flags & os.O_ACCMODE != os.O_RDONLY:
+            if flags & os.O_ACCMODE != os.O_RDONLY and not self.passthrough.writes:
                 # a writer sharing a reader's backing: its data through the daemon (DIRECT_IO overrides
                 # PASSTHROUGH for read and write, mmap maps the backing)
                 return abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH | abi.FOPEN_DIRECT_IO, backing_id)

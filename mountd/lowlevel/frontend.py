@@ -106,7 +106,8 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
     elif os.geteuid() != 0:
         passthrough = Passthrough(fd, enabled=False, reason="needs root (CAP_SYS_ADMIN)")
     else:
-        passthrough = Passthrough(fd, enabled=True, lower=fs.upper is None or settings.passthrough == "all")
+        everything = settings.passthrough == "all"
+        passthrough = Passthrough(fd, enabled=True, lower=fs.upper is None or everything, writes=everything)
     dispatcher = Dispatcher(fs, service, session, settings, passthrough=passthrough)
     service.extra_stats["passthrough"] = passthrough.snapshot
     session.dispatcher = dispatcher

@@ -8,7 +8,8 @@ credentials: a write open has been copied up by the core before, so its backing 
 
 Which opens pass through: read-only opens of upper files, and of lower files on a read-only mount, or on
 any mount with ``-o passthrough=all``.
-Write opens send their data through the daemon, so that a pause for a commit holds it: in page-cache mode
+Write opens send their data through the daemon (except with ``passthrough=all``), so that a pause for a
+commit holds it: in page-cache mode
 (the kernel clears set-id bits itself, ``file_remove_privs``), or, where the node has a passthrough open
 already, sharing its backing with ``FOPEN_DIRECT_IO`` (then the daemon clears them on a write flagged
 ``FUSE_WRITE_KILL_SUIDGID``).
@@ -70,12 +71,15 @@ def stack_depth(fds: list[int]) -> int:
 class Passthrough:
     """The backing files of one mount's device ``fd``.  ``enabled`` False: every call is a no-op."""
 
-    def __init__(self, fd: int, *, enabled: bool, reason: str = "", lower: bool = False) -> None:
+    def __init__(self, fd: int, *, enabled: bool, reason: str = "", lower: bool = False,
+                 writes: bool = False) -> None:
         self.fd = fd
         self.enabled = enabled
         self.reason = reason
         self.lower = lower
-        """Lower files pass through too (a read-only mount: nothing is ever copied up)."""
+        """Lower files pass through too (a read-only mount, or ``passthrough=all``)."""
+        self.writes = writes
+        """Write opens pass through too (``passthrough=all``): a pause does not hold their data."""
         self._by_node: dict[int, _Backing] = {}
         self._cached: dict[int, int] = {}
         """Nodes with opens in page-cache mode (no backing) -> how many."""
@@ -97,7 +101,7 @@ class Passthrough:
             if backing is not None and backing.upper != upper:
                 self.stale_retries += 1  # copied up since: the kernel holds the lower file for this node
                 raise Stale
-            if (not self.enabled or (write and backing is None) or self._cached.get(nodeid)
+            if (not self.enabled or (write and backing is None and not self.writes) or self._cached.get(nodeid)
                     or not (upper or self.lower)):
                 self._cached[nodeid] = self._cached.get(nodeid, 0) + 1
                 return 0
@@ -143,6 +147,6 @@ class Passthrough:
 
     def snapshot(self) -> dict[str, object]:
         """For ``unionfs stats``."""
-        return {"enabled": self.enabled, "reason": self.reason, "lower_files": self.lower,
+        return {"enabled": self.enabled, "reason": self.reason, "lower_files": self.lower, "writes": self.writes,
                 "backing_files": len(self._by_node), "page_cache_nodes": len(self._cached),
                 "backing_opens": self.opened, "stale_retries": self.stale_retries}
