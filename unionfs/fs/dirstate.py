@@ -20,12 +20,16 @@ S_IFDIR = stat_mod.S_IFDIR
 @dataclass(slots=True)
 class LowerEntry:
     """A name as the lower layers show it: its type, the top lower layer that holds it and, for a directory,
-    every lower layer whose copy merges into it (top-down, before opacity of the child itself is known)."""
+    every lower layer whose copy merges into it (top-down, before opacity of the child itself is known).
+    ``attr`` is the lower object's attribute record in its compact form (:func:`unionfs.fs.attr.compact`)
+    once the lookup cache holds it: kept here, in its directory's table, rather than in a table keyed by
+    path (see :mod:`unionfs.fs.cache`)."""
 
     kind: int
     layer: int
     merge_layers: tuple[int, ...]
     ino: int = 0
+    attr: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -47,6 +51,8 @@ class DirState:
     lower: dict[str, LowerEntry]
     size: int = field(default=0)
     lower_paths: dict[int, str] = field(default_factory=dict)
+    attrs_held: int = field(default=0)
+    """How many of ``lower``'s entries hold an ``attr`` (counted by the lookup cache, which sets them)."""
 
     def lower_path(self, layer: int, name: str) -> str:
         """The path of child ``name``'s copy in lower layer ``layer`` (one of ``lower_layers``)."""
