@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import errno
 import itertools
-import logging
 import os
 import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from mountd import logs
 from mountd.lowlevel import abi
 from mountd.lowlevel.nodes import NodeTable
 from mountd.lowlevel.passthrough import Passthrough, Stale
@@ -31,7 +30,7 @@ from unionfs.fs.fsio import RENAME_EXCHANGE
 from unionfs.fs.orphan import Orphan
 from unionfs.fs.union import UTIME_NOW, UTIME_OMIT, Handle, UnionFS
 
-log = logging.getLogger("unionfs")
+log = logs.log
 _clock = time.perf_counter_ns
 
 FMODE_EXEC = 0x20
@@ -52,8 +51,7 @@ REPLIED: Any = object()
 """Returned by a handler that wrote its reply itself."""
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """What the mount options decide for the protocol frontend."""
 
     entry_timeout: float = 3600.0

@@ -21,7 +21,6 @@ import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from unionfs.fs import copyup
@@ -58,15 +57,20 @@ rename with EXDEV (``off`` is ``follow`` as in the kernel built with ``redirect_
 ``nofollow`` follows none (a lookup that would is EPERM) and renames none."""
 
 
-@dataclass(slots=True)
 class Handle:
     """An open file of the union: the host descriptor, the union path it was opened as, and its st_ino."""
 
-    fd: int
-    path: str
-    ino: int
-    on_upper: bool
-    flags: int = os.O_RDONLY
+    __slots__ = ("fd", "flags", "ino", "on_upper", "path")
+
+    def __init__(self, fd: int, path: str, ino: int, on_upper: bool, flags: int = os.O_RDONLY) -> None:
+        self.fd = fd
+        self.path = path
+        self.ino = ino
+        self.on_upper = on_upper
+        self.flags = flags
+
+    def __repr__(self) -> str:
+        return f"Handle(fd={self.fd}, path={self.path!r}, ino={self.ino}, on_upper={self.on_upper})"
 
 
 def _mutating(fn: _F) -> _F:
