@@ -166,6 +166,34 @@ def test_a_merged_directory_reports_nlink_one(mkenv: Callable[..., Env]) -> None
     assert fs.getattr("one").st_nlink == os.lstat(env.lowers[0] / "one").st_nlink
 
 
+@pytest.mark.parametrize("case", ["upper+lower", "opaque-upper", "one-lower", "two-lowers", "opaque-top-lower"])
+def test_the_root_link_count_needs_no_scan_of_every_layer(mkenv: Callable[..., Env], case: str) -> None:
+    """The first stat of a new mount asks for the root's st_nlink: it is the one a built root state gives
+    (1 where merged, as the kernel reports), found without reading the root of every layer."""
+    lower = {"a": "a"}
+    if case == "upper+lower":
+        env = mkenv([lower], upper={"u": "u"})
+    elif case == "opaque-upper":
+        env = mkenv([lower], upper={"u": "u"})
+        assert env.upper is not None
+        os.setxattr(env.upper, "trusted.overlay.opaque", b"y")
+    elif case == "one-lower":
+        env = mkenv([lower], readonly=True)
+    elif case == "two-lowers":
+        env = mkenv([lower, {"b": "b"}], readonly=True)
+    else:
+        env = mkenv([{".wh..wh..opq": "", "a": "a"}, {"b": "b"}], readonly=True)
+    fs = env.open()
+    first = fs.getattr("").st_nlink
+    assert fs.cache.peek_dir("") is None  # answered without building the root's merged state
+    fs.readdir("")
+    assert fs.cache.peek_dir("") is not None
+    fresh = env.remount(fs)
+    fresh.readdir("")
+    assert fresh.getattr("").st_nlink == first
+    assert (first == 1) is (case in ("upper+lower", "two-lowers"))  # an unmerged directory has 2 links or more
+
+
 def test_cache_answers_repeat_lookups(mkenv: Callable[..., Env]) -> None:
     """A second lookup in a directory is a cache hit; the answers do not change."""
     env = mkenv([{"d/a": "a", "d/b": "b"}, {"d/c": "c"}], readonly=True)

@@ -41,6 +41,7 @@ from unionfs.fs.whiteout import (
     REDIRECT_MAX,
     WH_PREFIX,
     WhiteoutFormat,
+    dir_is_opaque,
     dir_redirect,
     xattr_from_host,
     xattr_to_host,
@@ -239,6 +240,11 @@ class UnionFS:
 
     def _merged(self, path: str) -> bool:
         """Is directory ``path`` merged from several layers?  The kernel then reports st_nlink 1."""
+        if path == "" and self.cache.peek_dir(path) is None:
+            # the root is in every layer and has no redirect: merged unless its top copy is opaque or alone
+            # (asked by the first stat of a new mount: no scan of every layer's root on the way to ready)
+            layers = self.stack.layers
+            return len(layers) > 1 and not dir_is_opaque(layers[0].host, "")
         state = self.resolver.dir_state(path)
         if state is None:
             return False

@@ -164,6 +164,12 @@ def dir_opaque_value(host: HostDir, rel: str) -> bytes | None:
     return None
 
 
+def dir_is_opaque(host: HostDir, rel: str) -> bool:
+    """Is directory ``rel`` of a layer opaque (an opaque xattr ``y`` or a ``.wh..wh..opq`` inside), as
+    :func:`read_layer_dir` would find, without reading the directory?"""
+    return dir_marks(dir_opaque_value(host, rel))[0] or host.try_lstat(join(rel, OPAQUE_MARKER)) is not None
+
+
 def dir_redirect(host: HostDir, rel: str) -> str | None:
     """The redirect of directory ``rel`` (the first overlay redirect xattr set), else None.
 
