@@ -296,22 +296,7 @@ def _quiet_after_ready() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
-    import logging  # after ready: not on the way to the mount
-
-    logs.real()
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            root.removeHandler(handler)
-    from logging.handlers import SysLogHandler  # after ready: not on the way to the mount
-
-    try:
-        syslog = SysLogHandler(address="/dev/log")
-    except OSError:
-        return
-    syslog.ident = f"unionfs-mount[{os.getpid()}]: "
-    syslog.setLevel(logging.WARNING)
-    root.addHandler(syslog)
+    logs.to_syslog()
 
 
 DEFAULT_FRONTEND = "lowlevel"
