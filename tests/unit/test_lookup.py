@@ -292,6 +292,45 @@ def test_cache_stays_within_its_bound() -> None:
     assert cache.entries == sum(s.size for s in cache.dirs.values()) + len(cache.attrs)
 
 
+def test_attributes_live_in_their_directory_table_and_go_with_it() -> None:
+    """A lower object's record is kept (compact) in its cached directory's table, counted in that directory's
+    size; dropping it, invalidating its path or its directory, or evicting the directory forgets it, and the
+    count of entries stays the sum of what is held."""
+    cache = LookupCache(max_entries=100)
+    cache.put_dir(_state("d", ("a", "b")))
+    cache.put_attrs("d/a", _attr(5))
+    cache.put_attrs("d/b", _attr(6))
+    assert not cache.attrs  # not in the path-keyed table
+    state = cache.peek_dir("d")
+    assert state is not None and state.size == 1 + 2 + 2
+    assert cache.get_attrs("d/a") == _attr(5) and cache.get_attrs("d/b") == _attr(6)
+    assert cache.get_attrs("d/a") is not cache.get_attrs("d/a")  # made again from the compact record
+    cache.drop_attrs("d/a")
+    assert cache.get_attrs("d/a") is None and cache.entries == 1 + 2 + 1
+    cache.invalidate_subtree("d/b")  # the object's own path: its record goes, its directory stays
+    assert cache.get_attrs("d/b") is None and cache.peek_dir("d") is not None and cache.entries == 3
+    cache.put_attrs("d/b", _attr(7))
+    before = cache.stats.invalidations
+    cache.invalidate_subtree("d")
+    assert cache.stats.invalidations == before + 2 and cache.entries == 0
+    assert cache.get_attrs("d/b") is None
+    small = LookupCache(max_entries=6)
+    small.put_dir(_state("x", ("a",)))
+    small.put_attrs("x/a", _attr(1))
+    small.put_dir(_state("y", ("a", "b")))
+    small.put_attrs("y/a", _attr(2))  # 3 + 4 entries > 6: the least recently used directory goes, record and all
+    assert small.peek_dir("x") is None and small.get_attrs("x/a") is None and small.get_attrs("y/a") == _attr(2)
+    kept = small.peek_dir("y")
+    assert kept is not None and small.entries == kept.size == 4 and small.stats.evictions == 1
+
+
+def test_a_record_out_of_the_compact_ranges_is_not_cached() -> None:
+    cache = LookupCache()
+    cache.put_dir(_state("d", ("a",)))
+    cache.put_attrs("d/a", _attr(1).replace(st_uid=-5))
+    assert cache.get_attrs("d/a") is None and cache.entries == 2
+
+
 def test_replacing_a_directory_state_keeps_the_count_right() -> None:
     cache = LookupCache()
     cache.put_dir(_state("d", ("a", "b", "c")))
