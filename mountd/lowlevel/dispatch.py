@@ -248,13 +248,14 @@ class Dispatcher:
 
     def _orphan(self, nodeid: int) -> Orphan | None:
         """The object a node whose name is gone still holds (None: it has a name, or was given up)."""
-        return self.nodes.get(nodeid).orphan
+        self.nodes.get(nodeid)  # ESTALE for an unknown node
+        return self.nodes.orphan(nodeid)
 
     def _open_handle_of(self, nodeid: int) -> Handle | None:
         """An open file of node ``nodeid`` (a writable one first), for a node whose name is gone."""
-        node = self.nodes.get(nodeid)
+        self.nodes.get(nodeid)  # ESTALE for an unknown node
         best: Handle | None = None
-        for fh in list(node.open_fhs):
+        for fh in self.nodes.open_fhs(nodeid):
             handle = self.service.handles.get(fh)
             if handle is not None and (best is None or (handle.on_upper and not best.on_upper)):
                 best = handle

@@ -22,10 +22,10 @@ Paths are asked for on every request, so :meth:`NodeTable.path` keeps the paths 
 the tree's shape (a rename, an unlink) forgets them all, and they are built again on the next request.
 
 After a walk the kernel may hold a node for every name of a large tree (a million, until memory pressure
-makes it forget them), so a node is kept small: a ``__slots__`` record whose set of open files is one shared
-empty set until a file is opened on it, and the names a parent holds are one dict per parent node (keyed by
-the name string the core's directory table already holds) rather than a table keyed by ``(parent, name)``
-tuples.
+makes it forget them), so a node is kept small: a ``__slots__`` record of its id, parent, name and lookup
+count; the few nodes with open files or an orphan have them in two side tables, and the names a parent
+holds are one dict per parent node (keyed by the name string the core's directory table already holds)
+rather than a table keyed by ``(parent, name)`` tuples.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ from mountd.lowlevel.abi import ROOT_ID
 from unionfs.fs.orphan import Orphan
 
 _NO_FHS: frozenset[int] = frozenset()
-"""The open files of a node no file was opened on (one shared empty set instead of one per node)."""
+"""The open files of a node no file is open on."""
 
 
 class Node:
     """One name of the union the kernel holds."""
 
-    __slots__ = ("name", "nlookup", "nodeid", "open_fhs", "orphan", "parent")
+    __slots__ = ("name", "nlookup", "nodeid", "parent")
 
     def __init__(self, nodeid: int, parent: int | None, name: str) -> None:
         self.nodeid = nodeid
@@ -53,10 +53,6 @@ class Node:
         """The parent node's id; None once the name is gone (unlinked, or replaced by a rename)."""
         self.name = name
         self.nlookup = 0
-        self.open_fhs: set[int] | frozenset[int] = _NO_FHS
-        """The file handles open on the node (read-only: changed by :meth:`NodeTable.opened`/``closed``)."""
-        self.orphan: Orphan | None = None
-        """The object itself once the name is gone (see the module docstring)."""
 
 
 class NodeTable:
@@ -69,6 +65,10 @@ class NodeTable:
         self._nodes: dict[int, Node] = {ROOT_ID: root}
         self._children: dict[int, dict[str, int]] = {}
         """Per parent node id, the node ids of the names in it the kernel holds."""
+        self._open: dict[int, set[int]] = {}
+        """The file handles open on a node, for the nodes with any."""
+        self._orphans: dict[int, Orphan] = {}
+        """The object itself of a node whose name is gone (see the module docstring)."""
         self._ids = itertools.count(ROOT_ID + 1)
         self._paths: dict[int, str] = {ROOT_ID: ""}
         """Paths built by :meth:`path` since the tree last changed shape (filled and emptied under the lock)."""
@@ -84,6 +84,16 @@ class NodeTable:
         if node is None:
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
         return node
+
+    def orphan(self, nodeid: int) -> Orphan | None:
+        """The object node ``nodeid`` holds since its name is gone (None: it has a name, or was given up)."""
+        return self._orphans.get(nodeid)
+
+    def open_fhs(self, nodeid: int) -> frozenset[int]:
+        """The file handles open on node ``nodeid`` (a copy)."""
+        with self._lock:
+            fhs = self._open.get(nodeid)
+            return _NO_FHS if fhs is None else frozenset(fhs)
 
     def path(self, nodeid: int) -> str | None:
         """The union path of ``nodeid`` ("" for the root), or None when its name (or a parent's) is gone."""
@@ -180,32 +190,30 @@ class NodeTable:
             self._drop_if_unused(node)
 
     def _drop_if_unused(self, node: Node) -> None:
-        if node.nlookup or node.open_fhs or node.nodeid == ROOT_ID:
+        if node.nlookup or node.nodeid in self._open or node.nodeid == ROOT_ID:
             return
         del self._nodes[node.nodeid]
         self._paths.pop(node.nodeid, None)
         if node.parent is not None and self.find(node.parent, node.name) == node.nodeid:
             self._unlink(node.parent, node.name)
-        if node.orphan is not None:
-            node.orphan.close()
-            node.orphan = None
+        orphan = self._orphans.pop(node.nodeid, None)
+        if orphan is not None:
+            orphan.close()
 
     def opened(self, nodeid: int, fh: int) -> None:
         with self._lock:
-            node = self._nodes.get(nodeid)
-            if node is not None:
-                if isinstance(node.open_fhs, frozenset):
-                    node.open_fhs = set()
-                node.open_fhs.add(fh)
+            if nodeid in self._nodes:
+                self._open.setdefault(nodeid, set()).add(fh)
 
     def closed(self, nodeid: int, fh: int) -> None:
         with self._lock:
             node = self._nodes.get(nodeid)
             if node is not None:
-                if isinstance(node.open_fhs, set):
-                    node.open_fhs.discard(fh)
-                    if not node.open_fhs:
-                        node.open_fhs = _NO_FHS
+                fhs = self._open.get(nodeid)
+                if fhs is not None:
+                    fhs.discard(fh)
+                    if not fhs:
+                        del self._open[nodeid]
                 self._drop_if_unused(node)
 
     def held(self, parent: int, name: str) -> bool:
@@ -224,9 +232,11 @@ class NodeTable:
                 return None
             node = self._nodes[nodeid]
             node.parent = None
-            if node.orphan is not None:
-                node.orphan.close()
-            node.orphan = orphan
+            old = self._orphans.pop(nodeid, None)
+            if old is not None:
+                old.close()
+            if orphan is not None:
+                self._orphans[nodeid] = orphan
             self._reshaped()
             self._drop_if_unused(node)
             return node
@@ -234,10 +244,9 @@ class NodeTable:
     def clear(self) -> None:
         """Let every kept object go (the mount ended: the kernel holds nothing any more)."""
         with self._lock:
-            for node in self._nodes.values():
-                if node.orphan is not None:
-                    node.orphan.close()
-                    node.orphan = None
+            for orphan in self._orphans.values():
+                orphan.close()
+            self._orphans.clear()
 
     def move(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
         """A rename: the node at (parent, name), if any, now is (new_parent, new_name); whatever the kernel

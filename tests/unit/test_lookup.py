@@ -11,7 +11,7 @@ import pytest
 from support.layers import Dir, File, Symlink
 from unitkit import Env, assert_errno, names, read_all, visible_tree
 
-from unionfs.fs.attr import Attr
+from unionfs.fs.attr import Attr, compact, from_compact
 from unionfs.fs.cache import LookupCache
 from unionfs.fs.dirstate import DirState, LowerEntry
 from unionfs.fs.lookup import Resolver
@@ -322,6 +322,15 @@ def test_attributes_live_in_their_directory_table_and_go_with_it() -> None:
     assert small.peek_dir("x") is None and small.get_attrs("x/a") is None and small.get_attrs("y/a") == _attr(2)
     kept = small.peek_dir("y")
     assert kept is not None and small.entries == kept.size == 4 and small.stats.evictions == 1
+
+
+def test_the_compact_record_keeps_every_field() -> None:
+    """64-bit inode and device numbers, sizes past 4 GiB, negative times: the record made again is equal."""
+    attr = Attr(stat.S_IFCHR | 0o620, (1 << 64) - 1, 7, 65534, 4_000_000_000, (1 << 63) + 9, 1 << 40, 1 << 33,
+                1 << 20, -1_500_000_000_000_000_001, 0, (1 << 62) + 3)
+    record = compact(attr)
+    assert record is not None and from_compact(record) == attr
+    assert compact(attr.replace(st_nlink=1 << 32)) is None and compact(attr.replace(st_gid=-1)) is None
 
 
 def test_a_record_out_of_the_compact_ranges_is_not_cached() -> None:
