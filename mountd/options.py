@@ -201,6 +201,7 @@ class MountConfig:
     redirect_dir: RedirectDir = "on"
     frontend: Frontend | None = None
     passthrough: bool = True
+    dir_cache: bool = True
     spin: Spin = "auto"
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
@@ -307,6 +308,7 @@ class _Parsed:
     redirect_dir: RedirectDir = "on"
     frontend: Frontend | None = None
     passthrough: bool = True
+    dir_cache: bool = True
     spin: Spin = "auto"
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
@@ -548,6 +550,16 @@ def _opt_passthrough(state: _Parsed, raw: str | None) -> None:
     state.passthrough = value in ("on", "1")
 
 
+def _opt_dir_cache(state: _Parsed, raw: str | None) -> None:
+    """Directory listings kept in the kernel's page cache (protocol frontend): no OPENDIR/RELEASEDIR
+    requests, and a listing read again costs nothing until something changes it; ``dir_cache=off`` (or 0)
+    switches it off."""
+    value = unescape(_need("dir_cache", raw))
+    if value not in ("on", "off", "1", "0"):
+        raise OptionError(f"dir_cache={value}: expected on or off")
+    state.dir_cache = value in ("on", "1")
+
+
 def _opt_spin(state: _Parsed, raw: str | None) -> None:
     """Whether the protocol frontend's reader keeps reading the device for a short while after a request
     before it sleeps: ``auto`` (while a CPU is free for it), ``on`` or ``off``."""
@@ -602,6 +614,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_Parsed, str | None], None]]] = Map
     "timeout": _opt_timeout,
     "frontend": _opt_frontend,
     "passthrough": _opt_passthrough,
+    "dir_cache": _opt_dir_cache,
     "spin": _opt_spin,
     "uidmapping": _opt_uidmapping,
     "gidmapping": _opt_gidmapping,
@@ -715,6 +728,7 @@ def _freeze(state: _Parsed, cwd: str) -> MountConfig:
         redirect_dir=state.redirect_dir,
         frontend=state.frontend,
         passthrough=state.passthrough,
+        dir_cache=state.dir_cache,
         spin=state.spin,
         uid_mappings=state.uid_mappings,
         gid_mappings=state.gid_mappings,
@@ -769,6 +783,7 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   frontend=lowlevel|fusepy   who speaks to the kernel: the daemon itself on /dev/fuse, or libfuse's
                      high-level API (default: $UNIONFS_FRONTEND, else lowlevel)
   passthrough=on|off file reads/writes straight to the backing file (lowlevel frontend, root, kernel 6.9+)
+  dir_cache=on|off   directory listings cached by the kernel until they change (lowlevel frontend; on by default)
   spin=auto|on|off   the lowlevel reader polls the device briefly after each request (auto: while a CPU is free)
   timeout=SECONDS    kernel cache time for entries and attributes (sets the three *_timeout options)
   threaded=0|1, debug

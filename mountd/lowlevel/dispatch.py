@@ -37,6 +37,9 @@ _clock = time.perf_counter_ns
 FMODE_EXEC = 0x20
 _PLUS_CHUNK = 16
 """Entries whose attributes a READDIRPLUS reply reads at a time (about what one reply holds)."""
+KEPT_NODE_LISTINGS = 64
+"""Listings of directories read without a handle (fh 0: no OPENDIR) kept between a READDIR at offset 0 and
+the one that reaches the end; a reader that stops half-way leaves one, and the oldest go beyond this bound."""
 
 QUICK_OPCODES = frozenset({
     abi.LOOKUP, abi.GETATTR, abi.GETXATTR, abi.LISTXATTR, abi.READLINK, abi.STATFS, abi.ACCESS, abi.FORGET,
@@ -67,6 +70,10 @@ class Settings:
     max_write: int = 1 << 20
     passthrough: bool = False
     max_stack_depth: int = 1
+    dir_cache: bool = True
+    """Directory listings kept in the kernel's page cache (``dir_cache=``): NO_OPENDIR_SUPPORT where the kernel
+    offers it (OPENDIR answers ENOSYS, every opendir then costs no request and caches), else FOPEN_CACHE_DIR in
+    the OPENDIR reply."""
     spin: str = "auto"
     """The reader's polling after a request: "auto", "on" or "off" (:class:`mountd.lowlevel.session.Session`)."""
 
@@ -94,6 +101,9 @@ class Dispatcher:
         self._negative_valid = abi.split_seconds(settings.negative_timeout)
         self._dir_handles = itertools.count(1)
         self._listings: dict[int, list[tuple[str, bytes, int, int]]] = {}
+        """Listings being read, by directory handle (from OPENDIR)."""
+        self._node_listings: dict[int, list[tuple[str, bytes, int, int]]] = {}
+        """Listings being read without a handle (no OPENDIR: fh 0), by node, shared by its readers."""
         self._listings_lock = threading.Lock()
         self._fh_nodes: dict[int, tuple[int, bool | None]] = {}
         """Open file -> (its node, whether it has a passthrough backing; None: not a regular file)."""
@@ -275,6 +285,8 @@ class Dispatcher:
             wanted |= abi.WRITEBACK_CACHE
         if settings.posix_acl:
             wanted |= abi.POSIX_ACL | abi.DONT_MASK
+        if settings.dir_cache:
+            wanted |= abi.NO_OPENDIR_SUPPORT
         if self.passthrough.enabled and not settings.writeback_cache:
             wanted |= abi.PASSTHROUGH  # the kernel drops it silently next to the writeback cache
         return wanted
@@ -679,10 +691,20 @@ class Dispatcher:
         return None
 
     # -- directories --------------------------------------------------------------------------------------------
-    def op_opendir(self, request: Request) -> bytes:
+    @property
+    def no_opendir(self) -> bool:
+        """Does the kernel open directories without OPENDIR (NO_OPENDIR_SUPPORT negotiated)?"""
+        return self.negotiated is not None and bool(self.negotiated.flags & abi.NO_OPENDIR_SUPPORT)
+
+    def op_opendir(self, request: Request) -> bytes | int:
+        if self.no_opendir:
+            # the kernel stops asking: every later opendir costs no request and keeps the listing in the
+            # directory's page cache (FOPEN_KEEP_CACHE|FOPEN_CACHE_DIR, fh 0) until an invalidation
+            return errno.ENOSYS
         self._orphan_or_path(request.nodeid)  # ENOENT for a directory whose name is gone, unless kept
         fh = next(self._dir_handles)
-        return abi.OPEN_OUT.pack(fh, 0, 0)
+        flags = abi.FOPEN_KEEP_CACHE | abi.FOPEN_CACHE_DIR if self.settings.dir_cache else 0
+        return abi.OPEN_OUT.pack(fh, flags, 0)
 
     def op_releasedir(self, request: Request) -> None:
         fh, _, _, _ = abi.RELEASE_IN.unpack_from(request.body, 0)
@@ -691,9 +713,15 @@ class Dispatcher:
 
     def _listing(self, nodeid: int, fh: int, offset: int) -> list[tuple[str, bytes, int, int]]:
         """The entries of an open directory as ``(name, encoded name, type bits, st_ino)``, "." and ".."
-        first; taken at offset 0 and kept for the later offsets of the same handle."""
+        first; taken at offset 0 and kept for the later offsets of the same handle.
+
+        Without OPENDIR (fh 0) the readers of one node share one listing: taken anew at offset 0, dropped
+        when a reader reaches its end (:meth:`_listing_done`), at most :data:`KEPT_NODE_LISTINGS` kept.  A
+        later offset that finds none takes the listing again (the same entries in the same order while the
+        directory does not change)."""
+        kept, key = (self._listings, fh) if fh else (self._node_listings, nodeid)
         with self._listings_lock:
-            entries = self._listings.get(fh) if offset else None
+            entries = kept.get(key) if offset else None
         if entries is None:
             path = self.nodes.path(nodeid)
             if path is None:
@@ -705,12 +733,23 @@ class Dispatcher:
             entries.extend((name, os.fsencode(name), kind, child_ino)
                            for name, kind, child_ino in self.fs.readdir(path))
             with self._listings_lock:
-                self._listings[fh] = entries
+                kept.pop(key, None)  # re-inserted last: the oldest one goes first
+                kept[key] = entries
+                if len(self._node_listings) > KEPT_NODE_LISTINGS:
+                    del self._node_listings[next(iter(self._node_listings))]
         return entries
+
+    def _listing_done(self, nodeid: int, fh: int, offset: int, entries: list[tuple[str, bytes, int, int]]) -> None:
+        """A handle-less reader asked past the end of ``entries``: the listing it shared is let go."""
+        if fh == 0 and offset >= len(entries):
+            with self._listings_lock:
+                if self._node_listings.get(nodeid) is entries:
+                    del self._node_listings[nodeid]
 
     def op_readdir(self, request: Request) -> bytes:
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
         entries = self._listing(request.nodeid, fh, offset)
+        self._listing_done(request.nodeid, fh, offset, entries)
         out: list[bytes] = []
         used = 0
         for index in range(offset, len(entries)):
@@ -725,6 +764,7 @@ class Dispatcher:
     def op_readdirplus(self, request: Request) -> bytes:
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
         entries = self._listing(request.nodeid, fh, offset)
+        self._listing_done(request.nodeid, fh, offset, entries)
         out: list[bytes] = []
         used = 0
         if not entries:

@@ -36,7 +36,7 @@ class FrontendError(Exception):
 
 def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, readdirplus: str,
                   posix_acl: bool, passthrough: bool = False, max_stack_depth: int = 1,
-                  spin: str = "auto") -> Settings:
+                  spin: str = "auto", dir_cache: bool = True) -> Settings:
     """The protocol settings for the FUSE options of a mount (``fuse_kwargs``)."""
     def seconds(name: str) -> float:
         value = kwargs.get(name, 0)
@@ -46,7 +46,8 @@ def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, rea
                     negative_timeout=seconds("negative_timeout"), kernel_cache=bool(kwargs.get("kernel_cache")),
                     direct_io=bool(kwargs.get("direct_io")), writeback_cache=writeback_cache,
                     readdirplus=readdirplus, posix_acl=posix_acl, max_write=MAX_WRITE,
-                    passthrough=passthrough, max_stack_depth=max_stack_depth, spin=spin)
+                    passthrough=passthrough, max_stack_depth=max_stack_depth, spin=spin,
+                    dir_cache=dir_cache)
 
 
 def mount_request(mountpoint: str, kwargs: Mapping[str, FuseValue]) -> devmount.MountRequest:

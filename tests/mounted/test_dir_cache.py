@@ -1,0 +1,117 @@
+"""Directory listings kept in the kernel (``dir_cache=on``, the protocol frontend's default): no OPENDIR or
+RELEASEDIR requests, a listing read again costs no READDIR, and every change of what a listing shows reaches
+it, whether the kernel made it in that directory itself or the daemon made it elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from support.mounts import unionfs_mount
+
+pytestmark = pytest.mark.mounted
+UNIONFS = str(Path(sys.prefix) / "bin" / "unionfs")
+LOWLEVEL = ("frontend=lowlevel",)
+
+
+def _stats(mnt: Path) -> dict:
+    out = subprocess.run([UNIONFS, "stats", "--json", str(mnt)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def _calls(stats: dict, op: str) -> int:
+    return int(stats["operations"].get(op, {}).get("calls", 0))
+
+
+def _listing_requests(mnt: Path) -> dict[str, int]:
+    stats = _stats(mnt)
+    return {op: _calls(stats, op) for op in ("opendir", "readdir", "readdirplus", "releasedir")}
+
+
+def _ls(path: Path) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+@contextmanager
+def _union(tmp_path: Path, *options: str) -> Iterator[tuple[Path, Path, Path]]:
+    """A lower layer with ``d/{a,b}``, ``d/sub/x``, ``e/y`` and ``f``; yields (mountpoint, lower, upper)."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt, lower / "d" / "sub", lower / "e"):
+        d.mkdir(parents=True, exist_ok=True)
+    for name in ("d/a", "d/b", "d/sub/x", "e/y", "f"):
+        (lower / name).write_text(name)
+    with unionfs_mount([lower], upper, work, mnt, (*LOWLEVEL, *options)):
+        yield mnt, lower, upper
+
+
+def test_a_listing_read_again_costs_no_request(tmp_path: Path) -> None:
+    with _union(tmp_path) as (mnt, _, _):
+        assert _ls(mnt / "d") == ["a", "b", "sub"]
+        before = _listing_requests(mnt)
+        for _ in range(5):
+            assert _ls(mnt / "d") == ["a", "b", "sub"]
+        assert _listing_requests(mnt) == before
+        assert before["opendir"] <= 1  # the first one, answered ENOSYS: the kernel stops asking
+        assert before["releasedir"] == 0
+
+
+def test_dir_cache_off_reads_every_listing_from_the_daemon(tmp_path: Path) -> None:
+    with _union(tmp_path, "dir_cache=off") as (mnt, _, _):
+        assert _ls(mnt / "d") == ["a", "b", "sub"]
+        before = _listing_requests(mnt)
+        for _ in range(3):
+            assert _ls(mnt / "d") == ["a", "b", "sub"]
+        after = _listing_requests(mnt)
+        assert after["opendir"] == before["opendir"] + 3
+        assert after["readdir"] + after["readdirplus"] >= before["readdir"] + before["readdirplus"] + 3
+
+
+def test_ls_l_of_a_cached_listing_sends_nothing(tmp_path: Path) -> None:
+    """The first READDIRPLUS gave the kernel every child's entry and attributes; a cached listing read
+    again, with a stat of every child, then reaches the daemon not at all (the first listing read from the
+    cache refreshes the directory's attributes once: the kernel's atime rule)."""
+    with _union(tmp_path) as (mnt, _, _):
+        names = _ls(mnt / "d")
+        _ls(mnt / "d")
+        before = _stats(mnt)["operations"]
+        for name in _ls(mnt / "d"):
+            os.lstat(mnt / "d" / name)
+        after = _stats(mnt)["operations"]
+        assert names == ["a", "b", "sub"]
+        assert {op: v["calls"] for op, v in after.items() if op not in ("statfs",)} \
+            == {op: v["calls"] for op, v in before.items() if op not in ("statfs",)}
+
+
+def test_local_changes_reach_a_cached_listing(tmp_path: Path) -> None:
+    """create, unlink, mkdir, rmdir, rename (within and across directories), link and symlink, each between
+    two reads of the directories it changes."""
+    with _union(tmp_path, "redirect_dir=on") as (mnt, _, _):
+        d, e = mnt / "d", mnt / "e"
+        assert _ls(d) == ["a", "b", "sub"] and _ls(e) == ["y"]
+        (d / "new").write_text("n")
+        assert _ls(d) == ["a", "b", "new", "sub"]
+        os.unlink(d / "a")
+        assert _ls(d) == ["b", "new", "sub"]
+        os.mkdir(d / "m")
+        assert _ls(d) == ["b", "m", "new", "sub"]
+        os.rmdir(d / "m")
+        assert _ls(d) == ["b", "new", "sub"]
+        os.rename(d / "b", d / "c")
+        assert _ls(d) == ["c", "new", "sub"]
+        os.rename(d / "c", e / "c")
+        assert _ls(d) == ["new", "sub"] and _ls(e) == ["c", "y"]
+        os.link(e / "y", d / "y2")
+        assert _ls(d) == ["new", "sub", "y2"]
+        os.symlink("y", e / "s")
+        assert _ls(e) == ["c", "s", "y"]
+        os.rename(d / "sub", e / "sub")  # a lower directory: moved with a redirect
+        assert _ls(d) == ["new", "y2"] and _ls(e) == ["c", "s", "sub", "y"]
+        assert _ls(e / "sub") == ["x"]
+        os.mkdir(d / "sub")  # over the whiteout the move left: a new, opaque directory
+        assert _ls(d / "sub") == []
