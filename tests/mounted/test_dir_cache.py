@@ -115,3 +115,27 @@ def test_local_changes_reach_a_cached_listing(tmp_path: Path) -> None:
         assert _ls(e / "sub") == ["x"]
         os.mkdir(d / "sub")  # over the whiteout the move left: a new, opaque directory
         assert _ls(d / "sub") == []
+
+
+def test_a_copy_up_that_breaks_a_lower_hard_link_reaches_its_parents_listing(tmp_path: Path) -> None:
+    """Lower ``x`` and ``y`` are one file; a write to ``x`` copies it up with an inode number of its own, as
+    the kernel's overlayfs shows it.  The kernel saw no change in the (already merged) directory: the daemon
+    invalidates its listing, whose d_ino for ``x`` is stale otherwise."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower / "d", upper, work, mnt):
+        d.mkdir(parents=True)
+    (lower / "d" / "x").write_text("x")
+    os.link(lower / "d" / "x", lower / "d" / "y")
+    with unionfs_mount([lower], upper, work, mnt, LOWLEVEL):
+        d = mnt / "d"
+        (d / "z").write_text("z")  # d is merged from now on: the copy-up below leaves it alone
+        before = {e.name: e.inode() for e in os.scandir(d)}
+        assert before["x"] == before["y"]
+        fd = os.open(d / "x", os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"more")
+        finally:
+            os.close(fd)
+        after = {e.name: e.inode() for e in os.scandir(d)}
+        assert after["x"] == os.lstat(d / "x").st_ino != before["x"]
+        assert after["y"] == before["y"] == os.lstat(d / "y").st_ino
