@@ -439,7 +439,9 @@ class Dispatcher:
             os.utime(fd, ns=(pick(a_ns, st.st_atime_ns), pick(m_ns, st.st_mtime_ns)))
 
     def op_readlink(self, request: Request) -> bytes:
-        return os.fsencode(self.fs.readlink(self._path(request.nodeid)))
+        orphan = self._orphan_or_path(request.nodeid)
+        target = self.fs.orphan_readlink(orphan) if isinstance(orphan, Orphan) else self.fs.readlink(orphan)
+        return os.fsencode(target)
 
     def op_statfs(self, request: Request) -> bytes:
         sv = self.fs.statfs()
@@ -448,7 +450,11 @@ class Dispatcher:
 
     def op_access(self, request: Request) -> None:
         mask, _ = abi.ACCESS_IN.unpack_from(request.body, 0)
-        self.fs.access(self._path(request.nodeid), mask)
+        orphan = self._orphan_or_path(request.nodeid)
+        if isinstance(orphan, Orphan):
+            self.fs.orphan_access(orphan, mask)
+        else:
+            self.fs.access(orphan, mask)
 
     # -- xattrs -----------------------------------------------------------------------------------------------
     def op_getxattr(self, request: Request) -> bytes | int:
@@ -520,9 +526,12 @@ class Dispatcher:
     def op_link(self, request: Request) -> bytes:
         (old,) = abi.LINK_IN.unpack_from(request.body, 0)
         name, _ = _name(request.body, abi.LINK_IN.size)
-        src = self._path(old)
+        src = self._orphan_or_path(old)
         path = self.nodes.child_path(request.nodeid, name)
-        self.fs.link(src, path)
+        if isinstance(src, Orphan):
+            self.fs.orphan_link(src, path)  # linkat of /proc/self/fd of a descriptor whose name is gone
+        else:
+            self.fs.link(src, path)
         return self._new_entry(request.nodeid, name, path)
 
     def _pin(self, parent: int, name: str, path: str) -> Orphan | None:

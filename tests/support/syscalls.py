@@ -16,3 +16,14 @@ def renameat2(src: str, dst: str, flags: int) -> None:
     if _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), src)
+
+
+AT_EMPTY_PATH = 0x1000
+
+
+def link_descriptor(fd: int, dst: str) -> None:
+    """linkat(fd, "", AT_FDCWD, dst, AT_EMPTY_PATH): a new name for the object of descriptor ``fd`` (root:
+    CAP_DAC_READ_SEARCH); OSError with the errno."""
+    if _libc.linkat(fd, b"", AT_FDCWD, os.fsencode(dst), AT_EMPTY_PATH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)
