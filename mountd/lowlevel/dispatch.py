@@ -10,6 +10,7 @@ Node ids exist only here and in :mod:`mountd.lowlevel.nodes`; the core is called
 
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
 import logging
@@ -78,6 +79,51 @@ class Settings:
     """The reader's polling after a request: "auto", "on" or "off" (:class:`mountd.lowlevel.session.Session`)."""
 
 
+Entry = tuple[str, bytes, int, int, int]
+"""One entry of a listing: name, encoded name, type bits, st_ino, its offset."""
+_FIRST_OFFSET = 3
+"""The offsets of names start here: "." is 1, ".." is 2 (an offset is that of the entry *after* which a
+reader resumes; 0 is the start)."""
+_OFFSET_MASK = (1 << 62) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A directory's entries in offset order ("." and ".." first), with their offsets."""
+
+    entries: list[Entry]
+    offsets: list[int]
+
+    def start(self, offset: int) -> int:
+        """The index of the first entry after ``offset``."""
+        return bisect.bisect_right(self.offsets, offset)
+
+
+EMPTY_LISTING = Listing([], [])
+
+
+def _listing_of(ino: int, children: list[tuple[str, int, int]]) -> Listing:
+    """The listing of a directory (``st_ino`` ``ino``) with ``children`` as ``(name, type bits, st_ino)``.
+
+    An entry's offset is a hash of its name (as ext4's hashed directories do), and the entries are in offset
+    order: a reader resumes after the same name in any listing of the directory, also when names were added
+    or removed since it began, or when its listing is another reader's (no OPENDIR: readers of one node share
+    listings, and the kernel's cached listing is shared by all of them).  Python's hash is fixed for the life
+    of the daemon, which is as long as an offset has to mean something.  The rare collision takes the next
+    free offset."""
+    keyed = sorted((_FIRST_OFFSET + (hash(encoded) & _OFFSET_MASK), encoded, name, kind, child_ino)
+                   for name, kind, child_ino in children for encoded in (os.fsencode(name),))
+    entries: list[Entry] = [(".", b".", stat_mod.S_IFDIR, ino, 1), ("..", b"..", stat_mod.S_IFDIR, 1, 2)]
+    offsets = [1, 2]
+    last = 2
+    for off, encoded, name, kind, child_ino in keyed:
+        off = max(off, last + 1)
+        entries.append((name, encoded, kind, child_ino, off))
+        offsets.append(off)
+        last = off
+    return Listing(entries, offsets)
+
+
 def _name(body: bytes, start: int = 0) -> tuple[str, int]:
     """The NUL-terminated name at ``start`` and the offset after its NUL."""
     end = body.index(b"\0", start)
@@ -100,9 +146,9 @@ class Dispatcher:
         self._attr_valid = abi.split_seconds(settings.attr_timeout)
         self._negative_valid = abi.split_seconds(settings.negative_timeout)
         self._dir_handles = itertools.count(1)
-        self._listings: dict[int, list[tuple[str, bytes, int, int]]] = {}
+        self._listings: dict[int, Listing] = {}
         """Listings being read, by directory handle (from OPENDIR)."""
-        self._node_listings: dict[int, list[tuple[str, bytes, int, int]]] = {}
+        self._node_listings: dict[int, Listing] = {}
         """Listings being read without a handle (no OPENDIR: fh 0), by node, shared by its readers."""
         self._listings_lock = threading.Lock()
         self._fh_nodes: dict[int, tuple[int, bool | None]] = {}
@@ -720,66 +766,64 @@ class Dispatcher:
         with self._listings_lock:
             self._listings.pop(fh, None)
 
-    def _listing(self, nodeid: int, fh: int, offset: int) -> list[tuple[str, bytes, int, int]]:
-        """The entries of an open directory as ``(name, encoded name, type bits, st_ino)``, "." and ".."
-        first; taken at offset 0 and kept for the later offsets of the same handle.
+    def _listing(self, nodeid: int, fh: int, offset: int) -> Listing:
+        """The listing of an open directory: taken at offset 0 and kept for the later offsets of the same
+        handle.
 
         Without OPENDIR (fh 0) the readers of one node share one listing: taken anew at offset 0, dropped
         when a reader reaches its end (:meth:`_listing_done`), at most :data:`KEPT_NODE_LISTINGS` kept.  A
-        later offset that finds none takes the listing again (the same entries in the same order while the
-        directory does not change)."""
+        later offset that finds none takes the listing again.  Offsets belong to names, not to positions
+        (:func:`_listing_of`), so a reader resumes right in any listing of the directory."""
         kept, key = (self._listings, fh) if fh else (self._node_listings, nodeid)
         with self._listings_lock:
-            entries = kept.get(key) if offset else None
-        if entries is None:
+            listing = kept.get(key) if offset else None
+        if listing is None:
             path = self.nodes.path(nodeid)
             if path is None:
                 if self._orphan(nodeid) is None:
                     raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
-                return []  # a removed directory lists nothing, as on the kernel's overlayfs
-            ino = self.fs.getattr(path).st_ino
-            entries = [(".", b".", stat_mod.S_IFDIR, ino), ("..", b"..", stat_mod.S_IFDIR, 1)]
-            entries.extend((name, os.fsencode(name), kind, child_ino)
-                           for name, kind, child_ino in self.fs.readdir(path))
+                return EMPTY_LISTING  # a removed directory lists nothing, as on the kernel's overlayfs
+            listing = _listing_of(self.fs.getattr(path).st_ino, self.fs.readdir(path))
             with self._listings_lock:
                 kept.pop(key, None)  # re-inserted last: the oldest one goes first
-                kept[key] = entries
+                kept[key] = listing
                 if len(self._node_listings) > KEPT_NODE_LISTINGS:
                     del self._node_listings[next(iter(self._node_listings))]
-        return entries
+        return listing
 
-    def _listing_done(self, nodeid: int, fh: int, offset: int, entries: list[tuple[str, bytes, int, int]]) -> None:
-        """A handle-less reader asked past the end of ``entries``: the listing it shared is let go."""
-        if fh == 0 and offset >= len(entries):
+    def _listing_done(self, nodeid: int, fh: int, start: int, listing: Listing) -> None:
+        """A handle-less reader asked past the end of ``listing``: the listing it shared is let go."""
+        if fh == 0 and start >= len(listing.entries):
             with self._listings_lock:
-                if self._node_listings.get(nodeid) is entries:
+                if self._node_listings.get(nodeid) is listing:
                     del self._node_listings[nodeid]
 
     def op_readdir(self, request: Request) -> bytes:
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
-        entries = self._listing(request.nodeid, fh, offset)
-        self._listing_done(request.nodeid, fh, offset, entries)
+        listing = self._listing(request.nodeid, fh, offset)
+        start = listing.start(offset)
+        self._listing_done(request.nodeid, fh, start, listing)
         out: list[bytes] = []
         used = 0
-        for index in range(offset, len(entries)):
-            _, encoded, kind, ino = entries[index]
+        for _, encoded, kind, ino, off in itertools.islice(listing.entries, start, None):
             need = abi.dirent_size(encoded)
             if used + need > size:
                 break
-            out.append(abi.dirent(ino, index + 1, kind, encoded))
+            out.append(abi.dirent(ino, off, kind, encoded))
             used += need
         return b"".join(out)
 
     def op_readdirplus(self, request: Request) -> bytes:
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
-        entries = self._listing(request.nodeid, fh, offset)
-        self._listing_done(request.nodeid, fh, offset, entries)
+        listing = self._listing(request.nodeid, fh, offset)
+        index = listing.start(offset)
+        self._listing_done(request.nodeid, fh, index, listing)
+        entries = listing.entries
         out: list[bytes] = []
         used = 0
         if not entries:
             return b""
         path = self._path(request.nodeid)
-        index = offset
         zero_entry = bytes(abi.ENTRY_OUT_SIZE)
         while index < len(entries):
             end = min(index + _PLUS_CHUNK, len(entries))
@@ -789,21 +833,19 @@ class Dispatcher:
             except OSError:  # the directory itself is gone since the listing was taken
                 found = iter([None] * len(names))
             for i in range(index, end):
-                name, encoded, kind, ino = entries[i]
+                name, encoded, kind, ino, off = entries[i]
                 need = abi.DIRENTPLUS_HEAD_SIZE + ((len(encoded) + 7) & ~7)
                 if used + need > size:
                     return b"".join(out)
                 if i < 2:
-                    out.append(zero_entry + abi.dirent(ino, i + 1, kind, encoded))
+                    out.append(zero_entry + abi.dirent(ino, off, kind, encoded))
                     used += need
                     continue
                 attrs = next(found)
                 if attrs is None:
                     continue  # gone since the listing was taken
                 nodeid = self.nodes.remember(request.nodeid, name)
-                out.append(self._entry(nodeid, attrs) + abi.dirent(attrs.st_ino, i + 1, attrs.st_mode,
-                                                                    encoded))
+                out.append(self._entry(nodeid, attrs) + abi.dirent(attrs.st_ino, off, attrs.st_mode, encoded))
                 used += need
             index = end
         return b"".join(out)
-

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from support.mounts import unionfs_mount
+from support.syscalls import getdents
 
 pytestmark = pytest.mark.mounted
 UNIONFS = str(Path(sys.prefix) / "bin" / "unionfs")
@@ -139,3 +140,33 @@ def test_a_copy_up_that_breaks_a_lower_hard_link_reaches_its_parents_listing(tmp
         after = {e.name: e.inode() for e in os.scandir(d)}
         assert after["x"] == os.lstat(d / "x").st_ino != before["x"]
         assert after["y"] == before["y"] == os.lstat(d / "y").st_ino
+
+
+@pytest.mark.parametrize("dir_cache", ["on", "off"])
+def test_a_reader_that_deletes_as_it_goes_sees_every_name_while_others_list(tmp_path: Path, dir_cache: str) -> None:
+    """``rm -r``'s pattern beside another lister: one reader takes a few entries at a time and unlinks them,
+    another lists the whole directory in between (so the kernel's cached listing is refilled without the
+    removed names).  The first reader must still get every name it did not remove yet: offsets are stable
+    across listings, not positions in one of them."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower / "d", upper, work, mnt):
+        d.mkdir(parents=True)
+    names = {f"entry-{i:04d}-{'x' * 40}" for i in range(300)}
+    for name in names:
+        (lower / "d" / name).write_text("x")
+    with unionfs_mount([lower], upper, work, mnt, (*LOWLEVEL, f"dir_cache={dir_cache}")):
+        d = mnt / "d"
+        assert set(os.listdir(d)) == names
+        seen: set[str] = set()
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            while chunk := getdents(fd, 2048):
+                for name in chunk:
+                    if name not in (".", ".."):
+                        seen.add(name)
+                        os.unlink(d / name)
+                assert set(os.listdir(d)) == names - seen  # the other lister
+        finally:
+            os.close(fd)
+        assert seen == names
+        assert os.listdir(d) == []
