@@ -95,7 +95,7 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
         if started:
             return
         started.append(True)
-        service.start_invalidator(lambda rel: _invalidate(session, dispatcher, rel))
+        service.start_invalidator(lambda nodeid: _invalidate(session, nodeid), resolve=dispatcher.nodes.find_path)
         try:
             service.start_control()
         except OSError:
@@ -154,11 +154,8 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
         os.close(fd)
 
 
-def _invalidate(session: Session, dispatcher: Dispatcher, rel: str) -> None:
-    """Drop what the kernel caches of union path ``rel`` (attributes and data), if it holds that name."""
-    nodeid = dispatcher.nodes.find_path(rel)
-    if nodeid is None:
-        return
+def _invalidate(session: Session, nodeid: int) -> None:
+    """Drop what the kernel caches of node ``nodeid`` (attributes and data; a directory's cached listing)."""
     try:
         session.notify(abi.NOTIFY_INVAL_INODE, abi.NOTIFY_INVAL_INODE_OUT.pack(nodeid, 0, 0))
     except OSError as exc:

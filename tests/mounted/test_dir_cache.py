@@ -170,3 +170,26 @@ def test_a_reader_that_deletes_as_it_goes_sees_every_name_while_others_list(tmp_
             os.close(fd)
         assert seen == names
         assert os.listdir(d) == []
+
+
+def test_a_renamed_lower_directory_shows_the_merged_link_count(tmp_path: Path) -> None:
+    """A lower directory with subdirectories (the layer's ``st_nlink``) renamed with a redirect is copied up
+    and merged: ``st_nlink`` 1 at its new name, as on the kernel's overlayfs.  The copy-up's invalidation
+    names the node by the name the kernel knew when the core made it, not by the one it has once the rename's
+    node moved (which found nothing: the attributes stayed cached, also through listings read from the
+    kernel's cache)."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (upper, work, mnt):
+        d.mkdir()
+    rounds = 20
+    for i in range(rounds):
+        (lower / f"x{i}" / "sub1").mkdir(parents=True)
+        (lower / f"x{i}" / "sub2").mkdir()
+    with unionfs_mount([lower], upper, work, mnt, (*LOWLEVEL, "redirect_dir=on")):
+        for i in range(rounds):
+            assert os.lstat(mnt / f"x{i}").st_nlink == 4
+            _ls(mnt)
+        for i in range(rounds):
+            os.rename(mnt / f"x{i}", mnt / f"a{i}")
+            assert (i, os.lstat(mnt / f"a{i}").st_nlink) == (i, 1)
+        assert sorted(_ls(mnt)) == sorted(f"a{i}" for i in range(rounds))
