@@ -271,13 +271,23 @@ class Dispatcher:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         return orphan
 
+    def _attr_valid_for(self, attrs: Attr, nlink: int | None = None) -> tuple[int, int]:
+        """How long the kernel may keep ``attrs``: the mount's attribute timeout, but not at all for a file of
+        several links.  Its names are nodes of their own, and a change through one name that the daemon does
+        not see (a write passed through to the backing file) would leave the others' attributes stale: a
+        listing kept by the kernel no longer refreshes them with every READDIRPLUS."""
+        links = attrs.st_nlink if nlink is None else nlink
+        if links > 1 and not stat_mod.S_ISDIR(attrs.st_mode):
+            return 0, 0
+        return self._attr_valid
+
     def _entry(self, nodeid: int, attrs: Attr) -> bytes:
         ev, evn = self._entry_valid
-        av, avn = self._attr_valid
+        av, avn = self._attr_valid_for(attrs)
         return abi.ENTRY_OUT_HEAD.pack(nodeid, 0, ev, av, evn, avn) + abi.pack_attr(attrs)
 
     def _attr_out(self, attrs: Attr, *, nlink: int | None = None) -> bytes:
-        av, avn = self._attr_valid
+        av, avn = self._attr_valid_for(attrs, nlink)
         return abi.ATTR_OUT_HEAD.pack(av, avn, 0) + abi.pack_attr(attrs, nlink=nlink)
 
     def _new_entry(self, parent: int, name: str, path: str) -> bytes:

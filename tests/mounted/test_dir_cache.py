@@ -193,3 +193,28 @@ def test_a_renamed_lower_directory_shows_the_merged_link_count(tmp_path: Path) -
             os.rename(mnt / f"x{i}", mnt / f"a{i}")
             assert (i, os.lstat(mnt / f"a{i}").st_nlink) == (i, 1)
         assert sorted(_ls(mnt)) == sorted(f"a{i}" for i in range(rounds))
+
+
+def test_a_write_through_one_name_of_a_hard_link_shows_at_the_other(tmp_path: Path) -> None:
+    """The data of a write through a descriptor of one name goes straight to the backing file (passthrough):
+    the other name's size and mtime must not stay what the kernel cached, also when the listings of its
+    directory are read from the kernel's cache (no READDIRPLUS refreshes them)."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    with unionfs_mount([lower], upper, work, mnt, LOWLEVEL):
+        (mnt / "d").mkdir()
+        (mnt / "d" / "f").write_bytes(b"x")
+        os.link(mnt / "d" / "f", mnt / "g")
+        assert os.lstat(mnt / "g").st_size == 1
+        _ls(mnt / "d")
+        _ls(mnt)
+        fd = os.open(mnt / "d" / "f", os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"written\n", 4096)
+            _ls(mnt)
+            assert os.lstat(mnt / "g").st_size == 4104
+            assert os.lstat(mnt / "d" / "f").st_size == 4104
+        finally:
+            os.close(fd)
+        assert (mnt / "g").read_bytes()[4096:] == b"written\n"
