@@ -286,8 +286,14 @@ class Dispatcher:
         av, avn = self._attr_valid_for(attrs)
         return abi.ENTRY_OUT_HEAD.pack(nodeid, 0, ev, av, evn, avn) + abi.pack_attr(attrs)
 
-    def _attr_out(self, attrs: Attr, *, nlink: int | None = None) -> bytes:
-        av, avn = self._attr_valid_for(attrs, nlink)
+    def _attr_out(self, attrs: Attr, *, nlink: int | None = None, nodeid: int | None = None) -> bytes:
+        """The ``fuse_attr_out`` of ``attrs`` (of node ``nodeid``, if given: one whose name is gone gets them
+        with no timeout, since a change through another name of its object, or a new name given to it, is
+        reported by path and cannot reach it)."""
+        if nodeid is not None and self.nodes.path(nodeid) is None:
+            av, avn = 0, 0
+        else:
+            av, avn = self._attr_valid_for(attrs, nlink)
         return abi.ATTR_OUT_HEAD.pack(av, avn, 0) + abi.pack_attr(attrs, nlink=nlink)
 
     def _new_entry(self, parent: int, name: str, path: str) -> bytes:
@@ -415,7 +421,7 @@ class Dispatcher:
 
     def op_getattr(self, request: Request) -> bytes:
         attrs, nlink = self._attrs_of(request.nodeid)
-        return self._attr_out(attrs, nlink=nlink)
+        return self._attr_out(attrs, nlink=nlink, nodeid=request.nodeid)
 
     def op_setattr(self, request: Request) -> bytes:
         (valid, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid, gid,
@@ -464,7 +470,7 @@ class Dispatcher:
                 # chown(f, -1, -1) and the like: the kernel's overlayfs copies up on every setattr
                 self.fs.chown(path, -1, -1)
         attrs, nlink = self._attrs_of(request.nodeid)
-        return self._attr_out(attrs, nlink=nlink)
+        return self._attr_out(attrs, nlink=nlink, nodeid=request.nodeid)
 
     def _setattr_gone(self, nodeid: int, handle: Handle | None, valid: int, mode: int, uid: int, gid: int,
                       size: int, a_ns: int | None, m_ns: int | None) -> None:
