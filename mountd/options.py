@@ -201,6 +201,7 @@ class MountConfig(NamedTuple):
     redirect_dir: RedirectDir = "on"
     frontend: Frontend | None = None
     passthrough: PassthroughMode = "on"
+    dir_cache: bool = False
     spin: Spin = "auto"
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
@@ -289,10 +290,10 @@ def _escape(value: FuseValue) -> FuseValue:
 class _Parsed:
     """The mutable state of one parse; frozen into a :class:`MountConfig` at the end."""
 
-    __slots__ = ("acl", "cache_entries", "debug", "foreground", "frontend", "fuse", "gid_mappings", "ignored",
-                 "lowers", "passthrough", "positionals", "readdirplus", "redirect_dir", "ro", "single_threaded",
-                 "spin", "squash_to_gid", "squash_to_root", "squash_to_uid", "uid_mappings", "upper", "volatile",
-                 "whiteout", "work", "writeback_cache")
+    __slots__ = ("acl", "cache_entries", "debug", "dir_cache", "foreground", "frontend", "fuse", "gid_mappings",
+                 "ignored", "lowers", "passthrough", "positionals", "readdirplus", "redirect_dir", "ro",
+                 "single_threaded", "spin", "squash_to_gid", "squash_to_root", "squash_to_uid", "uid_mappings", "upper",
+                 "volatile", "whiteout", "work", "writeback_cache")
 
     def __init__(self) -> None:
         self.positionals: list[str] = []
@@ -312,6 +313,7 @@ class _Parsed:
         self.redirect_dir: RedirectDir = "on"
         self.frontend: Frontend | None = None
         self.passthrough: PassthroughMode = "on"
+        self.dir_cache: bool = False
         self.spin: Spin = "auto"
         self.uid_mappings: tuple[IdRange, ...] = ()
         self.gid_mappings: tuple[IdRange, ...] = ()
@@ -556,6 +558,16 @@ def _opt_passthrough(state: _Parsed, raw: str | None) -> None:
     state.passthrough = _choice("passthrough", raw, PASSTHROUGH_MODES)
 
 
+def _opt_dir_cache(state: _Parsed, raw: str | None) -> None:
+    """Directory listings kept in the kernel's page cache (protocol frontend): no OPENDIR/RELEASEDIR
+    requests, and a listing read again costs nothing until something changes it; ``dir_cache=off`` (or 0)
+    switches it off."""
+    value = unescape(_need("dir_cache", raw))
+    if value not in ("on", "off", "1", "0"):
+        raise OptionError(f"dir_cache={value}: expected on or off")
+    state.dir_cache = value in ("on", "1")
+
+
 def _opt_spin(state: _Parsed, raw: str | None) -> None:
     """Whether the protocol frontend's reader keeps reading the device for a short while after a request
     before it sleeps: ``auto`` (while a CPU is free for it), ``on`` or ``off``."""
@@ -610,6 +622,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_Parsed, str | None], None]]] = Map
     "timeout": _opt_timeout,
     "frontend": _opt_frontend,
     "passthrough": _opt_passthrough,
+    "dir_cache": _opt_dir_cache,
     "spin": _opt_spin,
     "uidmapping": _opt_uidmapping,
     "gidmapping": _opt_gidmapping,
@@ -723,6 +736,7 @@ def _freeze(state: _Parsed, cwd: str) -> MountConfig:
         redirect_dir=state.redirect_dir,
         frontend=state.frontend,
         passthrough=state.passthrough,
+        dir_cache=state.dir_cache,
         spin=state.spin,
         uid_mappings=state.uid_mappings,
         gid_mappings=state.gid_mappings,
@@ -778,6 +792,7 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
                      high-level API (default: $UNIONFS_FRONTEND, else lowlevel)
   passthrough=on|all|off file data straight to the backing file (lowlevel frontend, root, kernel 6.9+);
                      all: lower files of a writable mount too
+  dir_cache=on|off   directory listings cached by the kernel until they change (lowlevel frontend; default off)
   spin=auto|on|off   the lowlevel reader polls the device briefly after each request (auto: while a CPU is free)
   timeout=SECONDS    kernel cache time for entries and attributes (sets the three *_timeout options)
   threaded=0|1, debug
