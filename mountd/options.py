@@ -40,6 +40,8 @@ SPINS: Final[tuple[Spin, ...]] = ("auto", "on", "off")
 WHITEOUT_FORMATS: Final[tuple[Whiteout, ...]] = ("auto", "kernel", "oci")
 RedirectDir: TypeAlias = Literal["on", "follow", "nofollow", "off"]
 REDIRECT_DIR_MODES: Final[tuple[RedirectDir, ...]] = ("on", "follow", "nofollow", "off")
+Index: TypeAlias = Literal["on", "off"]
+INDEX_MODES: Final[tuple[Index, ...]] = ("on", "off")
 
 MAX_ID: Final = 2**32 - 2
 """The largest uid/gid (``(uid_t) -1`` is reserved)."""
@@ -151,7 +153,7 @@ IGNORED_FLAGS: Final = frozenset({
 
 IGNORED_KEYS: Final = frozenset({
     "context", "fscontext", "defcontext", "rootcontext",     # SELinux labels
-    "index", "metacopy", "xino", "nfs_export", "uuid", "verity",  # kernel overlayfs
+    "metacopy", "xino", "nfs_export", "uuid", "verity",     # kernel overlayfs
     "fast_ino",                                              # fuse-overlayfs tuning
     "comment",
 })
@@ -199,6 +201,7 @@ class MountConfig:
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
     redirect_dir: RedirectDir = "on"
+    index: Index = "off"
     frontend: Frontend | None = None
     passthrough: bool = True
     spin: Spin = "auto"
@@ -305,6 +308,7 @@ class _Parsed:
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
     redirect_dir: RedirectDir = "on"
+    index: Index = "off"
     frontend: Frontend | None = None
     passthrough: bool = True
     spin: Spin = "auto"
@@ -533,6 +537,12 @@ def _opt_redirect_dir(state: _Parsed, raw: str | None) -> None:
     state.redirect_dir = _choice("redirect_dir", raw, REDIRECT_DIR_MODES)
 
 
+def _opt_index(state: _Parsed, raw: str | None) -> None:
+    """The kernel's ``index=``: ``on`` keeps the names of a lower hard link together across copy-up (an
+    inode index in the work dir); ``off`` (default) breaks the link at copy-up (docs/semantics.md)."""
+    state.index = _choice("index", raw, INDEX_MODES)
+
+
 def _opt_frontend(state: _Parsed, raw: str | None) -> None:
     """Which frontend serves the mount: ``lowlevel`` (the daemon speaks /dev/fuse itself) or ``fusepy``
     (libfuse's high-level API through mfusepy).  Unset: ``$UNIONFS_FRONTEND``, else the default."""
@@ -599,6 +609,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_Parsed, str | None], None]]] = Map
     "debug": _opt_debug,
     "whiteout": _opt_whiteout,
     "redirect_dir": _opt_redirect_dir,
+    "index": _opt_index,
     "timeout": _opt_timeout,
     "frontend": _opt_frontend,
     "passthrough": _opt_passthrough,
@@ -713,6 +724,7 @@ def _freeze(state: _Parsed, cwd: str) -> MountConfig:
         cache_entries=state.cache_entries,
         whiteout=state.whiteout,
         redirect_dir=state.redirect_dir,
+        index=state.index,
         frontend=state.frontend,
         passthrough=state.passthrough,
         spin=state.spin,
@@ -764,6 +776,8 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   redirect_dir=on|follow|nofollow|off   as the kernel's: on (default) renames directories that have lower
                      copies (a redirect xattr records the move); follow and off read redirects but answer
                      such a rename with EXDEV; nofollow reads none (a lookup that needs one is EPERM)
+  index=on|off       as the kernel's: on keeps the names of a lower hard link one file across copy-up (an
+                     inode index in workdir/index); off (default) breaks the link at copy-up
   uidmapping=CONTAINERID:HOSTID:SIZE[:…], gidmapping=…   map owners between the layers and the mount
   squash_to_root, squash_to_uid=N, squash_to_gid=N       show every file as owned by root / N
   frontend=lowlevel|fusepy   who speaks to the kernel: the daemon itself on /dev/fuse, or libfuse's
