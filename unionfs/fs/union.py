@@ -31,7 +31,7 @@ from unionfs.fs.dirstate import DirState
 from unionfs.fs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, fallocate, join, split
 from unionfs.fs.gate import WriteGate
 from unionfs.fs.idmap import IdMap
-from unionfs.fs.index import NLINK_XATTR, InodeIndex, union_nlink
+from unionfs.fs.index import NLINK_XATTR, ORIGIN_XATTR, InodeIndex, union_nlink
 from unionfs.fs.inodes import ORIGIN_TRUSTED, Inodes
 from unionfs.fs.layers import WORK_SUBDIR, LayerStack
 from unionfs.fs.lookup import NAME_MAX, Node, Resolver
@@ -124,6 +124,8 @@ class UnionFS:
         if self.upper is not None:
             self.upper.opaque_new_dirs = redirect_dir == "on" or self.index is not None
             self.upper.index = self.index
+            if self.index is not None:
+                self.inodes.overlay_origin = self._overlay_origin_ino
         self._lower_handles: dict[str, set[int]] = {}
         """Read-only handles open on a lower file, by path: a copy-up moves them onto the upper copy, so that
         they see later writes (as the kernel's overlayfs does since 4.19)."""
@@ -191,6 +193,19 @@ class UnionFS:
             return self._attrs(st, ino)
         self.inodes.note_links(path, entry)
         return self._attrs(entry, ino, self.index.nlink_of_entry(name, entry, st.st_nlink))
+
+    def _overlay_origin_ino(self, path: str, st: os.stat_result) -> int | None:
+        """The st_ino of upper non-directory ``path`` (lstat ``st``) copied up by the kernel: its origin's,
+        where the kernel uses it (an origin with one link, or an indexed one), else None."""
+        if self.index is None or self.upper is None or stat_mod.S_ISDIR(st.st_mode):
+            return None
+        origin = self.index.origin_stat(self.upper.dir.try_getxattr(path, ORIGIN_XATTR))
+        if origin is None or (origin.st_nlink > 1 and self.index.indexed_name(self.upper.dir, path, st) is None):
+            return None
+        for layer in self.stack.lowers:
+            if layer.host.dev == origin.st_dev:
+                return self.inodes.ino(layer.index, origin.st_ino)
+        return None
 
     def _index_entry(self, path: str, node: Node) -> str | None:
         """Where ``path`` (``node``) is a lower name of a lower hard link whose inode was copied up through
@@ -290,6 +305,8 @@ class UnionFS:
                         continue
                     child = join(path, name)
                     ino = self.cache.get_ino(child)
+                    if ino is None and origins[index] is None and self.inodes.overlay_origin is not None:
+                        ino = self.inodes.upper_ino(child, st)
                     if ino is None:
                         ino = self.inodes.origin_ino(origins[index], st)
                         self.cache.put_ino(child, ino)
