@@ -522,3 +522,59 @@ def test_a_build_step_layer_flattens_a_renamed_dir_on_the_layers_it_was_mounted_
     assert snap["opt/app-1.0"].opaque and snap["opt/app-1.0"].redirect is None
     assert (layer / "opt" / "app-1.0" / "lib" / "x").read_text() == "x\n"
     assert _union_tree([str(layer), base_path]) == seen
+
+
+def _indexed_union(base_path: str, tmp_path: Path) -> tuple[UnionFS, Path]:
+    """A union over ``base_path`` with a fresh upper dir (returned too) and ``index=on``."""
+    from unionfs.fs.layers import LayerStack
+    from unionfs.fs.union import UnionFS
+
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    stack = LayerStack.open(lowers=[base_path], upper=str(upper), work=str(work))
+    return UnionFS(stack, redirect_dir="on", index=True), upper
+
+
+def test_an_index_upper_commits_its_hard_links_as_hard_links(store: Store, tmp_path: Path) -> None:
+    """Every name of a lower hard link copied up through the index (index=on): the layer holds them as hard
+    links of one file, no index entry, no overlay xattr, and shows the tree the union showed."""
+    base = import_dir(store, str(build_layer({"x": "linked\n", "y": Hardlink("x"), "d/z": Hardlink("x")},
+                                             tmp_path / "base")), image="base")
+    base_path = store.layer_path(base.digest)
+    fs, upper = _indexed_union(base_path, tmp_path)
+    try:
+        handle = fs.open("x", os.O_WRONLY)
+        fs.write(handle, b"LINKED\n", 0)
+        fs.release(handle)
+        fs.chmod("y", 0o600)
+        fs.chmod("d/z", 0o640)
+    finally:
+        fs.close()
+    seen = _union_tree([base_path], str(upper))
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = Path(store.layer_path(result.digest))
+    for path in (layer / "x", layer / "y", layer / "d" / "z"):
+        assert os.stat(path).st_nlink == 3
+        assert not [n for n in os.listxattr(path) if "overlay." in n or "unionfs." in n]
+    assert (layer / "y").read_text() == "LINKED\n"
+    assert sorted(os.listdir(layer)) == ["d", "x", "y"]
+    assert _union_tree([str(layer), base_path]) == seen
+
+
+def test_an_index_upper_with_names_left_below_is_refused(store: Store, tmp_path: Path) -> None:
+    """A name copied up through the index while another is still only in the base: the layer could not
+    carry that name (it would show the old data), so the commit is refused and the store left as it was."""
+    base = import_dir(store, str(build_layer({"x": "linked\n", "y": Hardlink("x")}, tmp_path / "base")),
+                      image="base")
+    fs, upper = _indexed_union(store.layer_path(base.digest), tmp_path)
+    try:
+        handle = fs.open("x", os.O_WRONLY)
+        fs.write(handle, b"LINKED\n", 0)
+        fs.release(handle)
+    finally:
+        fs.close()
+    layers_before = sorted(os.listdir(Path(store.layer_path(base.digest)).parent))
+    with pytest.raises(CommitError, match="index=on"):
+        commit_upper(store, str(upper), image="app", base_image="base")
+    assert sorted(os.listdir(Path(store.layer_path(base.digest)).parent)) == layers_before

@@ -371,7 +371,9 @@ def _read(src: str, what: str, progress: Progress, below: Sequence[str] = ()) ->
     if manifest.overlay_only:
         raise CommitError(f"{what} {src} is not a self-contained overlay upper: {manifest.overlay_only[0]} "
                           "carries an overlay redirect/metacopy xattr (mounted with redirect_dir or metacopy) "
-                          "and the layers it was mounted over are not known (commit it with --from IMAGE)")
+                          "and the layers it was mounted over are not known (commit it with --from IMAGE), "
+                          "or is a hard link copied up with index=on whose other names are only in the "
+                          "lower layers (change each of them once through the mount first)")
     return manifest
 
 

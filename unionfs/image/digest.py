@@ -47,6 +47,7 @@ import xxhash
 
 from unionfs.fs.cache import LookupCache
 from unionfs.fs.fsio import HostDir, join, split
+from unionfs.fs.index import NLINK_XATTR, parse_nlink
 from unionfs.fs.layers import LayerStack
 from unionfs.fs.lookup import Resolver
 from unionfs.fs.whiteout import REDIRECT_XATTRS
@@ -298,7 +299,7 @@ class _Walker:
                 if child.overlay_only in REDIRECT_XATTRS and self.below and stat_mod.S_ISDIR(child.st.st_mode):
                     self._flatten(path, child)
                     continue
-                if child.overlay_only:
+                if child.overlay_only or self._names_left_below(dirs.get(parent), child):
                     self.manifest.overlay_only.append(path)
                 if stat_mod.S_ISDIR(child.st.st_mode):
                     tasks.extend(reversed(self._dir(dirs, path, child, bool(extra))))
@@ -345,6 +346,20 @@ class _Walker:
             self._emit(entry)
             if entry.kind == "dir":
                 tasks.extend((entry_path, n) for n in reversed(self._view_names(entry_path)))
+
+    @staticmethod
+    def _names_left_below(d: OpenDir, child: Child) -> bool:
+        """Is ``child`` a name of a lower hard link copied up through the inode index (``index=on``) whose
+        union link count says some of its names are still only in the lower layers?  A layer could not
+        carry those names (they would show the lower file's old data)."""
+        if child.st.st_nlink < 2 or stat_mod.S_ISDIR(child.st.st_mode):
+            return False
+        value = d.getxattr(child.name, NLINK_XATTR)
+        if value is None:
+            return False
+        parsed = parse_nlink(value)
+        # upper names = the inode's links less the index entry; "U%+d" leaves d + 1 names below
+        return parsed is None or parsed[0] != "U" or parsed[1] >= 0
 
     def _view_names(self, rel: str) -> list[str]:
         assert self.resolver is not None
