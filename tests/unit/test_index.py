@@ -209,6 +209,18 @@ def test_an_index_entry_that_is_no_file_handle_fails_the_mount(env: Env) -> None
     assert_errno(errno.EINVAL, env.open, index=True)
 
 
+def test_an_index_entry_without_origin_fails_the_mount_and_stays(env: Env) -> None:
+    """The kernel aborts a mount whose index holds a file without an origin xattr (ENODATA) rather than
+    guess what it is; nothing is removed."""
+    assert env.work is not None
+    env.open(index=True)
+    env.close_all()
+    name = index_name(_fh(env.lowers[0], "x"))
+    (env.work / "index" / name).write_bytes(b"")
+    assert_errno(errno.ENODATA, env.open, index=True)
+    assert os.listdir(env.work / "index") == [name]
+
+
 def test_mount_cleans_the_index_as_the_kernel_does(env: Env) -> None:
     """Left-over temporary entries, entries whose origin is not their name, and orphans (the union's count
     0) go; a live entry stays."""
