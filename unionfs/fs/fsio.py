@@ -104,6 +104,16 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def fd_xattr(fd: int, attr: str) -> bytes | None:
+    """The value of ``attr`` on the open file ``fd`` (no path is resolved), or None where it is not set."""
+    try:
+        return os.getxattr(fd, attr)
+    except OSError as exc:
+        if exc.errno in _XATTR_MISSING:
+            return None
+        raise
+
+
 def split(rel: str) -> tuple[str, str]:
     """Split a relative path into (parent, name); ``"a/b/c"`` → ``("a/b", "c")``, ``"a"`` → ``("", "a")``."""
     parent, _, name = rel.rpartition("/")

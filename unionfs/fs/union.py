@@ -28,7 +28,16 @@ from unionfs.fs import copyup
 from unionfs.fs.attr import Attr, attr_of
 from unionfs.fs.cache import LookupCache
 from unionfs.fs.dirstate import DirState
-from unionfs.fs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, fallocate, join, split
+from unionfs.fs.fsio import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    HostDir,
+    fallocate,
+    fd_xattr,
+    join,
+    split,
+)
 from unionfs.fs.gate import WriteGate
 from unionfs.fs.idmap import IdMap
 from unionfs.fs.index import NLINK_XATTR, ORIGIN_XATTR, InodeIndex, union_nlink
@@ -340,10 +349,7 @@ class UnionFS:
         """Attributes through an open handle (works after the name was unlinked)."""
         st = os.fstat(handle.fd)
         if self.index is not None and st.st_nlink > 1 and not stat_mod.S_ISDIR(st.st_mode):
-            try:
-                value: bytes | None = os.getxattr(handle.fd, NLINK_XATTR)
-            except OSError:
-                value = None
+            value = fd_xattr(handle.fd, NLINK_XATTR)
             if value is not None:  # an indexed inode: the union's count (an 'L' one needs its origin: path)
                 nlink = union_nlink(value, upper_nlink=st.st_nlink, lower_nlink=None, fallback=-1)
                 if nlink < 0:
