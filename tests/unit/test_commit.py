@@ -562,9 +562,32 @@ def test_an_index_upper_commits_its_hard_links_as_hard_links(store: Store, tmp_p
     assert _union_tree([str(layer), base_path]) == seen
 
 
-def test_an_index_upper_with_names_left_below_is_refused(store: Store, tmp_path: Path) -> None:
-    """A name copied up through the index while another is still only in the base: the layer could not
-    carry that name (it would show the old data), so the commit is refused and the store left as it was."""
+def test_an_index_upper_with_names_left_below_commits_them_as_hard_links(store: Store, tmp_path: Path) -> None:
+    """A name copied up through the index while others are still only in the base (one in a directory the
+    upper lacks): on its base the layer carries those names too, as hard links of the copy (the first name
+    in canonical order holds the data), so the image shows the new data under every name."""
+    base = import_dir(store, str(build_layer({"a/y": "linked\n", "x": Hardlink("a/y"), "z": Hardlink("a/y"),
+                                              "a/keep": "keep\n"}, tmp_path / "base")), image="base")
+    base_path = store.layer_path(base.digest)
+    fs, upper = _indexed_union(base_path, tmp_path)
+    try:
+        handle = fs.open("x", os.O_WRONLY)
+        fs.write(handle, b"LINKED\n", 0)
+        fs.release(handle)
+    finally:
+        fs.close()
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = Path(store.layer_path(result.digest))
+    assert sorted(os.listdir(layer)) == ["a", "x", "z"] and os.listdir(layer / "a") == ["y"]
+    assert {os.stat(layer / p).st_ino for p in ("a/y", "x", "z")} == {os.stat(layer / "x").st_ino}
+    image = _union_tree([str(layer), base_path])
+    assert {path: data for path, (_kind, _mode, data) in image.items()  # type: ignore[misc]
+            if path != "a"} == {"x": b"LINKED\n", "a/y": b"LINKED\n", "z": b"LINKED\n", "a/keep": b"keep\n"}
+    assert layer_digest(str(layer)) == result.digest
+
+
+def test_an_index_upper_with_names_left_below_and_no_known_base_is_refused(store: Store, tmp_path: Path) -> None:
+    """Without the layers it was mounted over, those names cannot be found: refused, the store as it was."""
     base = import_dir(store, str(build_layer({"x": "linked\n", "y": Hardlink("x")}, tmp_path / "base")),
                       image="base")
     fs, upper = _indexed_union(store.layer_path(base.digest), tmp_path)
@@ -576,5 +599,5 @@ def test_an_index_upper_with_names_left_below_is_refused(store: Store, tmp_path:
         fs.close()
     layers_before = sorted(os.listdir(Path(store.layer_path(base.digest)).parent))
     with pytest.raises(CommitError, match="index=on"):
-        commit_upper(store, str(upper), image="app", base_image="base")
+        commit_upper(store, str(upper), image="app")
     assert sorted(os.listdir(Path(store.layer_path(base.digest)).parent)) == layers_before

@@ -47,8 +47,8 @@ import xxhash
 
 from unionfs.fs.cache import LookupCache
 from unionfs.fs.fsio import HostDir, join, split
-from unionfs.fs.index import NLINK_XATTR, parse_nlink
-from unionfs.fs.layers import LayerStack
+from unionfs.fs.index import NLINK_XATTR, ORIGIN_XATTR, decode_fh, parse_nlink
+from unionfs.fs.layers import Layer, LayerStack
 from unionfs.fs.lookup import Resolver
 from unionfs.fs.whiteout import REDIRECT_XATTRS
 from unionfs.image.walk import Child, DirCache, OpenDir, Xattrs, read_dir, sort_key
@@ -262,6 +262,11 @@ def entry_from_stat(path: str, st: os.stat_result, xattrs: Xattrs, *, content: s
                  rdev=rdev, xattrs=xattrs, opaque=opaque, sparse=kind == "file" and may_be_sparse(st))
 
 
+def _path_key(path: str) -> tuple[bytes, ...]:
+    """The canonical (depth-first, names by bytes) order of paths, as a sort key."""
+    return tuple(sort_key(part) for part in path.split("/")) if path else ()
+
+
 class _Walker:
     """The canonical walk of one tree (depth first, names by bytes), without recursion."""
 
@@ -280,6 +285,8 @@ class _Walker:
         self.stack: LayerStack | None = None
         self.resolver: Resolver | None = None
         """The union of the tree over the layers ``below`` it, opened at the first renamed directory."""
+        self.pending_links: list[tuple[str, Child, tuple[bytes, int]]] = []
+        """Indexed files with names left in the layers below (see :meth:`_flatten_links`)."""
 
     def run(self) -> Manifest:
         with OpenDir(self.host, "") as root:
@@ -299,12 +306,17 @@ class _Walker:
                 if child.overlay_only in REDIRECT_XATTRS and self.below and stat_mod.S_ISDIR(child.st.st_mode):
                     self._flatten(path, child)
                     continue
-                if child.overlay_only or self._names_left_below(dirs.get(parent), child):
+                left = self._names_left_below(dirs.get(parent), child)
+                if left is not None and self.below:
+                    self.pending_links.append((path, child, left))
+                elif child.overlay_only or left is not None:
                     self.manifest.overlay_only.append(path)
                 if stat_mod.S_ISDIR(child.st.st_mode):
                     tasks.extend(reversed(self._dir(dirs, path, child, bool(extra))))
                 else:
                     self._emit(self._leaf(dirs.get(parent), path, child))
+        if self.pending_links:
+            self._flatten_links()
         self.manifest.digest = digest_entries(self.manifest.entries)
         self.manifest.counts = LayerCounts.of(self.manifest.entries)
         return self.manifest
@@ -327,13 +339,7 @@ class _Walker:
     def _flatten(self, path: str, child: Child) -> None:
         """Emit renamed directory ``path`` as a full opaque copy of the union's view of it, in canonical
         order (each object read from the layer that shows it)."""
-        if self.resolver is None:
-            try:
-                self.stack = LayerStack.open(lowers=[self.host.path, *self.below], upper=None, work=None)
-            except ValueError as exc:  # LayerError: a layer below is missing or unusable
-                raise OSError(errno.ENOENT, f"the layers below cannot be read ({exc})", path) from None
-            self.resolver = Resolver.of_stack(self.stack, LookupCache(1_000_000))
-            self.manifest.sources = [self.host.path, *self.below]
+        self._open_view()
         self.manifest.flattened.append(path)
         self._emit(entry_from_stat(path, child.st, child.xattrs, opaque=True))
         tasks = [(path, name) for name in reversed(self._view_names(path))]
@@ -348,18 +354,107 @@ class _Walker:
                 tasks.extend((entry_path, n) for n in reversed(self._view_names(entry_path)))
 
     @staticmethod
-    def _names_left_below(d: OpenDir, child: Child) -> bool:
-        """Is ``child`` a name of a lower hard link copied up through the inode index (``index=on``) whose
-        union link count says some of its names are still only in the lower layers?  A layer could not
-        carry those names (they would show the lower file's old data)."""
+    def _names_left_below(d: OpenDir, child: Child) -> tuple[bytes, int] | None:
+        """Where ``child`` is a name of a lower hard link copied up through the inode index (``index=on``)
+        whose union link count says some of its names are still only in the lower layers: (its origin
+        handle, how many such names; -1: unknown).  A layer holds them only as hard links of the copy."""
         if child.st.st_nlink < 2 or stat_mod.S_ISDIR(child.st.st_mode):
-            return False
+            return None
         value = d.getxattr(child.name, NLINK_XATTR)
         if value is None:
-            return False
+            return None
         parsed = parse_nlink(value)
+        origin = d.getxattr(child.name, ORIGIN_XATTR) or b""
+        if parsed is None or parsed[0] != "U":
+            return origin, -1
         # upper names = the inode's links less the index entry; "U%+d" leaves d + 1 names below
-        return parsed is None or parsed[0] != "U" or parsed[1] >= 0
+        return (origin, parsed[1] + 1) if parsed[1] >= 0 else None
+
+    def _open_view(self) -> Resolver:
+        """The union of the tree over the layers below it (opened once; ``Manifest.sources`` names them)."""
+        if self.resolver is None:
+            try:
+                self.stack = LayerStack.open(lowers=[self.host.path, *self.below], upper=None, work=None)
+            except ValueError as exc:  # LayerError: a layer below is missing or unusable
+                raise OSError(errno.ENOENT, f"the layers below cannot be read ({exc})", "") from None
+            self.resolver = Resolver.of_stack(self.stack, LookupCache(1_000_000))
+            self.manifest.sources = [self.host.path, *self.below]
+        return self.resolver
+
+    def _flatten_links(self) -> None:
+        """Add the names that an indexed file (``index=on``) still has only in the layers below, as hard
+        links of its copy (the first name in canonical order holds the data), with the directories above
+        them that the tree lacks; an upper whose such names cannot all be found where the union shows them
+        (below a renamed directory, say) stays in :attr:`Manifest.overlay_only`."""
+        resolver = self._open_view()
+        assert self.stack is not None
+        layers = self.stack.lowers[1:]  # the layers below the tree, top first
+        by_path = {e.path: i for i, e in enumerate(self.manifest.entries)}
+        for path, child, (origin, count) in self.pending_links:
+            found = self._lower_names(resolver, layers, origin)
+            if count < 0 or len(found) != count:
+                self.manifest.overlay_only.append(path)
+                continue
+            first = self.groups.get((child.st.st_dev, child.st.st_ino), path)
+            names = sorted({first, *found, *(e.path for e in self.manifest.entries
+                                              if e.kind == "link" and e.target == first)}, key=_path_key)
+            head = names[0]
+            if head != first:  # a lower name comes first: it holds the data, read from the copy
+                entry = self.manifest.entries[by_path[first]]
+                self.manifest.entries[by_path[first]] = Entry(path=first, kind="link", target=head)
+                data = self.manifest.data.get(first)
+                if data is not None:
+                    self.manifest.data[head] = data
+                self.manifest.entries.append(replace(entry, path=head, source=None if data else (0, first)))
+                by_path[head] = len(self.manifest.entries) - 1
+            for name in names[1:]:
+                index = by_path.get(name)
+                if index is not None:
+                    self.manifest.entries[index] = Entry(path=name, kind="link", target=head)
+                else:
+                    self.manifest.entries.append(Entry(path=name, kind="link", target=head))
+                    by_path[name] = len(self.manifest.entries) - 1
+            for name in found:
+                parent = split(name)[0]
+                while parent and parent not in by_path:
+                    grand, base = split(parent)
+                    above = self._view_entry(grand, base)
+                    if above is not None:
+                        self.manifest.entries.append(above)
+                        by_path[parent] = len(self.manifest.entries) - 1
+                    parent = grand
+        self.manifest.entries.sort(key=lambda e: _path_key(e.path))
+
+    def _lower_names(self, resolver: Resolver, layers: Sequence[Layer], origin: bytes) -> list[str]:
+        """The union paths where the union shows, from a layer below, the lower object with file handle
+        ``origin`` (the same path in its layer: names below a renamed directory are not looked for)."""
+        try:
+            fh = decode_fh(origin)
+        except ValueError:
+            return []
+        if fh is None:
+            return []
+        out: list[str] = []
+        for layer in layers:
+            host = layer.host
+            if host.fs_uuid() != fh.uuid:
+                continue
+            st = host.stat_by_handle(fh.handle_type, fh.fid)
+            if st is None or st.st_dev != host.dev:
+                continue
+            todo = [""]
+            while todo:
+                rel = todo.pop()
+                for name, kind, ino in host.scandir(rel):
+                    where = join(rel, name)
+                    if kind == stat_mod.S_IFDIR:
+                        todo.append(where)
+                    elif ino == st.st_ino:
+                        node = resolver.lookup(where)
+                        if node is not None and node.layer == layer.index and node.source == where:
+                            out.append(where)
+            break
+        return sorted(out, key=_path_key)
 
     def _view_names(self, rel: str) -> list[str]:
         assert self.resolver is not None
