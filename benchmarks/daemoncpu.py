@@ -8,7 +8,13 @@ another checkout, or ``unionfs-mount -o spin=off``); the variants interleave, ro
   caches dropped, walked once by one process (``lstat`` per entry; with ``--xattrs`` also the diffwalk's
   ``lgetxattr`` + ``llistxattr``).  Reports wall, the daemon's CPU (every thread, from
   ``/proc/PID/task/*/schedstat``) per entry and per request (``unionfs stats``), and its CPU while idle
-  afterwards (a polling reader must not burn any).
+  afterwards (a polling reader must not burn any).  ``--again`` times a second walk of the same mount
+  instead: what the daemon answers from its cache (with ``-o attr_timeout=0`` in the command, one GETATTR
+  per entry: the per-request floor of a cached answer).
+- ``cached``: one file of a fresh mount, ``--calls`` fstat(2) and then as many fgetxattr(2) of an absent
+  name through one descriptor: with ``-o attr_timeout=0`` in the command each reaches the daemon (a GETATTR;
+  a GETATTR and a GETXATTR), which answers from its cache.  Reports wall per call, the daemon's CPU per
+  request and the requests per call.
 - ``mount``: mount-to-ready of a stack of ``--layers`` one-file layers: wall, and the CPU of the mount
   command plus the daemon until the command returned.
 
@@ -65,23 +71,66 @@ def _mount(command: list[str], lowers: list[Path], run: Path) -> tuple[float, fl
 
 
 def _requests(mnt: Path) -> int:
+    return sum(_calls(mnt).values())
+
+
+def _calls(mnt: Path) -> dict[str, int]:
+    """Requests so far per operation (``unionfs stats``; empty for a daemon without it)."""
     proc = subprocess.run([sys.executable, "-m", "mountd.cli.main", "stats", "--json", str(mnt)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        return 0
-    return sum(int(op["calls"]) for op in json.loads(proc.stdout)["operations"].values())
+        return {}
+    return {name: int(op["calls"]) for name, op in json.loads(proc.stdout)["operations"].items()}
 
 
-def _walk_once(command: list[str], layer: Path, run: Path, walker: str) -> tuple[float, ...]:
+CACHED_CALLS = """
+import os, sys
+fd, n, kind = os.open(sys.argv[1], os.O_RDONLY), int(sys.argv[2]), sys.argv[3]
+for _ in range(n):
+    if kind == "fstat":
+        os.fstat(fd)
+    else:
+        try:
+            os.getxattr(fd, "user.absent")
+        except OSError:
+            pass
+"""
+
+
+def _cached_once(command: list[str], run: Path, calls: int) -> tuple[float, ...]:
+    """One file, ``calls`` fstat(2) then ``calls`` fgetxattr(2) of an absent name on a mount whose command
+    should say ``-o attr_timeout=0``: every call reaches the daemon, which answers from its cache."""
+    lower = run.parent / "cached-layer"
+    lower.mkdir(parents=True, exist_ok=True)
+    (lower / "f").write_text("x")
+    _, _, mnt, pids = _mount(command, [lower], run)
+    out: list[float] = []
+    try:
+        for kind in ("fstat", "getxattr"):
+            before, cpu0, start = _calls(mnt), _cpu_ns(pids), time.perf_counter()
+            subprocess.run([sys.executable, "-c", CACHED_CALLS, str(mnt / "f"), str(calls), kind], check=True)
+            wall, cpu1, after = time.perf_counter() - start, _cpu_ns(pids), _calls(mnt)
+            requests = sum(after.values()) - sum(before.values())
+            out += [wall / calls * 1e6, (cpu1 - cpu0) / 1e3 / max(requests, 1), requests / calls]
+    finally:
+        unmount(mnt, pids)
+    return tuple(out)
+
+
+def _walk_once(command: list[str], layer: Path, run: Path, walker: str, *, again: bool = False) -> tuple[float, ...]:
     _, _, mnt, pids = _mount(command, [layer], run)
     try:
         time.sleep(0.3)
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes: the walk is cold
+        requests0 = 0
+        if again:  # the timed walk is the second: the daemon has everything cached
+            subprocess.run([sys.executable, "-c", walker, str(mnt)], capture_output=True, check=True)
+            requests0 = _requests(mnt)
         cpu0, start = _cpu_ns(pids), time.perf_counter()
         out = subprocess.run([sys.executable, "-c", walker, str(mnt)], capture_output=True, text=True, check=True)
         wall, cpu1 = time.perf_counter() - start, _cpu_ns(pids)
-        requests = _requests(mnt)
+        requests = _requests(mnt) - requests0
         time.sleep(0.5)
         idle0 = _cpu_ns(pids)
         time.sleep(1.0)
@@ -95,12 +144,16 @@ def _walk_once(command: list[str], layer: Path, run: Path, walker: str) -> tuple
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("walk", "mount"))
+    parser.add_argument("what", choices=("walk", "mount", "cached"))
     parser.add_argument("variants", nargs="+", metavar="LABEL=COMMAND")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layer", type=Path, help="the tree to walk (default: the diffwalk's)")
     parser.add_argument("--layers", type=int, default=1, help="mount: layers in the stack")
     parser.add_argument("--xattrs", action="store_true", help="walk: the diffwalk's xattr calls too")
+    parser.add_argument("--again", action="store_true",
+                        help="walk: time a second walk of the same mount (what the daemon answers from its cache; "
+                        "with -o attr_timeout=0 in the command every lstat is a GETATTR)")
+    parser.add_argument("--calls", type=int, default=50_000, help="cached: calls of each kind")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/unionfs-bench"))
     args = parser.parse_args(argv)
     variants = [(v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variants]
@@ -118,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for label, command in variants:
             if args.what == "walk":
-                rows[label].append(_walk_once(command, layer, base / "run", walker))
+                rows[label].append(_walk_once(command, layer, base / "run", walker, again=args.again))
+            elif args.what == "cached":
+                rows[label].append(_cached_once(command, base / "run", args.calls))
             else:
                 wall, cpu, mnt, pids = _mount(command, lowers, base / "run")
                 unmount(mnt, pids)
@@ -136,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         for label, _ in variants:
             print(f"| {label} | {med(label, 0):.3f} | {med(label, 1):.1f} | {med(label, 2):.1f} "
                   f"| {med(label, 3):.2f} | {med(label, 4):.2f} |")
+    elif args.what == "cached":
+        print("| variant | fstat wall (µs) | daemon CPU per request (µs) | requests per fstat "
+              "| fgetxattr wall (µs) | daemon CPU per request (µs) | requests per fgetxattr |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for label, _ in variants:
+            print(f"| {label} | " + " | ".join(f"{med(label, i):.{2 if i % 3 == 2 else 1}f}" for i in range(6))
+                  + " |")
     else:
         print(f"| variant | mount-to-ready @{args.layers} wall (ms) | CPU of command + daemon (ms) |")
         print("| --- | ---: | ---: |")

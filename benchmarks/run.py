@@ -36,7 +36,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="issue 4 sizes, ~15 min")
     mode.add_argument("--list", dest="mode", action="store_const", const="list", help="list workloads")
     p.add_argument("--only", default="", help=f"comma-separated workloads ({', '.join(WORKLOADS)})")
-    p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma-separated, in this order")
+    p.add_argument("--systems", default=",".join(ALL_SYSTEMS),
+                   help="comma-separated, in this order; unionfs:OPT[+OPT…] adds a unionfs with those -o options")
     p.add_argument("--out", type=Path, default=HERE / "out", help="directory for the JSON result")
     p.add_argument("--scratch", type=Path, default=Path("/tmp/unionfs-bench"),
                    help="fixtures and per-run upper dirs (reused between runs)")

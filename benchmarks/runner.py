@@ -148,7 +148,7 @@ class Runner:
         Returns the body's values and the seconds that count against the budget (mount + workload +
         unmount, without cache drops, whose sync waits for other processes' dirty data).
         """
-        run_dir = self.scratch / "runs" / system.name
+        run_dir = self.scratch / "runs" / system.slug
         shutil.rmtree(run_dir, ignore_errors=True)
         try:
             if plan.cold:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -106,6 +107,11 @@ class System(ABC):
 
     name: str
 
+    @property
+    def slug(self) -> str:
+        """The name as a directory name (a layer path may hold no ``:`` or ``,``)."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", self.name)
+
     @abstractmethod
     def probe(self, scratch: Path) -> SystemInfo:
         """Find out whether this system can run here (may mount a tiny stack under ``scratch``)."""
@@ -174,7 +180,7 @@ class _Overlay(System):
     def _do_mount(self, stack: Stack, run_dir: Path, timeout: float = MOUNT_TIMEOUT_S) -> tuple[float, list[int]]:
         upper, work, mnt = self._dirs(run_dir)
         argv, cwd = self._command(stack, upper, work, mnt)
-        log = run_dir / f"{self.name}-mount.log"
+        log = run_dir / f"{self.slug}-mount.log"
         start = time.perf_counter()
         # stderr goes to a file, not a pipe: a daemon that keeps its stderr would otherwise block us forever.
         with open(log, "ab") as err:
@@ -211,7 +217,7 @@ class _Overlay(System):
 
     def _probe_mount(self, scratch: Path) -> str:
         """Mount a two-layer stack, check the merge and a write, unmount. Returns '' or why it failed."""
-        base = scratch / "probe" / self.name
+        base = scratch / "probe" / self.slug
         shutil.rmtree(base, ignore_errors=True)
         lo1, lo2, run_dir = base / "l1", base / "l2", base / "run"
         for d in (lo1, lo2, run_dir):
@@ -304,8 +310,13 @@ def make_systems(names: Sequence[str], *, unionfs_opts: str = "") -> list[System
             out.append(FuseOverlay("fuse-overlayfs", ["/usr/bin/fuse-overlayfs"]))
         elif name == "unionfs":
             out.append(FuseOverlay("unionfs", unionfs_command(), unionfs_opts))
+        elif name.startswith("unionfs:") and name != "unionfs:":
+            # a second unionfs in the same interleaved run, with its own options ("+" between them)
+            opts = ",".join(o for o in [unionfs_opts, *name[len("unionfs:"):].split("+")] if o)
+            out.append(FuseOverlay(name, unionfs_command(), opts))
         else:
-            raise ValueError(f"unknown system {name!r} (native, kernel, fuse-overlayfs, unionfs)")
+            raise ValueError(f"unknown system {name!r} (native, kernel, fuse-overlayfs, unionfs, "
+                             "unionfs:OPT[+OPT…])")
     return out
 
 

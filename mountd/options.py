@@ -38,6 +38,8 @@ FRONTENDS: Final[tuple[Frontend, ...]] = ("lowlevel", "fusepy")
 Spin: TypeAlias = Literal["auto", "on", "off"]
 SPINS: Final[tuple[Spin, ...]] = ("auto", "on", "off")
 WHITEOUT_FORMATS: Final[tuple[Whiteout, ...]] = ("auto", "kernel", "oci")
+PassthroughMode: TypeAlias = Literal["on", "off", "all"]
+PASSTHROUGH_MODES: Final[tuple[PassthroughMode, ...]] = ("on", "off", "all")
 RedirectDir: TypeAlias = Literal["on", "follow", "nofollow", "off"]
 REDIRECT_DIR_MODES: Final[tuple[RedirectDir, ...]] = ("on", "follow", "nofollow", "off")
 Index: TypeAlias = Literal["on", "off"]
@@ -203,7 +205,7 @@ class MountConfig:
     redirect_dir: RedirectDir = "on"
     index: Index = "off"
     frontend: Frontend | None = None
-    passthrough: bool = True
+    passthrough: PassthroughMode = "on"
     spin: Spin = "auto"
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
@@ -310,7 +312,7 @@ class _Parsed:
     redirect_dir: RedirectDir = "on"
     index: Index = "off"
     frontend: Frontend | None = None
-    passthrough: bool = True
+    passthrough: PassthroughMode = "on"
     spin: Spin = "auto"
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
@@ -551,11 +553,14 @@ def _opt_frontend(state: _Parsed, raw: str | None) -> None:
 
 def _opt_passthrough(state: _Parsed, raw: str | None) -> None:
     """Reads and writes of regular files passed straight to the backing file by the kernel (protocol
-    frontend, root, kernel 6.9+): ``passthrough=off`` (or 0) switches it off."""
+    frontend, root, kernel 6.9+).  ``on``: upper files, and lower files of a read-only mount; ``all``: lower
+    files of a writable mount too (a descriptor opened before a copy-up then keeps reading the lower file);
+    ``off`` (or 0): none."""
     value = unescape(_need("passthrough", raw))
-    if value not in ("on", "off", "1", "0"):
-        raise OptionError(f"passthrough={value}: expected on or off")
-    state.passthrough = value in ("on", "1")
+    if value in ("1", "0"):
+        state.passthrough = "on" if value == "1" else "off"
+        return
+    state.passthrough = _choice("passthrough", raw, PASSTHROUGH_MODES)
 
 
 def _opt_spin(state: _Parsed, raw: str | None) -> None:
@@ -782,7 +787,8 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   squash_to_root, squash_to_uid=N, squash_to_gid=N       show every file as owned by root / N
   frontend=lowlevel|fusepy   who speaks to the kernel: the daemon itself on /dev/fuse, or libfuse's
                      high-level API (default: $UNIONFS_FRONTEND, else lowlevel)
-  passthrough=on|off file reads/writes straight to the backing file (lowlevel frontend, root, kernel 6.9+)
+  passthrough=on|all|off file data straight to the backing file (lowlevel frontend, root, kernel 6.9+);
+                     all: lower files of a writable mount too
   spin=auto|on|off   the lowlevel reader polls the device briefly after each request (auto: while a CPU is free)
   timeout=SECONDS    kernel cache time for entries and attributes (sets the three *_timeout options)
   threaded=0|1, debug

@@ -15,11 +15,12 @@ import itertools
 import logging
 import os
 import stat as stat_mod
+import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from mountd.lowlevel import abi
 from mountd.lowlevel.nodes import NodeTable
@@ -47,9 +48,25 @@ QUICK_OPCODES = frozenset({
 RELEASE is one of them: ``close(2)`` returns before the kernel sends it, and until it is answered the
 daemon holds the host file open (a remount read-only of the upper filesystem would see it busy)."""
 
+CHANGE_OPCODES = frozenset({
+    abi.CREATE, abi.MKDIR, abi.MKNOD, abi.SYMLINK, abi.UNLINK, abi.RMDIR, abi.RENAME, abi.RENAME2, abi.LINK,
+    abi.SETATTR, abi.SETXATTR, abi.REMOVEXATTR, abi.OPEN, abi.WRITE,
+})
+"""Answered by the reader itself when they are quick (:meth:`Dispatcher.try_now`): a change that copies at
+most :data:`QUICK_COPY_BYTES` of file data up first, a WRITE of at most :data:`QUICK_WRITE_BYTES`, and
+never while the write gate is paused or invalidations wait to be sent.  A hand-off to a worker costs two
+thread wake-ups, more than such a change itself."""
+QUICK_COPY_BYTES: Final = 256 << 10
+QUICK_WRITE_BYTES: Final = 128 << 10
+
 NO_REPLY = frozenset({abi.FORGET, abi.BATCH_FORGET})
 REPLIED: Any = object()
 """Returned by a handler that wrote its reply itself."""
+
+
+class _Later(BaseException):
+    """Raised on the reader by a change that would have to wait (before it changed anything): a worker takes
+    the request over.  Not an Exception: the handlers' error handling lets it through."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +82,8 @@ class Settings:
     readdirplus: str = "1"
     posix_acl: bool = False
     max_write: int = 1 << 20
-    passthrough: bool = False
+    passthrough: str = "off"
+    """on, all or off (``-o passthrough=``; see :class:`Passthrough`)."""
     max_stack_depth: int = 1
     spin: str = "auto"
     """The reader's polling after a request: "auto", "on" or "off" (:class:`mountd.lowlevel.session.Session`)."""
@@ -101,6 +119,8 @@ class Dispatcher:
             session.fd, enabled=False, reason="off")
         self._posix_acl = False
         self._counts: dict[int, list[int]] = {}
+        self._reader_changing = 0
+        """The reader's thread id while it answers a change itself (:meth:`try_now`), else 0."""
         self._read_buffer = memoryview(bytearray(settings.max_write))
         """The reader's buffer for READs answered from the page cache (:meth:`try_now`; reader only)."""
         self._handlers: dict[int, Callable[[Request], Any]] = {
@@ -123,10 +143,58 @@ class Dispatcher:
         return request.opcode in QUICK_OPCODES
 
     def try_now(self, request: Request) -> bool:
-        """Answer a request that is not quick by nature on the reader, where that cannot block: a READ of
-        data the host's page cache holds.  False: a worker must answer it (nothing was sent)."""
-        if request.opcode != abi.READ:
+        """Answer a request that is not quick by nature on the reader, where that cannot block for long: a
+        READ of data the host's page cache holds, a quick change (:data:`CHANGE_OPCODES`).  False: a worker
+        must answer it (nothing was sent, nothing changed)."""
+        opcode = request.opcode
+        if opcode == abi.READ:
+            return self._read_now(request)
+        if opcode not in CHANGE_OPCODES or self.service.invalidations_pending or not self._quick_change(request):
             return False
+        with self.fs.gate.entered() as inside:
+            if not inside:
+                return False  # paused for a commit: a worker waits, the reader goes on
+            self._reader_changing = threading.get_ident()
+            try:
+                self.handle(request)
+            except _Later:
+                return False
+            finally:
+                self._reader_changing = 0
+        return True
+
+    def _quick_change(self, request: Request) -> bool:
+        """Is this change quick enough for the reader (see :data:`CHANGE_OPCODES`)?"""
+        opcode, body = request.opcode, request.body
+        if opcode in (abi.CREATE, abi.MKDIR, abi.MKNOD, abi.SYMLINK, abi.UNLINK, abi.RMDIR):
+            return True  # a new object, or a name removed: no file data moves
+        if opcode == abi.WRITE:
+            return bool(abi.WRITE_IN.unpack_from(body, 0)[2] <= QUICK_WRITE_BYTES)
+        if opcode == abi.OPEN and abi.OPEN_IN.unpack_from(body, 0)[0] & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY:
+            return True
+        if opcode == abi.SETATTR:
+            valid, _, fh = abi.SETATTR_IN.unpack_from(body, 0)[:3]
+            handle = self.service.handles.get(fh) if valid & abi.FATTR_FH else None
+            if handle is not None and handle.on_upper:
+                return True
+        paths: list[str | None]
+        try:
+            if opcode in (abi.RENAME, abi.RENAME2):
+                start = abi.RENAME_IN.size if opcode == abi.RENAME else abi.RENAME2_IN.size
+                old, end = _name(body, start)
+                paths = [self.nodes.child_path(request.nodeid, old)]
+                newdir, flags = abi.RENAME2_IN.unpack_from(body, 0)[:2] if opcode == abi.RENAME2 else (0, 0)
+                if flags & RENAME_EXCHANGE:
+                    paths.append(self.nodes.child_path(newdir, _name(body, end)[0]))
+            elif opcode == abi.LINK:
+                paths = [self.nodes.path(abi.LINK_IN.unpack_from(body, 0)[0])]
+            else:
+                paths = [self.nodes.path(request.nodeid)]
+            return all(path is not None and self.fs.copy_up_bytes(path) <= QUICK_COPY_BYTES for path in paths)
+        except (OSError, ValueError, struct.error):
+            return False  # a worker gives the answer
+
+    def _read_now(self, request: Request) -> bool:
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
         handle = self.service.handles.get(fh)
         if handle is None or size > len(self._read_buffer):
@@ -155,6 +223,7 @@ class Dispatcher:
             counts = self._counts_of(opcode)
         start = _clock()
         failed = 1
+        counted = True
         try:
             handler = self._handlers.get(opcode)
             if handler is None:
@@ -169,14 +238,16 @@ class Dispatcher:
                 return
             if opcode not in QUICK_OPCODES and self.service.invalidations_pending:
                 # a change through one name of a hard link reaches the kernel's caches of the other names
-                # before the caller sees it done (bounded: never from the reader, which must stay free)
+                # before the caller sees it done (bounded: never from the reader, which must stay free:
+                # a change answered there leaves the wait and its reply to a worker)
+                if self._reader_changing == threading.get_ident():
+                    self.session.defer(lambda: self._reply_after_invalidations(request.unique, result))
+                    return
                 self.service.wait_invalidations()
-            if result is None:
-                self.session.reply_one(request.unique, b"")
-            elif type(result) is list:
-                self.session.reply(request.unique, *result)
-            else:
-                self.session.reply_one(request.unique, result)
+            self._reply(request.unique, result)
+        except _Later:
+            counted = False
+            raise
         except OSError as exc:
             code = exc.errno if isinstance(exc.errno, int) and 0 < exc.errno < 4096 else errno.EIO
             if opcode not in NO_REPLY:
@@ -186,9 +257,31 @@ class Dispatcher:
             if opcode not in NO_REPLY:
                 self.session.reply_error(request.unique, errno.EIO)
         finally:
-            counts[0] += 1
-            counts[1] += _clock() - start
-            counts[2] += failed
+            if counted:
+                counts[0] += 1
+                counts[1] += _clock() - start
+                counts[2] += failed
+
+    def _reply(self, unique: int, result: Any) -> None:
+        if result is None:
+            self.session.reply_one(unique, b"")
+        elif type(result) is list:
+            self.session.reply(unique, *result)
+        else:
+            self.session.reply_one(unique, result)
+
+    def _reply_after_invalidations(self, unique: int, result: Any) -> None:
+        """On a worker: the reply of a change the reader made, once the invalidations it queued are sent."""
+        self.service.wait_invalidations()
+        self._reply(unique, result)
+
+    def _wait_invalidations(self) -> None:
+        """Wait until the invalidations queued so far are sent; on the reader (which must never wait for
+        them) :class:`_Later`, before anything changed: the request goes to a worker."""
+        if self.service.invalidations_pending:
+            if self._reader_changing == threading.get_ident():
+                raise _Later
+            self.service.wait_invalidations()
 
     def _counts_of(self, opcode: int) -> list[int]:
         """The ``[calls, total ns, errors]`` of ``opcode`` in ``unionfs stats`` (shared with the service)."""
@@ -588,7 +681,7 @@ class Dispatcher:
         self._fh_nodes[fh] = (nodeid, backing_id != 0 if regular else None)
         self.nodes.opened(nodeid, fh)
         if backing_id:
-            if flags & os.O_ACCMODE != os.O_RDONLY:
+            if flags & os.O_ACCMODE != os.O_RDONLY and not self.passthrough.writes:
                 # a writer sharing a reader's backing: its data through the daemon (DIRECT_IO overrides
                 # PASSTHROUGH for read and write, mmap maps the backing)
                 return abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH | abi.FOPEN_DIRECT_IO, backing_id)
@@ -608,7 +701,7 @@ class Dispatcher:
             # object it found, as on the kernel's overlayfs
             handle = self.fs.orphan_open(orphan, self._open_flags(flags))
             return self._opened(request.nodeid, handle, flags)
-        self.service.wait_invalidations()
+        self._wait_invalidations()
         try:
             handle = self.fs.open(path, self._open_flags(flags))
         except FileNotFoundError:

@@ -35,7 +35,7 @@ class FrontendError(Exception):
 
 
 def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, readdirplus: str,
-                  posix_acl: bool, passthrough: bool = False, max_stack_depth: int = 1,
+                  posix_acl: bool, passthrough: str = "off", max_stack_depth: int = 1,
                   spin: str = "auto") -> Settings:
     """The protocol settings for the FUSE options of a mount (``fuse_kwargs``)."""
     def seconds(name: str) -> float:
@@ -101,12 +101,13 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
             log.exception("control socket unavailable; the mount works without it")
         ready()
 
-    if not settings.passthrough:
+    if settings.passthrough == "off":
         passthrough = Passthrough(fd, enabled=False, reason="passthrough=off")
     elif os.geteuid() != 0:
         passthrough = Passthrough(fd, enabled=False, reason="needs root (CAP_SYS_ADMIN)")
     else:
-        passthrough = Passthrough(fd, enabled=True, lower=fs.upper is None)
+        everything = settings.passthrough == "all"
+        passthrough = Passthrough(fd, enabled=True, lower=fs.upper is None or everything, writes=everything)
     dispatcher = Dispatcher(fs, service, session, settings, passthrough=passthrough)
     service.extra_stats["passthrough"] = passthrough.snapshot
     session.dispatcher = dispatcher

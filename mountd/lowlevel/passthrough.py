@@ -6,19 +6,24 @@ two different backing files for one inode, and a passthrough open next to a page
 inode).  The kernel reopens the backing file with the flags of the user's open and the daemon's
 credentials: a write open has been copied up by the core before, so its backing is the upper file.
 
-Which opens pass through: read-only opens of upper files, and of lower files only on a read-only mount.
-Write opens send their data through the daemon, so that a pause for a commit holds it: in page-cache mode
+Which opens pass through: read-only opens of upper files, and of lower files on a read-only mount, or on
+any mount with ``-o passthrough=all``.
+Write opens send their data through the daemon (except with ``passthrough=all``), so that a pause for a
+commit holds it: in page-cache mode
 (the kernel clears set-id bits itself, ``file_remove_privs``), or, where the node has a passthrough open
 already, sharing its backing with ``FOPEN_DIRECT_IO`` (then the daemon clears them on a write flagged
 ``FUSE_WRITE_KILL_SUIDGID``).
 On a writable mount a lower file may be copied up while it is open for reading, and the kernel's overlayfs
 then reads the upper copy through the old descriptor; a kernel-held lower backing would keep reading the
-old data.  So lower files of a writable mount are read through the daemon (which moves such descriptors to
-the upper copy) and the kernel's page cache.  While a node has such page-cache opens, later opens of it
+old data.  So by default (``passthrough=on``) lower files of a writable mount are read through the daemon
+(which moves such descriptors to the upper copy) and the kernel's page cache; ``passthrough=all`` trades
+that rule for the kernel's read speed (an old descriptor keeps reading the lower file, as the kernel's
+overlayfs did before Linux 4.19; docs/semantics.md).  While a node has page-cache opens, later opens of it
 stay in that mode too; while it has a passthrough open, later opens share its backing.  An open that
-resolves to the upper copy of a node whose backing is still a lower file (a read-only mount has no upper
-copies, so this is a safety net) raises :class:`Stale`: the dispatcher gives the name a new node id and
-answers ESTALE, and the kernel looks the name up again.
+resolves to the upper copy of a node whose backing is still a lower file (the node was copied up since)
+raises :class:`Stale`: the dispatcher gives the name a new node id and answers ESTALE, the kernel looks the
+name up again, and the retried open gets the new node, which never had the lower backing.  The lower file
+is never written: write opens are of upper files only, and never share a lower backing.
 """
 
 from __future__ import annotations
@@ -66,12 +71,15 @@ def stack_depth(fds: list[int]) -> int:
 class Passthrough:
     """The backing files of one mount's device ``fd``.  ``enabled`` False: every call is a no-op."""
 
-    def __init__(self, fd: int, *, enabled: bool, reason: str = "", lower: bool = False) -> None:
+    def __init__(self, fd: int, *, enabled: bool, reason: str = "", lower: bool = False,
+                 writes: bool = False) -> None:
         self.fd = fd
         self.enabled = enabled
         self.reason = reason
         self.lower = lower
-        """Lower files pass through too (a read-only mount: nothing is ever copied up)."""
+        """Lower files pass through too (a read-only mount, or ``passthrough=all``)."""
+        self.writes = writes
+        """Write opens pass through too (``passthrough=all``): a pause does not hold their data."""
         self._by_node: dict[int, _Backing] = {}
         self._cached: dict[int, int] = {}
         """Nodes with opens in page-cache mode (no backing) -> how many."""
@@ -89,15 +97,15 @@ class Passthrough:
         one :meth:`detach` with ``backed`` = (the result != 0).  Raises :class:`Stale` (see the module doc)
         or OSError from the kernel."""
         with self._lock:
-            shared = write and nodeid in self._by_node and self._by_node[nodeid].upper == upper
-            if not self.enabled or (write and not shared) or self._cached.get(nodeid) or not (upper or self.lower):
+            backing = self._by_node.get(nodeid)
+            if backing is not None and backing.upper != upper:
+                self.stale_retries += 1  # copied up since: the kernel holds the lower file for this node
+                raise Stale
+            if (not self.enabled or (write and backing is None and not self.writes) or self._cached.get(nodeid)
+                    or not (upper or self.lower)):
                 self._cached[nodeid] = self._cached.get(nodeid, 0) + 1
                 return 0
-            backing = self._by_node.get(nodeid)
             if backing is not None:
-                if backing.upper != upper:
-                    self.stale_retries += 1
-                    raise Stale
                 backing.users += 1
                 return backing.backing_id
             arg = bytearray(abi.BACKING_MAP.pack(host_fd, 0, 0))
@@ -139,6 +147,6 @@ class Passthrough:
 
     def snapshot(self) -> dict[str, object]:
         """For ``unionfs stats``."""
-        return {"enabled": self.enabled, "reason": self.reason, "lower_files": self.lower,
+        return {"enabled": self.enabled, "reason": self.reason, "lower_files": self.lower, "writes": self.writes,
                 "backing_files": len(self._by_node), "page_cache_nodes": len(self._cached),
                 "backing_opens": self.opened, "stale_retries": self.stale_retries}

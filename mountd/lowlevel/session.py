@@ -101,7 +101,7 @@ class Session:
         self._spin_ok = spin == "on" or self._loadavg is not None
         self._load_checked = 0
         self.dispatcher: Dispatcher | None = None
-        self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Request | Callable[[], None] | None] = queue.SimpleQueue()
         self._waiting: dict[int, Request] = {}
         """Requests queued for a worker and not started yet, by unique (INTERRUPT can still cancel them)."""
         self._waiting_lock = threading.Lock()
@@ -134,6 +134,10 @@ class Session:
 
     def reply_error(self, unique: int, code: int) -> None:
         self._write1(_pack_out(_OUT_SIZE, -code, unique))
+
+    def defer(self, work: Callable[[], None]) -> None:
+        """Have a worker run ``work`` (from the reader: what it must not wait for itself)."""
+        self._queue.put(work)
 
     def notify(self, code: int, *parts: bytes) -> None:
         """Send notification ``code`` (never from the reader thread).  Raises OSError (ENOENT: the kernel
@@ -295,6 +299,9 @@ class Session:
         dispatcher = self.dispatcher
         assert dispatcher is not None
         while (request := self._queue.get()) is not None:
+            if not isinstance(request, Request):
+                request()  # work the reader left (see defer)
+                continue
             with self._waiting_lock:
                 self._waiting.pop(request.unique, None)
             if request.interrupted:

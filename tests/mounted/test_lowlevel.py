@@ -8,15 +8,17 @@ import json
 import mmap
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support.mounts import unionfs_mount
+from support.mounts import kernel_overlay_mount, unionfs_mount
 
 from unionfs.control import daemon_pid
 
@@ -97,9 +99,39 @@ def test_lower_files_pass_through_on_a_read_only_mount(tmp_path: Path) -> None:
         assert "read" not in stats["operations"]  # nothing but this read-only open here
 
 
-def test_racing_read_and_write_opens_never_change_a_lower_layer(tmp_path: Path) -> None:
+def test_passthrough_all_passes_lower_reads_and_upper_writes_through_their_backing(tmp_path: Path) -> None:
+    """``passthrough=all``: a lower file is read without READ requests; a write open after it copies up and
+    is retried on a new node (ESTALE once, inside the kernel), so the lower layer is never written, and its
+    data goes to the upper file without WRITE requests; a new
+    open reads the upper copy, and a descriptor opened before the copy-up keeps reading the lower file (the
+    documented difference from the kernel's overlayfs of this mode)."""
+    lower, upper, work, mnt = _dirs(tmp_path)
+    data = os.urandom(1 << 20)
+    (lower / "f").write_bytes(data)
+    with unionfs_mount([lower], upper, work, mnt, (*LOWLEVEL, "passthrough=all")):
+        early = os.open(mnt / "f", os.O_RDONLY)
+        try:
+            assert os.pread(early, len(data), 0) == data
+            assert "read" not in _stats(mnt)["operations"]
+            with open(mnt / "f", "r+b") as f:
+                f.write(b"NEW!")
+            assert (mnt / "f").read_bytes() == b"NEW!" + data[4:]
+            assert os.pread(early, 8, 0) == data[:8]
+            stats = _stats(mnt)
+            assert stats["passthrough"]["lower_files"] is True and stats["passthrough"]["writes"] is True
+            assert stats["passthrough"]["stale_retries"] >= 1
+            assert "read" not in stats["operations"] and "write" not in stats["operations"]
+        finally:
+            os.close(early)
+    assert (lower / "f").read_bytes() == data
+    assert (upper / "f").read_bytes() == b"NEW!" + data[4:]
+
+
+@pytest.mark.parametrize("mode", ["on", "all"])
+def test_racing_read_and_write_opens_never_change_a_lower_layer(tmp_path: Path, mode: str) -> None:
     """Readers (read(2) and mmap) and writers (O_RDWR, O_APPEND, O_TRUNC) race on the same lower files:
-    afterwards every lower layer is byte for byte what it was, and each file reads as one of the writes."""
+    afterwards every lower layer is byte for byte what it was, and each file reads as one of the writes
+    (with ``passthrough=all`` the readers hold lower backing files while the writers copy up)."""
     base, top, upper, work, mnt = (tmp_path / n for n in ("base", "top", "upper", "work", "mnt"))
     for d in (base, top, upper, work, mnt):
         d.mkdir()
@@ -142,7 +174,7 @@ def test_racing_read_and_write_opens_never_change_a_lower_layer(tmp_path: Path) 
         except BaseException as exc:
             errors.append(exc)
 
-    with unionfs_mount([top, base], upper, work, mnt, LOWLEVEL):
+    with unionfs_mount([top, base], upper, work, mnt, (*LOWLEVEL, f"passthrough={mode}")):
         readers = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
         writers = [threading.Thread(target=writer, args=(100 + i,)) for i in range(3)]
         for t in readers + writers:
@@ -154,7 +186,8 @@ def test_racing_read_and_write_opens_never_change_a_lower_layer(tmp_path: Path) 
             t.join()
         assert not errors, errors
         merged = {name: (mnt / name).read_bytes() for name in names}
-        assert _stats(mnt)["passthrough"]["enabled"] is True
+        stats = _stats(mnt)["passthrough"]
+        assert stats["enabled"] is True and stats["lower_files"] is (mode == "all")
     assert {"base": _digests(base), "top": _digests(top)} == before
     for name in names:
         if (upper / name).exists():
@@ -293,3 +326,47 @@ def test_a_change_through_one_name_of_an_indexed_link_reaches_the_kernels_view_o
         st = os.stat(mnt / "y")
         assert st.st_nlink == 2 and os.stat(mnt / "d" / "z").st_nlink == 2
         assert st.st_ctime_ns >= ctime
+
+
+@pytest.mark.parametrize("mode", ["on", "all", "off"])
+def test_an_unprivileged_write_clears_set_id_bits_as_on_the_kernel(mode: str) -> None:
+    """A write by a user without CAP_FSETID clears the set-user-id bit and the set-group-id bit of a
+    group-executable file, whether its data goes through the daemon or through a passthrough backing; the
+    modes are compared with the kernel's overlayfs on the same layers (one documented difference)."""
+    results = {}
+    root = Path(tempfile.mkdtemp(prefix="unionfs-setid-", dir="/tmp"))  # pytest's tmp dirs are 0700
+    root.chmod(0o755)
+    try:
+        for system in ("kernel", "unionfs"):
+            results[system] = _write_as_user_1000(root / system, system, mode)
+    finally:
+        shutil.rmtree(root)
+    # the kernel's FUSE layer clears set-group-id on a write only where the group may execute (the rule
+    # before Linux 6.2); the kernel's overlayfs also clears it for a writer outside the file's group
+    # (docs/semantics.md, "Set-id bits on a write")
+    assert results["kernel"].pop("lower-sgid-noexec") == (oct(0o766), b"lower\nmore")
+    assert results["unionfs"].pop("lower-sgid-noexec") == (oct(0o2766), b"lower\nmore")
+    assert results["unionfs"] == results["kernel"]
+    assert results["kernel"]["upper-suid"] == (oct(0o777), b"upper\nmore")
+
+
+def _write_as_user_1000(base: Path, system: str, mode: str) -> dict[str, tuple[str, bytes]]:
+    """Each file's mode and data after user 1000 appended to it, on ``system`` ("kernel" or "unionfs")."""
+    lower, upper, work, mnt = (base / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir(parents=True)
+    for name, perm in (("lower-suid", 0o6777), ("lower-sgid-noexec", 0o2766)):
+        (lower / name).write_bytes(b"lower\n")
+        os.chmod(lower / name, perm)
+    base.chmod(0o755)
+    ctx = (kernel_overlay_mount([lower], upper, work, mnt) if system == "kernel"
+           else unionfs_mount([lower], upper, work, mnt, (*LOWLEVEL, f"passthrough={mode}")))
+    with ctx:
+        (mnt / "upper-suid").write_bytes(b"upper\n")
+        os.chmod(mnt / "upper-suid", 0o6777)
+        modes = {}
+        for name in ("lower-suid", "lower-sgid-noexec", "upper-suid"):
+            subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c",
+                            'printf more >> "$1"', "sh", str(mnt / name)], check=True)
+            modes[name] = (oct(os.stat(mnt / name).st_mode & 0o7777), (mnt / name).read_bytes())
+    return modes

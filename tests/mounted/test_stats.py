@@ -125,3 +125,33 @@ def test_cache_entries_bounds_the_lookup_cache(tmp_path: Path) -> None:
     cache = json.loads(out.stdout)["cache"]
     assert cache["entries"] <= 1000
     assert cache["evictions"] >= 2000
+
+
+def test_a_paused_change_waits_aside_and_reads_go_on(tmp_path: Path) -> None:
+    """While a pause holds a change back, the daemon goes on answering lookups, opens and reads elsewhere
+    (the change waits on a worker, never on the thread that reads the device)."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    (lower / "sub").mkdir()
+    for i in range(20):
+        (lower / "sub" / f"f{i}").write_text(f"file {i}\n")
+    with unionfs_mount([lower], upper, work, mnt):
+        os.stat(mnt / "sub")  # the kernel knows the directory: reading in it needs nothing of the root's lock
+        finished: list[bool] = []
+        seen: list[str] = []
+        with ControlClient(str(mnt)) as client:
+            assert client.request("pause") == {"ok": True}
+            writer = threading.Thread(target=lambda: finished.append(bool((mnt / "new").write_text("x"))))
+            writer.start()
+            time.sleep(0.3)
+            reader = threading.Thread(target=lambda: seen.extend((mnt / "sub" / f"f{i}").read_text()
+                                                                 for i in range(20)))
+            reader.start()
+            reader.join(10)
+            stalled = reader.is_alive()
+            assert client.request("resume") == {"ok": True}
+            writer.join(10)
+            reader.join(10)
+        assert not stalled, "reads stalled behind a paused change"
+        assert seen == [f"file {i}\n" for i in range(20)] and finished == [True]

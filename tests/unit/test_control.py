@@ -110,3 +110,25 @@ def test_daemon_pid_is_the_process_listening_on_the_control_socket(tmp_path: Pat
     finally:
         server.stop()
     assert control.daemon_pid(mnt) is None
+
+
+def test_entering_the_gate_never_waits_and_a_holder_passes_a_pending_pause() -> None:
+    gate = WriteGate()
+    with gate.entered() as inside:
+        assert inside
+        paused: list[bool] = []
+        pauser = threading.Thread(target=lambda: paused.append(gate.pause(5.0)))
+        pauser.start()
+        deadline = time.monotonic() + 5
+        while not gate.paused and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gate.paused and not paused  # the pause waits for this holder
+        with gate.writing():  # the holder passes again at once instead of waiting for the pause
+            pass
+    pauser.join(5)
+    assert paused == [True]
+    with gate.entered() as inside:
+        assert not inside  # paused: refused at once
+    gate.resume()
+    with gate.entered() as inside:
+        assert inside

@@ -353,3 +353,42 @@ def test_renameat2_without_a_syscall_number_for_the_architecture_is_enosys(
     finally:
         host.close()
     assert (tmp_path / "a").read_text() == "a"
+
+
+def test_kept_directory_descriptors_follow_renames_and_removals(tmp_path: Path) -> None:
+    """A changing tree whose directory descriptors are kept: after a rename or an rmdir through the same
+    object, no access reaches the directory that moved or went through its old name."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_text("old")
+    host = HostDir(str(tmp_path), keep_dirs=True, dir_cache=4)
+    try:
+        assert host.read_bytes("a/b/f") == b"old"  # a/b kept
+        host.rename("a", "moved")
+        assert_errno(errno.ENOENT, host.lstat, "a/b/f")
+        assert host.read_bytes("moved/b/f") == b"old"
+        host.unlink("moved/b/f")
+        host.rmdir("moved/b")
+        host.mkdir("moved/b", 0o755)
+        fd = host.open("moved/b/g", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+        assert sorted(name for name, _, _ in host.scandir("moved/b")) == ["g"]
+        assert (tmp_path / "moved" / "b" / "g").exists()
+        for i in range(10):  # more directories than kept: the oldest are closed, the rest still right
+            host.mkdir(f"d{i}", 0o755)
+            host.mkdir(f"d{i}/sub", 0o755)
+            assert host.lstat(f"d{i}/sub").st_ino == (tmp_path / f"d{i}" / "sub").stat().st_ino
+        assert len(host._dirfds) <= 4 and not host._users
+    finally:
+        host.close()
+
+
+def test_a_kept_descriptor_dropped_while_in_use_is_closed_by_its_user(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    host = HostDir(str(tmp_path), keep_dirs=True)
+    try:
+        with host.dirfd("d") as fd:
+            host._forget_dirs("d")
+            assert os.fstat(fd).st_ino == (tmp_path / "d").stat().st_ino  # still open for its user
+        assert_errno(errno.EBADF, os.fstat, fd)
+    finally:
+        host.close()

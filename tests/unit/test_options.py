@@ -262,6 +262,16 @@ def test_redirect_dir_is_on_by_default_and_a_later_value_wins() -> None:
     assert parse("-o", f"{RW},redirect_dir=off", "-o", "redirect_dir=follow", "/m").redirect_dir == "follow"
 
 
+@pytest.mark.parametrize(("raw", "mode"), [("on", "on"), ("all", "all"), ("off", "off"), ("1", "on"), ("0", "off")])
+def test_passthrough_modes(raw: str, mode: str) -> None:
+    assert parse("-o", f"{RW},passthrough={raw}", "/m").passthrough == mode
+
+
+def test_passthrough_is_on_by_default_and_bogus_values_are_refused() -> None:
+    assert parse("-o", RW, "/m").passthrough == "on"
+    assert error_of("-o", RW + ",passthrough=yes", "/m") == "passthrough=yes: expected one of on, off, all"
+
+
 def test_redirect_dir_bogus() -> None:
     assert error_of("-o", RW + ",redirect_dir=yes", "/m") == \
         "redirect_dir=yes: expected one of on, follow, nofollow, off"
@@ -516,3 +526,13 @@ def test_help_names_every_ignored_and_unsupported_option_and_the_exit_statuses()
     for name in [*IGNORED_FLAGS, *IGNORED_KEYS, *UNSUPPORTED_KEYS, *FUSE_DEFAULTS, *ROOT_FUSE_DEFAULTS]:
         assert name in text
     assert "Exit status: 0" in text and "1 the mount failed" in text and "2 bad command line" in text
+
+
+def test_benchmarks_run_unionfs_twice_with_its_own_options() -> None:
+    from benchmarks.systems import FuseOverlay, make_systems
+
+    systems = make_systems(["unionfs", "unionfs:passthrough=all+spin=off"], unionfs_opts="noacl")
+    assert [s.name for s in systems] == ["unionfs", "unionfs:passthrough=all+spin=off"]
+    assert isinstance(systems[1], FuseOverlay) and systems[1].extra_opts == "noacl,passthrough=all,spin=off"
+    with pytest.raises(ValueError, match="unknown system 'unionfs:'"):
+        make_systems(["unionfs:"])

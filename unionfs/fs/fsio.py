@@ -258,16 +258,23 @@ class HostDir:
     itself may have been reached through a symlink, everything beneath it never is).
     """
 
-    def __init__(self, path: str, *, immutable: bool = False, dir_cache: int = 64) -> None:
-        """``immutable``: the tree does not change while this object lives (a lower layer), so descriptors of
-        its directories may be kept and reused: a lookup then costs one ``fstatat`` instead of three calls.
-        ``dir_cache`` bounds how many such descriptors it keeps."""
+    def __init__(self, path: str, *, immutable: bool = False, dir_cache: int = 64,
+                 keep_dirs: bool | None = None) -> None:
+        """``immutable``: the tree does not change while this object lives (a lower layer).  ``keep_dirs``
+        (default: ``immutable``): descriptors of its directories are kept (at most ``dir_cache``) and reused,
+        so that an access costs one system call instead of three; in a tree that changes (the upper layer)
+        that is right only while every change of its directories goes through this object, whose
+        :meth:`rmdir`, :meth:`remove_tree` and :meth:`rename` drop what they move or remove."""
         self.path = path
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dev = os.fstat(self.fd).st_dev
         self.immutable = immutable
+        self.keep_dirs = immutable if keep_dirs is None else keep_dirs
         self.dir_cache = dir_cache
         self._dirfds: OrderedDict[str, int] = OrderedDict()
+        self._users: dict[int, int] = {}
+        """Kept descriptors in use -> by how many callers (one dropped meanwhile is closed by its last)."""
+        self._dropped: set[int] = set()
         self._dirfds_lock = threading.Lock()
 
     @staticmethod
@@ -280,7 +287,7 @@ class HostDir:
     def close(self) -> None:
         with self._dirfds_lock:
             for fd in self._dirfds.values():
-                os.close(fd)
+                self._drop(fd)
             self._dirfds.clear()
         if self.fd >= 0:
             os.close(self.fd)
@@ -374,13 +381,17 @@ class HostDir:
 
     @contextmanager
     def dirfd(self, rel: str) -> Iterator[int]:
-        """Context manager around :meth:`open_dir` that always closes the descriptor (or, in an immutable
-        tree, keeps it in a small LRU for the next caller)."""
+        """Context manager around :meth:`open_dir` that always closes the descriptor (or, where directories
+        are kept, holds a kept one for the block)."""
         if rel == "":
             yield self.fd
             return
-        if self.immutable:
-            yield self._cached_dirfd(rel)
+        if self.keep_dirs:
+            fd = self._acquire_dirfd(rel)
+            try:
+                yield fd
+            finally:
+                self._release_dirfd(fd)
             return
         fd = self.open_dir(rel)
         try:
@@ -388,25 +399,52 @@ class HostDir:
         finally:
             os.close(fd)
 
-    def _cached_dirfd(self, rel: str) -> int:
+    def _acquire_dirfd(self, rel: str) -> int:
         with self._dirfds_lock:
             fd = self._dirfds.get(rel)
             if fd is not None:
                 self._dirfds.move_to_end(rel)
+                self._users[fd] = self._users.get(fd, 0) + 1
                 return fd
         fd = self.open_dir(rel)
         with self._dirfds_lock:
             other = self._dirfds.get(rel)
             if other is not None:
                 os.close(fd)
-                return other
-            self._dirfds[rel] = fd
-            while len(self._dirfds) > self.dir_cache:
-                # Evicted descriptors are closed only when no caller can still hold them: callers use a
-                # descriptor for one system call under the union's lock, so closing here is safe.
-                _, old = self._dirfds.popitem(last=False)
-                os.close(old)
+                fd = other
+            else:
+                self._dirfds[rel] = fd
+                while len(self._dirfds) > self.dir_cache:
+                    self._drop(self._dirfds.popitem(last=False)[1])
+            self._users[fd] = self._users.get(fd, 0) + 1
             return fd
+
+    def _release_dirfd(self, fd: int) -> None:
+        with self._dirfds_lock:
+            left = self._users[fd] - 1
+            if left:
+                self._users[fd] = left
+                return
+            del self._users[fd]
+            if fd in self._dropped:
+                self._dropped.discard(fd)
+                os.close(fd)
+
+    def _drop(self, fd: int) -> None:
+        """No longer keep ``fd`` (lock held): closed now, or by its last user."""
+        if fd in self._users:
+            self._dropped.add(fd)
+        else:
+            os.close(fd)
+
+    def _forget_dirs(self, rel: str) -> None:
+        """Stop keeping descriptors of directory ``rel`` and everything below it (it moves or goes)."""
+        if not self.keep_dirs or not self._dirfds:
+            return
+        prefix = rel + "/"
+        with self._dirfds_lock:
+            for key in [k for k in self._dirfds if k == rel or k.startswith(prefix)]:
+                self._drop(self._dirfds.pop(key))
 
     # -- queries -----------------------------------------------------------------------------------------
 
@@ -557,6 +595,7 @@ class HostDir:
 
     def rmdir(self, rel: str) -> None:
         parent, name = self._split(rel)
+        self._forget_dirs(rel)
         with self.dirfd(parent) as pfd:
             os.rmdir(name, dir_fd=pfd)
 
@@ -570,6 +609,7 @@ class HostDir:
         if not stat_mod.S_ISDIR(st.st_mode):
             self.unlink(rel)
             return
+        self._forget_dirs(rel)
         stack = [(rel, False)]
         while stack:
             path, listed = stack.pop()
@@ -655,6 +695,8 @@ class HostDir:
         target = dst_dir or self
         sp, sn = self._split(src)
         dp, dn = self._split(dst)
+        self._forget_dirs(src)
+        target._forget_dirs(dst)
         with self.dirfd(sp) as sfd, target.dirfd(dp) as dfd:
             if flags == 0:
                 os.rename(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd)

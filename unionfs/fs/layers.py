@@ -105,7 +105,7 @@ class LayerStack:
                 lower_layers.append(Layer(i + offset, host, False))
             stack = cls(lower_layers)
             if upper is not None:
-                up = HostDir(named[len(lowers)][1])
+                up = HostDir(named[len(lowers)][1], keep_dirs=True, dir_cache=256)
                 opened.append(up)
                 wk = HostDir(named[len(lowers) + 1][1])
                 opened.append(wk)

@@ -260,6 +260,16 @@ class UnionFS:
             st = self._host(node).lstat(node.source)
         return st.st_dev, st.st_ino
 
+    def copy_up_bytes(self, path: str) -> int:
+        """The bytes of file data a change of ``path`` would copy up first: 0 where its top copy is in the
+        upper layer, or it is not a regular file, or nothing is there (a frontend's measure of whether a
+        change is quick)."""
+        with self.lock:
+            node = self.resolver.lookup(path)
+            if node is None or node.in_upper or node.kind != stat_mod.S_IFREG:
+                return 0
+            return self.getattr(path).st_size
+
     def getattr_children(self, path: str, names: list[str]) -> list[Attr | None]:
         """:meth:`getattr` of each of ``names`` inside directory ``path`` (None for a name not visible any
         more), for a listing that carries attributes.  The same answers, but each layer's objects of the
