@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import resource
 import select
 import signal
 import stat
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from mountd import logs
 from mountd.options import FRONTENDS, MountConfig, fuse_kwargs, unsupported_fuse_options
 from unionfs.fs.layers import LayerError, LayerStack
 from unionfs.mountinfo import find_mount
@@ -44,7 +43,7 @@ from unionfs.mountinfo import find_mount
 if TYPE_CHECKING:
     from unionfs.fs.union import UnionFS
 
-log = logging.getLogger("unionfs")
+log = logs.log
 
 READY_TIMEOUT = 60.0
 """How long the parent waits for the daemon to report the mount ready before giving up on it."""
@@ -151,7 +150,7 @@ def _run_daemon(config: MountConfig, stack: LayerStack, status_fd: int) -> None:
         readiness.fail(f"internal error: {type(exc).__name__}: {exc}")
     finally:
         with contextlib.suppress(Exception):
-            logging.shutdown()
+            logs.shutdown()
         os._exit(code)
 
 
@@ -297,19 +296,7 @@ def _quiet_after_ready() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            root.removeHandler(handler)
-    from logging.handlers import SysLogHandler  # after ready: not on the way to the mount
-
-    try:
-        syslog = SysLogHandler(address="/dev/log")
-    except OSError:
-        return
-    syslog.ident = f"unionfs-mount[{os.getpid()}]: "
-    syslog.setLevel(logging.WARNING)
-    root.addHandler(syslog)
+    logs.to_syslog()
 
 
 DEFAULT_FRONTEND = "lowlevel"
@@ -341,7 +328,7 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
         raise
     try:
         fs = UnionFS(stack, whiteout=config.whiteout, volatile=config.volatile, idmap=config.id_map(),
-                     redirect_dir=config.redirect_dir, index=config.index == "on",
+                     redirect_dir=config.redirect_dir, index=config.inode_index == "on",
                      cache_entries=config.cache_entries)
     except (OSError, ValueError) as exc:
         stack.close()
@@ -410,15 +397,9 @@ def _describe(exc: OSError | ValueError) -> str:
 
 
 def configure_logging(*, debug: bool) -> None:
-    """Log to stderr: warnings and errors, everything with ``-d``."""
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if debug else logging.WARNING)
-    if any(getattr(h, "unionfs_stderr", False) for h in root.handlers):
-        return  # called again in the same process (tests, a frontend): one handler is enough
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("unionfs-mount: %(levelname)s: %(message)s"))
-    handler.unionfs_stderr = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
+    """Log to stderr: warnings and errors, everything with ``-d`` (:mod:`mountd.logs`: ``logging`` itself is
+    imported once something is logged)."""
+    logs.configure(debug=debug)
 
 
 # -- finding the daemon of a mount --------------------------------------------------------------------------

@@ -21,9 +21,8 @@ import enum
 import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, Literal, TypeAlias, TypeVar
+from typing import Final, Literal, NamedTuple, TypeAlias, TypeVar
 
 from unionfs.fs.idmap import IdMap, IdRange
 from unionfs.mountopts import split_lowerdir, split_options, unescape
@@ -176,8 +175,7 @@ UNSUPPORTED_KEYS: Final[Mapping[str, str]] = MappingProxyType({
 
 # -- the config ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class MountConfig:
+class MountConfig(NamedTuple):
     """Everything a mount needs, validated.  Paths are absolute (made so against the caller's cwd) but not
     resolved: symlinks are followed by :meth:`unionfs.fs.layers.LayerStack.open`, which also checks them.
 
@@ -203,7 +201,8 @@ class MountConfig:
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
     redirect_dir: RedirectDir = "on"
-    index: Index = "off"
+    inode_index: Index = "off"
+    """``-o index=``: hard links kept together across copy-up (a NamedTuple cannot name a field ``index``)."""
     frontend: Frontend | None = None
     passthrough: PassthroughMode = "on"
     spin: Spin = "auto"
@@ -291,36 +290,41 @@ def _escape(value: FuseValue) -> FuseValue:
 
 # -- the command line ---------------------------------------------------------------------------------------
 
-@dataclass
 class _Parsed:
     """The mutable state of one parse; frozen into a :class:`MountConfig` at the end."""
 
-    positionals: list[str] = field(default_factory=list)
-    foreground: bool = False
-    debug: bool = False
-    single_threaded: bool = False
-    lowers: tuple[str, ...] = ()
-    upper: str | None = None
-    work: str | None = None
-    ro: bool = False
-    volatile: bool = False
-    writeback_cache: bool = False
-    readdirplus: ReaddirPlus = "1"
-    acl: bool = True
-    cache_entries: int = DEFAULT_CACHE_ENTRIES
-    whiteout: Whiteout = "auto"
-    redirect_dir: RedirectDir = "on"
-    index: Index = "off"
-    frontend: Frontend | None = None
-    passthrough: PassthroughMode = "on"
-    spin: Spin = "auto"
-    uid_mappings: tuple[IdRange, ...] = ()
-    gid_mappings: tuple[IdRange, ...] = ()
-    squash_to_root: bool = False
-    squash_to_uid: int | None = None
-    squash_to_gid: int | None = None
-    fuse: dict[str, FuseValue] = field(default_factory=dict)
-    ignored: list[str] = field(default_factory=list)
+    __slots__ = ("acl", "cache_entries", "debug", "foreground", "frontend", "fuse", "gid_mappings", "ignored", "index",
+                 "lowers", "passthrough", "positionals", "readdirplus", "redirect_dir", "ro", "single_threaded", "spin",
+                 "squash_to_gid", "squash_to_root", "squash_to_uid", "uid_mappings", "upper", "volatile", "whiteout",
+                 "work", "writeback_cache")
+
+    def __init__(self) -> None:
+        self.positionals: list[str] = []
+        self.foreground: bool = False
+        self.debug: bool = False
+        self.single_threaded: bool = False
+        self.lowers: tuple[str, ...] = ()
+        self.upper: str | None = None
+        self.work: str | None = None
+        self.ro: bool = False
+        self.volatile: bool = False
+        self.writeback_cache: bool = False
+        self.readdirplus: ReaddirPlus = "1"
+        self.acl: bool = True
+        self.cache_entries: int = DEFAULT_CACHE_ENTRIES
+        self.whiteout: Whiteout = "auto"
+        self.redirect_dir: RedirectDir = "on"
+        self.index: Index = "off"
+        self.frontend: Frontend | None = None
+        self.passthrough: PassthroughMode = "on"
+        self.spin: Spin = "auto"
+        self.uid_mappings: tuple[IdRange, ...] = ()
+        self.gid_mappings: tuple[IdRange, ...] = ()
+        self.squash_to_root: bool = False
+        self.squash_to_uid: int | None = None
+        self.squash_to_gid: int | None = None
+        self.fuse: dict[str, FuseValue] = {}
+        self.ignored: list[str] = []
 
 
 def parse_argv(argv: Sequence[str], *, cwd: str | None = None) -> MountConfig | Action:
@@ -729,7 +733,7 @@ def _freeze(state: _Parsed, cwd: str) -> MountConfig:
         cache_entries=state.cache_entries,
         whiteout=state.whiteout,
         redirect_dir=state.redirect_dir,
-        index=state.index,
+        inode_index=state.index,
         frontend=state.frontend,
         passthrough=state.passthrough,
         spin=state.spin,

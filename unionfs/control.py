@@ -13,7 +13,6 @@ socket of a daemon: :func:`daemon_pid` answers "which process serves this mountp
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import struct
@@ -87,6 +86,8 @@ class ControlServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        import json  # on the first request, not on a mount's way to ready
+
         paused = False
         try:
             with conn, conn.makefile("rwb") as stream:
@@ -143,6 +144,8 @@ class ControlClient:
         self.stream = self.sock.makefile("rwb")
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        import json
+
         self.stream.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         self.stream.flush()
         line = self.stream.readline()

@@ -10,13 +10,12 @@ escapes, which :func:`unescape` undoes (the super options stay escaped: their co
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MOUNTINFO = "/proc/self/mountinfo"
 
 
-@dataclass(frozen=True)
-class MountInfo:
+class MountInfo(NamedTuple):
     """One line of mountinfo; ``mountpoint`` and ``source`` are unescaped, ``super_options`` is not."""
 
     mount_id: int

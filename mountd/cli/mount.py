@@ -7,19 +7,18 @@ stderr, ``unionfs-mount: error: …``, and leaves nothing mounted.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from mountd import lifecycle
+from mountd import lifecycle, logs
 from mountd.cli.exits import EXIT_FAILURE, EXIT_USAGE, error
 from mountd.options import Action, MountConfig, OptionError, help_text, parse_argv
 from unionfs import __version__
 
 PROG = "unionfs-mount"
 
-log = logging.getLogger("unionfs")
+log = logs.log
 
 
 def version_line() -> str:

@@ -8,8 +8,7 @@ kernel's INIT offers them (:func:`negotiate`).  Every layout is little-endian wi
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from unionfs.fs.attr import Attr
 
@@ -171,8 +170,7 @@ def split_seconds(seconds: float) -> tuple[int, int]:
     return whole, round((seconds - whole) * 1e9)
 
 
-@dataclass(frozen=True)
-class Negotiated:
+class Negotiated(NamedTuple):
     """What INIT settled: the protocol minor and the capabilities both sides use."""
 
     minor: int

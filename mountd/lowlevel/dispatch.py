@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import errno
 import itertools
-import logging
 import os
 import stat as stat_mod
 import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
+from mountd import logs
 from mountd.lowlevel import abi
 from mountd.lowlevel.nodes import NodeTable
 from mountd.lowlevel.passthrough import Passthrough, Stale
@@ -32,7 +31,7 @@ from unionfs.fs.fsio import RENAME_EXCHANGE
 from unionfs.fs.orphan import Orphan
 from unionfs.fs.union import UTIME_NOW, UTIME_OMIT, Handle, UnionFS
 
-log = logging.getLogger("unionfs")
+log = logs.log
 _clock = time.perf_counter_ns
 
 FMODE_EXEC = 0x20
@@ -69,8 +68,7 @@ class _Later(BaseException):
     the request over.  Not an Exception: the handlers' error handling lets it through."""
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """What the mount options decide for the protocol frontend."""
 
     entry_timeout: float = 3600.0
@@ -343,13 +341,14 @@ class Dispatcher:
 
     def _orphan(self, nodeid: int) -> Orphan | None:
         """The object a node whose name is gone still holds (None: it has a name, or was given up)."""
-        return self.nodes.get(nodeid).orphan
+        self.nodes.get(nodeid)  # ESTALE for an unknown node
+        return self.nodes.orphan(nodeid)
 
     def _open_handle_of(self, nodeid: int) -> Handle | None:
         """An open file of node ``nodeid`` (a writable one first), for a node whose name is gone."""
-        node = self.nodes.get(nodeid)
+        self.nodes.get(nodeid)  # ESTALE for an unknown node
         best: Handle | None = None
-        for fh in list(node.open_fhs):
+        for fh in self.nodes.open_fhs(nodeid):
             handle = self.service.handles.get(fh)
             if handle is not None and (best is None or (handle.on_upper and not best.on_upper)):
                 best = handle

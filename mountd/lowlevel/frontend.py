@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import signal
 from collections.abc import Callable, Iterator, Mapping
 
+from mountd import logs
 from mountd.lowlevel import abi
 from mountd.lowlevel import mount as devmount
 from mountd.lowlevel.dispatch import Dispatcher, Settings
@@ -24,7 +24,7 @@ from mountd.options import FuseValue
 from mountd.service import MountService
 from unionfs.fs.union import UnionFS
 
-log = logging.getLogger("unionfs")
+log = logs.log
 
 MAX_WRITE = 1 << 20
 _MOUNT_FLAG_OPTIONS = ("ro", "nodev", "nosuid", "noexec", "sync", "dirsync", "noatime")

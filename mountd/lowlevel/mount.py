@@ -16,7 +16,7 @@ import fcntl
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from mountd.lowlevel import abi
 
@@ -28,8 +28,7 @@ _FLAG_BITS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec":
               "sync": MS_SYNCHRONOUS, "dirsync": MS_DIRSYNC, "noatime": MS_NOATIME}
 
 
-@dataclass(frozen=True)
-class MountRequest:
+class MountRequest(NamedTuple):
     """What to mount: ``source`` (fsname), ``subtype``, the mount flags by name (``ro``, ``nodev``, …) and the
     kernel's FUSE options (``allow_other``, ``default_permissions``, ``max_read=N``)."""
 

@@ -20,6 +20,12 @@ answers ESTALE, so that the kernel looks the name up again.
 
 Paths are asked for on every request, so :meth:`NodeTable.path` keeps the paths it built; any change of
 the tree's shape (a rename, an unlink) forgets them all, and they are built again on the next request.
+
+After a walk the kernel may hold a node for every name of a large tree (a million, until memory pressure
+makes it forget them), so a node is kept small: a ``__slots__`` record of its id, parent, name and lookup
+count; the few nodes with open files or an orphan have them in two side tables, and the names a parent
+holds are one dict per parent node (keyed by the name string the core's directory table already holds)
+rather than a table keyed by ``(parent, name)`` tuples.
 """
 
 from __future__ import annotations
@@ -32,11 +38,14 @@ import threading
 from mountd.lowlevel.abi import ROOT_ID
 from unionfs.fs.orphan import Orphan
 
+_NO_FHS: frozenset[int] = frozenset()
+"""The open files of a node no file is open on."""
+
 
 class Node:
     """One name of the union the kernel holds."""
 
-    __slots__ = ("name", "nlookup", "nodeid", "open_fhs", "orphan", "parent")
+    __slots__ = ("name", "nlookup", "nodeid", "parent")
 
     def __init__(self, nodeid: int, parent: int | None, name: str) -> None:
         self.nodeid = nodeid
@@ -44,9 +53,6 @@ class Node:
         """The parent node's id; None once the name is gone (unlinked, or replaced by a rename)."""
         self.name = name
         self.nlookup = 0
-        self.open_fhs: set[int] = set()
-        self.orphan: Orphan | None = None
-        """The object itself once the name is gone (see the module docstring)."""
 
 
 class NodeTable:
@@ -57,7 +63,12 @@ class NodeTable:
         root = Node(ROOT_ID, None, "")
         root.nlookup = 1
         self._nodes: dict[int, Node] = {ROOT_ID: root}
-        self._children: dict[tuple[int, str], int] = {}
+        self._children: dict[int, dict[str, int]] = {}
+        """Per parent node id, the node ids of the names in it the kernel holds."""
+        self._open: dict[int, set[int]] = {}
+        """The file handles open on a node, for the nodes with any."""
+        self._orphans: dict[int, Orphan] = {}
+        """The object itself of a node whose name is gone (see the module docstring)."""
         self._ids = itertools.count(ROOT_ID + 1)
         self._paths: dict[int, str] = {ROOT_ID: ""}
         """Paths built by :meth:`path` since the tree last changed shape (filled and emptied under the lock)."""
@@ -73,6 +84,16 @@ class NodeTable:
         if node is None:
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
         return node
+
+    def orphan(self, nodeid: int) -> Orphan | None:
+        """The object node ``nodeid`` holds since its name is gone (None: it has a name, or was given up)."""
+        return self._orphans.get(nodeid)
+
+    def open_fhs(self, nodeid: int) -> frozenset[int]:
+        """The file handles open on node ``nodeid`` (a copy)."""
+        with self._lock:
+            fhs = self._open.get(nodeid)
+            return _NO_FHS if fhs is None else frozenset(fhs)
 
     def path(self, nodeid: int) -> str | None:
         """The union path of ``nodeid`` ("" for the root), or None when its name (or a parent's) is gone."""
@@ -112,14 +133,16 @@ class NodeTable:
 
     def find(self, parent: int, name: str) -> int | None:
         """The node id the kernel knows for ``name`` in ``parent``, if any (no count taken)."""
-        return self._children.get((parent, name))
+        kids = self._children.get(parent)
+        return None if kids is None else kids.get(name)
 
     def find_path(self, path: str) -> int | None:
         """The node id of union path ``path`` if the kernel holds one ("" is the root)."""
         nodeid: int | None = ROOT_ID
         if path:
             for part in path.split("/"):
-                nodeid = self._children.get((nodeid, part))  # type: ignore[arg-type]
+                kids = self._children.get(nodeid)  # type: ignore[arg-type]
+                nodeid = None if kids is None else kids.get(part)
                 if nodeid is None:
                     return None
         return nodeid
@@ -127,14 +150,33 @@ class NodeTable:
     def remember(self, parent: int, name: str) -> int:
         """Count one lookup of ``name`` in ``parent`` (made a node if new); returns its id."""
         with self._lock:
-            key = (parent, name)
-            nodeid = self._children.get(key)
+            kids = self._children.get(parent)
+            if kids is None:
+                kids = self._children[parent] = {}
+            nodeid = kids.get(name)
             if nodeid is None:
                 nodeid = next(self._ids)
                 self._nodes[nodeid] = Node(nodeid, parent, name)
-                self._children[key] = nodeid
+                kids[name] = nodeid
             self._nodes[nodeid].nlookup += 1
             return nodeid
+
+    def _unlink(self, parent: int, name: str) -> int | None:
+        """Take ``name`` out of ``parent``'s names (lock held); returns the node id it had."""
+        kids = self._children.get(parent)
+        if kids is None:
+            return None
+        nodeid = kids.pop(name, None)
+        if not kids:
+            del self._children[parent]
+        return nodeid
+
+    def _link(self, parent: int, name: str, nodeid: int) -> None:
+        """Put ``nodeid`` at ``name`` in ``parent`` (lock held)."""
+        kids = self._children.get(parent)
+        if kids is None:
+            kids = self._children[parent] = {}
+        kids[name] = nodeid
 
     def forget(self, nodeid: int, count: int) -> None:
         """The kernel dropped ``count`` lookups of ``nodeid``."""
@@ -148,48 +190,53 @@ class NodeTable:
             self._drop_if_unused(node)
 
     def _drop_if_unused(self, node: Node) -> None:
-        if node.nlookup or node.open_fhs or node.nodeid == ROOT_ID:
+        if node.nlookup or node.nodeid in self._open or node.nodeid == ROOT_ID:
             return
         del self._nodes[node.nodeid]
         self._paths.pop(node.nodeid, None)
-        if node.parent is not None and self._children.get((node.parent, node.name)) == node.nodeid:
-            del self._children[(node.parent, node.name)]
-        if node.orphan is not None:
-            node.orphan.close()
-            node.orphan = None
+        if node.parent is not None and self.find(node.parent, node.name) == node.nodeid:
+            self._unlink(node.parent, node.name)
+        orphan = self._orphans.pop(node.nodeid, None)
+        if orphan is not None:
+            orphan.close()
 
     def opened(self, nodeid: int, fh: int) -> None:
         with self._lock:
-            node = self._nodes.get(nodeid)
-            if node is not None:
-                node.open_fhs.add(fh)
+            if nodeid in self._nodes:
+                self._open.setdefault(nodeid, set()).add(fh)
 
     def closed(self, nodeid: int, fh: int) -> None:
         with self._lock:
             node = self._nodes.get(nodeid)
             if node is not None:
-                node.open_fhs.discard(fh)
+                fhs = self._open.get(nodeid)
+                if fhs is not None:
+                    fhs.discard(fh)
+                    if not fhs:
+                        del self._open[nodeid]
                 self._drop_if_unused(node)
 
     def held(self, parent: int, name: str) -> bool:
         """Does the kernel hold a node for ``name`` in ``parent`` (so that its removal must keep the object)?"""
-        return (parent, name) in self._children
+        return self.find(parent, name) is not None
 
     def detach(self, parent: int, name: str, orphan: Orphan | None = None) -> Node | None:
         """``name`` in ``parent`` is gone (unlink, rmdir, replaced by a rename): its node, if any, keeps its
         id and open files but has no path any more, and holds ``orphan`` (the object, pinned before the
         removal) until it is dropped.  Without a node the orphan is let go at once."""
         with self._lock:
-            nodeid = self._children.pop((parent, name), None)
+            nodeid = self._unlink(parent, name)
             if nodeid is None:
                 if orphan is not None:
                     orphan.close()
                 return None
             node = self._nodes[nodeid]
             node.parent = None
-            if node.orphan is not None:
-                node.orphan.close()
-            node.orphan = orphan
+            old = self._orphans.pop(nodeid, None)
+            if old is not None:
+                old.close()
+            if orphan is not None:
+                self._orphans[nodeid] = orphan
             self._reshaped()
             self._drop_if_unused(node)
             return node
@@ -197,34 +244,33 @@ class NodeTable:
     def clear(self) -> None:
         """Let every kept object go (the mount ended: the kernel holds nothing any more)."""
         with self._lock:
-            for node in self._nodes.values():
-                if node.orphan is not None:
-                    node.orphan.close()
-                    node.orphan = None
+            for orphan in self._orphans.values():
+                orphan.close()
+            self._orphans.clear()
 
     def move(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
         """A rename: the node at (parent, name), if any, now is (new_parent, new_name); whatever the kernel
         held there before must have been detached first."""
         with self._lock:
-            nodeid = self._children.pop((parent, name), None)
+            nodeid = self._unlink(parent, name)
             if nodeid is None:
                 return
             node = self._nodes[nodeid]
             node.parent, node.name = new_parent, new_name
-            self._children[(new_parent, new_name)] = nodeid
+            self._link(new_parent, new_name, nodeid)
             self._reshaped()
 
     def exchange(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
         """RENAME_EXCHANGE: the nodes of the two names swap places."""
         with self._lock:
-            first = self._children.pop((parent, name), None)
-            second = self._children.pop((new_parent, new_name), None)
+            first = self._unlink(parent, name)
+            second = self._unlink(new_parent, new_name)
             self._reshaped()
             if first is not None:
                 node = self._nodes[first]
                 node.parent, node.name = new_parent, new_name
-                self._children[(new_parent, new_name)] = first
+                self._link(new_parent, new_name, first)
             if second is not None:
                 node = self._nodes[second]
                 node.parent, node.name = parent, name
-                self._children[(parent, name)] = second
+                self._link(parent, name, second)

@@ -35,7 +35,6 @@ import fcntl
 import os
 import struct
 import threading
-from dataclasses import dataclass
 
 from mountd.lowlevel import abi
 
@@ -46,11 +45,15 @@ class Stale(Exception):
     """The open cannot share the node's passthrough backing (see the module doc)."""
 
 
-@dataclass
 class _Backing:
-    backing_id: int
-    upper: bool
-    users: int
+    """A backing file registered with the kernel: its id, whether it is an upper file, how many opens share it."""
+
+    __slots__ = ("backing_id", "upper", "users")
+
+    def __init__(self, backing_id: int, upper: bool, users: int) -> None:
+        self.backing_id = backing_id
+        self.upper = upper
+        self.users = users
 
 
 def fs_type(fd: int) -> int | None:

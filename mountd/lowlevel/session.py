@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import queue
 import select
@@ -32,9 +31,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from mountd import logs
 from mountd.lowlevel import abi
 
-log = logging.getLogger("unionfs")
+log = logs.log
 
 SPIN_MIN_NS = 20_000
 SPIN_MAX_NS = 400_000

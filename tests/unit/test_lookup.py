@@ -11,7 +11,7 @@ import pytest
 from support.layers import Dir, File, Symlink
 from unitkit import Env, assert_errno, names, read_all, visible_tree
 
-from unionfs.fs.attr import Attr
+from unionfs.fs.attr import Attr, compact, from_compact
 from unionfs.fs.cache import LookupCache
 from unionfs.fs.dirstate import DirState, LowerEntry
 from unionfs.fs.lookup import Resolver
@@ -166,6 +166,34 @@ def test_a_merged_directory_reports_nlink_one(mkenv: Callable[..., Env]) -> None
     assert fs.getattr("one").st_nlink == os.lstat(env.lowers[0] / "one").st_nlink
 
 
+@pytest.mark.parametrize("case", ["upper+lower", "opaque-upper", "one-lower", "two-lowers", "opaque-top-lower"])
+def test_the_root_link_count_needs_no_scan_of_every_layer(mkenv: Callable[..., Env], case: str) -> None:
+    """The first stat of a new mount asks for the root's st_nlink: it is the one a built root state gives
+    (1 where merged, as the kernel reports), found without reading the root of every layer."""
+    lower = {"a": "a"}
+    if case == "upper+lower":
+        env = mkenv([lower], upper={"u": "u"})
+    elif case == "opaque-upper":
+        env = mkenv([lower], upper={"u": "u"})
+        assert env.upper is not None
+        os.setxattr(env.upper, "trusted.overlay.opaque", b"y")
+    elif case == "one-lower":
+        env = mkenv([lower], readonly=True)
+    elif case == "two-lowers":
+        env = mkenv([lower, {"b": "b"}], readonly=True)
+    else:
+        env = mkenv([{".wh..wh..opq": "", "a": "a"}, {"b": "b"}], readonly=True)
+    fs = env.open()
+    first = fs.getattr("").st_nlink
+    assert fs.cache.peek_dir("") is None  # answered without building the root's merged state
+    fs.readdir("")
+    assert fs.cache.peek_dir("") is not None
+    fresh = env.remount(fs)
+    fresh.readdir("")
+    assert fresh.getattr("").st_nlink == first
+    assert (first == 1) is (case in ("upper+lower", "two-lowers"))  # an unmerged directory has 2 links or more
+
+
 def test_cache_answers_repeat_lookups(mkenv: Callable[..., Env]) -> None:
     """A second lookup in a directory is a cache hit; the answers do not change."""
     env = mkenv([{"d/a": "a", "d/b": "b"}, {"d/c": "c"}], readonly=True)
@@ -262,6 +290,54 @@ def test_cache_stays_within_its_bound() -> None:
     cache.drop_attrs("f19")
     cache.drop_attrs("never-there")
     assert cache.entries == sum(s.size for s in cache.dirs.values()) + len(cache.attrs)
+
+
+def test_attributes_live_in_their_directory_table_and_go_with_it() -> None:
+    """A lower object's record is kept (compact) in its cached directory's table, counted in that directory's
+    size; dropping it, invalidating its path or its directory, or evicting the directory forgets it, and the
+    count of entries stays the sum of what is held."""
+    cache = LookupCache(max_entries=100)
+    cache.put_dir(_state("d", ("a", "b")))
+    cache.put_attrs("d/a", _attr(5))
+    cache.put_attrs("d/b", _attr(6))
+    assert not cache.attrs  # not in the path-keyed table
+    state = cache.peek_dir("d")
+    assert state is not None and state.size == 1 + 2 + 2
+    assert cache.get_attrs("d/a") == _attr(5) and cache.get_attrs("d/b") == _attr(6)
+    assert cache.get_attrs("d/a") is not cache.get_attrs("d/a")  # made again from the compact record
+    cache.drop_attrs("d/a")
+    assert cache.get_attrs("d/a") is None and cache.entries == 1 + 2 + 1
+    cache.invalidate_subtree("d/b")  # the object's own path: its record goes, its directory stays
+    assert cache.get_attrs("d/b") is None and cache.peek_dir("d") is not None and cache.entries == 3
+    cache.put_attrs("d/b", _attr(7))
+    before = cache.stats.invalidations
+    cache.invalidate_subtree("d")
+    assert cache.stats.invalidations == before + 2 and cache.entries == 0
+    assert cache.get_attrs("d/b") is None
+    small = LookupCache(max_entries=6)
+    small.put_dir(_state("x", ("a",)))
+    small.put_attrs("x/a", _attr(1))
+    small.put_dir(_state("y", ("a", "b")))
+    small.put_attrs("y/a", _attr(2))  # 3 + 4 entries > 6: the least recently used directory goes, record and all
+    assert small.peek_dir("x") is None and small.get_attrs("x/a") is None and small.get_attrs("y/a") == _attr(2)
+    kept = small.peek_dir("y")
+    assert kept is not None and small.entries == kept.size == 4 and small.stats.evictions == 1
+
+
+def test_the_compact_record_keeps_every_field() -> None:
+    """64-bit inode and device numbers, sizes past 4 GiB, negative times: the record made again is equal."""
+    attr = Attr(stat.S_IFCHR | 0o620, (1 << 64) - 1, 7, 65534, 4_000_000_000, (1 << 63) + 9, 1 << 40, 1 << 33,
+                1 << 20, -1_500_000_000_000_000_001, 0, (1 << 62) + 3)
+    record = compact(attr)
+    assert record is not None and from_compact(record) == attr
+    assert compact(attr.replace(st_nlink=1 << 32)) is None and compact(attr.replace(st_gid=-1)) is None
+
+
+def test_a_record_out_of_the_compact_ranges_is_not_cached() -> None:
+    cache = LookupCache()
+    cache.put_dir(_state("d", ("a",)))
+    cache.put_attrs("d/a", _attr(1).replace(st_uid=-5))
+    assert cache.get_attrs("d/a") is None and cache.entries == 2
 
 
 def test_replacing_a_directory_state_keeps_the_count_right() -> None:

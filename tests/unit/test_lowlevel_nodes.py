@@ -90,7 +90,7 @@ def test_a_node_whose_name_is_gone_keeps_its_object_until_dropped() -> None:
     table.opened(f, 7)
     table.detach(ROOT_ID, "f", kept)  # type: ignore[arg-type]
     assert not table.held(ROOT_ID, "f")
-    assert table.get(f).orphan is kept
+    assert table.orphan(f) is kept
     table.forget(f, 1)
     assert kept.closes == 0  # still open
     table.closed(f, 7)
@@ -105,7 +105,7 @@ def test_an_object_without_a_node_is_let_go_at_once_and_all_at_unmount() -> None
     g = table.remember(ROOT_ID, "g")
     other = _Kept()
     table.detach(ROOT_ID, "g", other)  # type: ignore[arg-type]
-    assert table.get(g).orphan is other and other.closes == 0
+    assert table.orphan(g) is other and other.closes == 0
     table.clear()
     assert other.closes == 1
 

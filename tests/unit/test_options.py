@@ -5,7 +5,6 @@ Pure parsing, no filesystem: paths need not exist.
 
 from __future__ import annotations
 
-import dataclasses
 import os.path
 
 import pytest
@@ -100,8 +99,9 @@ def test_defaults() -> None:
 
 def test_config_is_frozen() -> None:
     config = parse("-o", RW, "/m")
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         config.mountpoint = "/elsewhere"  # type: ignore[misc]
+    assert config.mountpoint == "/m"
 
 
 @pytest.mark.parametrize("argv", [["-h"], ["--help"], ["/m", "-o", "bogus", "-h"], ["-V", "-h"]])
@@ -279,12 +279,12 @@ def test_redirect_dir_bogus() -> None:
 
 @pytest.mark.parametrize("mode", ["on", "off"])
 def test_index_modes(mode: str) -> None:
-    assert parse("-o", f"{RW},index={mode}", "/m").index == mode
+    assert parse("-o", f"{RW},index={mode}", "/m").inode_index == mode
 
 
 def test_index_is_off_by_default_and_a_later_value_wins() -> None:
-    assert parse("-o", RW, "/m").index == "off"
-    assert parse("-o", f"{RW},index=on", "-o", "index=off", "/m").index == "off"
+    assert parse("-o", RW, "/m").inode_index == "off"
+    assert parse("-o", f"{RW},index=on", "-o", "index=off", "/m").inode_index == "off"
 
 
 def test_index_bogus() -> None:
@@ -380,7 +380,7 @@ def test_every_ignored_flag_is_accepted(flag: str) -> None:
     config = parse("-o", f"{RW},{flag}", "/m")
     assert config.ignored == (flag,)
     assert config.fuse_options == ()
-    assert config == dataclasses.replace(parse("-o", RW, "/m"), ignored=(flag,))
+    assert config == parse("-o", RW, "/m")._replace(ignored=(flag,))
 
 
 @pytest.mark.parametrize("key", sorted(IGNORED_KEYS))

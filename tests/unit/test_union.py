@@ -3,7 +3,6 @@ format), checked against the kernel overlayfs's semantics (docs/architecture.md,
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import stat
@@ -1361,7 +1360,7 @@ def test_getattr_children_answers_as_getattr_does(union: Callable[..., tuple[Env
 
 def _no_atime(attrs: list[Attr | None]) -> list[Attr | None]:
     """Reading a directory to learn whether it is merged may move its atime between two stats."""
-    return [None if a is None else dataclasses.replace(a, st_atime_ns=0) for a in attrs]
+    return [None if a is None else a.replace(st_atime_ns=0) for a in attrs]
 
 
 def _join(directory: str, name: str) -> str:

@@ -9,7 +9,6 @@ cache (:mod:`unionfs.fs.cache`) keeps them; the write side updates a state after
 from __future__ import annotations
 
 import stat as stat_mod
-from dataclasses import dataclass, field
 
 from unionfs.fs.fsio import join
 from unionfs.fs.whiteout import LayerDir
@@ -17,18 +16,37 @@ from unionfs.fs.whiteout import LayerDir
 S_IFDIR = stat_mod.S_IFDIR
 
 
-@dataclass(slots=True)
 class LowerEntry:
     """A name as the lower layers show it: its type, the top lower layer that holds it and, for a directory,
-    every lower layer whose copy merges into it (top-down, before opacity of the child itself is known)."""
+    every lower layer whose copy merges into it (top-down, before opacity of the child itself is known).
+    ``attr`` is the lower object's attribute record in its compact form (:func:`unionfs.fs.attr.compact`)
+    once the lookup cache holds it: kept here, in its directory's table, rather than in a table keyed by
+    path (see :mod:`unionfs.fs.cache`).  Equal when every field is."""
 
-    kind: int
-    layer: int
-    merge_layers: tuple[int, ...]
-    ino: int = 0
+    __slots__ = ("attr", "ino", "kind", "layer", "merge_layers")
+
+    def __init__(self, kind: int, layer: int, merge_layers: tuple[int, ...], ino: int = 0,
+                 attr: bytes | None = None) -> None:
+        self.kind = kind
+        self.layer = layer
+        self.merge_layers = merge_layers
+        self.ino = ino
+        self.attr = attr
+
+    def _key(self) -> tuple[int, int, tuple[int, ...], int, bytes | None]:
+        return self.kind, self.layer, self.merge_layers, self.ino, self.attr
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LowerEntry):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"LowerEntry(kind={self.kind:o}, layer={self.layer}, merge_layers={self.merge_layers}, ino={self.ino})"
 
 
-@dataclass(slots=True)
 class DirState:
     """Everything needed to resolve names inside one visible directory of the union.
 
@@ -39,14 +57,27 @@ class DirState:
     led elsewhere: ``lower_paths`` maps such a layer to the path of its copy there.
     """
 
-    path: str
-    upper_kinds: dict[str, int] | None
-    upper_wh: set[str]
-    upper_opaque: bool
-    lower_layers: tuple[int, ...]
-    lower: dict[str, LowerEntry]
-    size: int = field(default=0)
-    lower_paths: dict[int, str] = field(default_factory=dict)
+    __slots__ = ("attrs_held", "lower", "lower_layers", "lower_paths", "path", "size", "upper_kinds",
+                 "upper_opaque", "upper_wh")
+
+    def __init__(self, path: str, upper_kinds: dict[str, int] | None, upper_wh: set[str], upper_opaque: bool,
+                 lower_layers: tuple[int, ...], lower: dict[str, LowerEntry], *,
+                 lower_paths: dict[int, str] | None = None) -> None:
+        self.path = path
+        self.upper_kinds = upper_kinds
+        self.upper_wh = upper_wh
+        self.upper_opaque = upper_opaque
+        self.lower_layers = lower_layers
+        self.lower = lower
+        self.size = 0
+        """What the directory counts in the lookup cache's bound (set by the cache)."""
+        self.lower_paths: dict[int, str] = {} if lower_paths is None else lower_paths
+        self.attrs_held = 0
+        """How many of ``lower``'s entries hold an ``attr`` (counted by the lookup cache, which sets them)."""
+
+    def __repr__(self) -> str:
+        return (f"DirState(path={self.path!r}, upper={self.upper_kinds!r}, upper_wh={self.upper_wh!r}, "
+                f"upper_opaque={self.upper_opaque}, lower_layers={self.lower_layers}, lower={len(self.lower)} names)")
 
     def lower_path(self, layer: int, name: str) -> str:
         """The path of child ``name``'s copy in lower layer ``layer`` (one of ``lower_layers``)."""

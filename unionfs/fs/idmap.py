@@ -11,7 +11,6 @@ for ``squash_to_root``) and leaves what is stored unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 OVERFLOW_ID = 65534
@@ -40,8 +39,7 @@ def _to_stored(ranges: Sequence[IdRange], shown: int) -> int:
     return OVERFLOW_ID
 
 
-@dataclass(frozen=True)
-class IdMap:
+class IdMap(NamedTuple):
     """``uids``/``gids``: mapping ranges (empty: ids pass unchanged); ``squash_uid``/``squash_gid``: the one
     owner every object is shown with (None: no squashing)."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from unionfs.fs.fsio import HostDir, resolve_root
 
@@ -21,27 +20,37 @@ class LayerError(ValueError):
     """A layer configuration that cannot be mounted; the message is one line meant for the user."""
 
 
-@dataclass(eq=False)
 class Layer:
     """One directory of the stack.  ``index`` is its position top-down (0 = upper when writable)."""
 
-    index: int
-    host: HostDir
-    writable: bool
+    __slots__ = ("host", "index", "writable")
+
+    def __init__(self, index: int, host: HostDir, writable: bool) -> None:
+        self.index = index
+        self.host = host
+        self.writable = writable
+
+    def __repr__(self) -> str:
+        return f"Layer(index={self.index}, path={self.path!r}, writable={self.writable})"
 
     @property
     def path(self) -> str:
         return self.host.path
 
 
-@dataclass(eq=False)
 class LayerStack:
     """The upper (optional), the lowers (at least one) and the work dir, all opened and validated."""
 
-    lowers: list[Layer]
-    upper: Layer | None = None
-    work: HostDir | None = None
-    _lock_fd: int = field(default=-1, repr=False)
+    __slots__ = ("_lock_fd", "lowers", "upper", "work")
+
+    def __init__(self, lowers: list[Layer], upper: Layer | None = None, work: HostDir | None = None) -> None:
+        self.lowers = lowers
+        self.upper = upper
+        self.work = work
+        self._lock_fd = -1
+
+    def __repr__(self) -> str:
+        return f"LayerStack(lowers={self.lowers!r}, upper={self.upper!r}, work={self.work!r})"
 
     @property
     def layers(self) -> list[Layer]:

@@ -23,25 +23,30 @@ What the kernel's overlayfs does that this reproduces (checked on 6.18):
 from __future__ import annotations
 
 import stat as stat_mod
-from dataclasses import dataclass
 
 from unionfs.fs.fsio import Pinned
 
 
-@dataclass(slots=True, eq=False)
 class Orphan:
     """An object of the union held after its name is gone (see the module docstring)."""
 
-    pinned: Pinned
-    path: str
-    """The union path it had when it was pinned (for the names of a hard link it still has)."""
-    ino: int
-    """The ``st_ino`` the union showed for it."""
-    on_upper: bool
-    kind: int
-    """Its ``S_IFMT`` bits."""
-    nlink: int | None = None
-    """Shown instead of the host's link count (a merged directory: 1), else None."""
+    __slots__ = ("ino", "kind", "nlink", "on_upper", "path", "pinned")
+
+    def __init__(self, pinned: Pinned, path: str, ino: int, on_upper: bool, kind: int,
+                 nlink: int | None = None) -> None:
+        self.pinned = pinned
+        self.path = path
+        """The union path it had when it was pinned (for the names of a hard link it still has)."""
+        self.ino = ino
+        """The ``st_ino`` the union showed for it."""
+        self.on_upper = on_upper
+        self.kind = kind
+        """Its ``S_IFMT`` bits."""
+        self.nlink = nlink
+        """Shown instead of the host's link count (a merged directory: 1), else None."""
+
+    def __repr__(self) -> str:
+        return f"Orphan(path={self.path!r}, ino={self.ino}, on_upper={self.on_upper}, kind={self.kind:o})"
 
     @property
     def is_dir(self) -> bool:

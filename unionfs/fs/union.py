@@ -21,7 +21,6 @@ import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from unionfs.fs import copyup
@@ -52,6 +51,7 @@ from unionfs.fs.whiteout import (
     REDIRECT_MAX,
     WH_PREFIX,
     WhiteoutFormat,
+    dir_is_opaque,
     dir_redirect,
     xattr_from_host,
     xattr_to_host,
@@ -68,15 +68,20 @@ rename with EXDEV (``off`` is ``follow`` as in the kernel built with ``redirect_
 ``nofollow`` follows none (a lookup that would is EPERM) and renames none."""
 
 
-@dataclass(slots=True)
 class Handle:
     """An open file of the union: the host descriptor, the union path it was opened as, and its st_ino."""
 
-    fd: int
-    path: str
-    ino: int
-    on_upper: bool
-    flags: int = os.O_RDONLY
+    __slots__ = ("fd", "flags", "ino", "on_upper", "path")
+
+    def __init__(self, fd: int, path: str, ino: int, on_upper: bool, flags: int = os.O_RDONLY) -> None:
+        self.fd = fd
+        self.path = path
+        self.ino = ino
+        self.on_upper = on_upper
+        self.flags = flags
+
+    def __repr__(self) -> str:
+        return f"Handle(fd={self.fd}, path={self.path!r}, ino={self.ino}, on_upper={self.on_upper})"
 
 
 def _mutating(fn: _F) -> _F:
@@ -350,6 +355,11 @@ class UnionFS:
 
     def _merged(self, path: str) -> bool:
         """Is directory ``path`` merged from several layers?  The kernel then reports st_nlink 1."""
+        if path == "" and self.cache.peek_dir(path) is None:
+            # the root is in every layer and has no redirect: merged unless its top copy is opaque or alone
+            # (asked by the first stat of a new mount: no scan of every layer's root on the way to ready)
+            layers = self.stack.layers
+            return len(layers) > 1 and not dir_is_opaque(layers[0].host, "")
         state = self.resolver.dir_state(path)
         if state is None:
             return False

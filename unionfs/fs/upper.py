@@ -16,7 +16,7 @@ import errno
 import os
 import stat as stat_mod
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from unionfs.fs import acl, copyup
 from unionfs.fs.cache import LookupCache
@@ -31,8 +31,7 @@ from unionfs.fs.whiteout import REDIRECT_XATTRS, WhiteoutFormat, WhiteoutWriter,
 S_IFDIR = stat_mod.S_IFDIR
 
 
-@dataclass(frozen=True, slots=True)
-class UpperFormat:
+class UpperFormat(NamedTuple):
     """What a mount decided about its upper dir: the whiteout writer and the name of the origin xattr."""
 
     writer: WhiteoutWriter

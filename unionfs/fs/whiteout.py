@@ -20,7 +20,6 @@ import functools
 import os
 import stat as stat_mod
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import Enum
 
 from unionfs.fs.fsio import HostDir, join
@@ -135,7 +134,6 @@ def write_opaque_xattr(setxattr: Callable[[str, bytes], None], attr: str = KERNE
     return attr
 
 
-@dataclass(slots=True)
 class LayerDir:
     """One layer's copy of one directory, as far as the union cares.
 
@@ -144,10 +142,17 @@ class LayerDir:
     hides in the layers below; ``opaque`` hides every layer below entirely.
     """
 
-    entries: dict[str, int] = field(default_factory=dict)
-    inos: dict[str, int] = field(default_factory=dict)
-    whiteouts: set[str] = field(default_factory=set)
-    opaque: bool = False
+    __slots__ = ("entries", "inos", "opaque", "whiteouts")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, int] = {}
+        self.inos: dict[str, int] = {}
+        self.whiteouts: set[str] = set()
+        self.opaque = False
+
+    def __repr__(self) -> str:
+        return (f"LayerDir(entries={self.entries!r}, inos={self.inos!r}, whiteouts={self.whiteouts!r}, "
+                f"opaque={self.opaque!r})")
 
 
 def dir_opaque_value(host: HostDir, rel: str) -> bytes | None:
@@ -157,6 +162,12 @@ def dir_opaque_value(host: HostDir, rel: str) -> bytes | None:
         if value is not None:
             return value
     return None
+
+
+def dir_is_opaque(host: HostDir, rel: str) -> bool:
+    """Is directory ``rel`` of a layer opaque (an opaque xattr ``y`` or a ``.wh..wh..opq`` inside), as
+    :func:`read_layer_dir` would find, without reading the directory?"""
+    return dir_marks(dir_opaque_value(host, rel))[0] or host.try_lstat(join(rel, OPAQUE_MARKER)) is not None
 
 
 def dir_redirect(host: HostDir, rel: str) -> str | None:
