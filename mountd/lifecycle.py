@@ -352,6 +352,7 @@ def _serve_lowlevel(config: MountConfig, fs: UnionFS, readiness: _Readiness) -> 
     settings = frontend.settings_from(kwargs, writeback_cache=config.writeback_cache,
                                       readdirplus=config.readdirplus, posix_acl=posix_acl,
                                       passthrough=config.passthrough, spin=config.spin,
+                                      dir_cache=config.dir_cache,
                                       max_stack_depth=frontend.stack_depth([layer.host.fd
                                                                             for layer in fs.stack.layers]))
     log.debug("FUSE options: %s", kwargs)

@@ -205,6 +205,7 @@ class MountConfig(NamedTuple):
     """``-o index=``: hard links kept together across copy-up (a NamedTuple cannot name a field ``index``)."""
     frontend: Frontend | None = None
     passthrough: PassthroughMode = "on"
+    dir_cache: bool = True
     spin: Spin = "auto"
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
@@ -293,10 +294,10 @@ def _escape(value: FuseValue) -> FuseValue:
 class _Parsed:
     """The mutable state of one parse; frozen into a :class:`MountConfig` at the end."""
 
-    __slots__ = ("acl", "cache_entries", "debug", "foreground", "frontend", "fuse", "gid_mappings", "ignored", "index",
-                 "lowers", "passthrough", "positionals", "readdirplus", "redirect_dir", "ro", "single_threaded", "spin",
-                 "squash_to_gid", "squash_to_root", "squash_to_uid", "uid_mappings", "upper", "volatile", "whiteout",
-                 "work", "writeback_cache")
+    __slots__ = ("acl", "cache_entries", "debug", "dir_cache", "foreground", "frontend", "fuse", "gid_mappings",
+                 "ignored", "index", "lowers", "passthrough", "positionals", "readdirplus", "redirect_dir", "ro",
+                 "single_threaded", "spin", "squash_to_gid", "squash_to_root", "squash_to_uid", "uid_mappings", "upper",
+                 "volatile", "whiteout", "work", "writeback_cache")
 
     def __init__(self) -> None:
         self.positionals: list[str] = []
@@ -317,6 +318,7 @@ class _Parsed:
         self.index: Index = "off"
         self.frontend: Frontend | None = None
         self.passthrough: PassthroughMode = "on"
+        self.dir_cache: bool = True
         self.spin: Spin = "auto"
         self.uid_mappings: tuple[IdRange, ...] = ()
         self.gid_mappings: tuple[IdRange, ...] = ()
@@ -567,6 +569,16 @@ def _opt_passthrough(state: _Parsed, raw: str | None) -> None:
     state.passthrough = _choice("passthrough", raw, PASSTHROUGH_MODES)
 
 
+def _opt_dir_cache(state: _Parsed, raw: str | None) -> None:
+    """Directory listings kept in the kernel's page cache (protocol frontend): no OPENDIR/RELEASEDIR
+    requests, and a listing read again costs nothing until something changes it; ``dir_cache=off`` (or 0)
+    switches it off."""
+    value = unescape(_need("dir_cache", raw))
+    if value not in ("on", "off", "1", "0"):
+        raise OptionError(f"dir_cache={value}: expected on or off")
+    state.dir_cache = value in ("on", "1")
+
+
 def _opt_spin(state: _Parsed, raw: str | None) -> None:
     """Whether the protocol frontend's reader keeps reading the device for a short while after a request
     before it sleeps: ``auto`` (while a CPU is free for it), ``on`` or ``off``."""
@@ -622,6 +634,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_Parsed, str | None], None]]] = Map
     "timeout": _opt_timeout,
     "frontend": _opt_frontend,
     "passthrough": _opt_passthrough,
+    "dir_cache": _opt_dir_cache,
     "spin": _opt_spin,
     "uidmapping": _opt_uidmapping,
     "gidmapping": _opt_gidmapping,
@@ -736,6 +749,7 @@ def _freeze(state: _Parsed, cwd: str) -> MountConfig:
         inode_index=state.index,
         frontend=state.frontend,
         passthrough=state.passthrough,
+        dir_cache=state.dir_cache,
         spin=state.spin,
         uid_mappings=state.uid_mappings,
         gid_mappings=state.gid_mappings,
@@ -793,6 +807,7 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
                      high-level API (default: $UNIONFS_FRONTEND, else lowlevel)
   passthrough=on|all|off file data straight to the backing file (lowlevel frontend, root, kernel 6.9+);
                      all: lower files of a writable mount too
+  dir_cache=on|off   directory listings cached by the kernel until they change (lowlevel frontend; on by default)
   spin=auto|on|off   the lowlevel reader polls the device briefly after each request (auto: while a CPU is free)
   timeout=SECONDS    kernel cache time for entries and attributes (sets the three *_timeout options)
   threaded=0|1, debug

@@ -40,7 +40,8 @@ class MountService:
         if mountpoint is not None:
             self.control = ControlServer(mountpoint, {"stats": self._stats, "info": self._info},
                                          pause=lambda: fs.pause(PAUSE_TIMEOUT), resume=fs.resume)
-        self._invalidations: queue.SimpleQueue[str | None] | None = None
+        self._invalidations: queue.SimpleQueue[Any] | None = None
+        self._stop_invalidator: object = None
         self._unsent = 0
         """Invalidations queued and not yet sent to the kernel (under :attr:`_sent`)."""
         self._sent = threading.Condition()
@@ -76,14 +77,22 @@ class MountService:
         return handle
 
     # -- invalidations ----------------------------------------------------------------------------------
-    def start_invalidator(self, invalidate: Callable[[str], None]) -> None:
-        """Send the core's kernel cache invalidations (other names of a hard-linked file) through
-        ``invalidate(union path)`` from a thread of their own, after the request that caused them: sent from
-        inside it, one could wait on a lock held by a request that waits for the daemon."""
-        pending: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    def start_invalidator(self, invalidate: Callable[[Any], None],
+                          resolve: Callable[[str], Any] | None = None) -> None:
+        """Send the core's kernel cache invalidations (other names of a hard-linked file, a copied-up object,
+        a directory whose listing changed) through ``invalidate(key)`` from a thread of their own, after the
+        request that caused them: sent from inside it, one could wait on a lock held by a request that waits
+        for the daemon.
+
+        ``key`` is the union path, or what ``resolve(union path)`` made of it when the core told it (None:
+        nothing to invalidate): a frontend whose names move (a rename's node moves after the core renamed)
+        resolves the name the kernel knows at that moment, not whatever holds it once the thread runs."""
+        pending: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        stop = object()
+        self._stop_invalidator = stop
 
         def run() -> None:
-            while (rel := pending.get()) is not None:
+            while (rel := pending.get()) is not stop:
                 try:
                     invalidate(rel)
                 except Exception:  # a failed invalidation leaves a cache to expire: never the thread's end
@@ -94,9 +103,12 @@ class MountService:
                         self._sent.notify_all()
 
         def post(rel: str) -> None:
+            key = rel if resolve is None else resolve(rel)
+            if key is None:
+                return
             with self._sent:
                 self._unsent += 1
-            pending.put(rel)
+            pending.put(key)
 
         threading.Thread(target=run, name="unionfs-invalidate", daemon=True).start()
         self._invalidations = pending
@@ -130,7 +142,7 @@ class MountService:
         if self.control is not None:
             self.control.stop()
         if self._invalidations is not None:
-            self._invalidations.put(None)
+            self._invalidations.put(self._stop_invalidator)
             self._invalidations = None
         for handle in list(self.handles.values()):
             self.fs.release(handle)

@@ -10,6 +10,7 @@ Node ids exist only here and in :mod:`mountd.lowlevel.nodes`; the core is called
 
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
 import os
@@ -37,6 +38,9 @@ _clock = time.perf_counter_ns
 FMODE_EXEC = 0x20
 _PLUS_CHUNK = 16
 """Entries whose attributes a READDIRPLUS reply reads at a time (about what one reply holds)."""
+KEPT_NODE_LISTINGS = 64
+"""Listings of directories read without a handle (fh 0: no OPENDIR) kept between a READDIR at offset 0 and
+the one that reaches the end; a reader that stops half-way leaves one, and the oldest go beyond this bound."""
 
 QUICK_OPCODES = frozenset({
     abi.LOOKUP, abi.GETATTR, abi.GETXATTR, abi.LISTXATTR, abi.READLINK, abi.STATFS, abi.ACCESS, abi.FORGET,
@@ -83,8 +87,56 @@ class Settings(NamedTuple):
     passthrough: str = "off"
     """on, all or off (``-o passthrough=``; see :class:`Passthrough`)."""
     max_stack_depth: int = 1
+    dir_cache: bool = True
+    """Directory listings kept in the kernel's page cache (``dir_cache=``): NO_OPENDIR_SUPPORT where the kernel
+    offers it (OPENDIR answers ENOSYS, every opendir then costs no request and caches), else FOPEN_CACHE_DIR in
+    the OPENDIR reply."""
     spin: str = "auto"
     """The reader's polling after a request: "auto", "on" or "off" (:class:`mountd.lowlevel.session.Session`)."""
+
+
+Entry = tuple[str, bytes, int, int, int]
+"""One entry of a listing: name, encoded name, type bits, st_ino, its offset."""
+_FIRST_OFFSET = 3
+"""The offsets of names start here: "." is 1, ".." is 2 (an offset is that of the entry *after* which a
+reader resumes; 0 is the start)."""
+_OFFSET_MASK = (1 << 62) - 1
+
+
+class Listing(NamedTuple):
+    """A directory's entries in offset order ("." and ".." first), with their offsets."""
+
+    entries: list[Entry]
+    offsets: list[int]
+
+    def start(self, offset: int) -> int:
+        """The index of the first entry after ``offset``."""
+        return bisect.bisect_right(self.offsets, offset)
+
+
+EMPTY_LISTING = Listing([], [])
+
+
+def _listing_of(ino: int, children: list[tuple[str, int, int]]) -> Listing:
+    """The listing of a directory (``st_ino`` ``ino``) with ``children`` as ``(name, type bits, st_ino)``.
+
+    An entry's offset is a hash of its name (as ext4's hashed directories do), and the entries are in offset
+    order: a reader resumes after the same name in any listing of the directory, also when names were added
+    or removed since it began, or when its listing is another reader's (no OPENDIR: readers of one node share
+    listings, and the kernel's cached listing is shared by all of them).  Python's hash is fixed for the life
+    of the daemon, which is as long as an offset has to mean something.  The rare collision takes the next
+    free offset."""
+    keyed = sorted((_FIRST_OFFSET + (hash(encoded) & _OFFSET_MASK), encoded, name, kind, child_ino)
+                   for name, kind, child_ino in children for encoded in (os.fsencode(name),))
+    entries: list[Entry] = [(".", b".", stat_mod.S_IFDIR, ino, 1), ("..", b"..", stat_mod.S_IFDIR, 1, 2)]
+    offsets = [1, 2]
+    last = 2
+    for off, encoded, name, kind, child_ino in keyed:
+        off = max(off, last + 1)
+        entries.append((name, encoded, kind, child_ino, off))
+        offsets.append(off)
+        last = off
+    return Listing(entries, offsets)
 
 
 def _name(body: bytes, start: int = 0) -> tuple[str, int]:
@@ -109,7 +161,10 @@ class Dispatcher:
         self._attr_valid = abi.split_seconds(settings.attr_timeout)
         self._negative_valid = abi.split_seconds(settings.negative_timeout)
         self._dir_handles = itertools.count(1)
-        self._listings: dict[int, list[tuple[str, bytes, int, int]]] = {}
+        self._listings: dict[int, Listing] = {}
+        """Listings being read, by directory handle (from OPENDIR)."""
+        self._node_listings: dict[int, Listing] = {}
+        """Listings being read without a handle (no OPENDIR: fh 0), by node, shared by its readers."""
         self._listings_lock = threading.Lock()
         self._fh_nodes: dict[int, tuple[int, bool | None]] = {}
         """Open file -> (its node, whether it has a passthrough backing; None: not a regular file)."""
@@ -306,13 +361,29 @@ class Dispatcher:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         return orphan
 
+    def _attr_valid_for(self, attrs: Attr, nlink: int | None = None) -> tuple[int, int]:
+        """How long the kernel may keep ``attrs``: the mount's attribute timeout, but not at all for a file of
+        several links.  Its names are nodes of their own, and a change through one name that the daemon does
+        not see (a write passed through to the backing file) would leave the others' attributes stale: a
+        listing kept by the kernel no longer refreshes them with every READDIRPLUS."""
+        links = attrs.st_nlink if nlink is None else nlink
+        if links > 1 and not stat_mod.S_ISDIR(attrs.st_mode):
+            return 0, 0
+        return self._attr_valid
+
     def _entry(self, nodeid: int, attrs: Attr) -> bytes:
         ev, evn = self._entry_valid
-        av, avn = self._attr_valid
+        av, avn = self._attr_valid_for(attrs)
         return abi.ENTRY_OUT_HEAD.pack(nodeid, 0, ev, av, evn, avn) + abi.pack_attr(attrs)
 
-    def _attr_out(self, attrs: Attr, *, nlink: int | None = None) -> bytes:
-        av, avn = self._attr_valid
+    def _attr_out(self, attrs: Attr, *, nlink: int | None = None, nodeid: int | None = None) -> bytes:
+        """The ``fuse_attr_out`` of ``attrs`` (of node ``nodeid``, if given: one whose name is gone gets them
+        with no timeout, since a change through another name of its object, or a new name given to it, is
+        reported by path and cannot reach it)."""
+        if nodeid is not None and self.nodes.path(nodeid) is None:
+            av, avn = 0, 0
+        else:
+            av, avn = self._attr_valid_for(attrs, nlink)
         return abi.ATTR_OUT_HEAD.pack(av, avn, 0) + abi.pack_attr(attrs, nlink=nlink)
 
     def _new_entry(self, parent: int, name: str, path: str) -> bytes:
@@ -367,6 +438,8 @@ class Dispatcher:
             wanted |= abi.WRITEBACK_CACHE
         if settings.posix_acl:
             wanted |= abi.POSIX_ACL | abi.DONT_MASK
+        if settings.dir_cache:
+            wanted |= abi.NO_OPENDIR_SUPPORT
         if self.passthrough.enabled and not settings.writeback_cache:
             wanted |= abi.PASSTHROUGH  # the kernel drops it silently next to the writeback cache
         return wanted
@@ -439,7 +512,7 @@ class Dispatcher:
 
     def op_getattr(self, request: Request) -> bytes:
         attrs, nlink = self._attrs_of(request.nodeid)
-        return self._attr_out(attrs, nlink=nlink)
+        return self._attr_out(attrs, nlink=nlink, nodeid=request.nodeid)
 
     def op_setattr(self, request: Request) -> bytes:
         (valid, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid, gid,
@@ -488,7 +561,7 @@ class Dispatcher:
                 # chown(f, -1, -1) and the like: the kernel's overlayfs copies up on every setattr
                 self.fs.chown(path, -1, -1)
         attrs, nlink = self._attrs_of(request.nodeid)
-        return self._attr_out(attrs, nlink=nlink)
+        return self._attr_out(attrs, nlink=nlink, nodeid=request.nodeid)
 
     def _setattr_gone(self, nodeid: int, handle: Handle | None, valid: int, mode: int, uid: int, gid: int,
                       size: int, a_ns: int | None, m_ns: int | None) -> None:
@@ -519,7 +592,9 @@ class Dispatcher:
             os.utime(fd, ns=(pick(a_ns, st.st_atime_ns), pick(m_ns, st.st_mtime_ns)))
 
     def op_readlink(self, request: Request) -> bytes:
-        return os.fsencode(self.fs.readlink(self._path(request.nodeid)))
+        orphan = self._orphan_or_path(request.nodeid)
+        target = self.fs.orphan_readlink(orphan) if isinstance(orphan, Orphan) else self.fs.readlink(orphan)
+        return os.fsencode(target)
 
     def op_statfs(self, request: Request) -> bytes:
         sv = self.fs.statfs()
@@ -528,7 +603,11 @@ class Dispatcher:
 
     def op_access(self, request: Request) -> None:
         mask, _ = abi.ACCESS_IN.unpack_from(request.body, 0)
-        self.fs.access(self._path(request.nodeid), mask)
+        orphan = self._orphan_or_path(request.nodeid)
+        if isinstance(orphan, Orphan):
+            self.fs.orphan_access(orphan, mask)
+        else:
+            self.fs.access(orphan, mask)
 
     # -- xattrs -----------------------------------------------------------------------------------------------
     def op_getxattr(self, request: Request) -> bytes | int:
@@ -600,9 +679,12 @@ class Dispatcher:
     def op_link(self, request: Request) -> bytes:
         (old,) = abi.LINK_IN.unpack_from(request.body, 0)
         name, _ = _name(request.body, abi.LINK_IN.size)
-        src = self._path(old)
+        src = self._orphan_or_path(old)
         path = self.nodes.child_path(request.nodeid, name)
-        self.fs.link(src, path)
+        if isinstance(src, Orphan):
+            self.fs.orphan_link(src, path)  # linkat of /proc/self/fd of a descriptor whose name is gone
+        else:
+            self.fs.link(src, path)
         return self._new_entry(request.nodeid, name, path)
 
     def _pin(self, parent: int, name: str, path: str) -> Orphan | None:
@@ -771,58 +853,84 @@ class Dispatcher:
         return None
 
     # -- directories --------------------------------------------------------------------------------------------
-    def op_opendir(self, request: Request) -> bytes:
+    @property
+    def no_opendir(self) -> bool:
+        """Does the kernel open directories without OPENDIR (NO_OPENDIR_SUPPORT negotiated)?"""
+        return self.negotiated is not None and bool(self.negotiated.flags & abi.NO_OPENDIR_SUPPORT)
+
+    def op_opendir(self, request: Request) -> bytes | int:
+        if self.no_opendir:
+            # the kernel stops asking: every later opendir costs no request and keeps the listing in the
+            # directory's page cache (FOPEN_KEEP_CACHE|FOPEN_CACHE_DIR, fh 0) until an invalidation
+            return errno.ENOSYS
         self._orphan_or_path(request.nodeid)  # ENOENT for a directory whose name is gone, unless kept
         fh = next(self._dir_handles)
-        return abi.OPEN_OUT.pack(fh, 0, 0)
+        flags = abi.FOPEN_KEEP_CACHE | abi.FOPEN_CACHE_DIR if self.settings.dir_cache else 0
+        return abi.OPEN_OUT.pack(fh, flags, 0)
 
     def op_releasedir(self, request: Request) -> None:
         fh, _, _, _ = abi.RELEASE_IN.unpack_from(request.body, 0)
         with self._listings_lock:
             self._listings.pop(fh, None)
 
-    def _listing(self, nodeid: int, fh: int, offset: int) -> list[tuple[str, bytes, int, int]]:
-        """The entries of an open directory as ``(name, encoded name, type bits, st_ino)``, "." and ".."
-        first; taken at offset 0 and kept for the later offsets of the same handle."""
+    def _listing(self, nodeid: int, fh: int, offset: int) -> Listing:
+        """The listing of an open directory: taken at offset 0 and kept for the later offsets of the same
+        handle.
+
+        Without OPENDIR (fh 0) the readers of one node share one listing: taken anew at offset 0, dropped
+        when a reader reaches its end (:meth:`_listing_done`), at most :data:`KEPT_NODE_LISTINGS` kept.  A
+        later offset that finds none takes the listing again.  Offsets belong to names, not to positions
+        (:func:`_listing_of`), so a reader resumes right in any listing of the directory."""
+        kept, key = (self._listings, fh) if fh else (self._node_listings, nodeid)
         with self._listings_lock:
-            entries = self._listings.get(fh) if offset else None
-        if entries is None:
+            listing = kept.get(key) if offset else None
+        if listing is None:
             path = self.nodes.path(nodeid)
             if path is None:
                 if self._orphan(nodeid) is None:
                     raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
-                return []  # a removed directory lists nothing, as on the kernel's overlayfs
-            ino = self.fs.getattr(path).st_ino
-            entries = [(".", b".", stat_mod.S_IFDIR, ino), ("..", b"..", stat_mod.S_IFDIR, 1)]
-            entries.extend((name, os.fsencode(name), kind, child_ino)
-                           for name, kind, child_ino in self.fs.readdir(path))
+                return EMPTY_LISTING  # a removed directory lists nothing, as on the kernel's overlayfs
+            listing = _listing_of(self.fs.getattr(path).st_ino, self.fs.readdir(path))
             with self._listings_lock:
-                self._listings[fh] = entries
-        return entries
+                kept.pop(key, None)  # re-inserted last: the oldest one goes first
+                kept[key] = listing
+                if len(self._node_listings) > KEPT_NODE_LISTINGS:
+                    del self._node_listings[next(iter(self._node_listings))]
+        return listing
+
+    def _listing_done(self, nodeid: int, fh: int, start: int, listing: Listing) -> None:
+        """A handle-less reader asked past the end of ``listing``: the listing it shared is let go."""
+        if fh == 0 and start >= len(listing.entries):
+            with self._listings_lock:
+                if self._node_listings.get(nodeid) is listing:
+                    del self._node_listings[nodeid]
 
     def op_readdir(self, request: Request) -> bytes:
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
-        entries = self._listing(request.nodeid, fh, offset)
+        listing = self._listing(request.nodeid, fh, offset)
+        start = listing.start(offset)
+        self._listing_done(request.nodeid, fh, start, listing)
         out: list[bytes] = []
         used = 0
-        for index in range(offset, len(entries)):
-            _, encoded, kind, ino = entries[index]
+        for _, encoded, kind, ino, off in itertools.islice(listing.entries, start, None):
             need = abi.dirent_size(encoded)
             if used + need > size:
                 break
-            out.append(abi.dirent(ino, index + 1, kind, encoded))
+            out.append(abi.dirent(ino, off, kind, encoded))
             used += need
         return b"".join(out)
 
     def op_readdirplus(self, request: Request) -> bytes:
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack_from(request.body, 0)
-        entries = self._listing(request.nodeid, fh, offset)
+        listing = self._listing(request.nodeid, fh, offset)
+        index = listing.start(offset)
+        self._listing_done(request.nodeid, fh, index, listing)
+        entries = listing.entries
         out: list[bytes] = []
         used = 0
         if not entries:
             return b""
         path = self._path(request.nodeid)
-        index = offset
         zero_entry = bytes(abi.ENTRY_OUT_SIZE)
         while index < len(entries):
             end = min(index + _PLUS_CHUNK, len(entries))
@@ -832,21 +940,19 @@ class Dispatcher:
             except OSError:  # the directory itself is gone since the listing was taken
                 found = iter([None] * len(names))
             for i in range(index, end):
-                name, encoded, kind, ino = entries[i]
+                name, encoded, kind, ino, off = entries[i]
                 need = abi.DIRENTPLUS_HEAD_SIZE + ((len(encoded) + 7) & ~7)
                 if used + need > size:
                     return b"".join(out)
                 if i < 2:
-                    out.append(zero_entry + abi.dirent(ino, i + 1, kind, encoded))
+                    out.append(zero_entry + abi.dirent(ino, off, kind, encoded))
                     used += need
                     continue
                 attrs = next(found)
                 if attrs is None:
                     continue  # gone since the listing was taken
                 nodeid = self.nodes.remember(request.nodeid, name)
-                out.append(self._entry(nodeid, attrs) + abi.dirent(attrs.st_ino, i + 1, attrs.st_mode,
-                                                                    encoded))
+                out.append(self._entry(nodeid, attrs) + abi.dirent(attrs.st_ino, off, attrs.st_mode, encoded))
                 used += need
             index = end
         return b"".join(out)
-

@@ -36,7 +36,7 @@ class FrontendError(Exception):
 
 def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, readdirplus: str,
                   posix_acl: bool, passthrough: str = "off", max_stack_depth: int = 1,
-                  spin: str = "auto") -> Settings:
+                  spin: str = "auto", dir_cache: bool = True) -> Settings:
     """The protocol settings for the FUSE options of a mount (``fuse_kwargs``)."""
     def seconds(name: str) -> float:
         value = kwargs.get(name, 0)
@@ -46,7 +46,8 @@ def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, rea
                     negative_timeout=seconds("negative_timeout"), kernel_cache=bool(kwargs.get("kernel_cache")),
                     direct_io=bool(kwargs.get("direct_io")), writeback_cache=writeback_cache,
                     readdirplus=readdirplus, posix_acl=posix_acl, max_write=MAX_WRITE,
-                    passthrough=passthrough, max_stack_depth=max_stack_depth, spin=spin)
+                    passthrough=passthrough, max_stack_depth=max_stack_depth, spin=spin,
+                    dir_cache=dir_cache)
 
 
 def mount_request(mountpoint: str, kwargs: Mapping[str, FuseValue]) -> devmount.MountRequest:
@@ -94,7 +95,7 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
         if started:
             return
         started.append(True)
-        service.start_invalidator(lambda rel: _invalidate(session, dispatcher, rel))
+        service.start_invalidator(lambda nodeid: _invalidate(session, nodeid), resolve=dispatcher.nodes.find_path)
         try:
             service.start_control()
         except OSError:
@@ -154,11 +155,8 @@ def serve(fs: UnionFS, *, mountpoint: str, kwargs: Mapping[str, FuseValue], sett
         os.close(fd)
 
 
-def _invalidate(session: Session, dispatcher: Dispatcher, rel: str) -> None:
-    """Drop what the kernel caches of union path ``rel`` (attributes and data), if it holds that name."""
-    nodeid = dispatcher.nodes.find_path(rel)
-    if nodeid is None:
-        return
+def _invalidate(session: Session, nodeid: int) -> None:
+    """Drop what the kernel caches of node ``nodeid`` (attributes and data; a directory's cached listing)."""
     try:
         session.notify(abi.NOTIFY_INVAL_INODE, abi.NOTIFY_INVAL_INODE_OUT.pack(nodeid, 0, 0))
     except OSError as exc:

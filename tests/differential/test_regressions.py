@@ -23,7 +23,7 @@ from support.differential import Catalog, Recorder, Scenario, assert_same_as_ker
 from support.layers import WHITEOUT, Dir, File, Hardlink, Symlink
 from support.mounts import frontend
 from support.scratch import private_tmpfs
-from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, link_descriptor, renameat2
 
 CASES = Catalog()
 FILESYSTEMS = ("disk", "tmpfs")
@@ -264,6 +264,75 @@ def rename_onto_one_name_of_a_hard_link_updates_the_other_name(r: Recorder) -> N
     r.value("b: links, ctime moved", _links_and_ctime_moved, "b", before)
     r.read("read a", "a")
     r.read("read b", "b")
+
+
+@CASES.scenario({"low": "lower linked\n", "low2": Hardlink("low")})
+def link_and_unlink_of_one_name_update_the_other_names(r: Recorder) -> None:
+    """link(2) adding a name to a hard-linked file and unlink(2) of one of its names: the other names, whose
+    attributes the kernel caches, show the new link count and ctime at once; the listings too."""
+    r.write("create a", "a", b"linked\n")
+    r.call("link a b", os.link, "a", "b")
+    r.listdir("ls . (cached)")
+    r.stat("stat b (2 links)", "b")
+    before = os.lstat("b")
+    time.sleep(0.02)
+    r.call("link a c", os.link, "a", "c")
+    r.value("b after link a c: links, ctime moved", _links_and_ctime_moved, "b", before)
+    r.listdir("ls . after link")
+    before = os.lstat("b")
+    time.sleep(0.02)
+    r.call("unlink c", os.unlink, "c")
+    r.value("b after unlink c: links, ctime moved", _links_and_ctime_moved, "b", before)
+    r.call("unlink a", os.unlink, "a")
+    r.value("b after unlink a: links, ctime moved", _links_and_ctime_moved, "b", before)
+    r.listdir("ls . after unlinks")
+    r.stat("stat low2 (lower, 2 links)", "low2")
+    r.call("link low low3 (copies low up)", os.link, "low", "low3")
+    r.stat("stat low2 after the copy-up", "low2")
+    r.stat("stat low3", "low3")
+    r.listdir("ls . at the end")
+
+
+def _readlink_fd(fd: int) -> str:
+    return os.readlink("", dir_fd=fd)  # readlinkat(fd, ""): the symlink the O_PATH descriptor holds
+
+
+@known_divergence(NAMELESS, frontends=("fusepy",))
+@CASES.scenario({"lowlink": Symlink("lower target"), "low": "lower\n", "lowx": "lower linked\n",
+                 "lowy": Hardlink("lowx")})
+def link_readlink_and_access_of_nodes_whose_name_is_gone(r: Recorder) -> None:
+    """readlink of a symlink held by an O_PATH descriptor after its name went (an upper and a lower one),
+    linkat(fd, "", AT_EMPTY_PATH) of files whose name is gone (a new file, nlink 0; a lower file opened
+    read-only; one name of an upper and of a lower hard link, which still have a link), access(2) through
+    them, and of a removed directory."""
+    r.call("symlink uplink", os.symlink, "upper target", "uplink")
+    r.call("mkdir updir", os.mkdir, "updir")
+    r.write("create a", "a", b"linked\n")
+    r.call("link a b", os.link, "a", "b")
+    fds = {"uplink": os.open("uplink", os.O_PATH | os.O_NOFOLLOW),
+           "lowlink": os.open("lowlink", os.O_PATH | os.O_NOFOLLOW),
+           "new": os.open("new", os.O_RDWR | os.O_CREAT, 0o644), "low": os.open("low", os.O_RDONLY),
+           "a": os.open("a", os.O_RDWR), "lowx": os.open("lowx", os.O_RDONLY),
+           "updir": os.open("updir", os.O_RDONLY | os.O_DIRECTORY)}
+    try:
+        for name in ("uplink", "lowlink", "new", "low", "a", "lowx"):
+            r.call(f"unlink {name}", os.unlink, name)
+        r.call("rmdir updir", os.rmdir, "updir")
+        for name in ("uplink", "lowlink"):
+            r.value(f"readlink {name}", _readlink_fd, fds[name])
+        for name in ("new", "low", "a", "lowx"):
+            r.call(f"linkat {name} AT_EMPTY_PATH", link_descriptor, fds[name], f"{name}.again")
+        r.value("fstat a", _fstat, fds["a"])
+        r.stat("stat b", "b")
+        r.stat("stat a.again", "a.again")
+        r.read("read a.again", "a.again")
+        for name, fd in fds.items():
+            r.value(f"access {name} R_OK", os.access, f"/proc/self/fd/{fd}", os.R_OK)
+            r.value(f"access {name} W_OK", os.access, f"/proc/self/fd/{fd}", os.W_OK)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    r.listdir("ls .")
 
 
 @CASES.scenario({"empty": "", "full": "data", "longer": "abc"})

@@ -138,3 +138,32 @@ def test_setattr_of_nothing_keeps_an_upper_orphan(union: tuple[Env, UnionFS]) ->
     assert (after.st_mode, after.st_size, after.st_mtime_ns) == (before.st_mode, before.st_size,
                                                                   before.st_mtime_ns)
     orphan.close()
+
+
+def test_readlink_link_and_access_of_orphans(union: tuple[Env, UnionFS]) -> None:
+    """A removed symlink still reads its target; a removed name of an upper hard link can be linked again
+    (the other name sees the count), one with no link left or a lower one cannot (ENOENT, the kernel's
+    answers); access answers for all of them."""
+    env, fs = union
+    fs.symlink("up target", "uplink")
+    create_file(fs, "a", b"linked")
+    fs.link("a", "b")
+    create_file(fs, "new", b"new")
+    orphans = {name: fs.pin(name) for name in ("uplink", "link", "a", "new", "low")}
+    for name in orphans:
+        fs.unlink(name)
+    got = {name: o for name, o in orphans.items() if o is not None}
+    assert sorted(got) == sorted(orphans)
+    assert fs.orphan_readlink(got["uplink"]) == "up target"
+    assert fs.orphan_readlink(got["link"]) == "low"
+    assert_errno(errno.EINVAL, fs.orphan_readlink, got["a"])
+    fs.orphan_link(got["a"], "c")
+    assert (env.upper / "c").stat().st_ino == (env.upper / "b").stat().st_ino
+    assert (fs.getattr("b").st_nlink, read_all(fs, "c")) == (2, b"linked")
+    assert_errno(errno.ENOENT, fs.orphan_link, got["new"], "n2")  # no link left
+    assert_errno(errno.ENOENT, fs.orphan_link, got["low"], "l2")  # lower: cannot be copied up any more
+    assert_errno(errno.EEXIST, fs.orphan_link, got["a"], "b")
+    assert not (env.upper / "n2").exists() and not (env.upper / "l2").exists()
+    for orphan in got.values():
+        fs.orphan_access(orphan, os.R_OK | os.W_OK)
+        orphan.close()

@@ -221,6 +221,10 @@ class Pinned:
             raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
         return os.open(self._proc, (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_CLOEXEC)
 
+    def readlink(self) -> str:
+        """The target of a pinned symlink (``readlinkat(fd, "")``; ENOENT for anything else)."""
+        return os.readlink("", dir_fd=self.fd)
+
     def chmod(self, mode: int) -> None:
         if stat_mod.S_ISLNK(os.fstat(self.fd).st_mode):
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
@@ -678,6 +682,13 @@ class HostDir:
         dp, dn = self._split(dst)
         with source.dirfd(sp) as sfd, self.dirfd(dp) as dfd:
             os.link(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+
+    def link_pinned(self, pinned: Pinned, dst: str) -> None:
+        """Hard link ``dst`` (in this tree) to the object ``pinned`` holds (through its ``/proc/self/fd``
+        magic link, which names that inode only); ENOENT for one with no link left, as linkat(2) answers."""
+        dp, dn = self._split(dst)
+        with self.dirfd(dp) as dfd:
+            os.link(pinned._proc, dn, dst_dir_fd=dfd, follow_symlinks=True)
 
     def lock_exclusive(self) -> int:
         """Take a non-blocking exclusive flock on the root; returns the descriptor that holds it (close it to

@@ -1091,6 +1091,39 @@ class UnionFS:
         """Attributes of an orphan: its host object's, with the st_ino the union showed."""
         return self._attrs(orphan.pinned.stat(), orphan.ino, orphan.nlink)
 
+    def orphan_readlink(self, orphan: Orphan) -> str:
+        """:meth:`readlink` of an orphan: the kernel's overlayfs reads the symlink it still holds."""
+        if orphan.kind != stat_mod.S_IFLNK:
+            raise _err(errno.EINVAL, orphan.path)
+        return orphan.pinned.readlink()
+
+    @_mutating
+    def orphan_link(self, orphan: Orphan, dst: str) -> None:
+        """:meth:`link` of an orphan (``linkat`` of ``/proc/self/fd`` of a descriptor whose name is gone): an
+        upper object with links left gets the new name ``dst`` (ENOENT for one with none, as linkat(2)
+        answers); a lower one answers ENOENT, as the kernel's overlayfs does (it cannot be copied up any
+        more); EPERM for a dir."""
+        if orphan.is_dir:
+            raise _err(errno.EPERM, orphan.path)
+        with self.lock:
+            parent = self._new_parent(dst)
+            if not orphan.on_upper:
+                raise _err(errno.ENOENT, orphan.path)
+            pinned = orphan.pinned
+
+            def build(host: HostDir, rel: str) -> None:
+                host.link_pinned(pinned, rel)
+
+            self._writable().place_new(dst, parent, build, orphan.kind, new_inode=False)
+            st = self._writable().dir.lstat(dst)
+            self.inodes.note_links(dst, st)
+            self.inodes.invalidate_other_names(dst, st)
+
+    def orphan_access(self, orphan: Orphan, mode: int) -> None:
+        """:meth:`access` of an orphan: it exists; EROFS for ``W_OK`` on a read-only union."""
+        if mode & os.W_OK and self.upper is None:
+            raise _err(errno.EROFS, orphan.path)
+
     def orphan_open(self, orphan: Orphan, flags: int) -> Handle:
         """Open an orphan (an ``open(2)`` that looked its name up before the name went).  Writing a lower
         orphan fails: it cannot be copied up any more (:meth:`_orphan_copy_up`)."""

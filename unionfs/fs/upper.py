@@ -43,7 +43,7 @@ class Upper:
 
     ``dir`` is the upper dir, ``work`` the work dir, ``writer`` writes whiteouts and opaque marks in the
     mount's format.  ``notify`` is told the union path of an object whose attributes the kernel may hold
-    stale (after a copy-up)."""
+    stale (after a copy-up), or of a directory whose listing it may hold stale."""
 
     def __init__(self, stack: LayerStack, fmt: UpperFormat, *, resolver: Resolver, cache: LookupCache,
                  inodes: Inodes, volatile: bool, notify: Callable[[str], None]) -> None:
@@ -136,6 +136,9 @@ class Upper:
         self.cache.drop_attrs(path)
         # st_nlink may change with the copy (a merged dir reports 1, a broken hard link its own count)
         self.notify(path)
+        if not keeps_origin:
+            # a copy that breaks a lower hard link shows its own st_ino: the parent's listing (d_ino) changed
+            self.notify(parent_path)
         return Node(node.kind, True, 0, node.merge_layers, path)
 
     def _copy_up_indexed(self, path: str, node: Node, host: HostDir, st: os.stat_result, *,
