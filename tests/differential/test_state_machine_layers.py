@@ -283,6 +283,8 @@ class UnionMachine(RuleBasedStateMachine):
         self.changed_after = 0
         self.since_snapshot = 0
         self.since_remount = 0
+        self.trace: list[str] = []
+        """This example's steps so far (named in a divergence: a replay may not reach it again)."""
         self.stats["examples"] += 1
 
     # --- plumbing ------------------------------------------------------------------------------------
@@ -298,14 +300,19 @@ class UnionMachine(RuleBasedStateMachine):
     def both(self, label: str, fn: Callable[[Side], object]) -> Outcome:
         """Run ``fn`` on each side; the outcomes must be equal."""
         self.stats["steps"] += 1
+        self.trace.append(label)
         results = [outcome(lambda s=s: fn(s)) for s in self.sides]
         if results[0] != results[1]:
             known = known_divergence(label.split()[0], results[0], results[1])
             if known is not None:
                 self.stats[f"tolerated {known.scenario}"] += 1
                 return results[0]
-            raise Divergence(f"{label}:\n  kernel:  {results[0]!r}\n  unionfs: {results[1]!r}")
+            raise self._divergence(f"{label}:\n  kernel:  {results[0]!r}\n  unionfs: {results[1]!r}")
         return results[0]
+
+    def _divergence(self, message: str) -> Divergence:
+        """A divergence that names the steps of this example that led to it."""
+        return Divergence(message + "\nsteps of this example:\n  " + "\n  ".join(self.trace[-60:]))
 
     def _snapshot(self, side: Side) -> Snapshot:
         assert side.root is not None
@@ -329,6 +336,7 @@ class UnionMachine(RuleBasedStateMachine):
         """Build the layers (kernel format, and OCI format for the ``oci`` family) and mount both sides."""
         src = self.base / "src"
         src.mkdir()
+        self.trace.append(f"layers {specs!r}")
         self.kernel_sources = [L.build_layer(spec, src / f"k{i}") for i, spec in enumerate(specs)]
         options: tuple[str, ...] = ()
         program_sources = self.kernel_sources
@@ -371,7 +379,7 @@ class UnionMachine(RuleBasedStateMachine):
         snaps = [self._snapshot(s) for s in self.sides]
         lines = diff_snapshots(snaps[0], snaps[1], names=("kernel", "unionfs"))
         if lines:
-            raise Divergence("visible tree differs:\n" + "\n".join(lines))
+            raise self._divergence("visible tree differs:\n" + "\n".join(lines))
         changed = []
         for side in self.sides:
             assert side.root is not None
@@ -379,7 +387,7 @@ class UnionMachine(RuleBasedStateMachine):
             changed.append(sorted(p for p in side.inos.keys() & now.keys() if side.inos[p] != now[p]))
             side.inos = now
         if changed[0] != changed[1]:
-            raise Divergence(f"st_ino changed for different paths:\n  kernel:  {changed[0]}\n"
+            raise self._divergence(f"st_ino changed for different paths:\n  kernel:  {changed[0]}\n"
                              f"  unionfs: {changed[1]}")
 
     # --- creating and writing ------------------------------------------------------------------------
@@ -678,7 +686,7 @@ class UnionMachine(RuleBasedStateMachine):
         if errors:
             raise errors[0]
         if problems:
-            raise Divergence("at the end of the sequence:\n" + "\n".join(problems))
+            raise self._divergence("at the end of the sequence:\n" + "\n".join(problems))
 
 
 # --- running ---------------------------------------------------------------------------------------------
