@@ -813,24 +813,29 @@ def test_an_index_file_with_two_upper_names_and_one_below_a_renamed_dir(store: S
     assert core == seen
 
 
-def test_an_index_file_whose_lower_layer_is_not_the_top_one(store: Store, tmp_path: Path) -> None:
-    """A base of two layers on one file system (a handle decodes in either): the names are looked for in the
-    layer that holds the lower file, not only in the first one where its handle decodes."""
+def test_index_files_of_two_layers_of_a_base(store: Store, tmp_path: Path) -> None:
+    """A base of two layers on one file system (a handle decodes in either), each with a lower hard link
+    below a directory that gets renamed: each file's names are looked for in the layer that holds it, not
+    only in the first one where its handle decodes, and both become links of their copies."""
     bottom = import_dir(store, str(build_layer({"L/n": "old\n", "other": Hardlink("L/n")}, tmp_path / "b1")),
                         image="bottom")
-    top = commit_upper(store, str(build_layer({"t": "top\n"}, tmp_path / "b2")), image="base",
-                       base_image="bottom")
+    top = commit_upper(store, str(build_layer({"T/a": "top\n", "T/b": Hardlink("T/a")}, tmp_path / "b2")),
+                       image="base", base_image="bottom")
     lowers = [store.layer_path(top.digest), store.layer_path(bottom.digest)]
     fs, upper = _indexed_union_on(lowers, tmp_path)
     try:
         fs.rename("L", "R")
+        fs.rename("T", "U")
         _write(fs, "other", b"NEW DATA\n")
+        _write(fs, "U/b", b"NEW TOP\n")
         seen = _core_tree(fs)
     finally:
         fs.close()
+    assert seen["U/a"] == (stat.S_IFREG, 0o644, 2, b"NEW TOP\n", ("U/b",))
     result = commit_upper(store, str(upper), image="app", base_image="base")
     layer = Path(store.layer_path(result.digest))
     assert os.stat(layer / "R" / "n").st_ino == os.stat(layer / "other").st_ino
+    assert os.stat(layer / "U" / "a").st_ino == os.stat(layer / "U" / "b").st_ino
     kernel, core = _image_trees([str(layer), *lowers], tmp_path)
     assert kernel == seen
     assert core == seen

@@ -398,16 +398,17 @@ class _Walker:
         assert self.stack is not None
         layers = self.stack.lowers[1:]  # the layers below the tree, top first
         by_path = {e.path: i for i, e in enumerate(self.manifest.entries)}
-        linked: set[tuple[int, int]] = set()
-        for path, child, (origin, count) in self.pending_links:
+        files: dict[tuple[int, int], tuple[str, int, tuple[int, int] | None]] = {}
+        for path, child, (origin, count) in self.pending_links:  # each file once, whatever its upper names
             key = (child.st.st_dev, child.st.st_ino)
-            if key in linked:  # another upper name of a file whose names are all linked already
-                continue
-            found = self._lower_names(resolver, layers, origin)
+            if key not in files:
+                files[key] = (path, count, self._lower_object(layers, origin))
+        lower_names = self._lower_names(resolver, layers, {obj for _, _, obj in files.values() if obj})
+        for key, (path, count, obj) in files.items():
+            found = lower_names.get(obj, []) if obj else []
             if count < 0 or len(found) != count:
                 self.manifest.overlay_only.append(path)
                 continue
-            linked.add(key)
             first = self.groups.get(key, path)
             names = sorted({first, *found, *(e.path for e in self.manifest.entries
                                               if e.kind == "link" and e.target == first)}, key=_path_key)
@@ -442,25 +443,37 @@ class _Walker:
         else:
             self.manifest.entries[index] = entry
 
-    def _lower_names(self, resolver: Resolver, layers: Sequence[Layer], origin: bytes) -> list[str]:
-        """The union paths where the union shows, from a layer below, the lower object with file handle
-        ``origin``: its names in the first layer that has it, each at the same path where no renamed
-        directory is above it, and where a flattened directory shows it (:attr:`shown`)."""
+    @staticmethod
+    def _lower_object(layers: Sequence[Layer], origin: bytes) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the object that file handle ``origin`` names, decoded on the first layer below
+        of the handle's file system (a handle names an object anywhere on it); None where it is gone."""
         try:
             fh = decode_fh(origin)
         except ValueError:
-            return []
+            return None
         if fh is None:
-            return []
-        out: set[str] = set()
+            return None
         for layer in layers:
             host = layer.host
             if host.fs_uuid() != fh.uuid:
                 continue
             st = host.stat_by_handle(fh.handle_type, fh.fid)
-            if st is None or st.st_dev != host.dev:
+            if st is not None and st.st_dev == host.dev:
+                return st.st_dev, st.st_ino
+        return None
+
+    def _lower_names(self, resolver: Resolver, layers: Sequence[Layer],
+                     objects: set[tuple[int, int]]) -> dict[tuple[int, int], list[str]]:
+        """The union paths where the union shows each of the lower ``objects`` ((st_dev, st_ino)): their names
+        in the first layer that has them, each at the same path where no renamed directory is above it, and
+        where a flattened directory shows it (:attr:`shown`).  One pass over each layer that is needed."""
+        out: dict[tuple[int, int], set[str]] = {}
+        left = set(objects)
+        for layer in layers:
+            host = layer.host
+            wanted = {ino for dev, ino in left if dev == host.dev}
+            if not wanted:
                 continue
-            here = False
             todo = [""]
             while todo:
                 rel = todo.pop()
@@ -468,15 +481,16 @@ class _Walker:
                     where = join(rel, name)
                     if kind == stat_mod.S_IFDIR:
                         todo.append(where)
-                    elif ino == st.st_ino:
-                        here = True
+                    elif ino in wanted:
+                        paths = out.setdefault((host.dev, ino), set())
                         node = resolver.lookup(where)
                         if node is not None and node.layer == layer.index and node.source == where:
-                            out.add(where)
-                        out.update(self.shown.get((layer.index, where), ()))
-            if here:  # a handle names an object anywhere on its file system: look on in the next layers
+                            paths.add(where)
+                        paths.update(self.shown.get((layer.index, where), ()))
+            left -= out.keys()
+            if not left:
                 break
-        return sorted(out, key=_path_key)
+        return {obj: sorted(paths, key=_path_key) for obj, paths in out.items()}
 
     def _view_names(self, rel: str) -> list[str]:
         assert self.resolver is not None
