@@ -864,3 +864,26 @@ def test_an_index_upper_below_a_renamed_dir_whose_count_does_not_match_is_refuse
     assert sorted(os.listdir(Path(store.root, "layers"))) == layers_before
     assert [i.name for i in store.images()] == ["base"]
     assert os.listdir(Path(store.root, "tmp")) == []
+
+
+def test_two_upper_files_claiming_one_lower_file_are_refused(store: Store, tmp_path: Path) -> None:
+    """An upper where another file carries the origin and link count of an indexed copy (not what a mount
+    writes): the names below cannot belong to both, so the commit is refused and the store left as it was."""
+    base = import_dir(store, str(build_layer({"L/n": "old\n", "other": Hardlink("L/n")}, tmp_path / "base")),
+                      image="base")
+    fs, upper = _indexed_union_on([store.layer_path(base.digest)], tmp_path)
+    try:
+        fs.rename("L", "R")
+        _write(fs, "other", b"NEW DATA\n")
+    finally:
+        fs.close()
+    (upper / "twin").write_bytes(b"twin\n")
+    os.link(upper / "twin", upper / "twin2")  # two names, as the copy's upper name and its index entry
+    for attr in ("trusted.overlay.origin", "trusted.overlay.nlink"):
+        os.setxattr(upper / "twin", attr, os.getxattr(upper / "other", attr))
+    layers_before = sorted(os.listdir(Path(store.root, "layers")))
+    with pytest.raises(CommitError, match=r"^upper .*: twin carries an overlay metacopy xattr .*, or is a hard "
+                                          r"link copied up with index=on"):
+        commit_upper(store, str(upper), image="app", base_image="base")
+    assert sorted(os.listdir(Path(store.root, "layers"))) == layers_before
+    assert os.listdir(Path(store.root, "tmp")) == []

@@ -33,8 +33,7 @@ was mounted over: it becomes a full, opaque copy of what the union shows there (
 is in the tree already), so a layer never depends on a redirect.  Likewise the names that a file copied up
 through the inode index (``index=on``) still has only in the layers below, in plain directories or below a
 renamed one, become hard links of its copy, so a layer never depends on an index entry.  Sockets are not
-part of a layer (as with
-``docker commit``): they are reported in :attr:`Manifest.sockets` and skipped.
+part of a layer (as with ``docker commit``): they are reported in :attr:`Manifest.sockets` and skipped.
 """
 
 from __future__ import annotations
@@ -404,11 +403,14 @@ class _Walker:
             if key not in files:
                 files[key] = (path, count, self._lower_object(layers, origin))
         lower_names = self._lower_names(resolver, layers, {obj for _, _, obj in files.values() if obj})
+        claimed: set[tuple[int, int]] = set()
         for key, (path, count, obj) in files.items():
             found = lower_names.get(obj, []) if obj else []
-            if count < 0 or len(found) != count:
+            # a handle that names nothing, a count that does not match, two copies of one lower file: refused
+            if obj is None or count < 0 or len(found) != count or obj in claimed:
                 self.manifest.overlay_only.append(path)
                 continue
+            claimed.add(obj)
             first = self.groups.get(key, path)
             names = sorted({first, *found, *(e.path for e in self.manifest.entries
                                               if e.kind == "link" and e.target == first)}, key=_path_key)
