@@ -887,3 +887,47 @@ def test_two_upper_files_claiming_one_lower_file_are_refused(store: Store, tmp_p
         commit_upper(store, str(upper), image="app", base_image="base")
     assert sorted(os.listdir(Path(store.root, "layers"))) == layers_before
     assert os.listdir(Path(store.root, "tmp")) == []
+
+
+INDEX_BASE = {"A/B/n": "old\n", "A/B/m": Hardlink("A/B/n"), "A/x": Hardlink("A/B/n"), "C/y": Hardlink("A/B/n"),
+              "top": Hardlink("A/B/n"), "A/B/keep": "k\n", "C/keep": "c\n"}
+"""Five names of one lower file, in nested, plain and root directories."""
+INDEX_SCENARIOS: dict[str, list[tuple[str, ...]]] = {
+    "nested-renames": [("rename", "A", "R"), ("rename", "R/B", "R/B2"), ("write", "top")],
+    "moved-to-another-dir": [("rename", "A/B", "C/B"), ("write", "A/x")],
+    "moved-and-parent-renamed": [("rename", "A/B", "C/B"), ("rename", "A", "Z"), ("write", "C/y")],
+    "written-below-the-renamed-dir": [("rename", "A", "R"), ("write", "R/B/m")],
+    "two-names-copied-up": [("rename", "A/B", "B"), ("chmod", "top"), ("chmod", "C/y")],
+    "a-name-unlinked": [("rename", "A", "R"), ("unlink", "R/B/n"), ("write", "top")],
+    "a-name-renamed": [("rename", "A", "R"), ("write", "top"), ("rename", "R/x", "R/B/x2")],
+}
+
+
+@pytest.mark.parametrize("scenario", INDEX_SCENARIOS)
+def test_index_names_below_renamed_dirs_commit_as_the_kernel_showed_them(store: Store, tmp_path: Path,
+                                                                         scenario: str) -> None:
+    """Directories renamed in several ways over a lower file of five names, changed through one or two of
+    them, on the kernel's overlayfs (redirect_dir=on, index=on): the image of the commit shows the kernel's
+    tree, mounted on the kernel and read by unionfs."""
+    base = import_dir(store, str(build_layer(INDEX_BASE, tmp_path / "base")), image="base")  # type: ignore[arg-type]
+    base_path = store.layer_path(base.digest)
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    for d in (upper, work, mnt):
+        d.mkdir()
+    with kernel_overlay_mount([Path(base_path)], upper, work, mnt, ["redirect_dir=on", "index=on"]) as root:
+        for op, *args in INDEX_SCENARIOS[scenario]:
+            if op == "rename":
+                os.rename(root / args[0], root / args[1])
+            elif op == "write":
+                (root / args[0]).write_bytes(f"new through {args[0]}\n".encode())
+            elif op == "chmod":
+                os.chmod(root / args[0], 0o600)
+            else:
+                os.unlink(root / args[0])
+        seen = _mounted_tree(root)
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = store.layer_path(result.digest)
+    _no_overlay_xattrs(Path(layer))
+    kernel, core = _image_trees([layer, base_path], tmp_path)
+    assert kernel == seen
+    assert core == seen
