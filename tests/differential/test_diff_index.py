@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from support.differential import Catalog, Recorder, Scenario, assert_same_as_kernel
 from support.layers import Hardlink
+from support.syscalls import RENAME_EXCHANGE, renameat2
 from test_diff_links import CASES as LINK_CASES
 from test_diff_redirect import CASES as REDIRECT_CASES
 
@@ -167,6 +168,25 @@ def links_in_a_renamed_dir(r: Recorder) -> None:
 @links_in_a_renamed_dir.then_after_remount
 def _links_in_a_renamed_dir_after(r: Recorder) -> None:
     _look(r, "h1", "h2", "d2/h3", "b1", "b2", "e2/b3")
+
+
+@CASES.scenario(TOP, BOTTOM)
+def exchange_names_of_one_link(r: Recorder) -> None:
+    """renameat2(RENAME_EXCHANGE) of two names of one lower hard link (across dirs, in one dir, and after
+    one name was copied up) is one inode to the VFS: nothing is exchanged, nothing copied up, no dir merged."""
+    r.call("exchange h1 d/h3", renameat2, "h1", "d/h3", RENAME_EXCHANGE)
+    r.stat("stat d", "d")
+    r.call("exchange b2 b1", renameat2, "b2", "b1", RENAME_EXCHANGE)
+    r.call("chmod e/b3", os.chmod, "e/b3", 0o600)
+    r.call("exchange e/b3 b1", renameat2, "e/b3", "b1", RENAME_EXCHANGE)
+    r.stat("stat e", "e")
+    _look(r)
+    _same_file(r, "h1 h2 d/h3 one file", "h1", "h2", "d/h3")
+
+
+@exchange_names_of_one_link.then_after_remount
+def _exchange_names_of_one_link_after(r: Recorder) -> None:
+    _look(r)
 
 
 INDEX_CASES = [dataclasses.replace(s, family="index") for s in [*LINK_CASES, *REDIRECT_CASES]]

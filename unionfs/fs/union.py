@@ -265,6 +265,17 @@ class UnionFS:
             st = self._host(node).lstat(node.source)
         return st.st_dev, st.st_ino
 
+    def _one_inode(self, a: str, anode: Node, b: str, bnode: Node) -> bool:
+        """Are non-directories ``a`` and ``b`` one inode to the kernel (what makes rename(2) and
+        renameat2(RENAME_EXCHANGE) of them do nothing): two upper names of one upper file, or with
+        ``index=on`` any two names of one lower hard link (copied up through the index or not)?"""
+        if anode.is_dir or bnode.is_dir:
+            return False
+        if anode.in_upper and bnode.in_upper:
+            ast, bst = self._host(anode).lstat(a), self._host(bnode).lstat(b)
+            return (ast.st_dev, ast.st_ino) == (bst.st_dev, bst.st_ino)
+        return self.index is not None and self._identity(a, anode) == self._identity(b, bnode)
+
     def copy_up_bytes(self, path: str) -> int:
         """The bytes of file data a change of ``path`` would copy up first: 0 where its top copy is in the
         upper layer, or it is not a regular file, or nothing is there (a frontend's measure of whether a
@@ -759,13 +770,8 @@ class UnionFS:
             self._check_representable(dst)
             if dst == src:
                 return
-            if dnode is not None and snode.in_upper and dnode.in_upper and not snode.is_dir:
-                sst, dst_st = upper.lstat(src), upper.lstat(dst)
-                if (sst.st_dev, sst.st_ino) == (dst_st.st_dev, dst_st.st_ino):
-                    return  # two names of one file: rename(2) does nothing
-            if (self.index is not None and dnode is not None and not snode.is_dir and not dnode.is_dir
-                    and self._identity(src, snode) == self._identity(dst, dnode)):
-                return  # with the index, lower names of one hard link are one inode too
+            if dnode is not None and self._one_inode(src, snode, dst, dnode):
+                return  # two names of one file: rename(2) does nothing
             if snode.is_dir and dst.startswith(src + "/"):
                 raise _err(errno.EINVAL, dst)
             if dnode is not None:
@@ -861,8 +867,8 @@ class UnionFS:
         for path in (a, b):
             _check_name(path)
             self._check_representable(path)
-        if a == b:
-            return
+        if a == b or self._one_inode(a, anode, b, bnode):
+            return  # the VFS exchanges nothing where both names are one inode (nothing is copied up)
         if (anode.is_dir and b.startswith(a + "/")) or (bnode.is_dir and a.startswith(b + "/")):
             raise _err(errno.EINVAL, b)
         a_lower = anode.is_dir and self._has_lower(a, anode)
