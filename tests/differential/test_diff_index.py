@@ -189,6 +189,29 @@ def _exchange_names_of_one_link_after(r: Recorder) -> None:
     _look(r)
 
 
+@CASES.scenario(TOP, BOTTOM)
+def xattrs_through_names_not_copied_up(r: Recorder) -> None:
+    """Once one name of a link is copied up, an xattr set or removed through another name (and a failing
+    XATTR_REPLACE) changes the shared file in place: the kernel copies no further name up."""
+    r.call("chmod h1", os.chmod, "h1", 0o600)
+    r.call("setxattr h2", os.setxattr, "h2", "user.tag", b"v")
+    r.call("replace missing on d/h3", os.setxattr, "d/h3", "user.none", b"1", os.XATTR_REPLACE)
+    r.value("getxattr h1", os.getxattr, "h1", "user.tag")
+    r.value("listxattr d/h3", lambda: sorted(os.listxattr("d/h3")))
+    r.call("removexattr missing on d/h3", os.removexattr, "d/h3", "user.none")
+    r.call("removexattr d/h3", os.removexattr, "d/h3", "user.tag")
+    r.value("listxattr h1", lambda: sorted(os.listxattr("h1")))
+    _look(r, "h1", "h2", "d/h3")
+    _same_file(r, "h1 h2 d/h3 one file", "h1", "h2", "d/h3")
+
+
+@xattrs_through_names_not_copied_up.then_after_remount
+def _xattrs_through_names_not_copied_up_after(r: Recorder) -> None:
+    r.call("setxattr d/h3", os.setxattr, "d/h3", "user.again", b"w")
+    r.value("listxattr h2", lambda: sorted(os.listxattr("h2")))
+    _look(r, "h1", "h2", "d/h3")
+
+
 INDEX_CASES = [dataclasses.replace(s, family="index") for s in [*LINK_CASES, *REDIRECT_CASES]]
 
 

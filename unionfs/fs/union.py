@@ -498,26 +498,34 @@ class UnionFS:
     @_mutating
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         with self.lock:
-            upper = self._writable().dir
-            self.resolver.require(path)
+            layer = self._writable()
+            node = self.resolver.require(path)
             host_name = xattr_to_host(name)
             if host_name is None:
                 raise _err(errno.EPERM, path)
+            entry = self._index_entry(path, node)
+            if entry is not None:  # the kernel's inode has the index entry as its upper: no copy-up
+                layer.work.setxattr(entry, host_name, value, flags)
+                return
             self.copy_up(path)
-            upper.setxattr(path, host_name, value, flags)
+            layer.dir.setxattr(path, host_name, value, flags)
 
     @_mutating
     def removexattr(self, path: str, name: str) -> None:
         with self.lock:
-            upper = self._writable().dir
+            layer = self._writable()
             node = self.resolver.require(path)
             host_name = xattr_to_host(name)
             if host_name is None:
                 raise _err(errno.ENODATA, path)
+            entry = self._index_entry(path, node)
+            if entry is not None:  # as in setxattr: the index entry is the inode's upper copy
+                layer.work.removexattr(entry, host_name)
+                return
             if not node.in_upper:
                 self._host(node).getxattr(node.source, host_name)  # ENODATA before any copy-up
             self.copy_up(path)
-            upper.removexattr(path, host_name)
+            layer.dir.removexattr(path, host_name)
 
     # ================================================================== copy-up
     def copy_up(self, path: str, *, data_limit: int | None = None, truncate_to: int | None = None) -> Node:
