@@ -328,7 +328,7 @@ def serve(config: MountConfig, stack: LayerStack, readiness: _Readiness) -> int:
         raise
     try:
         fs = UnionFS(stack, whiteout=config.whiteout, volatile=config.volatile, idmap=config.id_map(),
-                     redirect_dir=config.redirect_dir,
+                     redirect_dir=config.redirect_dir, index=config.inode_index == "on",
                      cache_entries=config.cache_entries)
     except (OSError, ValueError) as exc:
         stack.close()

@@ -41,6 +41,8 @@ PassthroughMode: TypeAlias = Literal["on", "off", "all"]
 PASSTHROUGH_MODES: Final[tuple[PassthroughMode, ...]] = ("on", "off", "all")
 RedirectDir: TypeAlias = Literal["on", "follow", "nofollow", "off"]
 REDIRECT_DIR_MODES: Final[tuple[RedirectDir, ...]] = ("on", "follow", "nofollow", "off")
+Index: TypeAlias = Literal["on", "off"]
+INDEX_MODES: Final[tuple[Index, ...]] = ("on", "off")
 
 MAX_ID: Final = 2**32 - 2
 """The largest uid/gid (``(uid_t) -1`` is reserved)."""
@@ -152,7 +154,7 @@ IGNORED_FLAGS: Final = frozenset({
 
 IGNORED_KEYS: Final = frozenset({
     "context", "fscontext", "defcontext", "rootcontext",     # SELinux labels
-    "index", "metacopy", "xino", "nfs_export", "uuid", "verity",  # kernel overlayfs
+    "metacopy", "xino", "nfs_export", "uuid", "verity",     # kernel overlayfs
     "fast_ino",                                              # fuse-overlayfs tuning
     "comment",
 })
@@ -199,6 +201,8 @@ class MountConfig(NamedTuple):
     cache_entries: int = DEFAULT_CACHE_ENTRIES
     whiteout: Whiteout = "auto"
     redirect_dir: RedirectDir = "on"
+    inode_index: Index = "off"
+    """``-o index=``: hard links kept together across copy-up (a NamedTuple cannot name a field ``index``)."""
     frontend: Frontend | None = None
     passthrough: PassthroughMode = "on"
     dir_cache: bool = False
@@ -291,7 +295,7 @@ class _Parsed:
     """The mutable state of one parse; frozen into a :class:`MountConfig` at the end."""
 
     __slots__ = ("acl", "cache_entries", "debug", "dir_cache", "foreground", "frontend", "fuse", "gid_mappings",
-                 "ignored", "lowers", "passthrough", "positionals", "readdirplus", "redirect_dir", "ro",
+                 "ignored", "index", "lowers", "passthrough", "positionals", "readdirplus", "redirect_dir", "ro",
                  "single_threaded", "spin", "squash_to_gid", "squash_to_root", "squash_to_uid", "uid_mappings", "upper",
                  "volatile", "whiteout", "work", "writeback_cache")
 
@@ -311,6 +315,7 @@ class _Parsed:
         self.cache_entries: int = DEFAULT_CACHE_ENTRIES
         self.whiteout: Whiteout = "auto"
         self.redirect_dir: RedirectDir = "on"
+        self.index: Index = "off"
         self.frontend: Frontend | None = None
         self.passthrough: PassthroughMode = "on"
         self.dir_cache: bool = False
@@ -540,6 +545,12 @@ def _opt_redirect_dir(state: _Parsed, raw: str | None) -> None:
     state.redirect_dir = _choice("redirect_dir", raw, REDIRECT_DIR_MODES)
 
 
+def _opt_index(state: _Parsed, raw: str | None) -> None:
+    """The kernel's ``index=``: ``on`` keeps the names of a lower hard link together across copy-up (an
+    inode index in the work dir); ``off`` (default) breaks the link at copy-up (docs/semantics.md)."""
+    state.index = _choice("index", raw, INDEX_MODES)
+
+
 def _opt_frontend(state: _Parsed, raw: str | None) -> None:
     """Which frontend serves the mount: ``lowlevel`` (the daemon speaks /dev/fuse itself) or ``fusepy``
     (libfuse's high-level API through mfusepy).  Unset: ``$UNIONFS_FRONTEND``, else the default."""
@@ -619,6 +630,7 @@ _UNION_OPTIONS: Final[Mapping[str, Callable[[_Parsed, str | None], None]]] = Map
     "debug": _opt_debug,
     "whiteout": _opt_whiteout,
     "redirect_dir": _opt_redirect_dir,
+    "index": _opt_index,
     "timeout": _opt_timeout,
     "frontend": _opt_frontend,
     "passthrough": _opt_passthrough,
@@ -734,6 +746,7 @@ def _freeze(state: _Parsed, cwd: str) -> MountConfig:
         cache_entries=state.cache_entries,
         whiteout=state.whiteout,
         redirect_dir=state.redirect_dir,
+        inode_index=state.index,
         frontend=state.frontend,
         passthrough=state.passthrough,
         dir_cache=state.dir_cache,
@@ -786,6 +799,8 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
   redirect_dir=on|follow|nofollow|off   as the kernel's: on (default) renames directories that have lower
                      copies (a redirect xattr records the move); follow and off read redirects but answer
                      such a rename with EXDEV; nofollow reads none (a lookup that needs one is EPERM)
+  index=on|off       as the kernel's: on keeps the names of a lower hard link one file across copy-up (an
+                     inode index in workdir/index); off (default) breaks the link at copy-up
   uidmapping=CONTAINERID:HOSTID:SIZE[:…], gidmapping=…   map owners between the layers and the mount
   squash_to_root, squash_to_uid=N, squash_to_gid=N       show every file as owned by root / N
   frontend=lowlevel|fusepy   who speaks to the kernel: the daemon itself on /dev/fuse, or libfuse's

@@ -284,27 +284,19 @@ class Dispatcher:
                 return
             result = handler(request)
             if type(result) is int:
-                self.session.reply_error(request.unique, result)
+                self._answer(request, lambda: self.session.reply_error(request.unique, result))
                 return
             failed = 0
             if result is REPLIED or opcode in NO_REPLY:
                 return
-            if opcode not in QUICK_OPCODES and self.service.invalidations_pending:
-                # a change through one name of a hard link reaches the kernel's caches of the other names
-                # before the caller sees it done (bounded: never from the reader, which must stay free:
-                # a change answered there leaves the wait and its reply to a worker)
-                if self._reader_changing == threading.get_ident():
-                    self.session.defer(lambda: self._reply_after_invalidations(request.unique, result))
-                    return
-                self.service.wait_invalidations()
-            self._reply(request.unique, result)
+            self._answer(request, lambda: self._reply(request.unique, result))
         except _Later:
             counted = False
             raise
         except OSError as exc:
             code = exc.errno if isinstance(exc.errno, int) and 0 < exc.errno < 4096 else errno.EIO
             if opcode not in NO_REPLY:
-                self.session.reply_error(request.unique, code)
+                self._answer(request, lambda: self.session.reply_error(request.unique, code))
         except Exception:
             log.exception("unexpected error in %s", abi.OPCODE_NAMES.get(opcode, opcode))
             if opcode not in NO_REPLY:
@@ -323,10 +315,25 @@ class Dispatcher:
         else:
             self.session.reply_one(unique, result)
 
-    def _reply_after_invalidations(self, unique: int, result: Any) -> None:
-        """On a worker: the reply of a change the reader made, once the invalidations it queued are sent."""
+    def _answer(self, request: Request, send: Callable[[], None]) -> None:
+        """Send a change's answer (``send``: its reply, or its error) once the kernel cache invalidations
+        it queued are sent: a change through one name of a hard link reaches the kernel's caches of the
+        other names, a directory it copied up on the way shows its new attributes, before the caller sees
+        it done.  A failing change counts too: it may have copied up before it failed (a rename onto a
+        non-empty directory, setxattr with XATTR_REPLACE), and the caller's next stat may be answered from
+        the kernel's cache alone.  Bounded, and never on the reader, which must stay free: a change
+        answered there leaves the wait and its answer to a worker."""
+        if request.opcode not in QUICK_OPCODES and self.service.invalidations_pending:
+            if self._reader_changing == threading.get_ident():
+                self.session.defer(lambda: self._send_after_invalidations(send))
+                return
+            self.service.wait_invalidations()
+        send()
+
+    def _send_after_invalidations(self, send: Callable[[], None]) -> None:
+        """On a worker: the answer of a change the reader made, once the invalidations it queued are sent."""
         self.service.wait_invalidations()
-        self._reply(unique, result)
+        send()
 
     def _wait_invalidations(self) -> None:
         """Wait until the invalidations queued so far are sent; on the reader (which must never wait for

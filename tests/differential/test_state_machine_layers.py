@@ -21,7 +21,9 @@ Family ``oci``: unionfs gets lower layers with OCI whiteouts (``.wh.NAME``, ``.w
 format into its upper (``whiteout=oci``); the kernel gets the same layers converted to its format. For the
 cross-mount a copy of unionfs's upper is converted too.  Family ``redirect``: kernel-format layers, both
 sides (and the cross-mount) with ``redirect_dir=on``, so renames of directories with lower copies succeed
-and nest freely, and the upper dirs compare their redirect xattrs.
+and nest freely, and the upper dirs compare their redirect xattrs.  Family ``index``: as ``redirect``, and
+both sides with ``index=on``: the generated lowers' hard links stay one file across copy-up (the cross-mount
+reads unionfs's index, in the same work dir).
 
 Everything runs on a private tmpfs, so inode numbers are never reused within a run (ext4 reuses them at
 once, which would make "kept its inode" ambiguous); ``UNIONFS_SM_TMPFS=0`` runs on the disk instead.
@@ -82,16 +84,18 @@ from support.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 from unionfs.mountinfo import find_mount
 
-CI_EXAMPLES = {"kernel": 30, "oci": 15, "redirect": 15}
+CI_EXAMPLES = {"kernel": 30, "oci": 15, "redirect": 15, "index": 15}
 CI_STEPS = 30
 DEV_STEPS = 50
 MAX_OPEN_FILES = 4
 MIN_STEPS_BETWEEN_REMOUNTS = 4
 """Hypothesis picks among the enabled rules evenly; unrestricted, the argument-less remount takes a third of
 all steps (and most of the time)."""
-FAMILIES = ("kernel", "oci", "redirect")
-FAMILY_OPTIONS = {"kernel": (), "oci": (), "redirect": ("redirect_dir=on",)}
-"""Options of both sides by family: ``redirect`` renames directories with lower copies on both."""
+FAMILIES = ("kernel", "oci", "redirect", "index")
+FAMILY_OPTIONS = {"kernel": (), "oci": (), "redirect": ("redirect_dir=on",),
+                  "index": ("redirect_dir=on", "index=on")}
+"""Options of both sides by family: ``redirect`` renames directories with lower copies on both, ``index``
+also keeps the names of a lower hard link one file across copy-up (the inode index)."""
 HANG_TIMEOUT = float(os.environ.get("UNIONFS_TEST_HANG_TIMEOUT", "900"))
 """A mount lives for a whole sequence (until a remount): allow more than the harness's default."""
 

@@ -201,6 +201,37 @@ def test_a_live_commit_while_a_writer_runs_has_no_torn_file(tmp_path: Path) -> N
                 assert len(data) % 4096 == 0 and len(set(data)) <= 1, f"torn file {f.name} in live{n}"
 
 
+def test_an_index_mount_with_names_left_below_a_renamed_dir_commits_as_it_showed(tmp_path: Path) -> None:
+    """``unionfs mount IMAGE -o redirect_dir=on,index=on``: a directory holding a name of a lower hard link is
+    renamed and the file is written through another name; a third name stays in a plain directory.  The
+    commit of the upper (on the base its record names) mounts, on the kernel's overlayfs and on the program
+    under test, as the tree the mount showed: the new data under every name, one inode, the link count."""
+    store = tmp_path / "store"
+    base = build_layer({"L/n": "old\n", "L/keep": "keep\n", "P/q": Hardlink("L/n"), "other": Hardlink("L/n")},
+                       tmp_path / "base")
+    assert run("import-dir", base, "--image", "base", store=store).returncode == 0
+    upper = tmp_path / "upper"
+    with image_mount(store, "base", tmp_path / "mnt", "--upper", str(upper),
+                     "-o", "redirect_dir=on,index=on") as mnt:
+        os.rename(mnt / "L", mnt / "R")
+        (mnt / "other").write_bytes(b"NEW DATA\n")
+        before = snapshot(mnt)
+    assert before["R/n"].same_ino == ("P/q", "other") and before["R/n"].nlink == 3
+    assert (before["R/n"].sha, before["P/q"].sha) == (before["other"].sha, before["other"].sha)
+    done = run("commit", upper, "--image", "next", store=store)
+    assert done.returncode == 0, done.stderr
+    with Store(str(store)) as s:
+        layers = [Path(s.layer_path(d)) for d in s.image("next").mount_layers()]
+    for d in ("kernel", "program"):
+        (tmp_path / d).mkdir()
+    with kernel_overlay_mount(layers, None, None, tmp_path / "kernel") as mnt:
+        diff = diff_snapshots(visible(before), visible(snapshot(mnt)), names=("index mount", "image (kernel)"))
+        assert not diff, "\n".join(diff)
+    with unionfs_mount(layers, None, None, tmp_path / "program") as mnt:
+        diff = diff_snapshots(visible(before), visible(snapshot(mnt)), names=("index mount", "image (program)"))
+        assert not diff, "\n".join(diff)
+
+
 def test_mount_of_an_unknown_image_creates_nothing(tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
     proc = run("mount", "nope", tmp_path / "mnt", "--upper", tmp_path / "u", store=tmp_path / "store")

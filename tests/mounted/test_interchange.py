@@ -4,7 +4,9 @@
 tree the program's own mount showed. (b) An upper dir the kernel wrote shows, through the program under test,
 exactly the tree the kernel showed. Each direction runs a few rich operation sequences; each mount gets a
 fresh workdir (a workdir belongs to one implementation).  The ``dir-renames`` sequence mounts both with
-``redirect_dir=on``: the redirects one writes, the other reads.
+``redirect_dir=on``: the redirects one writes, the other reads.  The ``hard-links`` sequence mounts both with
+``index=on`` and hands the reader the writer's work dir too: the index entries one writes (every name of a
+lower hard link one file, with the same st_ino, st_nlink and data), the other reads.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Sequence:
     run: Callable[[Recorder], None]
     options: tuple[str, ...] = ()
     """Mount options of both sides (writer and reader)."""
+    keep_work: bool = False
+    """The reader mounts with the writer's work dir (its inode index), not a fresh one."""
 
 
 def _deletions(r: Recorder) -> None:
@@ -127,6 +131,24 @@ BOTTOM = {
     "bottom-only/f": "f\n",
 }
 
+def _hard_links(r: Recorder) -> None:
+    r.write("append through one name", "h1", b"more\n", flags=os.O_WRONLY | os.O_APPEND)
+    r.call("chmod another name", os.chmod, "d/h2", 0o600)
+    r.call("unlink a name never copied up", os.unlink, "hb2")
+    r.call("link to a lower link's name", os.link, "hb1", "d/hb-new")
+    r.call("rename a name into a merged dir", os.rename, "h3", "tree/h3")
+    r.call("rename a dir holding a name", os.rename, "only-top", "ot")
+
+
+LINKS = {
+    "h1": "linked\n",
+    "d/h2": L.Hardlink("h1"),
+    "h3": L.Hardlink("h1"),
+    "hb1": "b linked\n",
+    "hb2": L.Hardlink("hb1"),
+    "only-top/hb3": L.Hardlink("hb1"),
+}
+
 SEQUENCES = [
     Sequence("deletions", (BASE, {**MIDDLE, "d": L.Dir({"from-middle": "m\n", "from-bottom": "fb\n"})}, BOTTOM),
              _deletions),
@@ -134,6 +156,8 @@ SEQUENCES = [
     Sequence("renames", (BASE, {"d/from-bottom": "fb\n"}, BOTTOM), _renames),
     Sequence("opaque-and-whiteouts", (BASE, MIDDLE, BOTTOM), _opaque_and_whiteouts),
     Sequence("dir-renames", (BASE, {"d/from-bottom": "fb\n"}, BOTTOM), _dir_renames, ("redirect_dir=on",)),
+    Sequence("hard-links", ({**BASE, **LINKS}, {"d/from-bottom": "fb\n"}, BOTTOM), _hard_links,
+             ("redirect_dir=on", "index=on"), keep_work=True),
 ]
 
 
@@ -161,8 +185,8 @@ def _written_then_read(seq: Sequence, tmp: Path, *, writer: Mount, reader: Mount
             seq.run(r)
         written = snapshot(root, changed_after=changed_after)
     assert r.results, "the sequence recorded nothing"
-    work2, mnt2 = tmp / "set/work2", tmp / "set/mnt2"
-    work2.mkdir()
+    work2, mnt2 = (ls.work if seq.keep_work else tmp / "set/work2"), tmp / "set/mnt2"
+    work2.mkdir(exist_ok=seq.keep_work)
     mnt2.mkdir()
     with reader(list(ls.lowers), ls.upper, work2, mnt2, seq.options) as root:
         seen = snapshot(root, changed_after=changed_after)

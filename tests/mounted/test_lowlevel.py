@@ -300,6 +300,34 @@ def test_a_lower_directory_renames_under_a_cwd_and_an_open_file(tmp_path: Path) 
     assert (upper / "s2" / "new").read_text() == "n"
 
 
+def test_a_change_through_one_name_of_an_indexed_link_reaches_the_kernels_view_of_the_others(
+        tmp_path: Path) -> None:
+    """With index=on the kernel holds every name of a lower hard link with attributes cached for an hour: a
+    write, a chmod, an unlink through one name is seen at once through the others (size, mode, nlink and
+    ctime), so the daemon invalidates the kernel's view of each other name it knows."""
+    lower, upper, work, mnt = _dirs(tmp_path)
+    (lower / "x").write_bytes(b"linked\n")
+    (lower / "d").mkdir()
+    os.link(lower / "x", lower / "y")
+    os.link(lower / "x", lower / "d" / "z")
+    with unionfs_mount([lower], upper, work, mnt, (*LOWLEVEL, "index=on")):
+        before = {name: os.stat(mnt / name) for name in ("x", "y", "d/z")}  # cached by the kernel now
+        assert {st.st_nlink for st in before.values()} == {3}
+        with open(mnt / "x", "ab") as f:
+            f.write(b"more\n")
+        for name in ("y", "d/z"):
+            st = os.stat(mnt / name)
+            assert (st.st_size, st.st_nlink, st.st_ino) == (12, 3, before["x"].st_ino)
+            assert (mnt / name).read_bytes() == b"linked\nmore\n"
+        os.chmod(mnt / "d" / "z", 0o600)
+        assert os.stat(mnt / "y").st_mode & 0o777 == 0o600
+        ctime = os.stat(mnt / "y").st_ctime_ns
+        os.unlink(mnt / "x")
+        st = os.stat(mnt / "y")
+        assert st.st_nlink == 2 and os.stat(mnt / "d" / "z").st_nlink == 2
+        assert st.st_ctime_ns >= ctime
+
+
 @pytest.mark.parametrize("mode", ["on", "all", "off"])
 def test_an_unprivileged_write_clears_set_id_bits_as_on_the_kernel(mode: str) -> None:
     """A write by a user without CAP_FSETID clears the set-user-id bit and the set-group-id bit of a

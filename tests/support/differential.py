@@ -18,6 +18,9 @@ while the kernel gets the same layers converted to its own format with ``layers.
 
 Family ``"redirect"``: kernel-format layers, and both sides mounted with ``redirect_dir=on`` (directories with
 lower copies rename, recording the move in a redirect xattr); the other families pin ``redirect_dir=off``.
+
+Family ``"index"``: as ``"redirect"``, and both sides mounted with ``index=on`` (the names of a lower hard link
+stay one file across copy-up, through the inode index in the work dir); the other families pin ``index=off``.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ from support.mounts import kernel_overlay_mount, mount_program, unionfs_mount
 from support.snapshot import Entry, Snapshot, diff_snapshots, errno_name, snapshot, stat_entry, upper_snapshot
 
 T = TypeVar("T")
-Family = Literal["kernel", "oci", "redirect"]
-FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {"kernel": (), "oci": (), "redirect": ("redirect_dir=on",)}
+Family = Literal["kernel", "oci", "redirect", "index"]
+FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {"kernel": (), "oci": (), "redirect": ("redirect_dir=on",),
+                                              "index": ("redirect_dir=on", "index=on")}
 """Mount options of both sides, by family (after the pinned ones of ``support.mounts``)."""
 Outcome = tuple[str, object]
 
@@ -266,7 +270,7 @@ def _build_sources(scenario: Scenario, base: Path) -> tuple[list[Path], Path | N
                 L.oci_to_kernel(layer)
         return lowers, upper
 
-    if scenario.family in ("kernel", "redirect"):
+    if scenario.family in ("kernel", "redirect", "index"):
         kl, ku = build("kernel", base / "src", convert=False)
         return kl, ku, kl, ku
     pl, pu = build("oci", base / "src-oci", convert=False)

@@ -38,9 +38,10 @@ KERNEL_OPTIONS: tuple[str, ...] = ("redirect_dir=off", "index=off", "metacopy=of
 """Pinned so the oracle does not depend on the kernel's build-time defaults (these are Debian's).  A test
 passes its own ``redirect_dir=…`` in ``options`` to change it (a later option wins)."""
 
-PROGRAM_DEFAULTS: tuple[str, ...] = ("redirect_dir=off",)
-"""Given to the program under test before a test's own options: the oracle's pinned ``redirect_dir``, so that
-both sides rename directories alike unless a test asks for ``redirect_dir=on`` on both."""
+PROGRAM_DEFAULTS: tuple[str, ...] = ("redirect_dir=off", "index=off")
+"""Given to the program under test before a test's own options: the oracle's pinned ``redirect_dir`` and
+``index``, so that both sides rename directories and copy up hard links alike unless a test asks for
+``redirect_dir=on`` or ``index=on`` on both."""
 
 FRONTEND_ENV = "UNIONFS_FRONTEND"
 """Read by the daemon itself: which frontend serves mounts made without ``-o frontend=`` (``lowlevel`` or

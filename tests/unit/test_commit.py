@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -522,3 +523,411 @@ def test_a_build_step_layer_flattens_a_renamed_dir_on_the_layers_it_was_mounted_
     assert snap["opt/app-1.0"].opaque and snap["opt/app-1.0"].redirect is None
     assert (layer / "opt" / "app-1.0" / "lib" / "x").read_text() == "x\n"
     assert _union_tree([str(layer), base_path]) == seen
+
+
+def _indexed_union(base_path: str, tmp_path: Path) -> tuple[UnionFS, Path]:
+    """A union over ``base_path`` with a fresh upper dir (returned too) and ``index=on``."""
+    from unionfs.fs.layers import LayerStack
+    from unionfs.fs.union import UnionFS
+
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    stack = LayerStack.open(lowers=[base_path], upper=str(upper), work=str(work))
+    return UnionFS(stack, redirect_dir="on", index=True), upper
+
+
+def test_an_index_upper_commits_its_hard_links_as_hard_links(store: Store, tmp_path: Path) -> None:
+    """Every name of a lower hard link copied up through the index (index=on): the layer holds them as hard
+    links of one file, no index entry, no overlay xattr, and shows the tree the union showed."""
+    base = import_dir(store, str(build_layer({"x": "linked\n", "y": Hardlink("x"), "d/z": Hardlink("x")},
+                                             tmp_path / "base")), image="base")
+    base_path = store.layer_path(base.digest)
+    fs, upper = _indexed_union(base_path, tmp_path)
+    try:
+        handle = fs.open("x", os.O_WRONLY)
+        fs.write(handle, b"LINKED\n", 0)
+        fs.release(handle)
+        fs.chmod("y", 0o600)
+        fs.chmod("d/z", 0o640)
+    finally:
+        fs.close()
+    seen = _union_tree([base_path], str(upper))
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = Path(store.layer_path(result.digest))
+    for path in (layer / "x", layer / "y", layer / "d" / "z"):
+        assert os.stat(path).st_nlink == 3
+        assert not [n for n in os.listxattr(path) if "overlay." in n or "unionfs." in n]
+    assert (layer / "y").read_text() == "LINKED\n"
+    assert sorted(os.listdir(layer)) == ["d", "x", "y"]
+    assert _union_tree([str(layer), base_path]) == seen
+
+
+def test_an_index_upper_with_names_left_below_commits_them_as_hard_links(store: Store, tmp_path: Path) -> None:
+    """A name copied up through the index while others are still only in the base (one in a directory the
+    upper lacks): on its base the layer carries those names too, as hard links of the copy (the first name
+    in canonical order holds the data), so the image shows the new data under every name."""
+    base = import_dir(store, str(build_layer({"a/y": "linked\n", "x": Hardlink("a/y"), "z": Hardlink("a/y"),
+                                              "a/keep": "keep\n"}, tmp_path / "base")), image="base")
+    base_path = store.layer_path(base.digest)
+    fs, upper = _indexed_union(base_path, tmp_path)
+    try:
+        handle = fs.open("x", os.O_WRONLY)
+        fs.write(handle, b"LINKED\n", 0)
+        fs.release(handle)
+    finally:
+        fs.close()
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = Path(store.layer_path(result.digest))
+    assert sorted(os.listdir(layer)) == ["a", "x", "z"] and os.listdir(layer / "a") == ["y"]
+    assert {os.stat(layer / p).st_ino for p in ("a/y", "x", "z")} == {os.stat(layer / "x").st_ino}
+    image = _union_tree([str(layer), base_path])
+    assert {path: data for path, (_kind, _mode, data) in image.items()  # type: ignore[misc]
+            if path != "a"} == {"x": b"LINKED\n", "a/y": b"LINKED\n", "z": b"LINKED\n", "a/keep": b"keep\n"}
+    assert layer_digest(str(layer)) == result.digest
+
+
+def test_an_index_upper_with_names_left_below_and_no_known_base_is_refused(store: Store, tmp_path: Path) -> None:
+    """Without the layers it was mounted over, those names cannot be found: refused, the store as it was."""
+    base = import_dir(store, str(build_layer({"x": "linked\n", "y": Hardlink("x")}, tmp_path / "base")),
+                      image="base")
+    fs, upper = _indexed_union(store.layer_path(base.digest), tmp_path)
+    try:
+        handle = fs.open("x", os.O_WRONLY)
+        fs.write(handle, b"LINKED\n", 0)
+        fs.release(handle)
+    finally:
+        fs.close()
+    layers_before = sorted(os.listdir(Path(store.layer_path(base.digest)).parent))
+    with pytest.raises(CommitError, match="index=on"):
+        commit_upper(store, str(upper), image="app")
+    assert sorted(os.listdir(Path(store.layer_path(base.digest)).parent)) == layers_before
+
+
+# -- indexed files with names left below a renamed directory --------------------------------------------------
+
+Tree = dict[str, tuple[int, int, int | None, bytes, tuple[str, ...]]]
+"""path -> (file type bits, permission bits, link count (None for a directory), data, the other paths of its
+hard-link group), as a union shows them."""
+
+
+def _with_groups(seen: dict[str, tuple[int, int, int | None, bytes]], inos: dict[str, int]) -> Tree:
+    return {path: (*facts, tuple(sorted(p for p, i in inos.items() if i == inos.get(path) and p != path)))
+            for path, facts in seen.items()}
+
+
+def _mounted_tree(root: Path) -> Tree:
+    """What the mount at ``root`` shows (through the host's system calls)."""
+    seen: dict[str, tuple[int, int, int | None, bytes]] = {}
+    inos: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            path = os.path.relpath(full, root)
+            st = os.lstat(full)
+            data = Path(full).read_bytes() if stat.S_ISREG(st.st_mode) else b""
+            is_dir = stat.S_ISDIR(st.st_mode)
+            seen[path] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), None if is_dir else st.st_nlink, data)
+            if not is_dir:
+                inos[path] = st.st_ino
+    return _with_groups(seen, inos)
+
+
+def _core_tree(fs: UnionFS) -> Tree:
+    """What the union ``fs`` shows (through the core's facade, no mount)."""
+    seen: dict[str, tuple[int, int, int | None, bytes]] = {}
+    inos: dict[str, int] = {}
+    todo = [""]
+    while todo:
+        rel = todo.pop()
+        for name, _kind, _ino in fs.readdir(rel):
+            path = f"{rel}/{name}" if rel else name
+            attrs = fs.getattr(path)
+            data = b""
+            if stat.S_ISREG(attrs.st_mode):
+                handle = fs.open(path, os.O_RDONLY)
+                data = fs.read(handle, 1 << 20, 0)
+                fs.release(handle)
+            if stat.S_ISDIR(attrs.st_mode):
+                todo.append(path)
+                seen[path] = (stat.S_IFDIR, stat.S_IMODE(attrs.st_mode), None, b"")
+            else:
+                seen[path] = (stat.S_IFMT(attrs.st_mode), stat.S_IMODE(attrs.st_mode), attrs.st_nlink, data)
+                inos[path] = attrs.st_ino
+    return _with_groups(seen, inos)
+
+
+def _image_trees(layers: list[str], tmp_path: Path) -> tuple[Tree, Tree]:
+    """What an image of ``layers`` (top first) shows mounted read-only on the kernel's overlayfs, and on the
+    core of unionfs."""
+    from unionfs.fs.layers import LayerStack
+    from unionfs.fs.union import UnionFS
+
+    mnt = tmp_path / "image-mnt"
+    mnt.mkdir()
+    with kernel_overlay_mount([Path(p) for p in layers], None, None, mnt) as root:
+        kernel = _mounted_tree(root)
+    fs = UnionFS(LayerStack.open(lowers=layers, upper=None, work=None))
+    try:
+        return kernel, _core_tree(fs)
+    finally:
+        fs.close()
+
+
+def _indexed_union_on(lowers: list[str], tmp_path: Path) -> tuple[UnionFS, Path]:
+    """A union of unionfs's core over ``lowers`` (top first) with a fresh upper dir (returned too),
+    ``redirect_dir=on`` and ``index=on``."""
+    from unionfs.fs.layers import LayerStack
+    from unionfs.fs.union import UnionFS
+
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    return UnionFS(LayerStack.open(lowers=lowers, upper=str(upper), work=str(work)), redirect_dir="on",
+                   index=True), upper
+
+
+def _write(fs: UnionFS, path: str, data: bytes) -> None:
+    handle = fs.open(path, os.O_WRONLY | os.O_TRUNC)
+    fs.write(handle, data, 0)
+    fs.release(handle)
+
+
+def _no_overlay_xattrs(layer: Path) -> None:
+    """No redirect, index or origin record in the layer: only opaque marks."""
+    for dirpath, dirnames, filenames in os.walk(layer):
+        for name in dirnames + filenames:
+            names = os.listxattr(os.path.join(dirpath, name), follow_symlinks=False)
+            private = [n for n in names if ("overlay." in n or "unionfs." in n) and n != "trusted.overlay.opaque"]
+            assert not private, os.path.join(dirpath, name)
+
+
+@pytest.mark.parametrize("new", [b"NEW DATA\n", b"N" * (KEEP_FILE_MAX + 1)], ids=["small", "large"])
+def test_an_index_upper_with_a_name_left_below_a_renamed_dir_commits_it_as_a_link_of_the_copy(
+        store: Store, tmp_path: Path, new: bytes) -> None:
+    """The kernel's overlayfs (redirect_dir=on, index=on) over a lower hard link ``L/n`` + ``other``: ``mv L R``,
+    then a write through ``other``; the union shows the new data at ``R/n`` too, with a link count of 2.  The
+    commit on the base holds ``R`` as a full opaque copy whose ``n`` is a hard link of the copy at ``other``,
+    and the image mounted (kernel and unionfs) shows the tree the union showed, data and links.  (A copy too
+    large to be kept by the read pass is read from the upper, never the old data read at ``R/n``.)"""
+    base = import_dir(store, str(build_layer({"L/n": "old\n", "L/keep": "keep\n", "other": Hardlink("L/n")},
+                                             tmp_path / "base")), image="base")
+    base_path = store.layer_path(base.digest)
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    for d in (upper, work, mnt):
+        d.mkdir()
+    with kernel_overlay_mount([Path(base_path)], upper, work, mnt, ["redirect_dir=on", "index=on"]) as root:
+        os.rename(root / "L", root / "R")
+        (root / "other").write_bytes(new)
+        seen = _mounted_tree(root)
+    assert seen["R/n"] == (stat.S_IFREG, 0o644, 2, new, ("other",))
+    assert os.getxattr(upper / "R", "trusted.overlay.redirect") == b"L"
+    assert not (upper / "R" / "n").exists()  # the lower-only name: only the index knows it
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = Path(store.layer_path(result.digest))
+    snap = upper_snapshot(layer)
+    assert snap["L"].type == "whiteout" and snap["R"].opaque and snap["R"].redirect is None
+    assert snap["R/n"].same_ino == ("other",) and snap["R/n"].nlink == 2
+    assert (layer / "R" / "n").read_bytes() == new and (layer / "R" / "keep").read_bytes() == b"keep\n"
+    _no_overlay_xattrs(layer)
+    assert layer_digest(str(layer)) == result.digest
+    kernel, core = _image_trees([str(layer), base_path], tmp_path)
+    assert kernel == seen
+    assert core == seen
+
+
+def test_an_index_upper_with_names_left_below_a_renamed_dir_and_in_a_plain_dir(store: Store,
+                                                                               tmp_path: Path) -> None:
+    """Two names left only in the base, one below a renamed directory and one in a directory the upper lacks:
+    both become hard links of the copy, and the image shows the union's tree."""
+    base = import_dir(store, str(build_layer({"L/n": "old\n", "P/q": Hardlink("L/n"), "other": Hardlink("L/n"),
+                                              "P/p": "p\n"}, tmp_path / "base")), image="base")
+    base_path = store.layer_path(base.digest)
+    fs, upper = _indexed_union_on([base_path], tmp_path)
+    try:
+        fs.rename("L", "R")
+        _write(fs, "other", b"NEW DATA\n")
+        seen = _core_tree(fs)
+    finally:
+        fs.close()
+    assert seen["P/q"] == (stat.S_IFREG, 0o644, 3, b"NEW DATA\n", ("R/n", "other"))
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = Path(store.layer_path(result.digest))
+    assert sorted(os.listdir(layer)) == ["L", "P", "R", "other"] and os.listdir(layer / "P") == ["q"]
+    assert {os.stat(layer / p).st_ino for p in ("P/q", "R/n", "other")} == {os.stat(layer / "other").st_ino}
+    assert os.stat(layer / "other").st_nlink == 3
+    _no_overlay_xattrs(layer)
+    assert layer_digest(str(layer)) == result.digest
+    kernel, core = _image_trees([str(layer), base_path], tmp_path)
+    assert kernel == seen
+    assert core == seen
+
+
+def test_an_index_copy_below_a_renamed_dir_carries_the_names_left_in_plain_dirs(store: Store,
+                                                                                tmp_path: Path) -> None:
+    """The copy made through a name below a renamed directory (``R/n``, written after ``mv L R``), a second
+    lower name there (``R/m``) and one in the base's root: the flattened copy of ``R`` and the root name are
+    links of the copy, none shows the old data."""
+    base = import_dir(store, str(build_layer({"L/n": "old\n", "L/m": Hardlink("L/n"), "other": Hardlink("L/n")},
+                                             tmp_path / "base")), image="base")
+    base_path = store.layer_path(base.digest)
+    fs, upper = _indexed_union_on([base_path], tmp_path)
+    try:
+        fs.rename("L", "R")
+        _write(fs, "R/n", b"NEW DATA\n")
+        seen = _core_tree(fs)
+    finally:
+        fs.close()
+    assert seen["other"] == (stat.S_IFREG, 0o644, 3, b"NEW DATA\n", ("R/m", "R/n"))
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = Path(store.layer_path(result.digest))
+    assert {os.stat(layer / p).st_ino for p in ("R/m", "R/n", "other")} == {os.stat(layer / "other").st_ino}
+    kernel, core = _image_trees([str(layer), base_path], tmp_path)
+    assert kernel == seen
+    assert core == seen
+
+
+def test_an_index_file_with_two_upper_names_and_one_below_a_renamed_dir(store: Store, tmp_path: Path) -> None:
+    """Two names copied up (``x``, ``y``), the third left below a renamed directory and first in canonical
+    order (``R/n``): it holds the copy's data, the upper names are links of it, each name once."""
+    base = import_dir(store, str(build_layer({"L/n": "old\n", "x": Hardlink("L/n"), "y": Hardlink("L/n")},
+                                             tmp_path / "base")), image="base")
+    base_path = store.layer_path(base.digest)
+    fs, upper = _indexed_union_on([base_path], tmp_path)
+    try:
+        fs.rename("L", "R")
+        _write(fs, "x", b"NEW DATA\n")
+        fs.chmod("y", 0o600)
+        seen = _core_tree(fs)
+    finally:
+        fs.close()
+    assert sorted(os.listdir(upper)) == ["L", "R", "x", "y"]
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = Path(store.layer_path(result.digest))
+    snap = upper_snapshot(layer)
+    assert snap["R/n"] == replace(snap["x"], same_ino=("x", "y"))
+    assert snap["x"].mode == 0o600 and snap["x"].nlink == 3
+    assert result.files == 1
+    kernel, core = _image_trees([str(layer), base_path], tmp_path)
+    assert kernel == seen
+    assert core == seen
+
+
+def test_index_files_of_two_layers_of_a_base(store: Store, tmp_path: Path) -> None:
+    """A base of two layers on one file system (a handle decodes in either), each with a lower hard link
+    below a directory that gets renamed: each file's names are looked for in the layer that holds it, not
+    only in the first one where its handle decodes, and both become links of their copies."""
+    bottom = import_dir(store, str(build_layer({"L/n": "old\n", "other": Hardlink("L/n")}, tmp_path / "b1")),
+                        image="bottom")
+    top = commit_upper(store, str(build_layer({"T/a": "top\n", "T/b": Hardlink("T/a")}, tmp_path / "b2")),
+                       image="base", base_image="bottom")
+    lowers = [store.layer_path(top.digest), store.layer_path(bottom.digest)]
+    fs, upper = _indexed_union_on(lowers, tmp_path)
+    try:
+        fs.rename("L", "R")
+        fs.rename("T", "U")
+        _write(fs, "other", b"NEW DATA\n")
+        _write(fs, "U/b", b"NEW TOP\n")
+        seen = _core_tree(fs)
+    finally:
+        fs.close()
+    assert seen["U/a"] == (stat.S_IFREG, 0o644, 2, b"NEW TOP\n", ("U/b",))
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = Path(store.layer_path(result.digest))
+    assert os.stat(layer / "R" / "n").st_ino == os.stat(layer / "other").st_ino
+    assert os.stat(layer / "U" / "a").st_ino == os.stat(layer / "U" / "b").st_ino
+    kernel, core = _image_trees([str(layer), *lowers], tmp_path)
+    assert kernel == seen
+    assert core == seen
+
+
+def test_an_index_upper_below_a_renamed_dir_whose_count_does_not_match_is_refused(store: Store,
+                                                                                  tmp_path: Path) -> None:
+    """A link count that says more names are left below than the union shows (one below the renamed
+    directory): refused with one line, the store as it was; and without a known base, too."""
+    base = import_dir(store, str(build_layer({"L/n": "old\n", "other": Hardlink("L/n")}, tmp_path / "base")),
+                      image="base")
+    fs, upper = _indexed_union_on([store.layer_path(base.digest)], tmp_path)
+    try:
+        fs.rename("L", "R")
+        _write(fs, "other", b"NEW DATA\n")
+    finally:
+        fs.close()
+    layers_before = sorted(os.listdir(Path(store.root, "layers")))
+    with pytest.raises(CommitError, match=r"^upper .*: R carries an overlay redirect"):
+        commit_upper(store, str(upper), image="app")
+    assert os.getxattr(upper / "other", "trusted.overlay.nlink") == b"U+0"
+    os.setxattr(upper / "other", "trusted.overlay.nlink", b"U+1")  # two names below, where one is
+    with pytest.raises(CommitError, match=r"^upper .*: other carries an overlay metacopy xattr .*, or is a hard "
+                                          r"link copied up with index=on whose link count does not match"):
+        commit_upper(store, str(upper), image="app", base_image="base")
+    assert sorted(os.listdir(Path(store.root, "layers"))) == layers_before
+    assert [i.name for i in store.images()] == ["base"]
+    assert os.listdir(Path(store.root, "tmp")) == []
+
+
+def test_two_upper_files_claiming_one_lower_file_are_refused(store: Store, tmp_path: Path) -> None:
+    """An upper where another file carries the origin and link count of an indexed copy (not what a mount
+    writes): the names below cannot belong to both, so the commit is refused and the store left as it was."""
+    base = import_dir(store, str(build_layer({"L/n": "old\n", "other": Hardlink("L/n")}, tmp_path / "base")),
+                      image="base")
+    fs, upper = _indexed_union_on([store.layer_path(base.digest)], tmp_path)
+    try:
+        fs.rename("L", "R")
+        _write(fs, "other", b"NEW DATA\n")
+    finally:
+        fs.close()
+    (upper / "twin").write_bytes(b"twin\n")
+    os.link(upper / "twin", upper / "twin2")  # two names, as the copy's upper name and its index entry
+    for attr in ("trusted.overlay.origin", "trusted.overlay.nlink"):
+        os.setxattr(upper / "twin", attr, os.getxattr(upper / "other", attr))
+    layers_before = sorted(os.listdir(Path(store.root, "layers")))
+    with pytest.raises(CommitError, match=r"^upper .*: twin carries an overlay metacopy xattr .*, or is a hard "
+                                          r"link copied up with index=on"):
+        commit_upper(store, str(upper), image="app", base_image="base")
+    assert sorted(os.listdir(Path(store.root, "layers"))) == layers_before
+    assert os.listdir(Path(store.root, "tmp")) == []
+
+
+INDEX_BASE = {"A/B/n": "old\n", "A/B/m": Hardlink("A/B/n"), "A/x": Hardlink("A/B/n"), "C/y": Hardlink("A/B/n"),
+              "top": Hardlink("A/B/n"), "A/B/keep": "k\n", "C/keep": "c\n"}
+"""Five names of one lower file, in nested, plain and root directories."""
+INDEX_SCENARIOS: dict[str, list[tuple[str, ...]]] = {
+    "nested-renames": [("rename", "A", "R"), ("rename", "R/B", "R/B2"), ("write", "top")],
+    "moved-to-another-dir": [("rename", "A/B", "C/B"), ("write", "A/x")],
+    "moved-and-parent-renamed": [("rename", "A/B", "C/B"), ("rename", "A", "Z"), ("write", "C/y")],
+    "written-below-the-renamed-dir": [("rename", "A", "R"), ("write", "R/B/m")],
+    "two-names-copied-up": [("rename", "A/B", "B"), ("chmod", "top"), ("chmod", "C/y")],
+    "a-name-unlinked": [("rename", "A", "R"), ("unlink", "R/B/n"), ("write", "top")],
+    "a-name-renamed": [("rename", "A", "R"), ("write", "top"), ("rename", "R/x", "R/B/x2")],
+}
+
+
+@pytest.mark.parametrize("scenario", INDEX_SCENARIOS)
+def test_index_names_below_renamed_dirs_commit_as_the_kernel_showed_them(store: Store, tmp_path: Path,
+                                                                         scenario: str) -> None:
+    """Directories renamed in several ways over a lower file of five names, changed through one or two of
+    them, on the kernel's overlayfs (redirect_dir=on, index=on): the image of the commit shows the kernel's
+    tree, mounted on the kernel and read by unionfs."""
+    base = import_dir(store, str(build_layer(INDEX_BASE, tmp_path / "base")), image="base")  # type: ignore[arg-type]
+    base_path = store.layer_path(base.digest)
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    for d in (upper, work, mnt):
+        d.mkdir()
+    with kernel_overlay_mount([Path(base_path)], upper, work, mnt, ["redirect_dir=on", "index=on"]) as root:
+        for op, *args in INDEX_SCENARIOS[scenario]:
+            if op == "rename":
+                os.rename(root / args[0], root / args[1])
+            elif op == "write":
+                (root / args[0]).write_bytes(f"new through {args[0]}\n".encode())
+            elif op == "chmod":
+                os.chmod(root / args[0], 0o600)
+            else:
+                os.unlink(root / args[0])
+        seen = _mounted_tree(root)
+    result = commit_upper(store, str(upper), image="app", base_image="base")
+    layer = store.layer_path(result.digest)
+    _no_overlay_xattrs(Path(layer))
+    kernel, core = _image_trees([layer, base_path], tmp_path)
+    assert kernel == seen
+    assert core == seen

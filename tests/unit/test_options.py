@@ -296,6 +296,20 @@ def test_redirect_dir_bogus() -> None:
         "redirect_dir=yes: expected one of on, follow, nofollow, off"
 
 
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_index_modes(mode: str) -> None:
+    assert parse("-o", f"{RW},index={mode}", "/m").inode_index == mode
+
+
+def test_index_is_off_by_default_and_a_later_value_wins() -> None:
+    assert parse("-o", RW, "/m").inode_index == "off"
+    assert parse("-o", f"{RW},index=on", "-o", "index=off", "/m").inode_index == "off"
+
+
+def test_index_bogus() -> None:
+    assert error_of("-o", RW + ",index=yes", "/m") == "index=yes: expected one of on, off"
+
+
 def test_whiteout_bogus() -> None:
     assert error_of("-o", RW + ",whiteout=bogus", "/m") == "whiteout=bogus: expected one of auto, kernel, oci"
 

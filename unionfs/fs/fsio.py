@@ -104,6 +104,16 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def fd_xattr(fd: int, attr: str) -> bytes | None:
+    """The value of ``attr`` on the open file ``fd`` (no path is resolved), or None where it is not set."""
+    try:
+        return os.getxattr(fd, attr)
+    except OSError as exc:
+        if exc.errno in _XATTR_MISSING:
+            return None
+        raise
+
+
 def split(rel: str) -> tuple[str, str]:
     """Split a relative path into (parent, name); ``"a/b/c"`` → ``("a/b", "c")``, ``"a"`` → ``("", "a")``."""
     parent, _, name = rel.rpartition("/")
@@ -137,6 +147,45 @@ def resolve_root(path: str) -> tuple[str, int]:
     if not stat_mod.S_ISDIR(st.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     return real, st.st_dev
+
+
+_AT_EMPTY_PATH = 0x1000
+_MAX_HANDLE_SZ = 128
+_FS_IOC_GETFSUUID = 0x80111500
+"""``_IOR(0x15, 0, struct fsuuid2)``: a file system's ``s_uuid`` (Linux 6.5+)."""
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * _MAX_HANDLE_SZ)]
+
+
+def _handle_of_fd(fd: int) -> tuple[int, bytes]:
+    """``name_to_handle_at(fd, "", AT_EMPTY_PATH)``: the file handle (type, bytes) of the object ``fd`` holds."""
+    fh = _FileHandle()
+    fh.handle_bytes = _MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    rc = _libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), _AT_EMPTY_PATH)
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes])
+
+
+def _open_by_handle(mount_fd: int, handle_type: int, handle: bytes) -> int:
+    """``open_by_handle_at(mount_fd, handle, O_PATH)``: a descriptor of the object, on ``mount_fd``'s file
+    system (ESTALE where it is gone; needs CAP_DAC_READ_SEARCH)."""
+    if len(handle) > _MAX_HANDLE_SZ:
+        raise OSError(errno.EINVAL, "file handle too long")
+    fh = _FileHandle()
+    fh.handle_bytes = len(handle)
+    fh.handle_type = handle_type
+    ctypes.memmove(fh.f_handle, handle, len(handle))
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), os.O_PATH | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(fd)
 
 
 class Pinned:
@@ -264,6 +313,44 @@ class HostDir:
     def pin(self, rel: str) -> Pinned:
         """Hold the object ``rel`` (never a symlink's target) by an ``O_PATH`` descriptor."""
         return Pinned(self.open(rel, os.O_PATH))
+
+    def file_handle(self, rel: str) -> tuple[int, bytes]:
+        """The host file handle of ``rel`` (never a symlink's target: the object is held by an ``O_PATH``
+        descriptor first), as ``name_to_handle_at(2)`` makes it: ``(handle_type, bytes)``.  EOPNOTSUPP where
+        the file system cannot make handles."""
+        fd = self.open(rel, os.O_PATH)
+        try:
+            return _handle_of_fd(fd)
+        finally:
+            os.close(fd)
+
+    def stat_by_handle(self, handle_type: int, handle: bytes) -> os.stat_result | None:
+        """The ``fstat`` of the object a file handle names on this tree's file system (anywhere on it, as
+        the kernel decodes a non-directory origin), or None where it is gone (ESTALE)."""
+        root = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)  # not O_PATH: refused
+        try:
+            fd = _open_by_handle(root, handle_type, handle)
+        except OSError as exc:
+            if exc.errno in (errno.ESTALE, errno.ENOENT):
+                return None
+            raise
+        finally:
+            os.close(root)
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def fs_uuid(self) -> bytes:
+        """The 16-byte ``s_uuid`` of the file system this tree is on (``FS_IOC_GETFSUUID``; all zeros where
+        the file system has none).  ENOTTY where the kernel cannot tell (before Linux 6.5)."""
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        try:
+            buf = bytearray(17)
+            fcntl.ioctl(fd, _FS_IOC_GETFSUUID, buf)
+        finally:
+            os.close(fd)
+        return bytes(buf[1:1 + min(buf[0], 16)]).ljust(16, b"\0")
 
     def read_bytes(self, rel: str) -> bytes:
         """The whole content of regular file ``rel`` (opened as :meth:`open` opens, never through a symlink)."""

@@ -41,6 +41,9 @@ class Inodes:
             self.layer_fs[layer.index] = devs.setdefault(layer.host.dev, len(devs))
         self.links: dict[tuple[int, int], set[str]] = {}
         """Union paths seen of each upper non-directory with several links, by (st_dev, st_ino)."""
+        self.overlay_origin: Callable[[str, os.stat_result], int | None] | None = None
+        """The st_ino of an upper object without our origin record, from the kernel's
+        (``trusted.overlay.origin``) where the union reads it (``index=on``), else None."""
 
     def ino(self, layer: int, real_ino: int) -> int:
         """The union's st_ino of an object whose host inode number in layer ``layer`` is ``real_ino``."""
@@ -58,6 +61,8 @@ class Inodes:
         except OSError:  # no origin recorded (or no xattrs here at all): the object's own number
             value = None
         ino = self.origin_ino(value, st)
+        if not value and self.overlay_origin is not None:
+            ino = self.overlay_origin(path, st) or ino
         self.cache.put_ino(path, ino)
         return ino
 

@@ -27,9 +27,19 @@ from unionfs.fs import copyup
 from unionfs.fs.attr import Attr, attr_of
 from unionfs.fs.cache import LookupCache
 from unionfs.fs.dirstate import DirState
-from unionfs.fs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, HostDir, fallocate, join, split
+from unionfs.fs.fsio import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    HostDir,
+    fallocate,
+    fd_xattr,
+    join,
+    split,
+)
 from unionfs.fs.gate import WriteGate
 from unionfs.fs.idmap import IdMap
+from unionfs.fs.index import NLINK_XATTR, ORIGIN_XATTR, InodeIndex, union_nlink
 from unionfs.fs.inodes import ORIGIN_TRUSTED, Inodes
 from unionfs.fs.layers import WORK_SUBDIR, LayerStack
 from unionfs.fs.lookup import NAME_MAX, Node, Resolver
@@ -91,7 +101,8 @@ class UnionFS:
     :data:`REDIRECT_MODES` (ValueError otherwise)."""
 
     def __init__(self, stack: LayerStack, *, whiteout: str = "auto", volatile: bool = False,
-                 cache_entries: int = 1_000_000, idmap: IdMap | None = None, redirect_dir: str = "on") -> None:
+                 cache_entries: int = 1_000_000, idmap: IdMap | None = None, redirect_dir: str = "on",
+                 index: bool = False) -> None:
         if redirect_dir not in REDIRECT_MODES:
             raise ValueError(f"redirect_dir={redirect_dir}: expected one of {', '.join(REDIRECT_MODES)}")
         self.stack = stack
@@ -106,14 +117,29 @@ class UnionFS:
         self.invalidate: Callable[[str], None] = lambda path: None
         """Told the union path of every *other* name whose cached attributes/data an operation made stale
         (names of a hard-linked upper file).  The FUSE adapter forwards these to the kernel."""
+        self.index: InodeIndex | None = None
+        """The inode index (``index=on`` on a writable union; the kernel ignores it without an upper)."""
+        if index and stack.upper is not None and stack.work is not None and stack.lowers:
+            self.index = InodeIndex(upper=stack.upper.host, work=stack.work,
+                                    lowers={layer.index: layer.host for layer in stack.lowers},
+                                    order=stack.lower_indices)
+            self.index.verify()  # before anything is written: a mismatch leaves the dirs as they were
         fmt = Upper.prepare(stack, whiteout=whiteout)  # mount-time I/O: cleans the workdir, probes the format
+        if self.index is not None:
+            if fmt is None or fmt.origin_xattr != ORIGIN_TRUSTED:
+                raise OSError(errno.EINVAL, "index=on needs trusted.* xattrs in the upper and work dirs "
+                                            "(the kernel refuses userxattr,index=on): mount with index=off")
+            self.index.setup()
         self.inodes = Inodes(stack, self.cache, origin_xattr=fmt.origin_xattr if fmt else ORIGIN_TRUSTED,
                              notify=self._notify)
         self.upper: Upper | None = None if fmt is None else Upper(
             stack, fmt, resolver=self.resolver, cache=self.cache, inodes=self.inodes, volatile=volatile,
             notify=self._notify)
         if self.upper is not None:
-            self.upper.opaque_new_dirs = redirect_dir == "on"
+            self.upper.opaque_new_dirs = redirect_dir == "on" or self.index is not None
+            self.upper.index = self.index
+            if self.index is not None:
+                self.inodes.overlay_origin = self._overlay_origin_ino
         self._lower_handles: dict[str, set[int]] = {}
         """Read-only handles open on a lower file, by path: a copy-up moves them onto the upper copy, so that
         they see later writes (as the kernel's overlayfs does since 4.19)."""
@@ -162,10 +188,93 @@ class UnionFS:
             if cached is not None:
                 return cached
             st = self._host(node).lstat(node.source)
+            if self.index is not None and not node.is_dir and st.st_nlink > 1:
+                return self._lower_link_attrs(path, node, st)
             merged = node.is_dir and len(node.merge_layers) > 1 and self._merged(path)
             attrs = self._attrs(st, self.inodes.ino(node.layer, st.st_ino), 1 if merged else None)
             self.cache.put_attrs(path, attrs)
             return attrs
+
+    def _lower_link_attrs(self, path: str, node: Node, st: os.stat_result) -> Attr:
+        """The attributes of ``path``, a lower name of a lower hard link (lstat ``st``) with ``index=on``:
+        its index entry's where one name of the inode was copied up (data, mode, the union's link count),
+        with the lower object's st_ino; never cached (a change through another name changes them)."""
+        assert self.index is not None
+        name = self.index.name_of(node.layer, node.source, st, path)
+        ino = self.inodes.ino(node.layer, st.st_ino)
+        entry = self.index.entry_stat(name)
+        if entry is None:
+            return self._attrs(st, ino)
+        self.inodes.note_links(path, entry)
+        return self._attrs(entry, ino, self.index.nlink_of_entry(name, entry, st.st_nlink))
+
+    def _overlay_origin_ino(self, path: str, st: os.stat_result) -> int | None:
+        """The st_ino of upper non-directory ``path`` (lstat ``st``) copied up by the kernel: its origin's,
+        where the kernel uses it (an origin with one link, or an indexed one), else None."""
+        if self.index is None or self.upper is None or stat_mod.S_ISDIR(st.st_mode):
+            return None
+        origin = self.index.origin_stat(self.upper.dir.try_getxattr(path, ORIGIN_XATTR))
+        if origin is None or (origin.st_nlink > 1 and self.index.indexed_name(self.upper.dir, path, st) is None):
+            return None
+        for layer in self.stack.lowers:
+            if layer.host.dev == origin.st_dev:
+                return self.inodes.ino(layer.index, origin.st_ino)
+        return None
+
+    def _index_entry(self, path: str, node: Node) -> str | None:
+        """Where ``path`` (``node``) is a lower name of a lower hard link whose inode was copied up through
+        the index (``index=on``): the entry's path in the work dir; else None."""
+        if self.index is None or node.in_upper or node.is_dir:
+            return None
+        st = self._host(node).lstat(node.source)
+        if st.st_nlink < 2:
+            return None
+        name = self.index.name_of(node.layer, node.source, st, path)
+        return None if self.index.entry_stat(name) is None else self.index.rel(name)
+
+    def _is_lower_link(self, node: Node) -> bool:
+        """Is ``node`` a lower non-directory with several links (what ``index=on`` copies up through the
+        index, also before removing or replacing a name of it, as the kernel's ``ovl_nlink_start``)?"""
+        return (self.index is not None and not node.in_upper and not node.is_dir
+                and self._host(node).lstat(node.source).st_nlink > 1)
+
+    def _indexed_upper(self, path: str) -> tuple[str, int] | None:
+        """Where upper ``path`` is a name of an indexed inode: (its index name, the union's link count)."""
+        if self.index is None or self.upper is None:
+            return None
+        st = self.upper.dir.try_lstat(path)
+        if st is None:
+            return None
+        name = self.index.indexed_name(self.upper.dir, path, st)
+        if name is None:
+            return None
+        return name, self.index.nlink_of_upper(self.upper.dir, path, st)
+
+    def _identity(self, path: str, node: Node) -> tuple[int, int] | None:
+        """The host inode a non-directory name shows with ``index=on`` (an upper name's own, a lower name's
+        index entry, or its lower inode): two names of one file are one overlay inode to the kernel."""
+        if node.is_dir:
+            return None
+        if node.in_upper:
+            st = self._host(node).lstat(path)
+            return st.st_dev, st.st_ino
+        entry = self._index_entry(path, node)
+        if entry is not None and self.upper is not None:
+            st = self.upper.work.lstat(entry)
+        else:
+            st = self._host(node).lstat(node.source)
+        return st.st_dev, st.st_ino
+
+    def _one_inode(self, a: str, anode: Node, b: str, bnode: Node) -> bool:
+        """Are non-directories ``a`` and ``b`` one inode to the kernel (what makes rename(2) and
+        renameat2(RENAME_EXCHANGE) of them do nothing): two upper names of one upper file, or with
+        ``index=on`` any two names of one lower hard link (copied up through the index or not)?"""
+        if anode.is_dir or bnode.is_dir:
+            return False
+        if anode.in_upper and bnode.in_upper:
+            ast, bst = self._host(anode).lstat(a), self._host(bnode).lstat(b)
+            return (ast.st_dev, ast.st_ino) == (bst.st_dev, bst.st_ino)
+        return self.index is not None and self._identity(a, anode) == self._identity(b, bnode)
 
     def copy_up_bytes(self, path: str) -> int:
         """The bytes of file data a change of ``path`` would copy up first: 0 where its top copy is in the
@@ -211,6 +320,9 @@ class UnionFS:
                     if st is None:
                         continue
                     child = join(path, names[index])
+                    if self.index is not None and not node.is_dir and st.st_nlink > 1:
+                        out[index] = self._lower_link_attrs(child, node, st)
+                        continue
                     merged = node.is_dir and len(node.merge_layers) > 1 and self._merged(child)
                     attrs = self._attrs(st, self.inodes.ino(node.layer, st.st_ino), 1 if merged else None)
                     self.cache.put_attrs(child, attrs)
@@ -228,6 +340,8 @@ class UnionFS:
                         continue
                     child = join(path, name)
                     ino = self.cache.get_ino(child)
+                    if ino is None and origins[index] is None and self.inodes.overlay_origin is not None:
+                        ino = self.inodes.upper_ino(child, st)
                     if ino is None:
                         ino = self.inodes.origin_ino(origins[index], st)
                         self.cache.put_ino(child, ino)
@@ -238,6 +352,8 @@ class UnionFS:
         """The attributes of upper object ``path`` from its ``lstat`` and union inode number (never cached:
         the daemon's own writes change them)."""
         self.inodes.note_links(path, st)
+        if self.index is not None and st.st_nlink > 1 and not node.is_dir:
+            return self._attrs(st, ino, self.index.nlink_of_upper(self.resolver.hosts[0], path, st))
         merged = node.is_dir and self._may_merge(path, node) and self._merged(path)
         return self._attrs(st, ino, 1 if merged else None)
 
@@ -262,7 +378,15 @@ class UnionFS:
 
     def fgetattr(self, handle: Handle) -> Attr:
         """Attributes through an open handle (works after the name was unlinked)."""
-        return self._attrs(os.fstat(handle.fd), handle.ino)
+        st = os.fstat(handle.fd)
+        if self.index is not None and st.st_nlink > 1 and not stat_mod.S_ISDIR(st.st_mode):
+            value = fd_xattr(handle.fd, NLINK_XATTR)
+            if value is not None:  # an indexed inode: the union's count (an 'L' one needs its origin: path)
+                nlink = union_nlink(value, upper_nlink=st.st_nlink, lower_nlink=None, fallback=-1)
+                if nlink < 0:
+                    return self.getattr(handle.path)
+                return self._attrs(st, handle.ino, nlink)
+        return self._attrs(st, handle.ino)
 
     def readlink(self, path: str) -> str:
         with self.lock:
@@ -325,6 +449,9 @@ class UnionFS:
             host_name = xattr_to_host(name)
             if host_name is None:
                 return None
+            entry = self._index_entry(path, node)
+            if entry is not None and self.upper is not None:
+                return self.upper.work.try_getxattr(entry, host_name)
             if not node.in_upper:
                 return self._lower_xattrs(path, node).get(host_name)
             try:
@@ -337,7 +464,12 @@ class UnionFS:
     def listxattr(self, path: str) -> list[str]:
         with self.lock:
             node = self.resolver.require(path)
-            host_names = self._host(node).listxattr(path) if node.in_upper else self._lower_xattrs(path, node)
+            entry = self._index_entry(path, node)
+            host_names: list[str] | dict[str, bytes]
+            if entry is not None and self.upper is not None:
+                host_names = self.upper.work.listxattr(entry)
+            else:
+                host_names = self._host(node).listxattr(path) if node.in_upper else self._lower_xattrs(path, node)
             if not host_names:
                 return []
             names = (xattr_from_host(n) for n in host_names)
@@ -366,26 +498,34 @@ class UnionFS:
     @_mutating
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         with self.lock:
-            upper = self._writable().dir
-            self.resolver.require(path)
+            layer = self._writable()
+            node = self.resolver.require(path)
             host_name = xattr_to_host(name)
             if host_name is None:
                 raise _err(errno.EPERM, path)
+            entry = self._index_entry(path, node)
+            if entry is not None:  # the kernel's inode has the index entry as its upper: no copy-up
+                layer.work.setxattr(entry, host_name, value, flags)
+                return
             self.copy_up(path)
-            upper.setxattr(path, host_name, value, flags)
+            layer.dir.setxattr(path, host_name, value, flags)
 
     @_mutating
     def removexattr(self, path: str, name: str) -> None:
         with self.lock:
-            upper = self._writable().dir
+            layer = self._writable()
             node = self.resolver.require(path)
             host_name = xattr_to_host(name)
             if host_name is None:
                 raise _err(errno.ENODATA, path)
+            entry = self._index_entry(path, node)
+            if entry is not None:  # as in setxattr: the index entry is the inode's upper copy
+                layer.work.removexattr(entry, host_name)
+                return
             if not node.in_upper:
                 self._host(node).getxattr(node.source, host_name)  # ENODATA before any copy-up
             self.copy_up(path)
-            upper.removexattr(path, host_name)
+            layer.dir.removexattr(path, host_name)
 
     # ================================================================== copy-up
     def copy_up(self, path: str, *, data_limit: int | None = None, truncate_to: int | None = None) -> Node:
@@ -528,6 +668,9 @@ class UnionFS:
                 raise _err(errno.EISDIR, path)
             parent_path, name = split(path)
             parent = upper.ensure_dir(parent_path)
+            if self._is_lower_link(node):  # the kernel copies it up first, to count the union's links
+                node = self.copy_up(path)
+            indexed = self._indexed_upper(path) if node.in_upper else None
             old = upper.dir.try_lstat(path) if node.in_upper else None
             if self._needs_whiteout(parent, name):
                 upper.replace_with_whiteout(path, is_dir=False)
@@ -537,6 +680,8 @@ class UnionFS:
                 parent.upper_remove(name)
             self.cache.drop_attrs(path)
             self.cache.drop_ino(path)
+            if indexed is not None and self.index is not None:
+                self.index.record_nlink(indexed[0], indexed[1] - 1)
             if old is not None and old.st_nlink > 1:
                 self.inodes.forget_name(path, old)
                 self.inodes.invalidate_other_names(path, old)
@@ -633,10 +778,8 @@ class UnionFS:
             self._check_representable(dst)
             if dst == src:
                 return
-            if dnode is not None and snode.in_upper and dnode.in_upper and not snode.is_dir:
-                sst, dst_st = upper.lstat(src), upper.lstat(dst)
-                if (sst.st_dev, sst.st_ino) == (dst_st.st_dev, dst_st.st_ino):
-                    return  # two names of one file: rename(2) does nothing
+            if dnode is not None and self._one_inode(src, snode, dst, dnode):
+                return  # two names of one file: rename(2) does nothing
             if snode.is_dir and dst.startswith(src + "/"):
                 raise _err(errno.EINVAL, dst)
             if dnode is not None:
@@ -673,6 +816,11 @@ class UnionFS:
             sparent = layer.ensure_dir(sparent_path)
             snode = self.copy_up(src)
             dparent = layer.ensure_dir(split(dst)[0])
+            dindexed = None
+            if dnode is not None and not dnode.is_dir and self.index is not None:
+                if self._is_lower_link(dnode):  # as for unlink: the replaced name's links are counted
+                    dnode = self.copy_up(dst)
+                dindexed = self._indexed_upper(dst)
             src_needs_wh = self._needs_whiteout(sparent, sname)
             # Clear what the upper holds at dst: an (empty-looking) upper dir with only whiteouts inside,
             # a whiteout of either format.
@@ -709,6 +857,8 @@ class UnionFS:
             dparent.upper_set(dname, snode.kind)
             self.cache.invalidate_subtree(src)
             self.cache.invalidate_subtree(dst)
+            if dindexed is not None and self.index is not None:
+                self.index.record_nlink(dindexed[0], dindexed[1] - 1)
             if replaced is not None and replaced.st_nlink > 1:
                 # the replaced file lost a link (and its ctime moved): its other names' caches are stale
                 self.inodes.forget_name(dst, replaced)
@@ -725,8 +875,8 @@ class UnionFS:
         for path in (a, b):
             _check_name(path)
             self._check_representable(path)
-        if a == b:
-            return
+        if a == b or self._one_inode(a, anode, b, bnode):
+            return  # the VFS exchanges nothing where both names are one inode (nothing is copied up)
         if (anode.is_dir and b.startswith(a + "/")) or (bnode.is_dir and a.startswith(b + "/")):
             raise _err(errno.EINVAL, b)
         a_lower = anode.is_dir and self._has_lower(a, anode)
@@ -828,6 +978,16 @@ class UnionFS:
                     raise _err(errno.EISDIR, path)
                 truncating = bool(flags & os.O_TRUNC)
                 node = self.copy_up(path, data_limit=0 if truncating else None)
+            else:
+                entry = self._index_entry(path, node)
+                if entry is not None and self.upper is not None:  # the file the other names wrote
+                    fd = self.upper.work.open(entry, host_flags)
+                    try:
+                        ino = self.inodes.ino(node.layer, self._host(node).lstat(node.source).st_ino)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    return Handle(fd, path, ino, True, host_flags)
             host = self._host(node)
             fd = host.open(node.source, host_flags)
             try:

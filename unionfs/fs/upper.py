@@ -13,6 +13,7 @@ object over a whiteout, a whiteout over an object), so a crash leaves the old st
 from __future__ import annotations
 
 import errno
+import os
 import stat as stat_mod
 from collections.abc import Callable
 from typing import NamedTuple
@@ -21,6 +22,7 @@ from unionfs.fs import acl, copyup
 from unionfs.fs.cache import LookupCache
 from unionfs.fs.dirstate import DirState
 from unionfs.fs.fsio import RENAME_EXCHANGE, RENAME_NOREPLACE, HostDir, join, split
+from unionfs.fs.index import NLINK_XATTR, ORIGIN_XATTR, InodeIndex, format_nlink
 from unionfs.fs.inodes import ORIGIN_TRUSTED, ORIGIN_USER, Inodes
 from unionfs.fs.layers import WORK_SUBDIR, LayerStack
 from unionfs.fs.lookup import Node, Resolver, path_error
@@ -60,6 +62,8 @@ class Upper:
         self.volatile = volatile
         self.notify = notify
         self.opaque_new_dirs = False
+        self.index: InodeIndex | None = None
+        """The inode index (``index=on``): copy-up of a lower hard link goes through it."""
         """Mark a directory made in a merged directory opaque, as the kernel does once a feature that
         forbids offline changes of the lower layers is on (``redirect_dir=on``, ``index=on``)."""
 
@@ -96,6 +100,10 @@ class Upper:
         parent = self.ensure_dir(parent_path)
         host = self.resolver.hosts[node.layer]
         st = host.lstat(node.source)
+        if self.index is not None and not node.is_dir and st.st_nlink > 1:
+            self._copy_up_indexed(path, node, host, st, data_limit=data_limit, truncate_to=truncate_to)
+            parent.upper_set(name, node.kind)
+            return Node(node.kind, True, 0, node.merge_layers, path)
         keeps_origin = node.is_dir or st.st_nlink == 1
         origin = str(self.inodes.ino(node.layer, st.st_ino)).encode()
         tmp = join(WORK_SUBDIR, copyup.temp_name("copyup"))
@@ -132,6 +140,61 @@ class Upper:
             # a copy that breaks a lower hard link shows its own st_ino: the parent's listing (d_ino) changed
             self.notify(parent_path)
         return Node(node.kind, True, 0, node.merge_layers, path)
+
+    def _copy_up_indexed(self, path: str, node: Node, host: HostDir, st: os.stat_result, *,
+                         data_limit: int | None, truncate_to: int | None) -> None:
+        """Copy-up of a name of a lower hard link through the inode index (docs/semantics.md, ``index``): the
+        first one copies the file into the work dir and publishes it as its index entry; every one then
+        links the entry to its upper name, and the union's link count is recorded relative to the upper
+        inode's (``trusted.overlay.nlink``).  The other names the kernel may hold see the new file."""
+        index = self.index
+        assert index is not None
+        work = self.work
+        name = index.name_of(node.layer, node.source, st, path)
+        rel = index.rel(name)
+        entry = index.entry_stat(name)
+        parent_path = split(path)[0]
+        parent_times = self.dir.lstat(parent_path)
+        if entry is None:
+            origin = str(self.inodes.ino(node.layer, st.st_ino)).encode()
+            fh = bytes.fromhex(name)
+
+            def mark(tmp_rel: str) -> None:
+                work.setxattr(tmp_rel, ORIGIN_XATTR, fh)
+                work.setxattr(tmp_rel, self.origin_xattr, origin)
+                work.setxattr(tmp_rel, NLINK_XATTR, format_nlink(st.st_nlink, 1))
+
+            tmp = join(WORK_SUBDIR, copyup.temp_name("copyup"))
+            copyup.stage_copy(host, node.source, st, work, tmp, data_limit=data_limit, sync=not self.volatile,
+                              mark=mark, truncate_to=truncate_to)
+            try:
+                work.rename(tmp, rel, RENAME_NOREPLACE)
+            except BaseException:
+                work.remove_tree(tmp)
+                raise
+            index.entries.add(name)
+            union_nlink = st.st_nlink
+        else:
+            union_nlink = index.nlink_of_entry(name, entry, st.st_nlink)
+        self.dir.link(rel, path, src_dir=work)
+        try:
+            linked = work.lstat(rel)
+            work.setxattr(rel, NLINK_XATTR, format_nlink(union_nlink, linked.st_nlink))
+            if entry is not None and truncate_to is not None:
+                self.dir.truncate(path, truncate_to)
+        except BaseException:
+            self.dir.unlink(path)
+            raise
+        self.dir.utime(parent_path, (parent_times.st_atime_ns, parent_times.st_mtime_ns))
+        self.cache.drop_ino(path)
+        self.cache.drop_attrs(path)
+        key = (linked.st_dev, linked.st_ino)
+        for other in index.seen.get(name, ()):  # every name the kernel may hold shows the indexed file now
+            self.inodes.links.setdefault(key, set()).add(other)
+            self.cache.drop_attrs(other)
+            self.notify(other)
+        self.inodes.note_links(path, linked)
+        self.notify(path)
 
     def ensure_dir(self, path: str) -> DirState:
         """Copy up directory ``path`` and its parents as needed; returns its (updated) state.  ENOTDIR."""

@@ -16,7 +16,10 @@ Two passes over the source, like ``docker commit`` but without a tar in between:
 A directory renamed with ``redirect_dir=on`` (a redirect xattr: its lower copies are elsewhere) is
 flattened on the base's layers: the layer holds a full, opaque copy of what the union showed there, read from
 the layers that showed it, and the whiteout at its old name; so no committed layer (and nothing exported from
-one) depends on a redirect.  Without a known base such an upper is refused.
+one) depends on a redirect.  Likewise a file copied up through the inode index (``index=on``) whose other
+names are still only in the layers below, in plain directories or below a renamed one: the layer carries
+those names as hard links of the copy (:func:`unionfs.image.digest.scan`).  Without a known base such an
+upper is refused, and so is one whose link count does not match the names the layers below show.
 
 The source must be still: an upper in use by a running mount is refused ("upper is mounted; …") — pausing a
 live mount through its control channel is not done yet.  Errors are :class:`CommitError` (one line) or
@@ -368,10 +371,18 @@ def _read(src: str, what: str, progress: Progress, below: Sequence[str] = ()) ->
         raise CommitError(f"cannot read {what} {src}: {exc.strerror}: {where}") from None
     finally:
         host.close()
-    if manifest.overlay_only:
+    if manifest.overlay_only and not below:
         raise CommitError(f"{what} {src} is not a self-contained overlay upper: {manifest.overlay_only[0]} "
                           "carries an overlay redirect/metacopy xattr (mounted with redirect_dir or metacopy) "
-                          "and the layers it was mounted over are not known (commit it with --from IMAGE)")
+                          "and the layers it was mounted over are not known (commit it with --from IMAGE), "
+                          "or is a hard link copied up with index=on whose other names are only in the "
+                          "lower layers (commit it with --from IMAGE, or change each name once through the "
+                          "mount first)")
+    if manifest.overlay_only:
+        raise CommitError(f"{what} {src} is not a self-contained overlay upper: {manifest.overlay_only[0]} "
+                          "carries an overlay metacopy xattr (mounted with metacopy), or is a hard link "
+                          "copied up with index=on whose link count does not match the names of it that the "
+                          "layers below show (change each name once through the mount first)")
     return manifest
 
 

@@ -30,8 +30,10 @@ Normalisation: a name that is both an entry and a whiteout in one directory is t
 an opaque one: the union shows it and hides every lower copy).  A directory renamed with ``redirect_dir=on``
 (a redirect xattr: its lower copies are elsewhere) is flattened where :func:`scan` is told the layers the tree
 was mounted over: it becomes a full, opaque copy of what the union shows there (the whiteout at its old name
-is in the tree already), so a layer never depends on a redirect.  Sockets are not part of a layer (as with
-``docker commit``): they are reported in :attr:`Manifest.sockets` and skipped.
+is in the tree already), so a layer never depends on a redirect.  Likewise the names that a file copied up
+through the inode index (``index=on``) still has only in the layers below, in plain directories or below a
+renamed one, become hard links of its copy, so a layer never depends on an index entry.  Sockets are not
+part of a layer (as with ``docker commit``): they are reported in :attr:`Manifest.sockets` and skipped.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ import xxhash
 
 from unionfs.fs.cache import LookupCache
 from unionfs.fs.fsio import HostDir, join, split
-from unionfs.fs.layers import LayerStack
+from unionfs.fs.index import NLINK_XATTR, ORIGIN_XATTR, decode_fh, parse_nlink
+from unionfs.fs.layers import Layer, LayerStack
 from unionfs.fs.lookup import Resolver
 from unionfs.fs.whiteout import REDIRECT_XATTRS
 from unionfs.image.walk import Child, DirCache, OpenDir, Xattrs, read_dir, sort_key
@@ -261,6 +264,11 @@ def entry_from_stat(path: str, st: os.stat_result, xattrs: Xattrs, *, content: s
                  rdev=rdev, xattrs=xattrs, opaque=opaque, sparse=kind == "file" and may_be_sparse(st))
 
 
+def _path_key(path: str) -> tuple[bytes, ...]:
+    """The canonical (depth-first, names by bytes) order of paths, as a sort key."""
+    return tuple(sort_key(part) for part in path.split("/")) if path else ()
+
+
 class _Walker:
     """The canonical walk of one tree (depth first, names by bytes), without recursion."""
 
@@ -279,6 +287,11 @@ class _Walker:
         self.stack: LayerStack | None = None
         self.resolver: Resolver | None = None
         """The union of the tree over the layers ``below`` it, opened at the first renamed directory."""
+        self.pending_links: list[tuple[str, Child, tuple[bytes, int]]] = []
+        """Indexed files with names left in the layers below (see :meth:`_flatten_links`)."""
+        self.shown: dict[tuple[int, str], list[str]] = {}
+        """Where a flattened directory shows a non-directory of a layer below: (index of that layer in
+        :attr:`stack`, its path there) -> the union paths that show it."""
 
     def run(self) -> Manifest:
         with OpenDir(self.host, "") as root:
@@ -298,12 +311,17 @@ class _Walker:
                 if child.overlay_only in REDIRECT_XATTRS and self.below and stat_mod.S_ISDIR(child.st.st_mode):
                     self._flatten(path, child)
                     continue
-                if child.overlay_only:
+                left = self._names_left_below(dirs.get(parent), child)
+                if left is not None and self.below:
+                    self.pending_links.append((path, child, left))
+                elif child.overlay_only or left is not None:
                     self.manifest.overlay_only.append(path)
                 if stat_mod.S_ISDIR(child.st.st_mode):
                     tasks.extend(reversed(self._dir(dirs, path, child, bool(extra))))
                 else:
                     self._emit(self._leaf(dirs.get(parent), path, child))
+        if self.pending_links:
+            self._flatten_links()
         self.manifest.digest = digest_entries(self.manifest.entries)
         self.manifest.counts = LayerCounts.of(self.manifest.entries)
         return self.manifest
@@ -326,13 +344,7 @@ class _Walker:
     def _flatten(self, path: str, child: Child) -> None:
         """Emit renamed directory ``path`` as a full opaque copy of the union's view of it, in canonical
         order (each object read from the layer that shows it)."""
-        if self.resolver is None:
-            try:
-                self.stack = LayerStack.open(lowers=[self.host.path, *self.below], upper=None, work=None)
-            except ValueError as exc:  # LayerError: a layer below is missing or unusable
-                raise OSError(errno.ENOENT, f"the layers below cannot be read ({exc})", path) from None
-            self.resolver = Resolver.of_stack(self.stack, LookupCache(1_000_000))
-            self.manifest.sources = [self.host.path, *self.below]
+        self._open_view()
         self.manifest.flattened.append(path)
         self._emit(entry_from_stat(path, child.st, child.xattrs, opaque=True))
         tasks = [(path, name) for name in reversed(self._view_names(path))]
@@ -345,6 +357,142 @@ class _Walker:
             self._emit(entry)
             if entry.kind == "dir":
                 tasks.extend((entry_path, n) for n in reversed(self._view_names(entry_path)))
+
+    @staticmethod
+    def _names_left_below(d: OpenDir, child: Child) -> tuple[bytes, int] | None:
+        """Where ``child`` is a name of a lower hard link copied up through the inode index (``index=on``)
+        whose union link count says some of its names are still only in the lower layers: (its origin
+        handle, how many such names; -1: unknown).  A layer holds them only as hard links of the copy."""
+        if child.st.st_nlink < 2 or stat_mod.S_ISDIR(child.st.st_mode):
+            return None
+        value = d.getxattr(child.name, NLINK_XATTR)
+        if value is None:
+            return None
+        parsed = parse_nlink(value)
+        origin = d.getxattr(child.name, ORIGIN_XATTR) or b""
+        if parsed is None or parsed[0] != "U":
+            return origin, -1
+        # upper names = the inode's links less the index entry; "U%+d" leaves d + 1 names below
+        return (origin, parsed[1] + 1) if parsed[1] >= 0 else None
+
+    def _open_view(self) -> Resolver:
+        """The union of the tree over the layers below it (opened once; ``Manifest.sources`` names them)."""
+        if self.resolver is None:
+            try:
+                self.stack = LayerStack.open(lowers=[self.host.path, *self.below], upper=None, work=None)
+            except ValueError as exc:  # LayerError: a layer below is missing or unusable
+                raise OSError(errno.ENOENT, f"the layers below cannot be read ({exc})", "") from None
+            self.resolver = Resolver.of_stack(self.stack, LookupCache(1_000_000))
+            self.manifest.sources = [self.host.path, *self.below]
+        return self.resolver
+
+    def _flatten_links(self) -> None:
+        """Add the names that an indexed file (``index=on``) still has only in the layers below, as hard
+        links of its copy (the first name in canonical order holds the data), with the directories above
+        them that the tree lacks.  A name below a renamed directory is one the flattened copy of that
+        directory holds already (read from the lower file): it becomes a link of the copy too.  An upper
+        whose such names cannot all be found where the union shows them stays in
+        :attr:`Manifest.overlay_only`."""
+        resolver = self._open_view()
+        assert self.stack is not None
+        layers = self.stack.lowers[1:]  # the layers below the tree, top first
+        by_path = {e.path: i for i, e in enumerate(self.manifest.entries)}
+        files: dict[tuple[int, int], tuple[str, int, tuple[int, int] | None]] = {}
+        for path, child, (origin, count) in self.pending_links:  # each file once, whatever its upper names
+            key = (child.st.st_dev, child.st.st_ino)
+            if key not in files:
+                files[key] = (path, count, self._lower_object(layers, origin))
+        lower_names = self._lower_names(resolver, layers, {obj for _, _, obj in files.values() if obj})
+        claimed: set[tuple[int, int]] = set()
+        for key, (path, count, obj) in files.items():
+            found = lower_names.get(obj, []) if obj else []
+            # a handle that names nothing, a count that does not match, two copies of one lower file: refused
+            if obj is None or count < 0 or len(found) != count or obj in claimed:
+                self.manifest.overlay_only.append(path)
+                continue
+            claimed.add(obj)
+            first = self.groups.get(key, path)
+            names = sorted({first, *found, *(e.path for e in self.manifest.entries
+                                              if e.kind == "link" and e.target == first)}, key=_path_key)
+            head = names[0]
+            if head != first:  # a lower name comes first: it holds the data, read from the copy
+                entry = self.manifest.entries[by_path[first]]
+                data = self.manifest.data.get(first)
+                if data is not None:
+                    self.manifest.data[head] = data
+                else:  # what a flattened directory read there is the lower file's old data
+                    self.manifest.data.pop(head, None)
+                self._put(by_path, replace(entry, path=head, source=None if data is not None else (0, first)))
+            for name in names[1:]:
+                self.manifest.data.pop(name, None)
+                self._put(by_path, Entry(path=name, kind="link", target=head))
+            for name in found:
+                parent = split(name)[0]
+                while parent and parent not in by_path:
+                    grand, base = split(parent)
+                    above = self._view_entry(grand, base)
+                    if above is not None:
+                        self._put(by_path, above)
+                    parent = grand
+        self.manifest.entries.sort(key=lambda e: _path_key(e.path))
+
+    def _put(self, by_path: dict[str, int], entry: Entry) -> None:
+        """Set the entry of ``entry.path``: in place of the one there, else added (``by_path`` kept)."""
+        index = by_path.get(entry.path)
+        if index is None:
+            by_path[entry.path] = len(self.manifest.entries)
+            self.manifest.entries.append(entry)
+        else:
+            self.manifest.entries[index] = entry
+
+    @staticmethod
+    def _lower_object(layers: Sequence[Layer], origin: bytes) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the object that file handle ``origin`` names, decoded on the first layer below
+        of the handle's file system (a handle names an object anywhere on it); None where it is gone."""
+        try:
+            fh = decode_fh(origin)
+        except ValueError:
+            return None
+        if fh is None:
+            return None
+        for layer in layers:
+            host = layer.host
+            if host.fs_uuid() != fh.uuid:
+                continue
+            st = host.stat_by_handle(fh.handle_type, fh.fid)
+            if st is not None and st.st_dev == host.dev:
+                return st.st_dev, st.st_ino
+        return None
+
+    def _lower_names(self, resolver: Resolver, layers: Sequence[Layer],
+                     objects: set[tuple[int, int]]) -> dict[tuple[int, int], list[str]]:
+        """The union paths where the union shows each of the lower ``objects`` ((st_dev, st_ino)): their names
+        in the first layer that has them, each at the same path where no renamed directory is above it, and
+        where a flattened directory shows it (:attr:`shown`).  One pass over each layer that is needed."""
+        out: dict[tuple[int, int], set[str]] = {}
+        left = set(objects)
+        for layer in layers:
+            host = layer.host
+            wanted = {ino for dev, ino in left if dev == host.dev}
+            if not wanted:
+                continue
+            todo = [""]
+            while todo:
+                rel = todo.pop()
+                for name, kind, ino in host.scandir(rel):
+                    where = join(rel, name)
+                    if kind == stat_mod.S_IFDIR:
+                        todo.append(where)
+                    elif ino in wanted:
+                        paths = out.setdefault((host.dev, ino), set())
+                        node = resolver.lookup(where)
+                        if node is not None and node.layer == layer.index and node.source == where:
+                            paths.add(where)
+                        paths.update(self.shown.get((layer.index, where), ()))
+            left -= out.keys()
+            if not left:
+                break
+        return {obj: sorted(paths, key=_path_key) for obj, paths in out.items()}
 
     def _view_names(self, rel: str) -> list[str]:
         assert self.resolver is not None
@@ -370,6 +518,12 @@ class _Walker:
                 return None
             if node.is_dir:
                 return entry_from_stat(entry_path, found.st, found.xattrs)
+            if node.layer == 0:  # the tree's own copy, maybe an indexed file with names left below
+                left = self._names_left_below(d, found)
+                if left is not None:
+                    self.pending_links.append((entry_path, found, left))
+            else:
+                self.shown.setdefault((node.layer, node.source), []).append(entry_path)
             entry = self._leaf(d, entry_path, found, own=node.layer == 0)
         if entry.kind == "file" and entry_path not in self.manifest.data:
             entry = replace(entry, source=(node.layer, node.source))
