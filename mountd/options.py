@@ -205,7 +205,7 @@ class MountConfig(NamedTuple):
     """``-o index=``: hard links kept together across copy-up (a NamedTuple cannot name a field ``index``)."""
     frontend: Frontend | None = None
     passthrough: PassthroughMode = "on"
-    dir_cache: bool = False
+    dir_cache: bool = True
     spin: Spin = "auto"
     uid_mappings: tuple[IdRange, ...] = ()
     gid_mappings: tuple[IdRange, ...] = ()
@@ -318,7 +318,7 @@ class _Parsed:
         self.index: Index = "off"
         self.frontend: Frontend | None = None
         self.passthrough: PassthroughMode = "on"
-        self.dir_cache: bool = False
+        self.dir_cache: bool = True
         self.spin: Spin = "auto"
         self.uid_mappings: tuple[IdRange, ...] = ()
         self.gid_mappings: tuple[IdRange, ...] = ()
@@ -807,7 +807,7 @@ Union options (-o, comma-separated; '\\,' is a comma in a value, '\\:' a colon i
                      high-level API (default: $UNIONFS_FRONTEND, else lowlevel)
   passthrough=on|all|off file data straight to the backing file (lowlevel frontend, root, kernel 6.9+);
                      all: lower files of a writable mount too
-  dir_cache=on|off   directory listings cached by the kernel until they change (lowlevel frontend; default off)
+  dir_cache=on|off   directory listings cached by the kernel until they change (lowlevel frontend; default on)
   spin=auto|on|off   the lowlevel reader polls the device briefly after each request (auto: while a CPU is free)
   timeout=SECONDS    kernel cache time for entries and attributes (sets the three *_timeout options)
   threaded=0|1, debug

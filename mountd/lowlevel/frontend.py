@@ -36,7 +36,7 @@ class FrontendError(Exception):
 
 def settings_from(kwargs: Mapping[str, FuseValue], *, writeback_cache: bool, readdirplus: str,
                   posix_acl: bool, passthrough: str = "off", max_stack_depth: int = 1,
-                  spin: str = "auto", dir_cache: bool = False) -> Settings:
+                  spin: str = "auto", dir_cache: bool = True) -> Settings:
     """The protocol settings for the FUSE options of a mount (``fuse_kwargs``)."""
     def seconds(name: str) -> float:
         value = kwargs.get(name, 0)

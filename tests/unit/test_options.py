@@ -224,7 +224,7 @@ def test_readdirplus(options: str, mode: str) -> None:
     assert parse("-o", RW + extra, "/m").readdirplus == mode
 
 
-@pytest.mark.parametrize(("options", "on"), [("", False), ("dir_cache=on", True), ("dir_cache=1", True),
+@pytest.mark.parametrize(("options", "on"), [("", True), ("dir_cache=on", True), ("dir_cache=1", True),
                                              ("dir_cache=off", False), ("dir_cache=0", False)])
 def test_dir_cache(options: str, on: bool) -> None:
     extra = "," + options if options else ""
@@ -238,9 +238,9 @@ def test_dir_cache_takes_only_on_or_off() -> None:
 def test_dir_cache_reaches_the_protocol_settings() -> None:
     from mountd.lowlevel.frontend import settings_from
 
-    assert settings_from({}, writeback_cache=False, readdirplus="1", posix_acl=False).dir_cache is False
+    assert settings_from({}, writeback_cache=False, readdirplus="1", posix_acl=False).dir_cache is True
     assert settings_from({}, writeback_cache=False, readdirplus="1", posix_acl=False,
-                         dir_cache=True).dir_cache is True
+                         dir_cache=False).dir_cache is False
 
 
 def test_noacl() -> None:
