@@ -19,7 +19,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, NoReturn
 
 from mountd import logs
 from mountd.lowlevel import abi
@@ -355,8 +355,13 @@ class Dispatcher:
         path = self.nodes.path(nodeid)
         if path is None:
             self.nodes.get(nodeid)  # ESTALE for an unknown node
-            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+            self._gone(nodeid)
         return path
+
+    def _gone(self, nodeid: int) -> NoReturn:
+        """Fail a request that needs the name of ``nodeid``, which has none (:meth:`NodeTable.gone_errno`)."""
+        code = self.nodes.gone_errno(nodeid)
+        raise OSError(code, os.strerror(code))
 
     def _orphan_or_path(self, nodeid: int) -> Orphan | str:
         """The union path of a node, or the object it holds once its name is gone; ENOENT for neither."""
@@ -365,7 +370,7 @@ class Dispatcher:
             return path
         orphan = self._orphan(nodeid)
         if orphan is None:
-            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+            self._gone(nodeid)
         return orphan
 
     def _attr_valid_for(self, attrs: Attr, nlink: int | None = None) -> tuple[int, int]:
@@ -513,7 +518,9 @@ class Dispatcher:
             return self.fs.orphan_getattr(orphan), None
         handle = self._open_handle_of(nodeid)
         if handle is None:
-            raise OSError(errno.ENOENT if path is None else errno.ESTALE, os.strerror(errno.ENOENT))
+            if path is None:
+                self._gone(nodeid)
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
         # as the kernel's overlayfs: what the open file's own inode says (a lower file keeps its links)
         return self.fs.fgetattr(handle), None
 
@@ -577,7 +584,7 @@ class Dispatcher:
         if handle is None:
             handle = self._open_handle_of(nodeid)
         if handle is None or not handle.on_upper:
-            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+            self._gone(nodeid)
         fd = handle.fd
         if valid & abi.FATTR_MODE:
             os.fchmod(fd, stat_mod.S_IMODE(mode))
@@ -758,9 +765,7 @@ class Dispatcher:
                                                      write=flags & os.O_ACCMODE != os.O_RDONLY)
             except Stale:
                 self.fs.release(handle)
-                node = self.nodes.get(nodeid)
-                if node.parent is not None:
-                    self.nodes.detach(node.parent, node.name)
+                self.nodes.give_up(nodeid)
                 raise OSError(errno.ESTALE, os.strerror(errno.ESTALE)) from None
             except BaseException:
                 self.fs.release(handle)
@@ -895,7 +900,7 @@ class Dispatcher:
             path = self.nodes.path(nodeid)
             if path is None:
                 if self._orphan(nodeid) is None:
-                    raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+                    self._gone(nodeid)
                 return EMPTY_LISTING  # a removed directory lists nothing, as on the kernel's overlayfs
             listing = _listing_of(self.fs.getattr(path).st_ino, self.fs.readdir(path))
             with self._listings_lock:

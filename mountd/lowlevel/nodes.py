@@ -15,8 +15,10 @@ object itself: the :class:`unionfs.fs.orphan.Orphan` the core pinned before the 
 (GETATTR, SETATTR, OPEN, READ, WRITE, the xattrs) then reach the object as on the kernel's overlayfs, which
 holds the inode; the orphan is let go when the node is dropped (its last FORGET and its last open file),
 and :meth:`NodeTable.clear` lets every one go at unmount.  Nothing is kept on disk for it.  A node given up
-for a fresh one (a passthrough copy-up, see ``dispatch``) has ``parent`` None and no orphan: an OPEN on it
-answers ESTALE, so that the kernel looks the name up again.
+for a fresh one (a passthrough copy-up, see ``dispatch``) has ``parent`` None and no orphan: every request
+on it that needs its name (OPEN, and GETATTR, SETATTR, READDIR without an open file) answers ESTALE, so that
+the kernel looks the name up again; ENOENT there would fail an open(2) whose permission check asked for the
+node's attributes.
 
 Paths are asked for on every request, so :meth:`NodeTable.path` keeps the paths it built; any change of
 the tree's shape (a rename, an unlink) forgets them all, and they are built again on the next request.
@@ -69,6 +71,8 @@ class NodeTable:
         """The file handles open on a node, for the nodes with any."""
         self._orphans: dict[int, Orphan] = {}
         """The object itself of a node whose name is gone (see the module docstring)."""
+        self._given_up: set[int] = set()
+        """Nodes whose name was given a fresh node (see :meth:`give_up`)."""
         self._ids = itertools.count(ROOT_ID + 1)
         self._paths: dict[int, str] = {ROOT_ID: ""}
         """Paths built by :meth:`path` since the tree last changed shape (filled and emptied under the lock)."""
@@ -196,6 +200,7 @@ class NodeTable:
         self._paths.pop(node.nodeid, None)
         if node.parent is not None and self.find(node.parent, node.name) == node.nodeid:
             self._unlink(node.parent, node.name)
+        self._given_up.discard(node.nodeid)
         orphan = self._orphans.pop(node.nodeid, None)
         if orphan is not None:
             orphan.close()
@@ -240,6 +245,26 @@ class NodeTable:
             self._reshaped()
             self._drop_if_unused(node)
             return node
+
+    def give_up(self, nodeid: int) -> None:
+        """Node ``nodeid`` no longer stands for its name, which gets a fresh node at its next lookup (a
+        passthrough copy-up, see ``dispatch``): every request on it that needs the name answers ESTALE
+        (:meth:`gone_errno`), so that the kernel looks the name up again instead of failing."""
+        with self._lock:
+            node = self._nodes.get(nodeid)
+            if node is None:
+                return
+            self._given_up.add(nodeid)
+            if node.parent is not None and self.find(node.parent, node.name) == nodeid:
+                self._unlink(node.parent, node.name)
+                node.parent = None
+                self._reshaped()
+            self._drop_if_unused(node)
+
+    def gone_errno(self, nodeid: int) -> int:
+        """The errno of a request that needs the name of node ``nodeid``, which has none: ESTALE for a node
+        given up for a fresh one (the name is still there), ENOENT for a name that is gone."""
+        return errno.ESTALE if nodeid in self._given_up else errno.ENOENT
 
     def clear(self) -> None:
         """Let every kept object go (the mount ended: the kernel holds nothing any more)."""

@@ -52,6 +52,29 @@ def test_an_unlinked_open_node_keeps_its_id_without_a_path() -> None:
     assert table.find(ROOT_ID, "f") == new  # dropping the old node left the new name alone
 
 
+def test_a_node_given_up_for_a_fresh_one_answers_estale_and_an_unlinked_one_enoent() -> None:
+    """A node given up (a passthrough copy-up) leaves its name to a fresh node: a request that needs its
+    name answers ESTALE (the kernel then looks the name up again; ENOENT would fail the open(2) whose
+    permission check asked for its attributes); a node whose name is gone answers ENOENT."""
+    table = NodeTable()
+    old = table.remember(ROOT_ID, "f")
+    gone = table.remember(ROOT_ID, "g")
+    table.give_up(old)
+    table.detach(ROOT_ID, "g")
+    assert table.path(old) is None and table.find(ROOT_ID, "f") is None
+    assert table.gone_errno(old) == errno.ESTALE
+    assert table.gone_errno(gone) == errno.ENOENT
+    fresh = table.remember(ROOT_ID, "f")
+    assert fresh != old and table.path(fresh) == "f"
+    table.give_up(old)  # again, after the name has its fresh node: the fresh node keeps it
+    assert table.find(ROOT_ID, "f") == fresh
+    table.forget(old, 1)
+    with pytest.raises(OSError) as info:
+        table.get(old)
+    assert info.value.errno == errno.ESTALE
+    assert table.gone_errno(old) == errno.ENOENT  # forgotten with the node
+
+
 def test_children_of_a_removed_directory_have_no_path() -> None:
     table = NodeTable()
     d = table.remember(ROOT_ID, "d")
