@@ -300,6 +300,10 @@ def unionfs_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None,
         log.unlink(missing_ok=True)
 
 
+IN_USE_WAIT = 60.0
+"""How long a kernel mount waits for an upper dir another overlay holds (see :func:`kernel_overlay_mount`)."""
+
+
 def _dmesg_tail() -> str:
     _, out = _run_bounded(["dmesg"], 5)
     return "\n".join(line for line in out.splitlines()[-20:] if "overlay" in line)
@@ -324,6 +328,13 @@ def kernel_overlay_mount(lowers: Sequence[Path], upper: Path | None, work: Path 
         opts = ",".join([*_overlay_options(lowers, upper, work), *KERNEL_OPTIONS, *options])
         argv = ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
         rc, out = _run_bounded(argv, MOUNT_TIMEOUT)
+        deadline = time.monotonic() + IN_USE_WAIT
+        while rc != 0 and "already mounted" in out and time.monotonic() < deadline:
+            # EBUSY: with index=on the kernel refuses an upper dir that another overlay still holds.  An
+            # earlier mount of this upper, unmounted here, lives on while a mount namespace copied from
+            # this one (a container, unshare) keeps it: wait for that namespace to go.
+            time.sleep(0.2)
+            rc, out = _run_bounded(argv, MOUNT_TIMEOUT)
         if rc != 0:
             raise MountError(f"{' '.join(argv)} failed: {out}\n{_dmesg_tail()}")
         if not _wait(lambda: (m := find_mount(mnt)) is not None and m.fstype == "overlay", MOUNT_TIMEOUT):
