@@ -283,13 +283,20 @@ class Dispatcher:
                 self.session.reply_error(request.unique, errno.ENOSYS)
                 return
             result = handler(request)
+            later = opcode not in QUICK_OPCODES and self.service.invalidations_pending  # see _answer
             if type(result) is int:
-                self._answer(request, lambda: self.session.reply_error(request.unique, result))
+                if later:
+                    self._answer(request, lambda: self.session.reply_error(request.unique, result))
+                else:
+                    self.session.reply_error(request.unique, result)
                 return
             failed = 0
             if result is REPLIED or opcode in NO_REPLY:
                 return
-            self._answer(request, lambda: self._reply(request.unique, result))
+            if later:
+                self._answer(request, lambda: self._reply(request.unique, result))
+            else:
+                self._reply(request.unique, result)
         except _Later:
             counted = False
             raise
