@@ -112,3 +112,23 @@ def test_a_successful_change_is_answered_after_its_invalidations(
     assert events[-1] == ("reply", 0)
     assert ("invalidated", "a/x") in events[:-1]
     assert fs.getxattr("a/x", "user.new") == b"1"
+
+
+def test_a_node_given_up_for_a_fresh_one_answers_estale(
+        wired: tuple[UnionFS, Dispatcher, Recorder, int]) -> None:
+    """The GETATTR of a node given up for a fresh one (a passthrough copy-up) is ESTALE, which makes the
+    kernel look the name up again: an open(2) whose permission check asked for the old node's attributes
+    then opens the fresh node instead of failing with ENOENT; the name's fresh node answers as usual."""
+    _, dispatcher, session, x = wired
+    dispatcher.nodes.give_up(x)
+    dispatcher.handle(Request(abi.GETATTR, 9, x, 0, 0, 0, b""))
+    a = dispatcher.nodes.find_path("a")
+    assert a is not None
+    fresh = dispatcher.nodes.remember(a, "x")
+    dispatcher.handle(Request(abi.GETATTR, 10, fresh, 0, 0, 0, b""))
+    dispatcher.nodes.detach(a, "x")  # the name goes: its node has no object (none was pinned)
+    dispatcher.handle(Request(abi.GETATTR, 11, fresh, 0, 0, 0, b""))
+    events = session.finish()
+    assert events[0] == ("error", "ESTALE")
+    assert events[1][0] == "reply"
+    assert events[2] == ("error", "ENOENT")
