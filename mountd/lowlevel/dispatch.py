@@ -326,8 +326,8 @@ class Dispatcher:
         """Send a change's answer (``send``: its reply, or its error) once the kernel cache invalidations
         it queued are sent: a change through one name of a hard link reaches the kernel's caches of the
         other names, a directory it copied up on the way shows its new attributes, before the caller sees
-        it done.  A failing change counts too: it may have copied up before it failed (a rename onto a
-        non-empty directory, setxattr with XATTR_REPLACE), and the caller's next stat may be answered from
+        it done.  A failing change counts too: it may have copied up before it failed (setxattr with
+        XATTR_REPLACE of a name the object lacks), and the caller's next stat may be answered from
         the kernel's cache alone.  Bounded, and never on the reader, which must stay free: a change
         answered there leaves the wait and its answer to a worker."""
         if request.opcode not in QUICK_OPCODES and self.service.invalidations_pending:
