@@ -75,6 +75,9 @@ def test_full_upper_gives_enospc_and_recovers(tmp_path: Path) -> None:
             assert (m / "small").read_bytes() == b"small lower\n"
             assert alive(pid)
             os.unlink(m / "filler")
+            # the space comes back when the daemon lets the removed file go, at the kernel's FORGET of its
+            # node, a moment after unlink returns (docs/semantics.md, "A file whose name is gone")
+            assert wait_for(lambda: shutil.disk_usage(fs).free >= len(big) + MiB, 10), "space never came back"
             with open(m / "big", "r+b") as f:
                 f.write(b"NEW")
             assert (m / "big").read_bytes() == b"NEW" + big[3:]
