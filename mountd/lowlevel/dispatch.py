@@ -283,27 +283,20 @@ class Dispatcher:
                 self.session.reply_error(request.unique, errno.ENOSYS)
                 return
             result = handler(request)
-            later = opcode not in QUICK_OPCODES and self.service.invalidations_pending  # see _answer
             if type(result) is int:
-                if later:
-                    self._answer(request, lambda: self.session.reply_error(request.unique, result))
-                else:
-                    self.session.reply_error(request.unique, result)
+                self._answer(request, self.session.reply_error, result)
                 return
             failed = 0
             if result is REPLIED or opcode in NO_REPLY:
                 return
-            if later:
-                self._answer(request, lambda: self._reply(request.unique, result))
-            else:
-                self._reply(request.unique, result)
+            self._answer(request, self._reply, result)
         except _Later:
             counted = False
             raise
         except OSError as exc:
             code = exc.errno if isinstance(exc.errno, int) and 0 < exc.errno < 4096 else errno.EIO
             if opcode not in NO_REPLY:
-                self._answer(request, lambda: self.session.reply_error(request.unique, code))
+                self._answer(request, self.session.reply_error, code)
         except Exception:
             log.exception("unexpected error in %s", abi.OPCODE_NAMES.get(opcode, opcode))
             if opcode not in NO_REPLY:
@@ -322,25 +315,26 @@ class Dispatcher:
         else:
             self.session.reply_one(unique, result)
 
-    def _answer(self, request: Request, send: Callable[[], None]) -> None:
-        """Send a change's answer (``send``: its reply, or its error) once the kernel cache invalidations
-        it queued are sent: a change through one name of a hard link reaches the kernel's caches of the
-        other names, a directory it copied up on the way shows its new attributes, before the caller sees
-        it done.  A failing change counts too: it may have copied up before it failed (setxattr with
-        XATTR_REPLACE of a name the object lacks), and the caller's next stat may be answered from
-        the kernel's cache alone.  Bounded, and never on the reader, which must stay free: a change
-        answered there leaves the wait and its answer to a worker."""
+    def _answer(self, request: Request, send: Callable[[int, Any], None], result: Any) -> None:
+        """Send a change's answer (``send(unique, result)``: its reply, or its error) once the kernel cache
+        invalidations it queued are sent: a change through one name of a hard link reaches the kernel's
+        caches of the other names, a directory it copied up on the way shows its new attributes, before the
+        caller sees it done.  A failing change counts too: it may have copied up before it failed (setxattr
+        with XATTR_REPLACE of a name the object lacks), and the caller's next stat may be answered from the
+        kernel's cache alone.  Bounded, and never on the reader, which must stay free: a change answered
+        there leaves the wait and its answer to a worker.  Most answers wait for nothing: no closure is
+        built for them."""
         if request.opcode not in QUICK_OPCODES and self.service.invalidations_pending:
             if self._reader_changing == threading.get_ident():
-                self.session.defer(lambda: self._send_after_invalidations(send))
+                self.session.defer(lambda: self._send_after_invalidations(send, request.unique, result))
                 return
             self.service.wait_invalidations()
-        send()
+        send(request.unique, result)
 
-    def _send_after_invalidations(self, send: Callable[[], None]) -> None:
+    def _send_after_invalidations(self, send: Callable[[int, Any], None], unique: int, result: Any) -> None:
         """On a worker: the answer of a change the reader made, once the invalidations it queued are sent."""
         self.service.wait_invalidations()
-        send()
+        send(unique, result)
 
     def _wait_invalidations(self) -> None:
         """Wait until the invalidations queued so far are sent; on the reader (which must never wait for
