@@ -36,6 +36,7 @@ from unionfs.image.store import Store, StoreError
 from unionfs.progress import TerminalProgress, for_stream
 
 if TYPE_CHECKING:
+    from unionfs.fs.attr import Attr
     from unionfs.fs.union import UnionFS
 
 UPPER = {
@@ -423,6 +424,25 @@ def test_killed_commits_leave_the_store_consistent(tmp_path: Path) -> None:
         assert s.check(verify=True) == []
 
 
+def _core_entries(fs: UnionFS) -> Iterator[tuple[str, Attr, bytes]]:
+    """Every name the union ``fs`` shows (through the core's facade, no mount): path, attributes, and a
+    regular file's data (b"" for the others)."""
+    todo = [""]
+    while todo:
+        rel = todo.pop()
+        for name, _kind, _ino in fs.readdir(rel):
+            path = f"{rel}/{name}" if rel else name
+            attrs = fs.getattr(path)
+            data = b""
+            if stat.S_ISREG(attrs.st_mode):
+                handle = fs.open(path, os.O_RDONLY)
+                data = fs.read(handle, 1 << 20, 0)
+                fs.release(handle)
+            elif stat.S_ISDIR(attrs.st_mode):
+                todo.append(path)
+            yield path, attrs, data
+
+
 def _union_tree(lowers: list[str], upper: str | None = None) -> dict[str, object]:
     """What a union of ``lowers`` (top first, with ``upper`` on top) shows: path → (kind bits, mode, data)."""
     from unionfs.fs.layers import LayerStack
@@ -430,38 +450,24 @@ def _union_tree(lowers: list[str], upper: str | None = None) -> dict[str, object
 
     stack = LayerStack.open(lowers=[*([upper] if upper else []), *lowers], upper=None, work=None)
     fs = UnionFS(stack)
-    out: dict[str, object] = {}
     try:
-        todo = [""]
-        while todo:
-            rel = todo.pop()
-            for name, _kind, _ino in fs.readdir(rel):
-                path = f"{rel}/{name}" if rel else name
-                attrs = fs.getattr(path)
-                data = b""
-                if stat.S_ISREG(attrs.st_mode):
-                    handle = fs.open(path, os.O_RDONLY)
-                    data = fs.read(handle, 1 << 20, 0)
-                    fs.release(handle)
-                elif stat.S_ISDIR(attrs.st_mode):
-                    todo.append(path)
-                out[path] = (stat.S_IFMT(attrs.st_mode), stat.S_IMODE(attrs.st_mode), data)
+        return {path: (stat.S_IFMT(attrs.st_mode), stat.S_IMODE(attrs.st_mode), data)
+                for path, attrs, data in _core_entries(fs)}
     finally:
         fs.close()
-    return out
 
 
-
-def _renaming_union(base_path: str, tmp_path: Path) -> tuple[UnionFS, Path]:
-    """A union over ``base_path`` with a fresh upper dir (returned too) where directories with lower copies
-    rename (``redirect_dir=on``)."""
+def _renaming_union(lowers: list[str], tmp_path: Path, *, index: bool = False) -> tuple[UnionFS, Path]:
+    """A union of unionfs's core over ``lowers`` (top first) with a fresh upper dir (returned too) where
+    directories with lower copies rename (``redirect_dir=on``); ``index``: ``index=on`` too."""
     from unionfs.fs.layers import LayerStack
     from unionfs.fs.union import UnionFS
 
     upper, work = tmp_path / "upper", tmp_path / "work"
     upper.mkdir()
     work.mkdir()
-    return UnionFS(LayerStack.open(lowers=[base_path], upper=str(upper), work=str(work)), redirect_dir="on"), upper
+    stack = LayerStack.open(lowers=lowers, upper=str(upper), work=str(work))
+    return UnionFS(stack, redirect_dir="on", index=index), upper
 
 
 def test_a_renamed_dir_is_flattened_into_a_whiteout_and_an_opaque_copy(store: Store, tmp_path: Path) -> None:
@@ -472,7 +478,7 @@ def test_a_renamed_dir_is_flattened_into_a_whiteout_and_an_opaque_copy(store: St
                                               "src/big": File(b"b" * (KEEP_FILE_MAX + 1)),
                                               "keep/k": "k\n"}, tmp_path / "base")), image="base")
     base_path = store.layer_path(base.digest)
-    fs, upper = _renaming_union(base_path, tmp_path)
+    fs, upper = _renaming_union([base_path], tmp_path)
     try:
         fs.rename("src", "moved")
         fs.rename("moved/sub", "keep/sub2")
@@ -506,7 +512,7 @@ def test_a_build_step_layer_flattens_a_renamed_dir_on_the_layers_it_was_mounted_
     base = import_dir(store, str(build_layer({"opt/app/bin": File("run\n", mode=0o755), "opt/app/lib/x": "x\n"},
                                              tmp_path / "base")), image="base")
     base_path = store.layer_path(base.digest)
-    fs, upper = _renaming_union(base_path, tmp_path)
+    fs, upper = _renaming_union([base_path], tmp_path)
     try:
         fs.rename("opt/app", "opt/app-1.0")
     finally:
@@ -525,25 +531,13 @@ def test_a_build_step_layer_flattens_a_renamed_dir_on_the_layers_it_was_mounted_
     assert _union_tree([str(layer), base_path]) == seen
 
 
-def _indexed_union(base_path: str, tmp_path: Path) -> tuple[UnionFS, Path]:
-    """A union over ``base_path`` with a fresh upper dir (returned too) and ``index=on``."""
-    from unionfs.fs.layers import LayerStack
-    from unionfs.fs.union import UnionFS
-
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
-    work.mkdir()
-    stack = LayerStack.open(lowers=[base_path], upper=str(upper), work=str(work))
-    return UnionFS(stack, redirect_dir="on", index=True), upper
-
-
 def test_an_index_upper_commits_its_hard_links_as_hard_links(store: Store, tmp_path: Path) -> None:
     """Every name of a lower hard link copied up through the index (index=on): the layer holds them as hard
     links of one file, no index entry, no overlay xattr, and shows the tree the union showed."""
     base = import_dir(store, str(build_layer({"x": "linked\n", "y": Hardlink("x"), "d/z": Hardlink("x")},
                                              tmp_path / "base")), image="base")
     base_path = store.layer_path(base.digest)
-    fs, upper = _indexed_union(base_path, tmp_path)
+    fs, upper = _renaming_union([base_path], tmp_path, index=True)
     try:
         handle = fs.open("x", os.O_WRONLY)
         fs.write(handle, b"LINKED\n", 0)
@@ -570,7 +564,7 @@ def test_an_index_upper_with_names_left_below_commits_them_as_hard_links(store: 
     base = import_dir(store, str(build_layer({"a/y": "linked\n", "x": Hardlink("a/y"), "z": Hardlink("a/y"),
                                               "a/keep": "keep\n"}, tmp_path / "base")), image="base")
     base_path = store.layer_path(base.digest)
-    fs, upper = _indexed_union(base_path, tmp_path)
+    fs, upper = _renaming_union([base_path], tmp_path, index=True)
     try:
         handle = fs.open("x", os.O_WRONLY)
         fs.write(handle, b"LINKED\n", 0)
@@ -591,7 +585,7 @@ def test_an_index_upper_with_names_left_below_and_no_known_base_is_refused(store
     """Without the layers it was mounted over, those names cannot be found: refused, the store as it was."""
     base = import_dir(store, str(build_layer({"x": "linked\n", "y": Hardlink("x")}, tmp_path / "base")),
                       image="base")
-    fs, upper = _indexed_union(store.layer_path(base.digest), tmp_path)
+    fs, upper = _renaming_union([store.layer_path(base.digest)], tmp_path, index=True)
     try:
         handle = fs.open("x", os.O_WRONLY)
         fs.write(handle, b"LINKED\n", 0)
@@ -637,23 +631,12 @@ def _core_tree(fs: UnionFS) -> Tree:
     """What the union ``fs`` shows (through the core's facade, no mount)."""
     seen: dict[str, tuple[int, int, int | None, bytes]] = {}
     inos: dict[str, int] = {}
-    todo = [""]
-    while todo:
-        rel = todo.pop()
-        for name, _kind, _ino in fs.readdir(rel):
-            path = f"{rel}/{name}" if rel else name
-            attrs = fs.getattr(path)
-            data = b""
-            if stat.S_ISREG(attrs.st_mode):
-                handle = fs.open(path, os.O_RDONLY)
-                data = fs.read(handle, 1 << 20, 0)
-                fs.release(handle)
-            if stat.S_ISDIR(attrs.st_mode):
-                todo.append(path)
-                seen[path] = (stat.S_IFDIR, stat.S_IMODE(attrs.st_mode), None, b"")
-            else:
-                seen[path] = (stat.S_IFMT(attrs.st_mode), stat.S_IMODE(attrs.st_mode), attrs.st_nlink, data)
-                inos[path] = attrs.st_ino
+    for path, attrs, data in _core_entries(fs):
+        if stat.S_ISDIR(attrs.st_mode):
+            seen[path] = (stat.S_IFDIR, stat.S_IMODE(attrs.st_mode), None, b"")
+        else:
+            seen[path] = (stat.S_IFMT(attrs.st_mode), stat.S_IMODE(attrs.st_mode), attrs.st_nlink, data)
+            inos[path] = attrs.st_ino
     return _with_groups(seen, inos)
 
 
@@ -672,19 +655,6 @@ def _image_trees(layers: list[str], tmp_path: Path) -> tuple[Tree, Tree]:
         return kernel, _core_tree(fs)
     finally:
         fs.close()
-
-
-def _indexed_union_on(lowers: list[str], tmp_path: Path) -> tuple[UnionFS, Path]:
-    """A union of unionfs's core over ``lowers`` (top first) with a fresh upper dir (returned too),
-    ``redirect_dir=on`` and ``index=on``."""
-    from unionfs.fs.layers import LayerStack
-    from unionfs.fs.union import UnionFS
-
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
-    work.mkdir()
-    return UnionFS(LayerStack.open(lowers=lowers, upper=str(upper), work=str(work)), redirect_dir="on",
-                   index=True), upper
 
 
 def _write(fs: UnionFS, path: str, data: bytes) -> None:
@@ -743,7 +713,7 @@ def test_an_index_upper_with_names_left_below_a_renamed_dir_and_in_a_plain_dir(s
     base = import_dir(store, str(build_layer({"L/n": "old\n", "P/q": Hardlink("L/n"), "other": Hardlink("L/n"),
                                               "P/p": "p\n"}, tmp_path / "base")), image="base")
     base_path = store.layer_path(base.digest)
-    fs, upper = _indexed_union_on([base_path], tmp_path)
+    fs, upper = _renaming_union([base_path], tmp_path, index=True)
     try:
         fs.rename("L", "R")
         _write(fs, "other", b"NEW DATA\n")
@@ -771,7 +741,7 @@ def test_an_index_copy_below_a_renamed_dir_carries_the_names_left_in_plain_dirs(
     base = import_dir(store, str(build_layer({"L/n": "old\n", "L/m": Hardlink("L/n"), "other": Hardlink("L/n")},
                                              tmp_path / "base")), image="base")
     base_path = store.layer_path(base.digest)
-    fs, upper = _indexed_union_on([base_path], tmp_path)
+    fs, upper = _renaming_union([base_path], tmp_path, index=True)
     try:
         fs.rename("L", "R")
         _write(fs, "R/n", b"NEW DATA\n")
@@ -793,7 +763,7 @@ def test_an_index_file_with_two_upper_names_and_one_below_a_renamed_dir(store: S
     base = import_dir(store, str(build_layer({"L/n": "old\n", "x": Hardlink("L/n"), "y": Hardlink("L/n")},
                                              tmp_path / "base")), image="base")
     base_path = store.layer_path(base.digest)
-    fs, upper = _indexed_union_on([base_path], tmp_path)
+    fs, upper = _renaming_union([base_path], tmp_path, index=True)
     try:
         fs.rename("L", "R")
         _write(fs, "x", b"NEW DATA\n")
@@ -822,7 +792,7 @@ def test_index_files_of_two_layers_of_a_base(store: Store, tmp_path: Path) -> No
     top = commit_upper(store, str(build_layer({"T/a": "top\n", "T/b": Hardlink("T/a")}, tmp_path / "b2")),
                        image="base", base_image="bottom")
     lowers = [store.layer_path(top.digest), store.layer_path(bottom.digest)]
-    fs, upper = _indexed_union_on(lowers, tmp_path)
+    fs, upper = _renaming_union(lowers, tmp_path, index=True)
     try:
         fs.rename("L", "R")
         fs.rename("T", "U")
@@ -847,7 +817,7 @@ def test_an_index_upper_below_a_renamed_dir_whose_count_does_not_match_is_refuse
     directory): refused with one line, the store as it was; and without a known base, too."""
     base = import_dir(store, str(build_layer({"L/n": "old\n", "other": Hardlink("L/n")}, tmp_path / "base")),
                       image="base")
-    fs, upper = _indexed_union_on([store.layer_path(base.digest)], tmp_path)
+    fs, upper = _renaming_union([store.layer_path(base.digest)], tmp_path, index=True)
     try:
         fs.rename("L", "R")
         _write(fs, "other", b"NEW DATA\n")
@@ -871,7 +841,7 @@ def test_two_upper_files_claiming_one_lower_file_are_refused(store: Store, tmp_p
     writes): the names below cannot belong to both, so the commit is refused and the store left as it was."""
     base = import_dir(store, str(build_layer({"L/n": "old\n", "other": Hardlink("L/n")}, tmp_path / "base")),
                       image="base")
-    fs, upper = _indexed_union_on([store.layer_path(base.digest)], tmp_path)
+    fs, upper = _renaming_union([store.layer_path(base.digest)], tmp_path, index=True)
     try:
         fs.rename("L", "R")
         _write(fs, "other", b"NEW DATA\n")
