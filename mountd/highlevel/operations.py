@@ -24,7 +24,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _op(fn: _F) -> _F:
-    """Wrap one FUSE operation: OSError passes through, anything else is logged and becomes EIO."""
+    """Wrap one FUSE operation: OSError passes through (after the invalidations it queued were sent), anything
+    else is logged and becomes EIO."""
 
     name = fn.__name__
 
@@ -37,6 +38,9 @@ def _op(fn: _F) -> _F:
             failed = 0
             return result
         except OSError:
+            # a change that failed may have changed the union first (a copy-up): its invalidations reach the
+            # kernel before the caller sees the error, as a reply's do
+            self.service.wait_invalidations()
             raise
         except Exception:
             log.exception("unexpected error in %s%r", name, args)

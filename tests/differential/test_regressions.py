@@ -457,8 +457,8 @@ def failed_rename_onto_a_non_empty_upper_dir_leaves_the_kernels_opaque_mark(r: R
 @CASES.scenario({"d/s1/f": "f", "d/s2/f": "f", "e/s1/f": "f", "e/s2/f": "f"})
 def a_change_that_copies_a_dir_up_and_fails_shows_the_merged_dirs_link_count(r: Recorder) -> None:
     """setxattr with XATTR_REPLACE of a name a lower-only dir lacks copies the dir up before it fails
-    (ENODATA): the dir is merged now, and its st_nlink is 1, not the lower dir's 4. The protocol frontend's
-    kernel keeps a dir's attributes for an hour: the failure is answered only once they were dropped. A
+    (ENODATA): the dir is merged now, and its st_nlink is 1, not the lower dir's 4. The kernel keeps a dir's
+    attributes for an hour (both frontends): the failure is answered only once they were dropped. A
     rename onto a non-empty dir in a lower-only dir fails (ENOTEMPTY) before anything is copied up."""
     r.stat("stat d", "d")
     r.call("setxattr d user.missing, XATTR_REPLACE", os.setxattr, "d", "user.missing", b"1", os.XATTR_REPLACE,
