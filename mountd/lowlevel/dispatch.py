@@ -355,7 +355,7 @@ class Dispatcher:
         """The union path of a node; ENOENT when its name is gone."""
         path = self.nodes.path(nodeid)
         if path is None:
-            self.nodes.get(nodeid)  # ESTALE for an unknown node
+            self.nodes.check(nodeid)  # ESTALE for an unknown node
             self._gone(nodeid)
         return path
 
@@ -425,12 +425,12 @@ class Dispatcher:
 
     def _orphan(self, nodeid: int) -> Orphan | None:
         """The object a node whose name is gone still holds (None: it has a name, or was given up)."""
-        self.nodes.get(nodeid)  # ESTALE for an unknown node
+        self.nodes.check(nodeid)  # ESTALE for an unknown node
         return self.nodes.orphan(nodeid)
 
     def _open_handle_of(self, nodeid: int) -> Handle | None:
         """An open file of node ``nodeid`` (a writable one first), for a node whose name is gone."""
-        self.nodes.get(nodeid)  # ESTALE for an unknown node
+        self.nodes.check(nodeid)  # ESTALE for an unknown node
         best: Handle | None = None
         for fh in self.nodes.open_fhs(nodeid):
             handle = self.service.handles.get(fh)

@@ -1,21 +1,20 @@
 """Node ids: the kernel's handles on objects of the union, mapped to union paths.
 
-The core is keyed by path; the kernel by node id.  A :class:`Node` is one name the kernel has looked up:
-its parent node and its name, so that a rename moves a whole subtree by changing one record.  The kernel
+The core is keyed by path; the kernel by node id.  A node is one name the kernel has looked up: its
+parent node and its name, so that a rename moves a whole subtree by changing one record.  The kernel
 counts lookups (``nlookup``: +1 per LOOKUP, CREATE, MKNOD, MKDIR, SYMLINK, LINK reply and READDIRPLUS entry)
 and gives them back with FORGET/BATCH_FORGET; a node is dropped when its count is 0 and no file is open on it.
-Node ids are never reused (the generation stays 0).
 
 Hard links are per path, as the kernel's overlayfs without ``index=on`` shows them: every name is a node of
 its own (with the same ``st_ino`` where the layers share the inode); a change through one name invalidates
 the kernel's caches of the others (the core's ``invalidate`` hook).
 
-A node whose name is gone (unlink, rmdir, a rename over it) keeps its id with ``parent`` None and holds the
+A node whose name is gone (unlink, rmdir, a rename over it) keeps its id without a parent and holds the
 object itself: the :class:`unionfs.fs.orphan.Orphan` the core pinned before the removal.  Requests on it
 (GETATTR, SETATTR, OPEN, READ, WRITE, the xattrs) then reach the object as on the kernel's overlayfs, which
 holds the inode; the orphan is let go when the node is dropped (its last FORGET and its last open file),
 and :meth:`NodeTable.clear` lets every one go at unmount.  Nothing is kept on disk for it.  A node given up
-for a fresh one (a passthrough copy-up, see ``dispatch``) has ``parent`` None and no orphan: every request
+for a fresh one (a passthrough copy-up, see ``dispatch``) has no parent and no orphan: every request
 on it that needs its name (OPEN, and GETATTR, SETATTR, READDIR without an open file) answers ESTALE, so that
 the kernel looks the name up again; ENOENT there would fail an open(2) whose permission check asked for the
 node's attributes.
@@ -24,18 +23,22 @@ Paths are asked for on every request, so :meth:`NodeTable.path` keeps the paths 
 the tree's shape (a rename, an unlink) forgets them all, and they are built again on the next request.
 
 After a walk the kernel may hold a node for every name of a large tree (a million, until memory pressure
-makes it forget them), so a node is kept small: a ``__slots__`` record of its id, parent, name and lookup
-count; the few nodes with open files or an orphan have them in two side tables, and the names a parent
-holds are one dict per parent node (keyed by the name string the core's directory table already holds)
-rather than a table keyed by ``(parent, name)`` tuples.
+makes it forget them), so a node is not a Python object: it is a slot of three parallel arrays (parent id,
+lookup count, generation) and a list of names, 28 bytes a node instead of a 64-byte object and its entry in
+a table keyed by id.  A forgotten node's
+slot goes to a free list and is taken by the next new node with its generation bumped; a node id is the
+slot in its low 32 bits and the slot's generation in the high 32, so an id names one node only (an id comes
+back only after 2³² reuses of its slot, and only ever one the kernel forgot long before).  The few nodes with
+open files or an orphan have them in two side tables, and the names a parent holds are one dict per parent
+node (keyed by the name string the core's directory table already holds).
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import threading
+from array import array
 
 from mountd.lowlevel.abi import ROOT_ID
 from unionfs.fs.orphan import Orphan
@@ -43,18 +46,15 @@ from unionfs.fs.orphan import Orphan
 _NO_FHS: frozenset[int] = frozenset()
 """The open files of a node no file is open on."""
 
+_SLOT_BITS = 32
+_SLOT = (1 << _SLOT_BITS) - 1
+_GENERATION = (1 << 32) - 1
+_NO_PARENT = 0
+"""The parent of the root, and of a node whose name is gone (node id 0 is never one)."""
 
-class Node:
-    """One name of the union the kernel holds."""
 
-    __slots__ = ("name", "nlookup", "nodeid", "parent")
-
-    def __init__(self, nodeid: int, parent: int | None, name: str) -> None:
-        self.nodeid = nodeid
-        self.parent = parent
-        """The parent node's id; None once the name is gone (unlinked, or replaced by a rename)."""
-        self.name = name
-        self.nlookup = 0
+def _stale() -> OSError:
+    return OSError(errno.ESTALE, os.strerror(errno.ESTALE))
 
 
 class NodeTable:
@@ -62,9 +62,16 @@ class NodeTable:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        root = Node(ROOT_ID, None, "")
-        root.nlookup = 1
-        self._nodes: dict[int, Node] = {ROOT_ID: root}
+        # slot 0 is never a node (node id 0 means none to the kernel); slot 1 is the root
+        self._parent = array("Q", [_NO_PARENT, _NO_PARENT])
+        """Per slot, the parent node's id; 0 once the name is gone (unlinked, or replaced by a rename)."""
+        self._nlookup = array("Q", [0, 1])
+        self._generation = array("I", [0, 0])
+        self._names: list[str | None] = [None, ""]
+        """Per slot, the node's name; None for a free slot."""
+        self._free = array("I")
+        """Slots of forgotten nodes, taken again by new ones."""
+        self._count = 1
         self._children: dict[int, dict[str, int]] = {}
         """Per parent node id, the node ids of the names in it the kernel holds."""
         self._open: dict[int, set[int]] = {}
@@ -73,21 +80,28 @@ class NodeTable:
         """The object itself of a node whose name is gone (see the module docstring)."""
         self._given_up: set[int] = set()
         """Nodes whose name was given a fresh node (see :meth:`give_up`)."""
-        self._ids = itertools.count(ROOT_ID + 1)
         self._paths: dict[int, str] = {ROOT_ID: ""}
         """Paths built by :meth:`path` since the tree last changed shape (filled and emptied under the lock)."""
         self._shape = 0
         """Bumped (under the lock) whenever a name moves or goes: a path built before then is not kept."""
 
     def __len__(self) -> int:
-        return len(self._nodes)
+        return self._count
 
-    def get(self, nodeid: int) -> Node:
-        """The node ``nodeid``; ESTALE when the kernel names one it was told to forget (a bug) or never had."""
-        node = self._nodes.get(nodeid)
-        if node is None:
-            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
-        return node
+    def _slot(self, nodeid: int) -> int:
+        """The slot of node ``nodeid``, or -1 when there is no such node (forgotten, or never made)."""
+        slot = nodeid & _SLOT
+        try:
+            if self._generation[slot] == nodeid >> _SLOT_BITS and self._names[slot] is not None:
+                return slot
+        except IndexError:
+            pass
+        return -1
+
+    def check(self, nodeid: int) -> None:
+        """ESTALE when the kernel names a node it was told to forget (a bug) or never had."""
+        if self._slot(nodeid) < 0:
+            raise _stale()
 
     def orphan(self, nodeid: int) -> Orphan | None:
         """The object node ``nodeid`` holds since its name is gone (None: it has a name, or was given up)."""
@@ -106,19 +120,29 @@ class NodeTable:
             return known
         shape = self._shape
         parts: list[str] = []
-        nodes = self._nodes
-        node = nodes.get(nodeid)
-        while node is not None and node.nodeid != ROOT_ID:
-            if node.parent is None:
+        names, parents, generations = self._names, self._parent, self._generation
+        first = slot = nodeid & _SLOT
+        generation = nodeid >> _SLOT_BITS
+        try:
+            if generations[slot] != generation:
                 return None
-            parts.append(node.name)
-            node = nodes.get(node.parent)
-        if node is None:
+        except IndexError:
             return None
-        parts.reverse()
-        path = "/".join(parts)
+        # a parent is held while the kernel holds a child, so the chain needs no generation checks
+        while slot != ROOT_ID:
+            name = names[slot]
+            parent = parents[slot]
+            if name is None or parent == _NO_PARENT:
+                return None
+            parts.append(name)
+            slot = parent & _SLOT
+        if len(parts) == 1:
+            path = parts[0]
+        else:
+            parts.reverse()
+            path = "/".join(parts)
         with self._lock:
-            if shape == self._shape and nodeid in nodes:
+            if shape == self._shape and names[first] is not None and generations[first] == generation:
                 self._paths[nodeid] = path
         return path
 
@@ -159,11 +183,29 @@ class NodeTable:
                 kids = self._children[parent] = {}
             nodeid = kids.get(name)
             if nodeid is None:
-                nodeid = next(self._ids)
-                self._nodes[nodeid] = Node(nodeid, parent, name)
-                kids[name] = nodeid
-            self._nodes[nodeid].nlookup += 1
+                nodeid = kids[name] = self._new(parent, name)
+            self._nlookup[nodeid & _SLOT] += 1
             return nodeid
+
+    def _new(self, parent: int, name: str) -> int:
+        """A node for ``name`` in ``parent``, in a free slot if there is one (lock held); returns its id."""
+        self._count += 1
+        if self._free:
+            slot = self._free.pop()
+            generation = (self._generation[slot] + 1) & _GENERATION
+            self._generation[slot] = generation
+            self._parent[slot] = parent
+            self._nlookup[slot] = 0
+            self._names[slot] = name
+            return slot | generation << _SLOT_BITS
+        slot = len(self._names)
+        if slot > _SLOT:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        self._generation.append(0)
+        self._parent.append(parent)
+        self._nlookup.append(0)
+        self._names.append(name)
+        return slot
 
     def _unlink(self, parent: int, name: str) -> int | None:
         """Take ``name`` out of ``parent``'s names (lock held); returns the node id it had."""
@@ -182,84 +224,107 @@ class NodeTable:
             kids = self._children[parent] = {}
         kids[name] = nodeid
 
+    def _place(self, nodeid: int, parent: int, name: str) -> None:
+        """Node ``nodeid`` is now ``name`` in ``parent`` (lock held; the names' dicts are the caller's)."""
+        slot = nodeid & _SLOT
+        self._parent[slot] = parent
+        self._names[slot] = name
+
     def forget(self, nodeid: int, count: int) -> None:
         """The kernel dropped ``count`` lookups of ``nodeid``."""
         if nodeid == ROOT_ID:
             return
         with self._lock:
-            node = self._nodes.get(nodeid)
-            if node is None:
+            slot = self._slot(nodeid)
+            if slot < 0:
                 return
-            node.nlookup = max(0, node.nlookup - count)
-            self._drop_if_unused(node)
+            left = self._nlookup[slot] - count
+            if left > 0:
+                self._nlookup[slot] = left
+            else:
+                self._nlookup[slot] = 0
+                self._drop_if_unused(nodeid)
 
-    def _drop_if_unused(self, node: Node) -> None:
-        if node.nlookup or node.nodeid in self._open or node.nodeid == ROOT_ID:
+    def _drop_if_unused(self, nodeid: int) -> None:
+        """Free node ``nodeid`` if the kernel holds no lookup of it and no file is open on it (lock held)."""
+        slot = nodeid & _SLOT
+        if self._nlookup[slot] or nodeid in self._open or nodeid == ROOT_ID:
             return
-        del self._nodes[node.nodeid]
-        self._paths.pop(node.nodeid, None)
-        if node.parent is not None and self.find(node.parent, node.name) == node.nodeid:
-            self._unlink(node.parent, node.name)
-        self._given_up.discard(node.nodeid)
-        orphan = self._orphans.pop(node.nodeid, None)
-        if orphan is not None:
-            orphan.close()
+        names = self._names
+        parent = self._parent[slot]
+        if parent != _NO_PARENT:
+            kids = self._children.get(parent)
+            name = names[slot]
+            if kids is not None and name is not None and kids.get(name) == nodeid:
+                del kids[name]
+                if not kids:
+                    del self._children[parent]
+        names[slot] = None
+        self._parent[slot] = _NO_PARENT
+        self._free.append(slot)
+        self._count -= 1
+        self._paths.pop(nodeid, None)
+        if self._given_up:
+            self._given_up.discard(nodeid)
+        if self._orphans:
+            orphan = self._orphans.pop(nodeid, None)
+            if orphan is not None:
+                orphan.close()
 
     def opened(self, nodeid: int, fh: int) -> None:
         with self._lock:
-            if nodeid in self._nodes:
+            if self._slot(nodeid) >= 0:
                 self._open.setdefault(nodeid, set()).add(fh)
 
     def closed(self, nodeid: int, fh: int) -> None:
         with self._lock:
-            node = self._nodes.get(nodeid)
-            if node is not None:
+            if self._slot(nodeid) >= 0:
                 fhs = self._open.get(nodeid)
                 if fhs is not None:
                     fhs.discard(fh)
                     if not fhs:
                         del self._open[nodeid]
-                self._drop_if_unused(node)
+                self._drop_if_unused(nodeid)
 
     def held(self, parent: int, name: str) -> bool:
         """Does the kernel hold a node for ``name`` in ``parent`` (so that its removal must keep the object)?"""
         return self.find(parent, name) is not None
 
-    def detach(self, parent: int, name: str, orphan: Orphan | None = None) -> Node | None:
+    def detach(self, parent: int, name: str, orphan: Orphan | None = None) -> int | None:
         """``name`` in ``parent`` is gone (unlink, rmdir, replaced by a rename): its node, if any, keeps its
         id and open files but has no path any more, and holds ``orphan`` (the object, pinned before the
-        removal) until it is dropped.  Without a node the orphan is let go at once."""
+        removal) until it is dropped.  Without a node the orphan is let go at once.  Returns the node's id."""
         with self._lock:
             nodeid = self._unlink(parent, name)
             if nodeid is None:
                 if orphan is not None:
                     orphan.close()
                 return None
-            node = self._nodes[nodeid]
-            node.parent = None
+            self._parent[nodeid & _SLOT] = _NO_PARENT
             old = self._orphans.pop(nodeid, None)
             if old is not None:
                 old.close()
             if orphan is not None:
                 self._orphans[nodeid] = orphan
             self._reshaped()
-            self._drop_if_unused(node)
-            return node
+            self._drop_if_unused(nodeid)
+            return nodeid
 
     def give_up(self, nodeid: int) -> None:
         """Node ``nodeid`` no longer stands for its name, which gets a fresh node at its next lookup (a
         passthrough copy-up, see ``dispatch``): every request on it that needs the name answers ESTALE
         (:meth:`gone_errno`), so that the kernel looks the name up again instead of failing."""
         with self._lock:
-            node = self._nodes.get(nodeid)
-            if node is None:
+            slot = self._slot(nodeid)
+            if slot < 0:
                 return
             self._given_up.add(nodeid)
-            if node.parent is not None and self.find(node.parent, node.name) == nodeid:
-                self._unlink(node.parent, node.name)
-                node.parent = None
+            parent, name = self._parent[slot], self._names[slot]
+            if parent != _NO_PARENT and name is not None and self.find(parent, name) == nodeid:
+                self._unlink(parent, name)
+                self._parent[slot] = _NO_PARENT
                 self._reshaped()
-            self._drop_if_unused(node)
+            self._drop_if_unused(nodeid)
 
     def gone_errno(self, nodeid: int) -> int:
         """The errno of a request that needs the name of node ``nodeid``, which has none: ESTALE for a node
@@ -280,8 +345,7 @@ class NodeTable:
             nodeid = self._unlink(parent, name)
             if nodeid is None:
                 return
-            node = self._nodes[nodeid]
-            node.parent, node.name = new_parent, new_name
+            self._place(nodeid, new_parent, new_name)
             self._link(new_parent, new_name, nodeid)
             self._reshaped()
 
@@ -292,10 +356,8 @@ class NodeTable:
             second = self._unlink(new_parent, new_name)
             self._reshaped()
             if first is not None:
-                node = self._nodes[first]
-                node.parent, node.name = new_parent, new_name
+                self._place(first, new_parent, new_name)
                 self._link(new_parent, new_name, first)
             if second is not None:
-                node = self._nodes[second]
-                node.parent, node.name = parent, name
+                self._place(second, parent, name)
                 self._link(parent, name, second)

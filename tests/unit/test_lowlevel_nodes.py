@@ -20,9 +20,42 @@ def test_a_name_keeps_its_node_while_the_kernel_counts_lookups() -> None:
     table.forget(first, 1)
     assert table.find(ROOT_ID, "a") is None
     with pytest.raises(OSError) as info:
-        table.get(first)
+        table.check(first)
     assert info.value.errno == errno.ESTALE
-    assert table.remember(ROOT_ID, "a") != first  # ids are never reused
+    assert table.remember(ROOT_ID, "a") != first  # an id names one node only
+
+
+def test_a_forgotten_nodes_slot_is_taken_again_under_a_new_id() -> None:
+    """The table keeps as many slots as nodes the kernel held at once: a node forgotten gives its slot to the
+    next new one, whose id differs (the slot's generation): the old id answers ESTALE and has no path, and
+    nothing kept under the old id (open files, a path built) reaches the new node."""
+    table = NodeTable()
+    d = table.remember(ROOT_ID, "d")
+    seen: set[int] = set()
+    slots: set[int] = set()
+    for i in range(1000):
+        f = table.remember(d, f"f{i}")
+        assert table.path(f) == f"d/f{i}"
+        assert f not in seen
+        seen.add(f)
+        slots.add(f & 0xFFFFFFFF)
+        table.forget(f, 1)
+        assert table.path(f) is None
+        with pytest.raises(OSError) as info:
+            table.check(f)
+        assert info.value.errno == errno.ESTALE
+    assert len(slots) == 1 and len(table) == 2  # the root and d
+    kept = table.remember(d, "kept")
+    table.opened(kept, 5)
+    table.forget(kept, 1)
+    assert table.path(kept) == "d/kept"  # still open
+    table.closed(kept, 5)
+    fresh = table.remember(ROOT_ID, "fresh")
+    assert fresh & 0xFFFFFFFF == kept & 0xFFFFFFFF and fresh != kept
+    assert table.open_fhs(fresh) == frozenset() and table.path(fresh) == "fresh"
+    table.closed(kept, 5)  # a late close of the old id does not touch the new node
+    table.forget(kept, 1)
+    assert table.path(fresh) == "fresh" and table.find(ROOT_ID, "fresh") == fresh
 
 
 def test_a_rename_moves_the_subtree_under_the_node() -> None:
@@ -42,13 +75,13 @@ def test_an_unlinked_open_node_keeps_its_id_without_a_path() -> None:
     table.opened(f, 10)
     assert table.detach(ROOT_ID, "f") is not None
     table.forget(f, 1)
-    assert table.get(f).nodeid == f  # still open
+    table.check(f)  # still open: no ESTALE
     assert table.path(f) is None
     new = table.remember(ROOT_ID, "f")
     assert new != f and table.path(new) == "f"
     table.closed(f, 10)
     with pytest.raises(OSError):
-        table.get(f)
+        table.check(f)
     assert table.find(ROOT_ID, "f") == new  # dropping the old node left the new name alone
 
 
@@ -70,7 +103,7 @@ def test_a_node_given_up_for_a_fresh_one_answers_estale_and_an_unlinked_one_enoe
     assert table.find(ROOT_ID, "f") == fresh
     table.forget(old, 1)
     with pytest.raises(OSError) as info:
-        table.get(old)
+        table.check(old)
     assert info.value.errno == errno.ESTALE
     assert table.gone_errno(old) == errno.ENOENT  # forgotten with the node
 
