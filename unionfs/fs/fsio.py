@@ -245,6 +245,15 @@ class Pinned:
     def getxattr(self, attr: str) -> bytes:
         return os.getxattr(self._proc, attr)
 
+    def try_getxattr(self, attr: str) -> bytes | None:
+        """The xattr's value, or None where it (or support for it) is missing."""
+        try:
+            return self.getxattr(attr)
+        except OSError as exc:
+            if exc.errno in _XATTR_MISSING:
+                return None
+            raise
+
     def listxattr(self) -> list[str]:
         return os.listxattr(self._proc)
 

@@ -25,10 +25,11 @@ thread-safe: the union calls it under its lock.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat as stat_mod
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from unionfs.fs.fsio import HostDir, join
@@ -213,12 +214,18 @@ class InodeIndex:
     def nlink_of_upper(self, host: HostDir, rel: str, st: os.stat_result) -> int:
         """The union's link count of upper non-directory ``rel`` (lstat ``st``): its own, or for an indexed
         one (``trusted.overlay.nlink`` set) the recorded one."""
-        value = host.try_getxattr(rel, NLINK_XATTR)
+        return self.nlink_of(st, functools.partial(host.try_getxattr, rel))
+
+    def nlink_of(self, st: os.stat_result, getxattr: Callable[[str], bytes | None]) -> int:
+        """The union's link count of an upper non-directory whose host object is ``st`` and whose xattrs
+        ``getxattr`` reads (also one held after its names are gone): the recorded one of an indexed inode
+        (an ``L`` record counts from its origin's links), else the host's."""
+        value = getxattr(NLINK_XATTR)
         if value is None:
             return st.st_nlink
         lower = None
         if value[:1] == b"L":
-            origin = self.origin_stat(host.try_getxattr(rel, ORIGIN_XATTR))
+            origin = self.origin_stat(getxattr(ORIGIN_XATTR))
             lower = origin.st_nlink if origin is not None else None
         return union_nlink(value, upper_nlink=st.st_nlink, lower_nlink=lower, fallback=st.st_nlink)
 

@@ -39,7 +39,7 @@ from unionfs.fs.fsio import (
 )
 from unionfs.fs.gate import WriteGate
 from unionfs.fs.idmap import IdMap
-from unionfs.fs.index import NLINK_XATTR, ORIGIN_XATTR, InodeIndex, union_nlink
+from unionfs.fs.index import ORIGIN_XATTR, InodeIndex
 from unionfs.fs.inodes import ORIGIN_TRUSTED, Inodes
 from unionfs.fs.layers import WORK_SUBDIR, LayerStack
 from unionfs.fs.lookup import NAME_MAX, Node, Resolver
@@ -379,14 +379,15 @@ class UnionFS:
     def fgetattr(self, handle: Handle) -> Attr:
         """Attributes through an open handle (works after the name was unlinked)."""
         st = os.fstat(handle.fd)
-        if self.index is not None and st.st_nlink > 1 and not stat_mod.S_ISDIR(st.st_mode):
-            value = fd_xattr(handle.fd, NLINK_XATTR)
-            if value is not None:  # an indexed inode: the union's count (an 'L' one needs its origin: path)
-                nlink = union_nlink(value, upper_nlink=st.st_nlink, lower_nlink=None, fallback=-1)
-                if nlink < 0:
-                    return self.getattr(handle.path)
-                return self._attrs(st, handle.ino, nlink)
-        return self._attrs(st, handle.ino)
+        return self._attrs(st, handle.ino, self._held_nlink(st, functools.partial(fd_xattr, handle.fd)))
+
+    def _held_nlink(self, st: os.stat_result, getxattr: Callable[[str], bytes | None]) -> int | None:
+        """The link count the union shows for an object reached through a descriptor rather than a name
+        (host ``st``; ``getxattr`` reads its xattrs): an indexed inode's recorded one, else None (the
+        host's own)."""
+        if self.index is None or st.st_nlink < 2 or stat_mod.S_ISDIR(st.st_mode):
+            return None
+        return self.index.nlink_of(st, getxattr)
 
     def readlink(self, path: str) -> str:
         with self.lock:
@@ -1102,8 +1103,13 @@ class UnionFS:
             raise _err(errno.ENOTDIR if orphan.is_dir else errno.EEXIST, orphan.path)
 
     def orphan_getattr(self, orphan: Orphan) -> Attr:
-        """Attributes of an orphan: its host object's, with the st_ino the union showed."""
-        return self._attrs(orphan.pinned.stat(), orphan.ino, orphan.nlink)
+        """Attributes of an orphan: its host object's, with the st_ino the union showed (and the link count
+        of an indexed upper file counted as for its names: the index entry is not one)."""
+        st = orphan.pinned.stat()
+        nlink = orphan.nlink
+        if nlink is None and orphan.on_upper:
+            nlink = self._held_nlink(st, orphan.pinned.try_getxattr)
+        return self._attrs(st, orphan.ino, nlink)
 
     def orphan_readlink(self, orphan: Orphan) -> str:
         """:meth:`readlink` of an orphan: the kernel's overlayfs reads the symlink it still holds."""
