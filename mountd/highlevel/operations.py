@@ -289,6 +289,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         if fh is not None and fh in self.handles:
             self.fs.ftruncate(self.handles[fh], length)
+            self._changed_through(self.handles[fh])
         elif path is None:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         else:
@@ -324,7 +325,18 @@ class UnionOperations(Operations):  # type: ignore[misc]
 
     @_op
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        return self.fs.write(self._handle(fh), data, offset)
+        """Write; a file of several links has its other names' kernel caches dropped before the caller sees
+        it done (libfuse's path layer gives every reply the mount's attribute timeout)."""
+        handle = self._handle(fh)
+        written = self.fs.write(handle, data, offset)
+        self._changed_through(handle)
+        return written
+
+    def _changed_through(self, handle: Handle) -> None:
+        """After a change through ``handle``: the other names of its file (if it has several links) drop
+        their kernel caches before the caller sees the change done."""
+        self.fs.changed_through(handle)
+        self.service.wait_invalidations()
 
     @_op
     def flush(self, path: str | None, fh: int) -> int:
@@ -347,5 +359,7 @@ class UnionOperations(Operations):  # type: ignore[misc]
 
     @_op
     def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
-        self.fs.fallocate(self._handle(fh), mode, offset, size)
+        handle = self._handle(fh)
+        self.fs.fallocate(handle, mode, offset, size)
+        self._changed_through(handle)
         return 0

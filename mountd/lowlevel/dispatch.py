@@ -376,11 +376,15 @@ class Dispatcher:
 
     def _attr_valid_for(self, attrs: Attr, nlink: int | None = None) -> tuple[int, int]:
         """How long the kernel may keep ``attrs``: the mount's attribute timeout, but not at all for a file of
-        several links.  Its names are nodes of their own, and a change through one name that the daemon does
-        not see (a write passed through to the backing file) would leave the others' attributes stale: a
-        listing kept by the kernel no longer refreshes them with every READDIRPLUS."""
+        several links, nor for one that a node whose name is gone still holds.  Its names (and such a node)
+        are nodes of their own, and a change through one of them that the daemon does not see (a write
+        passed through to the backing file) would leave the others' attributes stale: a listing kept by the
+        kernel no longer refreshes them with every READDIRPLUS."""
         links = attrs.st_nlink if nlink is None else nlink
         if links > 1 and not stat_mod.S_ISDIR(attrs.st_mode):
+            return 0, 0
+        held = self.nodes.held_inos
+        if held and attrs.st_ino in held:
             return 0, 0
         return self._attr_valid
 

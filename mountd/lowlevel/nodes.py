@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from array import array
 
@@ -78,6 +79,9 @@ class NodeTable:
         """The file handles open on a node, for the nodes with any."""
         self._orphans: dict[int, Orphan] = {}
         """The object itself of a node whose name is gone (see the module docstring)."""
+        self.held_inos: dict[int, int] = {}
+        """The ``st_ino`` of every non-directory such a node holds, with how many hold it: a write through one
+        of them passed to the backing file changes the object under its other names unseen by the daemon."""
         self._given_up: set[int] = set()
         """Nodes whose name was given a fresh node (see :meth:`give_up`)."""
         self._paths: dict[int, str] = {ROOT_ID: ""}
@@ -267,9 +271,24 @@ class NodeTable:
         if self._given_up:
             self._given_up.discard(nodeid)
         if self._orphans:
-            orphan = self._orphans.pop(nodeid, None)
-            if orphan is not None:
-                orphan.close()
+            self._let_go(nodeid)
+
+    def _keep(self, nodeid: int, orphan: Orphan) -> None:
+        """Node ``nodeid`` holds ``orphan`` (lock held)."""
+        self._orphans[nodeid] = orphan
+        if orphan.kind != stat.S_IFDIR:
+            self.held_inos[orphan.ino] = self.held_inos.get(orphan.ino, 0) + 1
+
+    def _let_go(self, nodeid: int) -> None:
+        """Close the object node ``nodeid`` holds, if any (lock held)."""
+        orphan = self._orphans.pop(nodeid, None)
+        if orphan is None:
+            return
+        if orphan.kind != stat.S_IFDIR:
+            left = self.held_inos.pop(orphan.ino, 1) - 1
+            if left:
+                self.held_inos[orphan.ino] = left
+        orphan.close()
 
     def opened(self, nodeid: int, fh: int) -> None:
         with self._lock:
@@ -301,11 +320,9 @@ class NodeTable:
                     orphan.close()
                 return None
             self._parent[nodeid & _SLOT] = _NO_PARENT
-            old = self._orphans.pop(nodeid, None)
-            if old is not None:
-                old.close()
+            self._let_go(nodeid)
             if orphan is not None:
-                self._orphans[nodeid] = orphan
+                self._keep(nodeid, orphan)
             self._reshaped()
             self._drop_if_unused(nodeid)
             return nodeid
@@ -334,9 +351,8 @@ class NodeTable:
     def clear(self) -> None:
         """Let every kept object go (the mount ended: the kernel holds nothing any more)."""
         with self._lock:
-            for orphan in self._orphans.values():
-                orphan.close()
-            self._orphans.clear()
+            for nodeid in list(self._orphans):
+                self._let_go(nodeid)
 
     def move(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
         """A rename: the node at (parent, name), if any, now is (new_parent, new_name); whatever the kernel

@@ -93,6 +93,12 @@ def _fstat(fd: int) -> tuple[int, ...]:
     return (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size)
 
 
+def _lstat(path: str) -> tuple[int, ...]:
+    """An lstat alone (``Recorder.stat`` also reads the file, which opens it)."""
+    st = os.lstat(path)
+    return (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size)
+
+
 @known_divergence("fstat of an open file whose name is gone answers ESTALE; the kernel answers (nlink 0)",
                   frontends=("fusepy",))
 @CASES.scenario({"d/f": "lower f\n", "g": "lower g\n"})
@@ -196,6 +202,48 @@ def a_directory_descriptor_whose_dir_was_removed(r: Recorder) -> None:
         for fd in fds.values():
             os.close(fd)
     r.listdir("ls .")
+
+
+@CASES.scenario({})
+def a_write_through_one_name_shows_at_the_other_at_once(r: Recorder) -> None:
+    """A write, a truncate and an fallocate through a descriptor of one name of a hard link show at the
+    other name (an lstat alone) at once: the protocol frontend lets the kernel keep no attributes of a file
+    of several links, the fusepy frontend (one attribute timeout for every reply) drops the other names'
+    before it answers."""
+    r.write("create a", "a", b"")
+    r.call("link a b", os.link, "a", "b")
+    fd = os.open("a", os.O_RDWR)
+    try:
+        r.value("lstat b", _lstat, "b")
+        r.value("pwrite a", os.pwrite, fd, b"written\n", 0)
+        r.value("lstat b after the write", _lstat, "b")
+        r.call("ftruncate a", os.ftruncate, fd, 3)
+        r.value("lstat b after the truncate", _lstat, "b")
+        r.call("fallocate a", os.posix_fallocate, fd, 0, 4096)
+        r.value("lstat b after the fallocate", _lstat, "b")
+    finally:
+        os.close(fd)
+
+
+@known_divergence(NAMELESS, frontends=("fusepy",))
+@CASES.scenario({})
+def a_write_through_a_gone_name_shows_at_the_other_at_once(r: Recorder) -> None:
+    """A name of a hard link goes while a descriptor holds it, and the other name (one link left) is looked
+    at (an lstat alone): a write through the descriptor, which the protocol frontend passes to the backing
+    file without the daemon seeing it, shows at the other name at once (the kernel keeps no attributes of a file a node
+    whose name is gone still holds)."""
+    r.write("create a", "a", b"")
+    r.call("link a b", os.link, "a", "b")
+    fd = os.open("a", os.O_RDWR)
+    try:
+        r.call("unlink a", os.unlink, "a")
+        r.value("lstat b", _lstat, "b")
+        r.value("pwrite a", os.pwrite, fd, b"written\n", 0)
+        r.value("lstat b after the write", _lstat, "b")
+        r.value("fstat a", _fstat, fd)
+    finally:
+        os.close(fd)
+    r.stat("stat b after the close", "b")
 
 
 @known_divergence(NAMELESS, frontends=("fusepy",))
@@ -471,6 +519,29 @@ def a_change_that_copies_a_dir_up_and_fails_shows_the_merged_dirs_link_count(r: 
     r.stat("stat e/s1", "e/s1")
 
 
+INDEXED = Catalog(family="index")
+"""Scenarios of hard links that survive copy-up (``redirect_dir=on,index=on`` on both sides)."""
+
+
+@known_divergence(NAMELESS, frontends=("fusepy",))
+@INDEXED.scenario({"a": "", "b": Hardlink("a")})
+def indexed_links_through_a_descriptor_whose_name_is_gone(r: Recorder) -> None:
+    """Two names of a lower hard link, both copied up through the index; one goes while a descriptor holds
+    it: the descriptor counts the links the union shows (the index entry is not one), and a write through
+    it shows at the other name at once."""
+    fd = os.open("b", os.O_WRONLY | os.O_TRUNC)
+    try:
+        r.call("chmod a (copied up)", os.chmod, "a", 0o600)
+        r.call("unlink b", os.unlink, "b")
+        r.value("fstat b", _fstat, fd)
+        r.value("lstat a", _lstat, "a")
+        r.value("pwrite b", os.pwrite, fd, b"written\n", 0)
+        r.value("lstat a after the write", _lstat, "a")
+        r.value("fstat b after the write", _fstat, fd)
+    finally:
+        os.close(fd)
+
+
 DELIBERATE = Catalog()
 
 
@@ -521,7 +592,7 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str,
 
 @pytest.mark.mounted
 @pytest.mark.differential
-@pytest.mark.parametrize("case", CASES.params(), ids=str)
+@pytest.mark.parametrize("case", [*CASES.params(), *INDEXED.params()], ids=str)
 def test_same_as_kernel(case: Scenario, where: tuple[str, Path], request: pytest.FixtureRequest) -> None:
     """The divergences found by the state machine, reduced: unionfs must answer as the kernel does."""
     fs, path = where

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import stat
 
 import pytest
 
@@ -131,8 +132,10 @@ def test_exchange_swaps_two_nodes() -> None:
 class _Kept:
     """Stands for the object a node keeps once its name is gone (counts its closes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ino: int = 99, kind: int = stat.S_IFREG) -> None:
         self.closes = 0
+        self.ino = ino
+        self.kind = kind
 
     def close(self) -> None:
         self.closes += 1
@@ -182,3 +185,30 @@ def test_paths_asked_before_a_rename_or_an_unlink_are_not_answered_after_it() ->
     table.detach(ROOT_ID, "x")
     assert table.path(f) is None
     assert table.path(e) == "e"
+
+
+def test_the_inodes_of_held_files_are_known_while_held() -> None:
+    """A file a node whose name is gone holds is counted under its st_ino (its other names' attributes must
+    not be kept by the kernel: a write passed through the held node changes them unseen); a directory is
+    not counted; the count goes with the last node that holds it."""
+    table = NodeTable()
+    f = table.remember(ROOT_ID, "f")
+    g = table.remember(ROOT_ID, "g")
+    table.remember(ROOT_ID, "d")
+    table.opened(f, 1)
+    table.opened(g, 2)
+    table.detach(ROOT_ID, "f", _Kept(ino=7))  # type: ignore[arg-type]
+    table.detach(ROOT_ID, "g", _Kept(ino=7))  # type: ignore[arg-type]
+    table.detach(ROOT_ID, "d", _Kept(ino=8, kind=stat.S_IFDIR))  # type: ignore[arg-type]
+    assert table.held_inos == {7: 2}
+    table.forget(f, 1)
+    table.closed(f, 1)
+    assert table.held_inos == {7: 1}
+    table.forget(g, 1)
+    table.closed(g, 2)
+    assert table.held_inos == {}
+    h = table.remember(ROOT_ID, "h")
+    table.detach(ROOT_ID, "h", _Kept(ino=9))  # type: ignore[arg-type]
+    assert table.held_inos == {9: 1}
+    table.clear()
+    assert table.held_inos == {} and table.orphan(h) is None

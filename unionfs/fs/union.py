@@ -1054,6 +1054,15 @@ class UnionFS:
     def fallocate(self, handle: Handle, mode: int, offset: int, length: int) -> None:
         fallocate(handle.fd, mode, offset, length)
 
+    def changed_through(self, handle: Handle) -> None:
+        """The file of ``handle`` changed through it (a write): its other names, the hard links the union
+        has seen, have their kernel caches dropped (:attr:`Inodes.notify`)."""
+        if handle.on_upper and self.inodes.links:
+            st = os.fstat(handle.fd)
+            if st.st_nlink > 1:
+                with self.lock:
+                    self.inodes.invalidate_other_names(handle.path, st)
+
     def release(self, handle: Handle) -> None:
         """Close the handle; a file written through one name has its other names' kernel caches dropped."""
         if not handle.on_upper and handle.path in self._lower_handles:
@@ -1061,11 +1070,7 @@ class UnionFS:
                 self._lower_handles.get(handle.path, set()).discard(handle.fd)
                 self._handles_by_fd.pop(handle.fd, None)
         try:
-            if handle.on_upper and self.inodes.links:
-                st = os.fstat(handle.fd)
-                if st.st_nlink > 1:
-                    with self.lock:
-                        self.inodes.invalidate_other_names(handle.path, st)
+            self.changed_through(handle)
         finally:
             os.close(handle.fd)
 
