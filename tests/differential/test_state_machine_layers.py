@@ -70,7 +70,7 @@ from hypothesis.stateful import (
 )
 from support import layers as L
 from support import strategies as S
-from support.differential import recent_cutoff
+from support.differential import FAMILY_OPTIONS, recent_cutoff
 from support.mounts import (
     KERNEL_AS_PROGRAM,
     frontend,
@@ -92,10 +92,8 @@ MIN_STEPS_BETWEEN_REMOUNTS = 4
 """Hypothesis picks among the enabled rules evenly; unrestricted, the argument-less remount takes a third of
 all steps (and most of the time)."""
 FAMILIES = ("kernel", "oci", "redirect", "index")
-FAMILY_OPTIONS = {"kernel": (), "oci": (), "redirect": ("redirect_dir=on",),
-                  "index": ("redirect_dir=on", "index=on")}
-"""Options of both sides by family: ``redirect`` renames directories with lower copies on both, ``index``
-also keeps the names of a lower hard link one file across copy-up (the inode index)."""
+# FAMILY_OPTIONS (support.differential): ``redirect`` renames directories with lower copies on both sides,
+# ``index`` also keeps the names of a lower hard link one file across copy-up (the inode index).
 HANG_TIMEOUT = float(os.environ.get("UNIONFS_TEST_HANG_TIMEOUT", "900"))
 """A mount lives for a whole sequence (until a remount): allow more than the harness's default."""
 
