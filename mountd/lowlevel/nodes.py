@@ -25,12 +25,12 @@ the tree's shape (a rename, an unlink) forgets them all, and they are built agai
 After a walk the kernel may hold a node for every name of a large tree (a million, until memory pressure
 makes it forget them), so a node is not a Python object: it is a slot of three parallel arrays (parent id,
 lookup count, generation) and a list of names, 28 bytes a node instead of a 64-byte object and its entry in
-a table keyed by id.  A forgotten node's
-slot goes to a free list and is taken by the next new node with its generation bumped; a node id is the
-slot in its low 32 bits and the slot's generation in the high 32, so an id names one node only (an id comes
-back only after 2³² reuses of its slot, and only ever one the kernel forgot long before).  The few nodes with
-open files or an orphan have them in two side tables, and the names a parent holds are one dict per parent
-node (keyed by the name string the core's directory table already holds).
+a table keyed by id.  A forgotten node's slot goes to a free list and is taken by the next new node with its
+generation bumped; a node id is the slot in its low 32 bits and the slot's generation in the high 32, so an
+id names one node only (an id comes back only after 2³² reuses of its slot, and only ever one the kernel
+forgot long before).  The few nodes with open files or an orphan have them in two side tables, and the names
+a parent holds are one dict per parent node (keyed by the name string the core's directory table already
+holds).
 """
 
 from __future__ import annotations
@@ -228,6 +228,16 @@ class NodeTable:
             kids = self._children[parent] = {}
         kids[name] = nodeid
 
+    def _release_name(self, nodeid: int) -> bool:
+        """Take node ``nodeid``'s name out of its parent's names if it still stands for it (lock held; a name
+        may have a newer node already); returns whether it did."""
+        slot = nodeid & _SLOT
+        parent, name = self._parent[slot], self._names[slot]
+        if parent == _NO_PARENT or name is None or self.find(parent, name) != nodeid:
+            return False
+        self._unlink(parent, name)
+        return True
+
     def _place(self, nodeid: int, parent: int, name: str) -> None:
         """Node ``nodeid`` is now ``name`` in ``parent`` (lock held; the names' dicts are the caller's)."""
         slot = nodeid & _SLOT
@@ -254,16 +264,8 @@ class NodeTable:
         slot = nodeid & _SLOT
         if self._nlookup[slot] or nodeid in self._open or nodeid == ROOT_ID:
             return
-        names = self._names
-        parent = self._parent[slot]
-        if parent != _NO_PARENT:
-            kids = self._children.get(parent)
-            name = names[slot]
-            if kids is not None and name is not None and kids.get(name) == nodeid:
-                del kids[name]
-                if not kids:
-                    del self._children[parent]
-        names[slot] = None
+        self._release_name(nodeid)
+        self._names[slot] = None
         self._parent[slot] = _NO_PARENT
         self._free.append(slot)
         self._count -= 1
@@ -336,9 +338,7 @@ class NodeTable:
             if slot < 0:
                 return
             self._given_up.add(nodeid)
-            parent, name = self._parent[slot], self._names[slot]
-            if parent != _NO_PARENT and name is not None and self.find(parent, name) == nodeid:
-                self._unlink(parent, name)
+            if self._release_name(nodeid):
                 self._parent[slot] = _NO_PARENT
                 self._reshaped()
             self._drop_if_unused(nodeid)
