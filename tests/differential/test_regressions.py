@@ -230,20 +230,27 @@ def a_write_through_one_name_shows_at_the_other_at_once(r: Recorder) -> None:
 def a_write_through_a_gone_name_shows_at_the_other_at_once(r: Recorder) -> None:
     """A name of a hard link goes while a descriptor holds it, and the other name (one link left) is looked
     at (an lstat alone): a write through the descriptor, which the protocol frontend passes to the backing
-    file without the daemon seeing it, shows at the other name at once (the kernel keeps no attributes of a file a node
-    whose name is gone still holds)."""
+    file without the daemon seeing it, shows at the other name at once (the kernel keeps no attributes of a
+    file a node whose name is gone still holds)."""
     r.write("create a", "a", b"")
     r.call("link a b", os.link, "a", "b")
     fd = os.open("a", os.O_RDWR)
     try:
-        r.call("unlink a", os.unlink, "a")
-        r.value("lstat b", _lstat, "b")
-        r.value("pwrite a", os.pwrite, fd, b"written\n", 0)
-        r.value("lstat b after the write", _lstat, "b")
-        r.value("fstat a", _fstat, fd)
+        _write_through_a_gone_name(r, fd, "a", "b")
     finally:
         os.close(fd)
     r.stat("stat b after the close", "b")
+
+
+def _write_through_a_gone_name(r: Recorder, fd: int, gone: str, other: str) -> None:
+    """``gone`` (open as ``fd``) is unlinked and ``other``, a name of the same file, looked at with an lstat
+    alone; then a write through ``fd``: each outcome recorded."""
+    r.call(f"unlink {gone}", os.unlink, gone)
+    r.value(f"fstat {gone}", _fstat, fd)
+    r.value(f"lstat {other}", _lstat, other)
+    r.value(f"pwrite {gone}", os.pwrite, fd, b"written\n", 0)
+    r.value(f"lstat {other} after the write", _lstat, other)
+    r.value(f"fstat {gone} after the write", _fstat, fd)
 
 
 @known_divergence(NAMELESS, frontends=("fusepy",))
@@ -532,12 +539,7 @@ def indexed_links_through_a_descriptor_whose_name_is_gone(r: Recorder) -> None:
     fd = os.open("b", os.O_WRONLY | os.O_TRUNC)
     try:
         r.call("chmod a (copied up)", os.chmod, "a", 0o600)
-        r.call("unlink b", os.unlink, "b")
-        r.value("fstat b", _fstat, fd)
-        r.value("lstat a", _lstat, "a")
-        r.value("pwrite b", os.pwrite, fd, b"written\n", 0)
-        r.value("lstat a after the write", _lstat, "a")
-        r.value("fstat b after the write", _fstat, fd)
+        _write_through_a_gone_name(r, fd, "b", "a")
     finally:
         os.close(fd)
 
