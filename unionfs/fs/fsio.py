@@ -106,8 +106,14 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 def fd_xattr(fd: int, attr: str) -> bytes | None:
     """The value of ``attr`` on the open file ``fd`` (no path is resolved), or None where it is not set."""
+    return _xattr_or_none(fd, attr)
+
+
+def _xattr_or_none(target: int | str, attr: str, follow: bool = True) -> bytes | None:
+    """getxattr(2) of ``target`` (a descriptor or a path), or None where the attribute, support for it, or
+    the name itself is missing (:data:`_XATTR_MISSING`)."""
     try:
-        return os.getxattr(fd, attr)
+        return os.getxattr(target, attr, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in _XATTR_MISSING:
             return None
@@ -247,12 +253,7 @@ class Pinned:
 
     def try_getxattr(self, attr: str) -> bytes | None:
         """The xattr's value, or None where it (or support for it) is missing."""
-        try:
-            return self.getxattr(attr)
-        except OSError as exc:
-            if exc.errno in _XATTR_MISSING:
-                return None
-            raise
+        return _xattr_or_none(self._proc, attr)
 
     def listxattr(self) -> list[str]:
         return os.listxattr(self._proc)
@@ -522,12 +523,7 @@ class HostDir:
             for name in names:
                 _check_component(name)
                 path, follow = self._xpath(pfd, name)
-                try:
-                    out.append(os.getxattr(path, attr, follow_symlinks=follow))
-                except OSError as exc:
-                    if exc.errno not in _XATTR_MISSING:
-                        raise
-                    out.append(None)
+                out.append(_xattr_or_none(path, attr, follow))
         return out
 
     def open_dir_readable(self, rel: str) -> int:
@@ -558,7 +554,7 @@ class HostDir:
             return os.getxattr(path, attr, follow_symlinks=follow)
 
     def try_getxattr(self, rel: str, attr: str) -> bytes | None:
-        """The xattr's value, or None where it (or support for it) is missing."""
+        """The xattr's value, or None where it (or support for it) is missing (the name or a parent too)."""
         try:
             return self.getxattr(rel, attr)
         except OSError as exc:
